@@ -1,0 +1,26 @@
+"""How a step is executed. The loop sees only the `Engine` protocol; `build_engine` picks the implementation."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from trainer.config import DistributedConfig, OptimizerConfig, PrecisionConfig
+from trainer.distributed import DistInfo
+from trainer.engine.base import Engine, StepResult
+from trainer.engine.native import NativeEngine
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import Precision
+
+
+def build_engine(model: nn.Module, optimizer: OptimizerConfig, precision: PrecisionConfig,
+                 distributed: DistributedConfig, max_steps: int, dist: DistInfo) -> Engine:
+    """The engine named by distributed.engine, owning the optimizer, LR schedule and loss scaler."""
+    if distributed.engine != "native":
+        raise ValueError(f"distributed.engine={distributed.engine!r} is not available")  # checks.py rejects first
+    model = model.to(dist.device)  # optimizer state must be created on the parameters' device
+    opt = build_optimizer(model, optimizer)
+    return NativeEngine(model, opt, build_scheduler(opt, optimizer, max_steps), Precision(precision, dist.device),
+                        dist, optimizer.grad_clip)
+
+
+__all__ = ["Engine", "StepResult", "NativeEngine", "build_engine"]

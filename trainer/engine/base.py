@@ -1,0 +1,52 @@
+"""The seam between the loop and the machinery that runs a step (DDP, DeepSpeed ZeRO, per-layer GaLore).
+
+Contract for the loop:
+- `forward(input_ids, attention_mask)` returns logits, under the engine's autocast.
+- `accumulate(is_last)` wraps each micro-step; engines skip gradient sync until the last one.
+- `backward(loss)` takes this rank's share of the global loss (its token-loss sum divided by the number of
+  loss tokens in the whole global batch); the engine makes the summed gradient come out right whatever its
+  backend averages (DDP and ZeRO average over ranks, so they multiply by the world size).
+- `step()` does the optimizer step at the accumulation boundary: unscale (fp16), clip, step (or skip on
+  overflow), advance the LR schedule once, zero the gradients, and reports what happened.
+- `state_dict()/load_state_dict()` cover optimizer, scheduler and loss scaler (the checkpoint writes them);
+  `module` is the plain model (for saving weights and export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ContextManager, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did."""
+
+    grad_norm: float | None
+    skipped: bool
+    loss_scale: float | None
+    lr: float
+    skipped_steps: int = 0
+
+
+class Engine(Protocol):
+    module: nn.Module
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def accumulate(self, is_last: bool) -> ContextManager[Any]: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> StepResult: ...
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def lr(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

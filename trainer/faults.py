@@ -1,0 +1,48 @@
+"""Fault injection for tests (a testing aid, documented in the README; never set it in real runs).
+
+TRAINER_FAULT holds comma-separated `kind@step` items, e.g. `inf_grad@3,crash@7`:
+- `inf_grad@N`: after the backward of optimizer step N (1-based), one gradient element becomes inf
+  (exercises fp16 overflow handling).
+- `crash@N`: the process dies (os._exit(13)) right after optimizer step N, before anything is saved.
+Kinds are matched on every rank unless written `kind@N:rR` (rank R only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+ENV = "TRAINER_FAULT"
+CRASH_EXIT_CODE = 13
+
+
+def _items() -> list[tuple[str, int, int | None]]:
+    out = []
+    for item in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
+        kind, _, rest = item.partition("@")
+        step, _, rank = rest.partition(":r")
+        out.append((kind, int(step), int(rank) if rank else None))
+    return out
+
+
+def armed(kind: str, step: int, rank: int) -> bool:
+    """True when the environment asks for fault `kind` at this (1-based) step on this rank."""
+    return any(k == kind and s == step and (r is None or r == rank) for k, s, r in _items())
+
+
+def poison_grad(model: nn.Module) -> None:
+    """Put an inf into the first gradient found (what an fp16 overflow looks like)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            with torch.no_grad():
+                p.grad.view(-1)[0] = float("inf")
+            return
+
+
+def crash(step: int) -> None:
+    log.error("TRAINER_FAULT: crashing after step %d", step)
+    os._exit(CRASH_EXIT_CODE)

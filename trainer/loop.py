@@ -1,0 +1,167 @@
+"""train(cfg): the one training loop. It talks to an Engine and never branches on the backend."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer import faults
+from trainer.checks import resolve_batch
+from trainer.config import Config, dump_recipe
+from trainer.data import Batch, DataPosition, TrainData
+from trainer.distributed import DistInfo, all_reduce_sum, barrier, distributed_context
+from trainer.engine import Engine, build_engine
+from trainer.metrics import Metrics, peak_memory_bytes
+from trainer.model import build_model
+from trainer.tokenizer import build_tokenizer
+from trainer.typed import to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: Config
+    dist: DistInfo
+    engine: Engine
+    data: TrainData
+    metrics: Metrics
+    grad_accum_steps: int
+    step: int = 0
+    tokens: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """How a run ended (returned by `train`, printed by the CLI)."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    tokens: int
+    seconds: float
+    output_dir: str
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not -100 (fp32 logits)."""
+    shifted = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    return F.cross_entropy(flat, shifted, ignore_index=-100, reduction="sum")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: Config, dist: DistInfo) -> Run:
+    """Build tokenizer, data, model and engine for this rank; write the resolved recipe (rank 0)."""
+    grad_accum = resolve_batch(cfg, dist.world_size)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        (out / "config.yaml").write_text(dump_recipe(cfg), encoding="utf-8")
+    tokenizer = build_tokenizer(cfg.model)
+    data = TrainData(cfg.data, tokenizer, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
+                     micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=grad_accum)
+    model = build_model(cfg.model, tokenizer, cfg.train.seed)
+    seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank, reproducibly
+    engine = build_engine(model, cfg.optimizer, cfg.precision, cfg.distributed, cfg.train.max_steps, dist)
+    global_batch = cfg.train.micro_batch_size * grad_accum * dist.world_size
+    log.info("world size %d, micro-batch %d x %d accumulation = global batch %d sequences of %d tokens; "
+             "%s, %s, %d steps", dist.world_size, cfg.train.micro_batch_size, grad_accum, global_batch,
+             cfg.data.seq_len, cfg.precision.dtype, cfg.optimizer.name, cfg.train.max_steps)
+    metrics = Metrics(cfg.logging, out, enabled=dist.is_main, max_steps=cfg.train.max_steps, start_step=0,
+                      run_config=to_dict(cfg))
+    return Run(cfg, dist, engine, data, metrics, grad_accum)
+
+
+def train_step(run: Run, batches: list[Batch]) -> tuple[float, int, object]:
+    """Forward/backward over this rank's micro-batches, then one optimizer step; returns global loss, tokens."""
+    dev = run.dist.device
+    loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev)
+    local_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    for i, b in enumerate(batches):
+        with run.engine.accumulate(is_last=i == len(batches) - 1):
+            logits = run.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+            loss_sum = token_loss_sum(logits, b.labels.to(dev))
+            run.engine.backward(loss_sum / max(loss_tokens, 1.0))
+        local_sum += loss_sum.detach()
+    if faults.armed("inf_grad", run.step + 1, run.dist.rank):
+        faults.poison_grad(run.engine.module)
+    result = run.engine.step()
+    tokens = sum(b.num_tokens() for b in batches)
+    total_loss, total_tokens = all_reduce_sum(local_sum.item(), dev), all_reduce_sum(tokens, dev)
+    return total_loss / max(loss_tokens, 1.0), int(total_tokens), result
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean token loss and perplexity over the eval split (all ranks)."""
+    run.engine.train(False)
+    dev, loss, count = run.dist.device, 0.0, 0
+    for b in run.data.eval_batches(run.cfg.train.eval_batches):
+        logits = run.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+        loss += token_loss_sum(logits, b.labels.to(dev)).item()
+        count += b.num_loss_tokens()
+    run.engine.train(True)
+    loss, count = all_reduce_sum(loss, dev), all_reduce_sum(count, dev)
+    mean = loss / max(count, 1.0)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def run_loop(run: Run) -> Summary:
+    """Optimizer steps until train.max_steps, with logging and periodic evaluation."""
+    cfg, m = run.cfg, run.metrics
+    run.engine.train(True)
+    start, first_loss, loss = time.perf_counter(), math.nan, math.nan
+    window_t, window_tokens = time.perf_counter(), 0
+    while run.step < cfg.train.max_steps:
+        batches, run.position = run.data.step_batches(run.position)
+        loss, tokens, result = train_step(run, batches)
+        run.step += 1
+        run.tokens += tokens
+        window_tokens += tokens
+        first_loss = loss if math.isnan(first_loss) else first_loss
+        if faults.armed("crash", run.step, run.dist.rank):
+            faults.crash(run.step)
+        now = time.perf_counter()
+        tok_s = window_tokens / max(now - window_t, 1e-9)
+        if run.step % cfg.logging.every_steps == 0 or run.step == cfg.train.max_steps:
+            m.log({"step": run.step, "split": "train", "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                   "tokens": run.tokens, "tokens_per_s": round(tok_s, 1), "epoch": run.position.epoch,
+                   "peak_mem_bytes": peak_memory_bytes(run.dist.device), "loss_scale": result.loss_scale,
+                   "skipped_steps": result.skipped_steps if result.loss_scale is not None else None})
+            window_t, window_tokens = now, 0
+        m.advance(run.step, loss, result.lr, tok_s)
+        if cfg.train.eval_every_steps and run.step % cfg.train.eval_every_steps == 0:
+            m.log({"step": run.step, "split": "eval", **evaluate(run)})
+    barrier()
+    return Summary(run.step, first_loss, loss, run.tokens, time.perf_counter() - start, cfg.output_dir)
+
+
+def train(cfg: Config) -> Summary:
+    """Run the recipe on this process (one of WORLD_SIZE under torchrun)."""
+    with distributed_context(cfg.distributed.backend, cfg.distributed.timeout_s) as dist:
+        run = setup(cfg, dist)
+        try:
+            summary = run_loop(run)
+        finally:
+            run.metrics.close()
+        if dist.is_main:
+            log.info("done: %d steps, loss %.4f -> %.4f, %d tokens in %.1f s; outputs in %s", summary.steps,
+                     summary.first_loss, summary.last_loss, summary.tokens, summary.seconds, summary.output_dir)
+        return summary

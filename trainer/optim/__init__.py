@@ -1,0 +1,75 @@
+"""Optimizer and LR schedule from the recipe's `optimizer` section.
+
+Weight decay applies to matrices (dim >= 2: linear and embedding weights) and never to biases or norm
+scales, the usual rule for transformers. The schedule is a function of the optimizer step: linear warmup
+from lr/warmup_steps to lr, then constant, linear or cosine decay to lr * min_lr_ratio at train.max_steps. It
+advances once per optimizer step (also when fp16 skips the update, so the LR never depends on overflows).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from trainer.config import OptimizerConfig
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer named by optimizer.name over the model's trainable parameters."""
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=True)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb  # imported late: it prints backend notices on load
+
+        cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    raise ValueError(f"optimizer.name={cfg.name!r} has no builder in this version")  # checks.py rejects it first
+
+
+def lr_factor(cfg: OptimizerConfig, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at optimizer step s (0-based)."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        floor = cfg.min_lr_ratio
+        if cfg.schedule == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
+                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, max_steps))
+
+
+def count_params(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

@@ -1,0 +1,96 @@
+"""Dtype policy: autocast for bf16/fp16 over fp32 master weights, and dynamic loss scaling for fp16.
+
+fp16 uses torch.amp.GradScaler: the loss is multiplied by the scale before backward; at the step the
+gradients are unscaled, and if any is inf/nan the step is skipped and the scale halved; after
+`loss_scale_growth_interval` clean steps it doubles. A scale that keeps collapsing (many skipped steps in a
+row) means fp16 cannot represent this run: we stop and say so instead of silently not training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, ContextManager
+
+import torch
+
+from trainer.config import PrecisionConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScaleCollapsed(RuntimeError):
+    """fp16 overflowed on too many consecutive steps."""
+
+
+class Precision:
+    """Autocast context and (fp16) loss scaler for one device."""
+
+    def __init__(self, cfg: PrecisionConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dtype = DTYPES[cfg.dtype]
+        self.scaler: torch.amp.GradScaler | None = None
+        if cfg.dtype == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.initial_loss_scale,
+                                               growth_interval=cfg.loss_scale_growth_interval)
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    def autocast(self) -> ContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """optimizer.step() unless fp16 overflowed; returns True when the step was skipped."""
+        if self.scaler is None:
+            optimizer.step()
+            return False
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        skipped = self.scaler.get_scale() < before
+        self.record(skipped)
+        return skipped
+
+    def record(self, skipped: bool) -> None:
+        """Count skipped steps; raise when the scale has collapsed for too long."""
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        log.warning("fp16 overflow: step skipped, loss scale now %g (%d skipped so far)",
+                    self.loss_scale or 0.0, self.skipped_steps)
+        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise LossScaleCollapsed(
+                f"fp16 loss scale collapsed to {self.loss_scale:g}: {self.consecutive_skips} steps in a row "
+                "overflowed (inf/nan gradients), so nothing is being trained. Use precision.dtype=bf16 "
+                "(same memory, no overflow), lower optimizer.lr, or enable optimizer.grad_clip; raise "
+                "precision.max_consecutive_skips only if you know the overflows will pass.")
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
