@@ -104,21 +104,22 @@ class Converter:
                 continue
             f = next(f for f in dataclasses.fields(cls) if f.name == key)
             ok, converted = self.convert(hints[key], value, dotted)
-            if ok:
-                self._check_range(f, converted, dotted)
-                kwargs[key] = converted
+            if ok and self._in_range(f, converted, dotted):
+                kwargs[key] = converted  # a bad value falls back to the default, so later checks stay quiet
         return cls(**kwargs)
 
-    def _check_range(self, f: dataclasses.Field, value: Any, dotted: str) -> None:
+    def _in_range(self, f: dataclasses.Field, value: Any, dotted: str) -> bool:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return
+            return True
         lo, hi, gt = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("gt")
+        before = len(self.problems)
         if lo is not None and value < lo:
             self.add(dotted, value, f"must be >= {lo}")
         if hi is not None and value > hi:
             self.add(dotted, value, f"must be <= {hi}")
         if gt is not None and value <= gt:
             self.add(dotted, value, f"must be > {gt}")
+        return len(self.problems) == before
 
     def convert(self, tp: Any, value: Any, key: str) -> tuple[bool, Any]:
         """Returns (ok, value); on failure a problem has been recorded."""

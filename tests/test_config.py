@@ -1,0 +1,149 @@
+"""The recipe: every shipped recipe validates; bad recipes and overrides give one clear screen, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.__main__ import main
+from trainer.config import Config, ConfigError, load_recipe
+from trainer.checks import resolve_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+EXPECTED_RECIPES = 1
+
+
+def test_recipe_count_is_known() -> None:
+    # Adding a recipe means raising this number: the test below then covers it.
+    assert len(RECIPES) == EXPECTED_RECIPES, [str(r.relative_to(ROOT)) for r in RECIPES]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_every_recipe_validates(recipe: Path) -> None:
+    cfg = load_recipe(recipe)
+    assert isinstance(cfg, Config)
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("#"), "each recipe starts with a comment giving its launch command"
+    assert "python -m trainer" in recipe.read_text() or "torchrun" in recipe.read_text()
+
+
+# (overrides, the dotted key the message must name, a fragment of the advice)
+BAD = [
+    (["foo=1"], "foo", "unknown key"),
+    (["optimizer.lrr=0.1"], "optimizer.lrr", "did you mean 'optimizer.lr'"),
+    (["train.max_step=10"], "train.max_step", "did you mean 'train.max_steps'"),
+    (["train.max_steps=abc"], "train.max_steps", "must be an integer"),
+    (["train.max_steps=0"], "train.max_steps", "must be >= 1"),
+    (["precision.dtype=bf32"], "precision.dtype", "must be one of: fp32, bf16, fp16"),
+    (["optimizer.lr=-1"], "optimizer.lr", "must be > 0"),
+    (["train.micro_batch_size=2.5"], "train.micro_batch_size", "must be an integer"),
+    (["data.seq_len=4"], "data.seq_len", "must be >= 8"),
+    (["model.config=null"], "model.name_or_path", "no model"),
+    (["model.name_or_path=gpt2"], "model.config", "not both"),
+    (["model.config={hidden_size: 8}"], "model.config.model_type", "needs a model_type"),
+    (["model.config=null", "model.name_or_path=./no/such/dir"], "model.name_or_path", "not found"),
+    (["data.source=null"], "data.source", "no training data"),
+    (["data.source=./missing.jsonl"], "data.source", "not found"),
+    (["data.source=builtin:nope"], "data.source", "unknown built-in"),
+    (["data.eval_fraction=0"], "train.eval_every_steps", "data.eval_fraction"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas", "two numbers"),
+    (["optimizer.warmup_steps=1000"], "optimizer.warmup_steps", "fewer warmup steps"),
+    (["distributed.zero_stage=2"], "distributed.zero_stage", "engine: deepspeed"),
+    (["distributed.offload_optimizer=cpu"], "distributed.offload_optimizer", "engine: deepspeed"),
+    (["train.max_steps"], "train.max_steps", "section.key=value"),
+    (["data.format=alpaca"], "data.format", "use format: text"),
+    (["logging.wandb.mode=offlin"], "logging.wandb.mode", "did you mean 'offline'"),
+    (["train=5"], "train", "must be a section"),
+    (["precision.initial_loss_scale=0"], "precision.initial_loss_scale", "must be > 0"),
+    (["model.tokenizer=null"], "model.tokenizer", "needs a tokenizer"),
+    (["optimizer.schedule=cosin"], "optimizer.schedule", "did you mean 'cosine'"),
+    (["data.packing=maybe"], "data.packing", "true or false"),
+    (["train.global_batch_size=12"], "train.global_batch_size", "multiple of micro_batch_size"),
+    (["train.global_batch_size=16"], "train.grad_accum_steps", "give only one"),
+    (["distributed.deepspeed_overrides={a: 1}"], "distributed.deepspeed_overrides", "only used with"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,advice", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_override_gives_one_screen(overrides: list[str], key: str, advice: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["validate", str(QUICKSTART), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: recipe")
+    assert f"  - {key} = " in err, err
+    assert advice in err, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) <= 25
+
+
+def test_all_problems_reported_at_once() -> None:
+    overrides = ["optimizer.lrr=1", "train.max_steps=0", "precision.dtype=x", "data.seq_len=1",
+                 "distributed.zero_stage=3"]
+    with pytest.raises(ConfigError) as info:
+        load_recipe(QUICKSTART, overrides)
+    keys = {p.key for p in info.value.problems}
+    assert keys == {"optimizer.lrr", "train.max_steps", "precision.dtype", "data.seq_len", "distributed.zero_stage"}
+    assert "5 problems" in str(info.value)
+    assert all(p.source == "command line" for p in info.value.problems)
+
+
+def test_problem_in_the_recipe_file_names_its_source(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(QUICKSTART.read_text().replace("max_steps: 150", "max_steps: -3"))
+    with pytest.raises(ConfigError) as info:
+        load_recipe(recipe)
+    (problem,) = info.value.problems
+    assert (problem.key, problem.value, problem.source) == ("train.max_steps", -3, "recipe")
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  max_steps: [1, 2\n")
+    assert main(["validate", str(broken)]) == 2
+    assert "not valid YAML at line" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_overrides_are_typed_and_null_clears() -> None:
+    cfg = load_recipe(QUICKSTART, ["optimizer.lr=3e-4", "train.max_steps=50", "optimizer.grad_clip=null",
+                                   "model.config.hidden_size=64"])
+    assert cfg.optimizer.lr == pytest.approx(3e-4) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.max_steps == 50
+    assert cfg.optimizer.grad_clip is None
+    assert cfg.model.config is not None and cfg.model.config["hidden_size"] == 64
+    assert cfg.model.config["num_hidden_layers"] == 4  # the rest of the dict is kept
+
+
+def test_switch_from_scratch_recipe_to_saved_model(tmp_path: Path) -> None:
+    cfg = load_recipe(QUICKSTART, ["model.config=null", f"model.name_or_path={tmp_path}"])
+    assert cfg.model.config is None and cfg.model.name_or_path == str(tmp_path)
+
+
+def test_batch_resolution() -> None:
+    cfg = load_recipe(QUICKSTART, ["train.grad_accum_steps=null", "train.global_batch_size=32"])
+    assert resolve_batch(cfg, world_size=2) == 2
+    assert resolve_batch(cfg, world_size=4) == 1
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        resolve_batch(cfg, world_size=3)
+
+
+def test_cli_error_has_no_traceback_and_exits_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(QUICKSTART), "optimizer.lrr=1",
+                           "train.max_steps=0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "optimizer.lrr" in proc.stderr and "train.max_steps" in proc.stderr
+
+
+def test_help_lists_verbs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0
+    assert "train" in proc.stdout and "validate" in proc.stdout
