@@ -134,14 +134,18 @@ class ChatRenderer:
         except Exception as e:
             raise ValueError(f"the chat template failed: {type(e).__name__}: {str(e)[:120]}") from e
         spans: list[Span] = []
+        cursor = 0  # walks past every turn found so far, so a reply is never matched inside a prompt
         for i, message in enumerate(messages):
+            content = message["content"]
             if message["role"] != "assistant":
+                at = full.find(content, cursor) if content else -1
+                cursor = at + len(content) if at >= 0 else cursor
                 continue
-            cursor = spans[-1][1] if spans else 0
-            span = self._rendered(messages, i, tools, full, cursor) or self._found(message["content"], full, cursor)
+            span = self._rendered(messages, i, tools, full, cursor) or self._found(content, full, cursor)
             if span is None:
                 raise ValueError(f"assistant turn {i} not found in the rendered chat template")
             spans.append(span)
+            cursor = span[1]
         return full, spans
 
     def _rendered(self, messages: Messages, i: int, tools: list | None, full: str, cursor: int) -> Span | None:
