@@ -105,7 +105,7 @@ def _read_txt(path: Path) -> list[str]:
     """Paragraphs: a blank line (whitespace allowed) ends a document, so a book becomes scenes or
     paragraphs rather than one huge document."""
     text = path.read_text(encoding="utf-8", errors="replace")
-    return [doc.strip("\n") for doc in re.split(r"\n[ \t\r]*\n", text) if doc.strip()]
+    return [doc.strip("\n") for doc in re.split(r"\n(?:[ \t\r]*\n)+", text) if doc.strip()]
 
 
 def _rows_of(ds: Any, cfg: DataConfig, name: str) -> list[Any]:

@@ -141,23 +141,28 @@ class ChatRenderer:
                 at = full.find(content, cursor) if content else -1
                 cursor = at + len(content) if at >= 0 else cursor
                 continue
-            span = self._rendered(messages, i, tools, full, cursor) or self._found(content, full, cursor)
+            span = self._rendered(messages, i, tools, full, cursor, content) or self._found(content, full, cursor)
             if span is None:
                 raise ValueError(f"assistant turn {i} not found in the rendered chat template")
             spans.append(span)
             cursor = span[1]
         return full, spans
 
-    def _rendered(self, messages: Messages, i: int, tools: list | None, full: str, cursor: int) -> Span | None:
+    def _rendered(self, messages: Messages, i: int, tools: list | None, full: str, cursor: int,
+                  content: str) -> Span | None:
         try:
             head = self.render(messages[:i], tools, gen=True)
             upto = self.render(messages[:i + 1], tools)
         except Exception:
             return None
         end = len(upto.rstrip())
-        if cursor <= len(head) < end and upto.startswith(head) and full.startswith(upto):
-            return len(head), end
-        return None
+        if not (cursor <= len(head) < end and upto.startswith(head) and full.startswith(upto)):
+            return None
+        # Where the reply text itself begins: skips a role header left in by a template that ignores
+        # add_generation_prompt, and whitespace the template puts before the reply.
+        text = content.strip()
+        at = full.find(text, len(head), end) if text else -1
+        return (at if at >= 0 else len(head)), end
 
     def _found(self, content: str, full: str, cursor: int) -> Span | None:
         start = full.find(content, cursor) if content else -1
