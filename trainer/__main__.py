@@ -32,7 +32,7 @@ def setup_logging(rank: int) -> None:
     prefix = f"[rank{rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=level, stream=sys.stderr, force=True,
                         format=f"{prefix}%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("datasets", "transformers", "torch.distributed", "bitsandbytes", "urllib3", "filelock"):
+    for noisy in ("datasets", "transformers", "torch.distributed", "bitsandbytes", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -1,0 +1,66 @@
+"""Shared test helpers: tiny recipes, the shared data folder, and running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny(output_dir: Path, *extra: str, steps: int = 5) -> list[str]:
+    """Overrides that shrink the quickstart to a seconds-long run writing into output_dir."""
+    return [f"output_dir={output_dir}", f"train.max_steps={steps}", "model.config.hidden_size=64",
+            "model.config.intermediate_size=128", "model.config.num_hidden_layers=2", "data.seq_len=64",
+            "data.max_bytes=200000", "train.micro_batch_size=4", "train.eval_every_steps=0",
+            "data.eval_fraction=0", "optimizer.warmup_steps=0", "logging.every_steps=1",
+            "logging.progress_bar=false", "logging.plot=false", "checkpoint.every_steps=0", *extra]
+
+
+def read_metrics(output_dir: Path, split: str = "train") -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split", "train") == split]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], *, nproc: int = 1, env: dict[str, str] | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m trainer ...`, or under torchrun with nproc processes (standalone rendezvous, own port)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+               f"--master_port={free_port()}", "-m", "trainer", *args]
+    else:
+        cmd = [sys.executable, "-m", "trainer", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+                **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"test data folder {SHARED_DATA} is missing (it ships beside the repository in CI)")
+    return SHARED_DATA
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
