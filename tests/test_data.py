@@ -453,3 +453,24 @@ def test_batch_counts_and_position_state() -> None:
     assert batch.num_tokens() == 3 and batch.num_loss_tokens() == 1  # label at position 0 is never predicted
     pos = DataPosition(epoch=2, cursor=96)
     assert DataPosition.from_state_dict(pos.state_dict()) == pos and pos.state_dict() == {"epoch": 2, "cursor": 96}
+
+
+def test_hub_names_go_to_load_dataset_with_split_and_cap(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub here: load_dataset is replaced, to check what the hub path asks for and does with the rows."""
+    import datasets
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fake(name: str, **kwargs: Any) -> datasets.Dataset:
+        calls.append((name, kwargs))
+        if name == "org/missing":
+            raise FileNotFoundError("Dataset 'org/missing' doesn't exist on the Hub")
+        return datasets.Dataset.from_dict({"body": [f"row {i} " * 5 for i in range(50)], "id": list(range(50))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    data = make(tok, source="org/corpus", split="validation", text_field="body", max_documents=10, seq_len=16)
+    assert calls[0][0] == "org/corpus" and calls[0][1]["split"] == "validation"
+    assert data.summary["documents"] == 10
+    assert tok.decode(data._train.ids.flatten()).startswith("row 0 row 0 ")
+    with pytest.raises(DataError, match=r"'org/missing' \(split 'train'\) could not be loaded.*doesn't exist"):
+        make(tok, source="org/missing", seq_len=16)
