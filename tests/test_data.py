@@ -250,10 +250,11 @@ def test_packed_sft_concatenates_examples_with_their_masks(tok: Any, tmp_path: P
 
 def test_long_examples_are_truncated_and_replies_past_seq_len_dropped(tok: Any, tmp_path: Path) -> None:
     rows = [{"instruction": "q", "input": "", "output": "x" * 100}] * 3 + [
-        {"instruction": "q" * 100, "input": "", "output": "late"}]
+        {"instruction": "q" * 100, "input": "", "output": "late"}, {"instruction": "q"}]
     data = make(tok, source=write_json(tmp_path / "a.json", rows), format="alpaca", seq_len=80, packing=False)
     assert [len(x) for x in data._train.ids] == [80, 80, 80]  # the 44-byte prompt + part of the reply
-    assert [(i, why) for _, i, why in data.dropped] == [(3, "no reply within the first data.seq_len=80 tokens")]
+    assert [(i, why) for _, i, why in data.dropped] == [(3, "no reply within the first data.seq_len=80 tokens"),
+                                                        (4, "missing or null 'output'")]  # in row order
 
 
 # --------------------------------------------------------------------------------------------- bad rows

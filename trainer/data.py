@@ -10,9 +10,8 @@ replies plus their end-of-turn marker; with `packing` they are packed like text,
 
 Order: epoch e is a permutation of the train samples that depends on (seed, e) only. One optimizer step
 takes G = micro_batch_size * grad_accum_steps * world_size consecutive samples of it from `cursor`; micro-step
-k of rank r takes `cursor + k*micro_batch_size*world_size + r*micro_batch_size` and the next
-micro_batch_size-1. So the samples a step sees do not depend on how G is split over ranks and micro-steps.
-When fewer than G samples are left in an epoch they are skipped and the next epoch starts at cursor 0.
+k of rank r takes micro_batch_size of them from `cursor + (k*world_size + r)*micro_batch_size`, so what a step
+sees does not depend on how G is split. A tail of fewer than G samples is skipped: the next epoch starts at 0.
 """
 
 from __future__ import annotations
@@ -205,7 +204,7 @@ def read_source(cfg: DataConfig) -> list[_Rows]:
             raise DataError(f"data.source = {source!r}: unsupported file type {file.suffix!r}; give .txt, "
                             ".json or .jsonl (or a hub dataset name)")
         rows = _read_txt(file) if file.suffix == ".txt" else _read_json(file, cfg)
-        out.append(_Rows(file.name, rows[:left]))
+        out.append(_Rows(file.relative_to(path).as_posix() if path.is_dir() else file.name, rows[:left]))
         if left is not None:
             left -= len(out[-1].rows)
             if left <= 0:
@@ -268,13 +267,11 @@ def _tools(row: dict[str, Any]) -> list[Any] | None:
     """Function specs shown to the template (ShareGPT tool datasets store them as a JSON string)."""
     tools = row.get("tools")
     if isinstance(tools, str):
-        if not tools.strip():
-            return None
         try:
-            tools = json.loads(tools)
+            tools = json.loads(tools) if tools.strip() else None
         except json.JSONDecodeError as e:
             raise _BadRow(f"'tools' is not valid JSON ({e.msg})") from e
-    if tools is None or tools == []:
+    if not tools:
         return None
     if not isinstance(tools, list):
         raise _BadRow("'tools' must be a list of function specs")
@@ -340,7 +337,9 @@ def _sft_examples(parts: list[_Rows], cfg: DataConfig, tok: Any, dropped: list[t
             except ValueError as e:  # _BadRow, or the renderer's reason
                 dropped.append((part.name, i, str(e)))
                 continue
-            texts.append(text), spans.append(found), where.append((part.name, i))
+            texts.append(text)
+            spans.append(found)
+            where.append((part.name, i))
     out: list[Example] = []
     for (name, i), enc, found in zip(where, _encode(tok, texts, chat=True), spans):
         ids = np.asarray(enc.ids, dtype=np.int64)
@@ -350,6 +349,8 @@ def _sft_examples(parts: list[_Rows], cfg: DataConfig, tok: Any, dropped: list[t
             dropped.append((name, i, f"no reply within the first data.seq_len={cfg.seq_len} tokens"))
             continue
         out.append((ids, labels))
+    rank = {part.name: k for k, part in enumerate(parts)}
+    dropped.sort(key=lambda d: (rank[d[0]], d[1]))  # row order, whichever stage dropped them
     return out
 
 
@@ -422,10 +423,8 @@ class TrainData:
         self.dropped: list[tuple[str, int, str]] = []  # (file or dataset, row counted from 0, reason)
         parts = read_source(cfg)
         num_rows = sum(len(part.rows) for part in parts)
-        if cfg.format == "text":
-            examples = _text_examples(parts, cfg, tokenizer, self.dropped)
-        else:
-            examples = _sft_examples(parts, cfg, tokenizer, self.dropped)
+        build = _text_examples if cfg.format == "text" else _sft_examples
+        examples = build(parts, cfg, tokenizer, self.dropped)
         self._report_dropped(num_rows, len(examples))
         train_docs, eval_docs = split_eval(len(examples), cfg.eval_fraction, seed)
         pack = cfg.format == "text" or cfg.packing
