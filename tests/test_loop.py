@@ -104,7 +104,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     """The shipped recipe through the real CLI (shortened): loss falls well below the start, outputs exist."""
     out = tmp_path / "qs"
     proc = run_cli(["train", str(QUICKSTART), f"output_dir={out}", "train.max_steps=60",
-                    "train.eval_every_steps=30"], timeout=600)
+                    "train.eval_every_steps=30", "logging.every_steps=1"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out)
     assert rows[0]["loss"] > 4.0  # byte-level: ln(259) = 5.56 at init

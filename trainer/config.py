@@ -59,7 +59,6 @@ class DataConfig:
                                min=0.0, max=0.5)
     max_documents: int | None = doc("use at most this many documents (quick experiments)", None, min=1)
     max_bytes: int = doc("for builtin:python_stdlib: bytes of source to use", 4_000_000, min=10_000)
-    num_proc: int = doc("processes for tokenization", 1, min=1)
 
 
 @dataclass
