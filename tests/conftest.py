@@ -42,12 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(args: list[str], *, nproc: int = 1, env: dict[str, str] | None = None,
-            timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m trainer ...`, or under torchrun with nproc processes (standalone rendezvous, own port)."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-               f"--master_port={free_port()}", "-m", "trainer", *args]
+def run_cli(args: list[str], *, nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300,
+            torchrun: bool = False) -> subprocess.CompletedProcess[str]:
+    """`python -m trainer ...`, or under torchrun with nproc processes (always when nproc > 1)."""
+    if nproc > 1 or torchrun:
+        # --standalone picks a free port itself: no race with other tests choosing ports at the same time.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "trainer", *args]
     else:
         cmd = [sys.executable, "-m", "trainer", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),

@@ -26,3 +26,11 @@ def test_two_processes_match_one(tmp_path: Path, ddp_batch: list[str]) -> None:
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert a["tokens"] == b["tokens"]
     assert one[-1]["loss"] < one[0]["loss"]
+
+
+def test_torchrun_single_process_initializes_group(tmp_path: Path) -> None:
+    """Under torchrun a single process still gets a process group (gloo here), and tears it down."""
+    proc = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, steps=2)], torchrun=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "process group up: backend gloo, world size 1" in proc.stderr
+    assert len(read_metrics(tmp_path)) == 2

@@ -55,17 +55,18 @@ def _pick_device(local_rank: int) -> torch.device:
 
 @contextlib.contextmanager
 def distributed_context(backend: str = "auto", timeout_s: int = 1800) -> Iterator[DistInfo]:
-    """Init the process group when launched by torchrun (WORLD_SIZE > 1); always tear it down cleanly."""
+    """Init the process group when launched by torchrun (even with one process); always tear it down."""
     world_size = env_world_size()
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(local_rank)
     started = False
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
+    if launched and not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         kwargs = {"device_id": device} if chosen == "nccl" else {}
         dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         started = True
-        log.debug("rank %d/%d: process group up (%s)", rank, world_size, chosen)
+        log.info("process group up: backend %s, world size %d", chosen, world_size)
     try:
         yield DistInfo(rank, local_rank, world_size, device)
     finally:
