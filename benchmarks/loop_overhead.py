@@ -27,7 +27,8 @@ from trainer.tokenizer import build_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=4",
          "data.seq_len=256", "train.micro_batch_size=8", "train.eval_every_steps=0", "data.eval_fraction=0",
-         "logging.progress_bar=false", "logging.plot=false", "checkpoint.every_steps=0"]
+         "logging.progress_bar=false", "logging.plot=false", "checkpoint.every_steps=0",
+         "checkpoint.save_final=false", "checkpoint.resume=never"]
 
 
 def time_ours(overrides: list[str], warmup: int, steps: int, out: Path) -> float:

@@ -52,7 +52,7 @@ BAD = [
     (["data.source=builtin:nope"], "data.source", "unknown built-in"),
     (["data.eval_fraction=0"], "train.eval_every_steps", "data.eval_fraction"),
     (["optimizer.betas=[0.9]"], "optimizer.betas", "two numbers"),
-    (["optimizer.warmup_steps=1000"], "optimizer.warmup_steps", "fewer warmup steps"),
+    (["optimizer.min_lr_ratio=2"], "optimizer.min_lr_ratio", "must be <= 1"),
     (["distributed.zero_stage=2"], "distributed.zero_stage", "engine: deepspeed"),
     (["distributed.offload_optimizer=cpu"], "distributed.offload_optimizer", "engine: deepspeed"),
     (["train.max_steps"], "train.max_steps", "section.key=value"),

@@ -19,6 +19,8 @@ USAGE = """python -m trainer VERB RECIPE [key=value ...]
 verbs:
   train      train with a recipe (one process, or one of many under torchrun)
   validate   check a recipe and its overrides without building anything; print the resolved recipe
+  export     write a Hugging Face model directory from a run or checkpoint:
+             python -m trainer export RUN_OR_CHECKPOINT --out DIR [--dtype bf16]
 
 overrides are dotted keys after the recipe, parsed as YAML scalars; `null` clears a value:
   python -m trainer train recipes/quickstart.yaml train.max_steps=50 optimizer.lr=3e-4
@@ -47,6 +49,15 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         if verb == "validate":
             s.add_argument("--world-size", type=int, default=None, help="ranks to check batch sizes for")
+    e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint",
+                       description="Write a Hugging Face directory (config, safetensors, tokenizer) from a run's "
+                                   "newest complete checkpoint or from a given checkpoint folder.")
+    e.add_argument("source", help="OUTPUT_DIR of a run, or OUTPUT_DIR/checkpoints/step-N")
+    e.add_argument("--out", required=True, help="directory to write")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
+    e.add_argument("--adapter-only", action="store_true", help="adapter runs: write only the peft adapter")
+    e.add_argument("--merge", action="store_true", help="adapter runs: merge the adapter into the base model")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p
 
 
@@ -67,9 +78,25 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from trainer.loop import train
 
     summary = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {summary.steps} steps: loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; "
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if summary.preempted:
+        print(f"preempted at step {summary.steps}: checkpoint saved in {summary.output_dir}/checkpoints; run the "
+              "same command again to continue (checkpoint.resume: auto)")
+    else:
+        print(f"trained to step {summary.steps}: loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; "
               f"outputs in {summary.output_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.export import export
+
+    out = export(Path(args.source), Path(args.out), dtype=args.dtype, adapter_only=args.adapter_only,
+                 merge=args.merge, force=args.force)
+    print(f"exported to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -83,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(int(os.environ.get("RANK", "0")))
     try:
+        if args.verb == "export":
+            return cmd_export(args)
         cfg = load_recipe(args.recipe, args.overrides)
         return COMMANDS[args.verb](cfg, args)
     except ConfigError as e:
@@ -95,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: shown as one message, without a traceback."""
+    from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
     from trainer.precision import LossScaleCollapsed
+    from trainer.safeio import UnsafeFileError
 
-    return (DataError, LossScaleCollapsed)
+    return (DataError, LossScaleCollapsed, CheckpointError, UnsafeFileError)
 
 
 if __name__ == "__main__":

@@ -70,10 +70,6 @@ def _optimizer(cfg: Config, src: Source) -> list[Problem]:
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         out.append(Problem("optimizer.betas", o.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]",
                            src("optimizer.betas")))
-    if o.warmup_steps >= cfg.train.max_steps and o.warmup_steps > 0:
-        out.append(Problem("optimizer.warmup_steps", o.warmup_steps, f"warmup is as long as the run "
-                           f"(train.max_steps={cfg.train.max_steps}); use fewer warmup steps",
-                           src("optimizer.warmup_steps")))
     return out
 
 

@@ -95,6 +95,15 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     return t.item()
 
 
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum several numbers over ranks in one collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_reduce_max(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value

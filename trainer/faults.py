@@ -4,13 +4,18 @@ TRAINER_FAULT holds comma-separated `kind@step` items, e.g. `inf_grad@3,crash@7`
 - `inf_grad@N`: after the backward of optimizer step N (1-based), one gradient element becomes inf
   (exercises fp16 overflow handling).
 - `crash@N`: the process dies (os._exit(13)) right after optimizer step N, before anything is saved.
-Kinds are matched on every rank unless written `kind@N:rR` (rank R only).
+- `sigkill@N`: the process sends itself SIGKILL right after step N (no handler, no cleanup).
+- `crash_in_save@N`: the process dies in the middle of writing the checkpoint of step N (after the weights,
+  before the manifest).
+Kinds are matched on every rank unless written `kind@N:rR` (rank R only). Under `torchrun --max-restarts`
+a fault fires only in the first attempt (TORCHELASTIC_RESTART_COUNT=0), so the restarted run can finish.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import torch
 from torch import nn
@@ -31,6 +36,8 @@ def _items() -> list[tuple[str, int, int | None]]:
 
 def armed(kind: str, step: int, rank: int) -> bool:
     """True when the environment asks for fault `kind` at this (1-based) step on this rank."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return False
     return any(k == kind and s == step and (r is None or r == rank) for k, s, r in _items())
 
 
@@ -44,5 +51,10 @@ def poison_grad(model: nn.Module) -> None:
 
 
 def crash(step: int) -> None:
-    log.error("TRAINER_FAULT: crashing after step %d", step)
+    log.error("TRAINER_FAULT: crashing at step %d", step)
     os._exit(CRASH_EXIT_CODE)
+
+
+def sigkill(step: int) -> None:
+    log.error("TRAINER_FAULT: SIGKILL after step %d", step)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -53,11 +53,15 @@ class Metrics:
             self.wandb = self._start_wandb(run_config)
 
     def _start_wandb(self, run_config: dict[str, Any]) -> Any:
+        """A resumed run continues the same wandb run: its id is kept in the output directory."""
         import wandb
 
         w = self.cfg.wandb
+        id_file = self.output_dir / "wandb-run-id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
         return wandb.init(project=w.project, entity=w.entity, name=w.name or self.output_dir.name, mode=w.mode,
-                          tags=w.tags, config=run_config, dir=str(self.output_dir), resume="allow")
+                          tags=w.tags, config=run_config, dir=str(self.output_dir), id=run_id, resume="allow")
 
     def log(self, row: dict[str, Any]) -> None:
         """Write one row (train or eval) everywhere it goes."""
@@ -101,6 +105,21 @@ class Metrics:
             plot(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def truncate_rows(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (by an attempt that crashed before its next checkpoint), so a resumed
+    run's metrics.jsonl reads as one run."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+        log.info("metrics.jsonl: dropped %d rows logged after step %d by the interrupted attempt",
+                 len(lines) - len(kept), step)
 
 
 def plot(metrics_path: Path, out: Path) -> None:

@@ -8,13 +8,17 @@ Contract for the loop:
   backend averages (DDP and ZeRO average over ranks, so they multiply by the world size).
 - `step()` does the optimizer step at the accumulation boundary: unscale (fp16), clip, step (or skip on
   overflow), advance the LR schedule once, zero the gradients, and reports what happened.
-- `state_dict()/load_state_dict()` cover optimizer, scheduler and loss scaler (the checkpoint writes them);
-  `module` is the plain model (for saving weights and export).
+- `save(directory)` is called on every rank inside a checkpoint's temporary folder; each rank writes the
+  state it owns (weights, optimizer, LR schedule position, loss scaler), in files that load with
+  `weights_only=True` or safetensors. `load(directory)` restores it on every rank. The checkpoint module adds
+  the manifest, RNG states and counters, and commits the folder atomically.
+- `module` is the plain model (for export and inspection).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
 import torch
@@ -47,6 +51,6 @@ class Engine(Protocol):
 
     def lr(self) -> float: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def save(self, directory: Path) -> None: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load(self, directory: Path) -> None: ...

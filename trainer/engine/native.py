@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.distributed import DistInfo
 from trainer.engine.base import StepResult
 from trainer.precision import Precision
+from trainer.safeio import fsync_file, load_tensors, save_tensors
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "engine-state.pt"
 
 
 class NativeEngine:
@@ -64,11 +70,28 @@ class NativeEngine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "precision": self.precision.state_dict()}
+    def save(self, directory: Path) -> None:
+        """Rank 0 writes weights and optimizer state: under DDP every rank holds the same copy."""
+        if not self.dist.is_main:
+            return
+        save_model(self.module, str(directory / MODEL_FILE))
+        fsync_file(directory / MODEL_FILE)
+        save_tensors({"optimizer": self.optimizer.state_dict(), "schedule_step": self.scheduler.last_epoch,
+                      "precision": self.precision.state_dict()}, directory / STATE_FILE)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load(self, directory: Path) -> None:
+        load_model(self.module, str(directory / MODEL_FILE), device=str(self.dist.device))
+        state = load_tensors(directory / STATE_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
+        self._restore_schedule(int(state["schedule_step"]))
+
+    def _restore_schedule(self, step: int) -> None:
+        """Put the LR where the schedule of *this* recipe is at `step`: a resumed run may change lr or
+        max_steps (the optimizer state would otherwise bring back the old LR)."""
+        self.scheduler.last_epoch = step
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports

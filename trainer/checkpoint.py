@@ -1,0 +1,293 @@
+"""Checkpoints that survive crashes: atomic commit, manifest with checksums, keep-last-N, exact resume.
+
+Layout: OUTPUT_DIR/checkpoints/step-000123/ holds what the engine writes (weights as safetensors, optimizer,
+LR schedule position, loss scaler; per-rank shards where state is per-rank), `rng-rank<R>.pt` for every rank
+(Python, NumPy, torch CPU and CUDA generators), `trainer_state.json` (step, tokens, data position, world size,
+data fingerprint), `config.yaml` (the resolved recipe), `hf/` (model config and tokenizer, for export), and
+`manifest.json`, written last, listing every file with its size and SHA-256.
+
+Commit protocol: rank 0 makes `.tmp-step-N`; every rank writes its files there; barrier; rank 0 fsyncs and
+hashes every file, writes the manifest, renames the folder to `step-N`, fsyncs the parent, and only then
+deletes checkpoints beyond keep_last. A folder without a valid manifest is not a checkpoint: `resume: auto`
+never picks it, and the next run deletes leftover `.tmp-*` folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from trainer import faults
+from trainer.config import CheckpointConfig, Config, dump_recipe
+from trainer.data import DataPosition
+from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.engine.base import Engine
+from trainer.safeio import fsync_dir, fsync_file, load_tensors, save_tensors, sha256, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, or a resume that would not continue the same run."""
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: everything besides the engine's state that resume must bring back."""
+
+    step: int = 0
+    tokens: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+
+
+def checkpoints_root(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def read_manifest(path: Path, checksums: bool) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError when it is missing, damaged or incomplete."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a complete checkpoint: no valid {MANIFEST} ({e})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')} is not {FORMAT_VERSION}")
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{path}: file {name} is missing or has the wrong size; the checkpoint is damaged")
+        if checksums and sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{path}: file {name} does not match its checksum; the checkpoint is damaged")
+    return manifest
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint with a valid manifest (sizes checked), oldest first."""
+    root = checkpoints_root(output_dir)
+    found = []
+    for p in root.iterdir() if root.is_dir() else []:
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            try:
+                read_manifest(p, checksums=False)
+            except CheckpointError as e:
+                log.warning("ignoring %s", e)
+                continue
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(), "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples_to_lists(obj: Any) -> Any:
+    if isinstance(obj, (tuple, list)):
+        return [_tuples_to_lists(x) for x in obj]
+    return obj
+
+
+# Settings that change what the run computes: a checkpoint made under other values cannot be continued.
+MUST_MATCH = ("model.name_or_path", "model.config", "model.tokenizer", "data.source", "data.format",
+              "data.text_field", "data.seq_len", "data.packing", "data.chat_template", "data.eval_fraction",
+              "data.max_documents", "data.max_bytes", "train.seed", "train.micro_batch_size", "precision.dtype",
+              "optimizer.name", "adapter", "distributed.engine", "distributed.zero_stage")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not (key == "model.config" or key.endswith("deepspeed_overrides")):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(blocking differences, allowed differences), each as 'key: old -> new'."""
+    a, b = _flatten(saved), _flatten(current)
+    blocking, allowed = [], []
+    for key in sorted(set(a) | set(b)):
+        if key == "output_dir" or key.startswith("checkpoint.") or a.get(key) == b.get(key):
+            continue
+        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        (blocking if any(key == m or key.startswith(m + ".") for m in MUST_MATCH) else allowed).append(line)
+    return blocking, allowed
+
+
+@dataclass
+class Checkpointer:
+    """Saves and restores one run's checkpoints from every rank."""
+
+    cfg: CheckpointConfig
+    run_cfg: Config
+    output_dir: Path
+    dist: DistInfo
+    fingerprint: dict[str, Any]  # world size, accumulation, data summary: must match to resume
+    write_assets: Callable[[Path], None] = lambda path: None  # rank 0: model config + tokenizer into hf/
+
+    def due(self, step: int, max_steps: int) -> bool:
+        every = self.cfg.every_steps
+        return bool(every and step % every == 0) or (step == max_steps and self.cfg.save_final)
+
+    def save(self, engine: Engine, state: TrainState) -> Path:
+        """Write, commit atomically, prune; returns the committed folder (same on every rank)."""
+        root = checkpoints_root(self.output_dir)
+        final, tmp = root / step_name(state.step), root / f".tmp-{step_name(state.step)}"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        engine.save(tmp)
+        save_tensors(_rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+        if self.dist.is_main:
+            self._write_run_files(tmp, state)
+        if faults.armed("crash_in_save", state.step, self.dist.rank):
+            faults.crash(state.step)
+        barrier()
+        if self.dist.is_main:
+            self._commit(tmp, final, state.step)
+            self._prune(root)
+        barrier()
+        return final
+
+    def _write_run_files(self, tmp: Path, state: TrainState) -> None:
+        write_json({"step": state.step, "tokens": state.tokens, "position": state.position.state_dict(),
+                    **self.fingerprint}, tmp / STATE)
+        (tmp / "config.yaml").write_text(dump_recipe(self.run_cfg), encoding="utf-8")
+        (tmp / "hf").mkdir()
+        self.write_assets(tmp / "hf")
+
+    def _commit(self, tmp: Path, final: Path, step: int) -> None:
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fsync_file(f)
+            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": sha256(f)}
+        for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
+            fsync_dir(d)
+        write_json({"format": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size, "files": files},
+                   tmp / MANIFEST)
+        fsync_dir(tmp)
+        if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
+            old = final.with_name(f".old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+        log.info("checkpoint saved: %s (%.1f MB)", final, sum(m["size"] for m in files.values()) / 1e6)
+
+    def _prune(self, root: Path) -> None:
+        """Delete complete checkpoints beyond keep_last (only ever after a newer one is committed)."""
+        complete = complete_checkpoints(self.output_dir)
+        for _, path in complete[:-self.cfg.keep_last]:
+            shutil.rmtree(path)
+            log.info("removed old checkpoint %s (keep_last=%d)", path.name, self.cfg.keep_last)
+
+    def clean_partial(self) -> None:
+        """Rank 0: remove folders left by a save that never committed."""
+        root = checkpoints_root(self.output_dir)
+        for p in root.glob(".tmp-step-*") if root.is_dir() else []:
+            log.warning("removing incomplete checkpoint %s (a save was interrupted)", p)
+            shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".old-step-*") if root.is_dir() else []:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def choose(self) -> Path | None:
+        """The checkpoint to resume from (decided on rank 0, the same on every rank)."""
+        choice: Path | None = None
+        if self.dist.is_main:
+            self.clean_partial()
+            choice = self._choose_on_main()
+        return broadcast_object(choice)  # type: ignore[return-value]
+
+    def _choose_on_main(self) -> Path | None:
+        resume = self.cfg.resume
+        if resume == "never":
+            return None
+        if resume != "auto":
+            path = Path(resume).expanduser()
+            if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+                done = complete_checkpoints(path)
+                if not done:
+                    raise CheckpointError(f"checkpoint.resume = {resume!r}: that run has no complete checkpoint")
+                path = done[-1][1]
+            read_manifest(path, checksums=True)
+            return path
+        for step, path in reversed(complete_checkpoints(self.output_dir)):
+            try:
+                read_manifest(path, checksums=True)
+            except CheckpointError as e:
+                log.warning("%s; trying an older one", e)
+                continue
+            log.info("resume: auto picked %s, the newest complete checkpoint in %s", path.name, self.output_dir)
+            return path
+        return None
+
+    def restore(self, engine: Engine, path: Path) -> TrainState:
+        """Check compatibility, then load engine state, counters and this rank's RNG."""
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        saved_cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        self._check_compatible(path, state, saved_cfg)
+        engine.load(path)
+        rng = path / f"rng-rank{self.dist.rank}.pt"
+        _set_rng_state(load_tensors(rng))
+        log.info("resumed from %s: step %d, %d tokens seen, data epoch %d", path, state["step"], state["tokens"],
+                 state["position"]["epoch"])
+        return TrainState(state["step"], state["tokens"], DataPosition.from_state_dict(state["position"]))
+
+    def _check_compatible(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
+        from trainer.typed import to_dict
+
+        blocking, allowed = compare_configs(saved_cfg, to_dict(self.run_cfg))
+        for key, value in self.fingerprint.items():
+            if _tuples_to_lists(state.get(key)) != _tuples_to_lists(value):
+                blocking.append(f"{key}: {state.get(key)!r} -> {value!r}")
+        if blocking:
+            raise CheckpointError(
+                f"cannot resume from {path}: the run differs from the one that saved it:\n"
+                + "\n".join(f"  - {line}" for line in blocking)
+                + "\nrestore those settings, start a new output_dir, or set checkpoint.resume=never")
+        for line in allowed:
+            log.warning("resuming with a changed setting: %s", line)

@@ -1,0 +1,62 @@
+"""`python -m trainer export RUN_OR_CHECKPOINT --out DIR`: a Hugging Face directory from a checkpoint.
+
+The output (config.json, model.safetensors, tokenizer files) loads with `AutoModelForCausalLM.from_pretrained`
+and gives the trained model's logits. Everything comes from the checkpoint itself (its `hf/` folder holds the
+model config and tokenizer), so export works without the recipe's data or tokenizer source. The checkpoint is
+verified against its manifest first, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from trainer.checkpoint import MANIFEST, CheckpointError, complete_checkpoints, read_manifest
+from trainer.engine.native import MODEL_FILE
+from trainer.precision import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A checkpoint folder as given, or the newest complete checkpoint of a run's output directory."""
+    if (source / MANIFEST).is_file():
+        return source
+    if (source / "checkpoints").is_dir():
+        done = complete_checkpoints(source)
+        if done:
+            return done[-1][1]
+        raise CheckpointError(f"{source} has no complete checkpoint to export (checkpoints/ holds none with a "
+                              "valid manifest)")
+    raise CheckpointError(f"{source} is neither a checkpoint (no {MANIFEST}) nor a run directory (no "
+                          "checkpoints/); give OUTPUT_DIR or OUTPUT_DIR/checkpoints/step-N")
+
+
+def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool = False, merge: bool = False,
+           force: bool = False) -> Path:
+    """Write the Hugging Face directory `out` (atomically: a temporary folder renamed at the end)."""
+    ckpt = resolve_checkpoint(source)
+    read_manifest(ckpt, checksums=True)
+    if adapter_only or merge:
+        raise CheckpointError(f"{ckpt} holds a full model, not an adapter: --adapter-only and --merge apply to "
+                              "LoRA/QLoRA runs; export without them")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
+    config = AutoConfig.from_pretrained(ckpt / "hf")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_model(model, str(ckpt / MODEL_FILE))
+    model.to(DTYPES[dtype])
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("exported %s -> %s (%s)", ckpt, out, dtype)
+    return out
