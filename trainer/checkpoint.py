@@ -236,11 +236,17 @@ class Checkpointer:
 
     def choose(self) -> Path | None:
         """The checkpoint to resume from (decided on rank 0, the same on every rank)."""
-        choice: Path | None = None
+        choice: Path | CheckpointError | None = None
         if self.dist.is_main:
             self.clean_partial()
-            choice = self._choose_on_main()
-        return broadcast_object(choice)  # type: ignore[return-value]
+            try:
+                choice = self._choose_on_main()
+            except CheckpointError as e:  # every rank must raise it, not wait in the broadcast below
+                choice = e
+        choice = broadcast_object(choice)  # type: ignore[assignment]
+        if isinstance(choice, CheckpointError):
+            raise choice
+        return choice
 
     def _choose_on_main(self) -> Path | None:
         resume = self.cfg.resume

@@ -64,7 +64,9 @@ def distributed_context(backend: str = "auto", timeout_s: int = 1800) -> Iterato
     if launched and not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         kwargs = {"device_id": device} if chosen == "nccl" else {}
-        dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(chosen, timeout=timeout, store=_attempt_store(rank, world_size, timeout),
+                                rank=rank, world_size=world_size, **kwargs)
         started = True
         log.info("process group up: backend %s, world size %d", chosen, world_size)
     try:
@@ -72,6 +74,20 @@ def distributed_context(backend: str = "auto", timeout_s: int = 1800) -> Iterato
     finally:
         if started:
             teardown()
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, namespaced by torchrun's restart count.
+
+    After `torchrun --max-restarts` brings a job back, the agent's store still holds the previous attempt's
+    keys; a rank that reads a peer's address before the peer republishes it connects to a dead process
+    ("Connection refused", seen in about half of the restarts here). A prefix per attempt avoids the race.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_hosts_store and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"trainer/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:

@@ -1,0 +1,262 @@
+"""Checkpoints: exact resume after SIGKILL, kill during save, elastic restart, SIGTERM, keep_last, export,
+malicious files, incompatible resumes, and two torchrun "nodes" through launch/multinode.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import QUICKSTART, ROOT, free_port, read_metrics, run_cli, tiny
+from trainer.checkpoint import complete_checkpoints
+from trainer.config import load_recipe
+from trainer.distributed import distributed_context
+from trainer.export import export
+from trainer.loop import run_loop, setup
+from trainer.safeio import UnsafeFileError, load_tensors, sha256
+
+def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
+    return ["train", str(QUICKSTART), *tiny(out, "checkpoint.every_steps=4", "train.micro_batch_size=2", *extra,
+                                             steps=steps)]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    (step, path), *_ = reversed(complete_checkpoints(out))
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def losses(out: Path, steps: range) -> list[float]:
+    by_step = {r["step"]: r["loss"] for r in read_metrics(out)}
+    return [by_step[s] for s in steps]
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference_2proc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-process fp32 run of 12 steps, checkpoints every 4."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    ok(run_cli(ckpt_args(out), nproc=2))
+    return out
+
+
+VARIANTS = {
+    "fp32": [],
+    # fp16 loss scaling, accumulation 2, and 46 packed samples = 5 steps per epoch: the kill (after step 9)
+    # and the checkpoint it resumes from (step 8, epoch 1 at cursor 24) are in the middle of the second epoch.
+    "fp16-accum2-epochs": ["precision.dtype=fp16", "train.grad_accum_steps=2", "data.max_bytes=12000",
+                           "data.seq_len=256"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_sigkill_then_resume_is_bitwise_exact(tmp_path: Path, variant: str,
+                                              reference_2proc: Path) -> None:
+    extra = VARIANTS[variant]
+    if extra:
+        ref = tmp_path / "ref"
+        ok(run_cli(ckpt_args(ref, *extra), nproc=2))
+    else:
+        ref = reference_2proc
+    out = tmp_path / "run"
+    killed = run_cli(ckpt_args(out, *extra), nproc=2, env={"TRAINER_FAULT": "sigkill@9"})
+    assert killed.returncode != 0
+    assert [s for s, _ in complete_checkpoints(out)] == [4, 8]
+    state = json.loads((out / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
+    assert state["position"]["cursor"] > 0  # mid-epoch
+    if extra:
+        assert state["position"] == {"epoch": 1, "cursor": 24}
+    resumed = ok(run_cli(ckpt_args(out, *extra), nproc=2))
+    assert "resume: auto picked step-000008" in resumed.stderr
+    assert losses(out, range(9, 13)) == losses(ref, range(9, 13))  # bitwise: == on floats
+    assert losses(out, range(1, 9)) == losses(ref, range(1, 9))  # rows of the killed attempt kept up to step 8
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 13))  # and no duplicate rows
+    assert_bitwise_equal(final_weights(out), final_weights(ref))
+
+
+@pytest.mark.slow
+def test_kill_during_save_falls_back_to_previous(tmp_path: Path) -> None:
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    ok(run_cli(ckpt_args(ref)))
+    crashed = run_cli(ckpt_args(out), env={"TRAINER_FAULT": "crash_in_save@8"})
+    assert crashed.returncode == 13
+    partial = out / "checkpoints" / ".tmp-step-000008"
+    assert partial.is_dir() and (partial / "model.safetensors").exists()  # killed mid-write
+    assert [s for s, _ in complete_checkpoints(out)] == [4]
+    resumed = ok(run_cli(ckpt_args(out)))
+    assert "resume: auto picked step-000004" in resumed.stderr
+    assert "removing incomplete checkpoint" in resumed.stderr
+    assert not partial.exists()
+    assert losses(out, range(5, 13)) == losses(ref, range(5, 13))
+    assert_bitwise_equal(final_weights(out), final_weights(ref))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_elastic_restart_after_crash(tmp_path: Path, reference_2proc: Path) -> None:
+    """launch/local.sh (torchrun --max-restarts) brings a crashed job back; resume: auto finishes it."""
+    out = tmp_path / "run"
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MAX_RESTARTS": "1", "PYTHON": sys.executable,
+           "TRAINER_FAULT": "crash@7:r1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "launch/local.sh", *ckpt_args(out)[1:]], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=600)
+    ok(proc)
+    assert "TRAINER_FAULT: crashing at step 7" in proc.stderr
+    assert "resume: auto picked step-000004" in proc.stderr
+    assert losses(out, range(1, 13)) == losses(reference_2proc, range(1, 13))
+    assert_bitwise_equal(final_weights(out), final_weights(reference_2proc))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path: Path) -> None:
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    args = ckpt_args(out, "checkpoint.every_steps=0", steps=60)
+    ok(run_cli(ckpt_args(ref, "checkpoint.every_steps=0", steps=60)))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "received SIGTERM" in stderr
+    (step, _), = complete_checkpoints(out)
+    assert 3 <= step < 60
+    assert read_metrics(out)[-1]["step"] == step
+    assert f"preempted at step {step}" in stdout
+    ok(run_cli(args))
+    assert losses(out, range(1, 61)) == losses(ref, range(1, 61))
+    assert_bitwise_equal(final_weights(out), final_weights(ref))
+
+
+@pytest.mark.slow
+def test_keep_last_keeps_exactly_the_newest(tmp_path: Path) -> None:
+    ok(run_cli(ckpt_args(tmp_path, "checkpoint.every_steps=2", "checkpoint.keep_last=2", steps=12)))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-000010", "step-000012"]
+
+
+def test_export_round_trip_reproduces_logits(tmp_path: Path) -> None:
+    cfg = load_recipe(QUICKSTART, tiny(tmp_path / "run", steps=3))
+    with distributed_context() as dist:
+        run = setup(cfg, dist)
+        run_loop(run)
+        run.metrics.close()
+        model = run.engine.module.eval()
+        ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+    for dtype, tol in (("fp32", 1e-5), ("bf16", 0.1)):
+        out = export(tmp_path / "run", tmp_path / f"hf-{dtype}", dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert loaded.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        with torch.no_grad():
+            got = loaded(input_ids=ids).logits.float()
+        assert (got - expected).abs().max().item() <= tol, dtype
+    assert (tmp_path / "hf-fp32" / "tokenizer.json").exists()
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({"optimizer": _Payload(marker)}, f)
+
+
+def test_malicious_pickle_is_refused_unit(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    _plant(tmp_path / "evil.pt", marker)
+    with pytest.raises(UnsafeFileError, match="refusing to load"):
+        load_tensors(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_malicious_checkpoint_file_is_refused(tmp_path: Path) -> None:
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    ok(run_cli(ckpt_args(out, steps=4)))
+    ckpt = out / "checkpoints" / "step-000004"
+    _plant(ckpt / "engine-state.pt", marker)
+    manifest = json.loads((ckpt / "manifest.json").read_text())  # the attacker fixes the manifest too
+    manifest["files"]["engine-state.pt"] = {"size": (ckpt / "engine-state.pt").stat().st_size,
+                                            "sha256": sha256(ckpt / "engine-state.pt")}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli(ckpt_args(out, steps=8))
+    assert proc.returncode == 1
+    assert "refusing to load" in proc.stderr and "engine-state.pt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_resume_refuses_incompatible_and_logs_allowed_changes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(run_cli(ckpt_args(out, steps=4)))
+    refused = run_cli(ckpt_args(out, "data.seq_len=32", "model.config.num_hidden_layers=3", steps=8))
+    assert refused.returncode == 1
+    assert "cannot resume" in refused.stderr
+    assert "data.seq_len: 64 -> 32" in refused.stderr and "model.config" in refused.stderr
+    assert "checkpoint.resume=never" in refused.stderr
+    allowed = ok(run_cli(ckpt_args(out, "optimizer.lr=1e-3", steps=6)))
+    assert "resuming with a changed setting: optimizer.lr: 0.003 -> 0.001" in allowed.stderr
+    assert "resuming with a changed setting: train.max_steps: 4 -> 6" in allowed.stderr
+    assert read_metrics(out)[-1]["step"] == 6
+    assert read_metrics(out)[-1]["lr"] < 1e-3 + 1e-12  # the new LR took effect
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_resume_refuses_other_world_size(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ok(run_cli(ckpt_args(out, steps=4)))
+    proc = run_cli(ckpt_args(out, steps=8), nproc=2)
+    assert proc.returncode != 0
+    assert "world_size: 1 -> 2" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_two_nodes_through_launch_script_match_single_node(tmp_path: Path, reference_2proc: Path) -> None:
+    """Two torchrun 'nodes' (nnodes=2, one process each) on loopback with c10d rendezvous."""
+    out, port = tmp_path / "run", free_port()
+    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+           "RDZV_ID": f"test-{port}", "PYTHON": sys.executable, "MAX_RESTARTS": "0", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(["bash", "launch/multinode.sh", *ckpt_args(out)[1:]], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [n.communicate(timeout=600) for n in nodes]
+    for n, (_, err) in zip(nodes, results):
+        assert n.returncode == 0, err[-3000:]
+    for a, b in zip(losses(out, range(1, 13)), losses(reference_2proc, range(1, 13))):
+        assert abs(a - b) <= 1e-5
