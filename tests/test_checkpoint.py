@@ -260,3 +260,13 @@ def test_two_nodes_through_launch_script_match_single_node(tmp_path: Path, refer
         assert n.returncode == 0, err[-3000:]
     for a, b in zip(losses(out, range(1, 13)), losses(reference_2proc, range(1, 13))):
         assert abs(a - b) <= 1e-5
+
+
+def test_resume_from_explicit_path_into_a_new_run(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    ok(run_cli(ckpt_args(first, steps=4)))
+    proc = ok(run_cli(ckpt_args(second, f"checkpoint.resume={first / 'checkpoints' / 'step-000004'}", steps=6)))
+    assert "resumed from" in proc.stderr
+    assert [r["step"] for r in read_metrics(second)] == [5, 6]
+    ok(run_cli(ckpt_args(tmp_path / "third", f"checkpoint.resume={first}", steps=5)))  # a run dir: its newest
+    assert [r["step"] for r in read_metrics(tmp_path / "third")] == [5]

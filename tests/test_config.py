@@ -65,6 +65,7 @@ BAD = [
     (["data.packing=maybe"], "data.packing", "true or false"),
     (["train.global_batch_size=12"], "train.global_batch_size", "multiple of micro_batch_size"),
     (["train.global_batch_size=16"], "train.grad_accum_steps", "give only one"),
+    (["checkpoint.resume=/no/such/run"], "checkpoint.resume", "existing checkpoint folder"),
     (["distributed.deepspeed_overrides={a: 1}"], "distributed.deepspeed_overrides", "only used with"),
 ]
 

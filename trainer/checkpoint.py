@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -171,6 +172,7 @@ class Checkpointer:
 
     def save(self, engine: Engine, state: TrainState) -> Path:
         """Write, commit atomically, prune; returns the committed folder (same on every rank)."""
+        started = time.perf_counter()
         root = checkpoints_root(self.output_dir)
         final, tmp = root / step_name(state.step), root / f".tmp-{step_name(state.step)}"
         if self.dist.is_main:
@@ -185,7 +187,8 @@ class Checkpointer:
             faults.crash(state.step)
         barrier()
         if self.dist.is_main:
-            self._commit(tmp, final, state.step)
+            size = self._commit(tmp, final, state.step)
+            log.info("checkpoint saved: %s (%.1f MB in %.2f s)", final, size / 1e6, time.perf_counter() - started)
             self._prune(root)
         barrier()
         return final
@@ -197,7 +200,8 @@ class Checkpointer:
         (tmp / "hf").mkdir()
         self.write_assets(tmp / "hf")
 
-    def _commit(self, tmp: Path, final: Path, step: int) -> None:
+    def _commit(self, tmp: Path, final: Path, step: int) -> int:
+        """Hash, fsync, write the manifest, rename into place; returns the bytes committed."""
         files = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             fsync_file(f)
@@ -216,7 +220,7 @@ class Checkpointer:
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
-        log.info("checkpoint saved: %s (%.1f MB)", final, sum(m["size"] for m in files.values()) / 1e6)
+        return sum(m["size"] for m in files.values())
 
     def _prune(self, root: Path) -> None:
         """Delete complete checkpoints beyond keep_last (only ever after a newer one is committed)."""
@@ -273,14 +277,15 @@ class Checkpointer:
 
     def restore(self, engine: Engine, path: Path) -> TrainState:
         """Check compatibility, then load engine state, counters and this rank's RNG."""
+        started = time.perf_counter()
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
         saved_cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         self._check_compatible(path, state, saved_cfg)
         engine.load(path)
         rng = path / f"rng-rank{self.dist.rank}.pt"
         _set_rng_state(load_tensors(rng))
-        log.info("resumed from %s: step %d, %d tokens seen, data epoch %d", path, state["step"], state["tokens"],
-                 state["position"]["epoch"])
+        log.info("resumed from %s in %.2f s: step %d, %d tokens seen, data epoch %d", path,
+                 time.perf_counter() - started, state["step"], state["tokens"], state["position"]["epoch"])
         return TrainState(state["step"], state["tokens"], DataPosition.from_state_dict(state["position"]))
 
     def _check_compatible(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:

@@ -73,6 +73,14 @@ def _optimizer(cfg: Config, src: Source) -> list[Problem]:
     return out
 
 
+def _checkpoint(cfg: Config, src: Source) -> list[Problem]:
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():
+        return [Problem("checkpoint.resume", resume, "not auto, never, or an existing checkpoint folder / run "
+                        "directory; check the path", src("checkpoint.resume"))]
+    return []
+
+
 def _distributed(cfg: Config, src: Source) -> list[Problem]:
     d, out = cfg.distributed, []
     if d.engine == "native" and d.zero_stage != 0:
@@ -103,7 +111,7 @@ NOT_YET: dict[str, tuple[Callable[[Config], bool], str]] = {
 
 def cross_check(cfg: Config, src: Source) -> list[Problem]:
     """Every cross-field problem of a type-correct recipe."""
-    out = _model(cfg, src) + _data(cfg, src) + _optimizer(cfg, src) + _distributed(cfg, src)
+    out = _model(cfg, src) + _data(cfg, src) + _optimizer(cfg, src) + _checkpoint(cfg, src) + _distributed(cfg, src)
     for key, (applies, why) in NOT_YET.items():
         if applies(cfg):
             section, name = key.split(".")
