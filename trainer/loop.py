@@ -20,7 +20,7 @@ from trainer.checks import resolve_batch
 from trainer.config import Config, dump_recipe
 from trainer.data import Batch, TrainData
 from trainer.distributed import DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context
-from trainer.engine import Engine, build_engine
+from trainer.engine import Engine, build_engine, model_init_context
 from trainer.metrics import Metrics, peak_memory_bytes, truncate_rows
 from trainer.model import build_model
 from trainer.preemption import PreemptionFlag
@@ -86,7 +86,8 @@ def setup(cfg: Config, dist: DistInfo) -> Run:
     tokenizer = build_tokenizer(cfg.model)
     data = TrainData(cfg.data, tokenizer, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=grad_accum)
-    model = build_model(cfg.model, tokenizer, cfg.train.seed)
+    with model_init_context(cfg.distributed):
+        model = build_model(cfg.model, tokenizer, cfg.train.seed)
     seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(model, cfg.optimizer, cfg.precision, cfg.distributed, cfg.train.max_steps, dist)
     fingerprint = {"world_size": dist.world_size, "grad_accum_steps": grad_accum,

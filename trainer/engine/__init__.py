@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, ContextManager
+
 from torch import nn
 
 from trainer.config import DistributedConfig, OptimizerConfig, PrecisionConfig
@@ -10,6 +13,12 @@ from trainer.engine.base import Engine, StepResult
 from trainer.engine.native import NativeEngine
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import Precision
+
+
+def model_init_context(distributed: DistributedConfig) -> ContextManager[Any]:
+    """Wraps model construction: an engine that partitions parameters at creation (ZeRO-3) enters its
+    context here, so the full model never materializes on one rank. The native engine needs nothing."""
+    return contextlib.nullcontext()
 
 
 def build_engine(model: nn.Module, optimizer: OptimizerConfig, precision: PrecisionConfig,
@@ -23,4 +32,4 @@ def build_engine(model: nn.Module, optimizer: OptimizerConfig, precision: Precis
                         dist, optimizer.grad_clip)
 
 
-__all__ = ["Engine", "StepResult", "NativeEngine", "build_engine"]
+__all__ = ["Engine", "StepResult", "NativeEngine", "build_engine", "model_init_context"]
