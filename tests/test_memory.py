@@ -1,0 +1,132 @@
+"""The memory plan: paper formulas, activations against measurement, model states against real tensors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUICKSTART, ROOT
+from tests.memory_probe import measure
+from trainer.config import load_recipe
+from trainer.memory import (GiB, Param, Shapes, _autocast_copies, activation_bytes, galore_state_bytes,
+                            logits_bytes, plan, shapes)
+
+GB = 1e9
+
+
+def synthetic(total: int) -> Shapes:
+    """A model of exactly `total` parameters (one big matrix per 'layer'), for formula checks."""
+    layers = 32
+    per = total // layers
+    params = [Param(f"model.layers.{i}.mlp.up_proj.weight", (per,)) for i in range(layers)]
+    params[0] = Param(params[0].name, (per + total - per * layers,))
+    return Shapes("llama", params, 4096, 11008, layers, 32, 4096, 32000, set())
+
+
+def model_state_bytes(p) -> int:  # type: ignore[no-untyped-def]
+    names = ("weights", "gradients", "fp32 master", "optimizer state", "LoRA", "base weights", "other base")
+    return sum(i.bytes for i in p.items if i.name.startswith(names))
+
+
+@pytest.mark.parametrize("stage,expected_gb", [(1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_model_states(stage: int, expected_gb: float) -> None:
+    """ZeRO paper, Figure 1: 7.5B parameters, mixed-precision Adam (2+2+12 bytes), 64 GPUs."""
+    cfg = load_recipe(QUICKSTART, ["precision.dtype=bf16", "distributed.engine=deepspeed",
+                                   f"distributed.zero_stage={stage}"])
+    p = plan(cfg, world_size=64, sh=synthetic(7_500_000_000))
+    assert model_state_bytes(p) / GB == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_zero_baseline_is_16_bytes_per_parameter() -> None:
+    cfg = load_recipe(QUICKSTART, ["precision.dtype=bf16", "distributed.engine=deepspeed", "distributed.zero_stage=1"])
+    p = plan(cfg, world_size=1, sh=synthetic(7_500_000_000))
+    assert model_state_bytes(p) / GB == pytest.approx(120.0, abs=0.01)
+
+
+LLAMA_1B = ["model.config.hidden_size=2048", "model.config.intermediate_size=5461", "model.config.num_hidden_layers=24",
+            "model.config.num_attention_heads=32", "model.config.num_key_value_heads=32",
+            "model.config.vocab_size=32000", "model.config.tie_word_embeddings=false"]
+
+
+def test_galore_optimizer_state_formula() -> None:
+    """GaLore paper: a target matrix m x n (m <= n) keeps an m x r projector and two r x n moments."""
+    cfg = load_recipe(QUICKSTART, ["optimizer.name=galore_adamw", "optimizer.galore.rank=512", *LLAMA_1B])
+    sh = shapes(cfg)
+    up = next(p for p in sh.params if p.name.endswith("layers.0.mlp.up_proj.weight"))
+    assert up.shape == (5461, 2048)
+    assert galore_state_bytes(cfg, up) == 4 * (2048 * 512 + 2 * 512 * 5461)
+    q = next(p for p in sh.params if p.name.endswith("layers.0.self_attn.q_proj.weight"))
+    assert galore_state_bytes(cfg, q) == 4 * (2048 * 512 + 2 * 512 * 2048)
+    full = plan(load_recipe(QUICKSTART, ["optimizer.name=adamw", *LLAMA_1B]), sh=sh)
+    galore = plan(cfg, sh=sh)
+    state = {k: next(i.bytes for i in x.items if i.name == "optimizer state") for k, x in
+             (("adamw", full), ("galore", galore))}
+    # LLaMA-1B (1.34B parameters): AdamW keeps 2 x 1.34B fp32 values; GaLore at rank 512 about 0.39 of that
+    assert state["adamw"] == 8 * sh.total
+    assert 0.35 < state["galore"] / state["adamw"] < 0.42
+
+
+def test_qlora_weight_bytes_follow_nf4_with_double_quant() -> None:
+    """NF4 packs two weights a byte; the absmax of each 64-block is fp32, or with double quantization 8-bit
+    plus one fp32 constant per 256 blocks (the QLoRA paper's 0.373 bits per parameter saved)."""
+    from trainer.memory import _quantized_weight_bytes
+
+    cfg = load_recipe(QUICKSTART)
+    p = Param("x.weight", (4096, 4096))
+    n = 4096 * 4096
+    cfg.adapter.quant.double_quant = True
+    dq = _quantized_weight_bytes(cfg, p)
+    cfg.adapter.quant.double_quant = False
+    single = _quantized_weight_bytes(cfg, p)
+    assert dq * 8 / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), rel=1e-3)  # 4.127 bits per parameter
+    assert single * 8 / n == pytest.approx(4.5, rel=1e-3)
+    assert (single - dq) * 8 / n == pytest.approx(0.373, abs=0.001)  # the QLoRA paper's saving
+
+
+def test_plan_cli_text_and_json() -> None:
+    proc = subprocess.run([sys.executable, "-m", "trainer", "plan", str(QUICKSTART), "--json"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["fits"] is True and data["peak_bytes"] < 2 * GiB
+    assert {i["name"].split(" ")[0] for i in data["items"]} >= {"weights", "gradients", "optimizer", "activations"}
+    big = subprocess.run([sys.executable, "-m", "trainer", "plan", str(QUICKSTART), "model.config.hidden_size=4096",
+                          "model.config.intermediate_size=11008", "model.config.num_hidden_layers=32",
+                          "model.config.num_attention_heads=32", "data.seq_len=2048",
+                          "model.config.max_position_embeddings=2048", "--gpu-memory", "24GiB"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert big.returncode == 0, big.stderr
+    assert "does NOT fit in 24 GiB" in big.stdout
+    assert "1. turn on gradient checkpointing" in big.stdout
+
+
+SIZES = {
+    "h256-l4": ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=4"],
+    "h512-l4": ["model.config.hidden_size=512", "model.config.intermediate_size=1376",
+                "model.config.num_hidden_layers=4", "model.config.num_attention_heads=8",
+                "model.config.num_key_value_heads=4"],
+    "h384-l8": ["model.config.hidden_size=384", "model.config.intermediate_size=1024",
+                "model.config.num_hidden_layers=8", "model.config.num_attention_heads=6",
+                "model.config.num_key_value_heads=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_activation_prediction_within_15_percent(size: str, checkpointing: bool) -> None:
+    """Peak RSS delta of one forward+backward (tests/memory_probe.py states the method) vs the plan."""
+    for dtype in ("fp32", "bf16"):
+        overrides = [*SIZES[size], f"model.gradient_checkpointing={str(checkpointing).lower()}", "data.seq_len=512",
+                     "model.config.max_position_embeddings=512", "train.micro_batch_size=4", f"precision.dtype={dtype}"]
+        cfg = load_recipe(QUICKSTART, overrides)
+        sh = shapes(cfg)
+        predicted = activation_bytes(cfg, sh, checkpointing) + logits_bytes(cfg, sh) + _autocast_copies(cfg, sh, True)
+        measured = measure(str(QUICKSTART), overrides)
+        print(f"{size} {dtype} checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, "
+              f"measured {measured / 2**20:.1f} MiB")
+        assert abs(measured - predicted) / measured < 0.15, (dtype, predicted, measured)
