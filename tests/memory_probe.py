@@ -10,10 +10,9 @@ of weights, gradients and optimizer state.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import threading
-import time
 
 PROBE = r'''
 import json, sys, threading, time, os
@@ -24,42 +23,46 @@ from trainer.model import build_model
 from trainer.loop import token_loss_sum
 from trainer.precision import Precision
 torch.set_num_threads(1)
-cfg = load_recipe(sys.argv[1], sys.argv[2:])
-tok = build_tokenizer(cfg.model)
-model = build_model(cfg.model, tok, 0).train()
-prec = Precision(cfg.precision, torch.device("cpu"))
-b, s = cfg.train.micro_batch_size, cfg.data.seq_len
-ids = torch.randint(0, len(tok), (b, s), generator=torch.Generator().manual_seed(0))
-def step():
-    logits = model.forward if False else None
-    with prec.autocast():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-    token_loss_sum(out, ids).backward()
-step()
-for p in model.parameters():
-    p.grad.zero_()
 proc = psutil.Process()
-import gc; gc.collect()
-base = proc.memory_info().rss
-peak = [base]
-stop = [False]
-def sample():
-    while not stop[0]:
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.0005)
-t = threading.Thread(target=sample); t.start()
-step()
-stop[0] = True; t.join()
-print(json.dumps({"measured": peak[0] - base}))
+results = []
+for overrides in json.loads(sys.argv[2]):
+    cfg = load_recipe(sys.argv[1], overrides)
+    tok = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tok, 0).train()
+    prec = Precision(cfg.precision, torch.device("cpu"))
+    b, s = cfg.train.micro_batch_size, cfg.data.seq_len
+    ids = torch.randint(0, len(tok), (b, s), generator=torch.Generator().manual_seed(0))
+    def step():
+        with prec.autocast():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        token_loss_sum(out, ids).backward()
+    step()
+    for p in model.parameters():
+        p.grad.zero_()
+    import gc; gc.collect()
+    base = proc.memory_info().rss
+    peak, stop = [base], [False]
+    def sample():
+        while not stop[0]:
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.0005)
+    t = threading.Thread(target=sample); t.start()
+    step()
+    stop[0] = True; t.join()
+    results.append(peak[0] - base)
+    del model, step
+    gc.collect()
+print(json.dumps(results))
 '''
 
 
-def measure(recipe: str, overrides: list[str]) -> int:
-    """Peak RSS delta (bytes) of one forward+backward with gradients already allocated."""
-    proc = subprocess.run([sys.executable, "-c", PROBE, recipe, *overrides], capture_output=True, text=True,
-                          timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
+def measure(recipe: str, configs: list[list[str]]) -> list[int]:
+    """Peak RSS delta (bytes) of one forward+backward with gradients already allocated, per config (one
+    process measures them one after the other: freed blocks leave the RSS, so each starts from its own base)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, recipe, json.dumps(configs)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
                                # large blocks straight from mmap: freed memory leaves the RSS at once
                                "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])["measured"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
