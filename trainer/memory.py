@@ -103,17 +103,23 @@ def model_config(cfg: Config) -> Any:
     m = cfg.model
     if m.config is not None:
         arch = dict(m.config)
-        arch.setdefault("vocab_size", _tokenizer_size(cfg))
+        if "vocab_size" not in arch:  # the tokenizer decides (the byte one is built in; others may download)
+            arch["vocab_size"] = _tokenizer_size(cfg)
         return AutoConfig.for_model(arch.pop("model_type"), **arch)
-    try:
-        return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    kwargs = {"trust_remote_code": m.trust_remote_code, "revision": m.revision}
+    try:  # a local directory, or the hub cache: no network
+        return AutoConfig.from_pretrained(m.name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError):
-        if m.name_or_path in KNOWN:
-            arch = dict(KNOWN[m.name_or_path])
-            return AutoConfig.for_model(arch.pop("model_type"), **arch)
+        pass
+    if m.name_or_path in KNOWN:
+        arch = dict(KNOWN[m.name_or_path])
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    try:  # last resort: fetch config.json (a few kB)
+        return AutoConfig.from_pretrained(m.name_or_path, **kwargs)
+    except (OSError, ValueError):
         raise ConfigError([Problem("model.name_or_path", m.name_or_path, "cannot read this model's config.json "
-                                   "offline (not a local directory, not in the hub cache, not a known model); "
-                                   "download it once or give model.config")]) from None
+                                   "(not a local directory, not in the hub cache, not a known model, and the hub "
+                                   "is unreachable); download it once or give model.config")]) from None
 
 
 def _tokenizer_size(cfg: Config) -> int:
@@ -227,7 +233,10 @@ def model_states(cfg: Config, sh: Shapes, world: int) -> tuple[list[Item], int]:
 def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     o = cfg.optimizer
     shard = world if cfg.distributed.zero_stage >= 1 else 1  # native ZeRO-1: ZeroRedundancyOptimizer
-    items = [Item("weights (fp32 master, the model itself)", 4 * sh.total)]
+    half = cfg.precision.dtype != "fp32" and not cfg.precision.master_weights
+    wb = 2 if half else 4  # weights, their gradients and torch's AdamW moments share the parameters' dtype
+    items = [Item("weights (bf16, no fp32 master)" if half else "weights (fp32 master, the model itself)",
+                  wb * sh.total)]
     if o.name.startswith("galore"):
         targets = [p for p in sh.params if galore_target(cfg, p)]
         rest = [p.numel for p in sh.params if not galore_target(cfg, p)]
@@ -236,13 +245,15 @@ def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
         note = f"GaLore rank {o.galore.rank} on {len(targets)} matrices, AdamW on {len(rest)} other tensors"
         if o.galore.per_layer:
             largest = max(p.numel for p in sh.params)
-            items.append(Item("gradients (per-layer updates: one tensor at a time)", 4 * largest))
+            items.append(Item("gradients (per-layer updates: one tensor at a time)", wb * largest))
         else:
-            items.append(Item("gradients (fp32)", 4 * sh.total))
+            items.append(Item("gradients", wb * sh.total))
     else:
         state = _optimizer_bytes(o.name, [p.numel for p in sh.params], o.momentum)
+        if half and o.name in ("adamw", "sgd"):
+            state //= 2
         note = o.name
-        items.append(Item("gradients (fp32)", 4 * sh.total))
+        items.append(Item("gradients", wb * sh.total))
     if shard > 1:
         note += f", sharded over {shard} ranks"
     items.append(Item("optimizer state", state // shard, note=note))
@@ -355,7 +366,8 @@ def _autocast_copies(cfg: Config, sh: Shapes, trainable_full: bool) -> int:
     """bf16/fp16 autocast casts each fp32 linear weight once per forward and keeps it until backward. Under
     gradient checkpointing a layer's casts are dropped with its activations: only the LM head's and the
     recomputed layer's are alive."""
-    if cfg.precision.dtype == "fp32" or not trainable_full or cfg.distributed.engine == "deepspeed":
+    if cfg.precision.dtype == "fp32" or not trainable_full or cfg.distributed.engine == "deepspeed" \
+            or not cfg.precision.master_weights:
         return 0
     linear = [p for p in sh.params if _module_of(p.name) in sh.linear_names]
     if not cfg.model.gradient_checkpointing:
