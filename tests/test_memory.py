@@ -135,3 +135,44 @@ def test_activation_prediction_within_15_percent() -> None:
               f"{got / 2**20:.1f} MiB (error {error:.1%})")
         assert error < 0.15, (size, ckpt, dtype, predicted, got)
     print(f"worst error {worst:.1%}")
+
+
+PLANNED = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", [r for r in PLANNED if "# plan:" in r.read_text()],
+                         ids=lambda p: p.name)
+def test_recipe_fits_the_hardware_its_header_claims(recipe: Path) -> None:
+    """Each 24 GB recipe states `# plan: N x 24GiB, planned peak X GiB per GPU`; the plan must agree."""
+    import re
+
+    header = re.search(r"# plan: (\d+) x (\d+)GiB, planned peak ([\d.]+) GiB per GPU", recipe.read_text())
+    assert header, f"{recipe.name}: no '# plan: N x 24GiB, planned peak X GiB per GPU' header"
+    gpus, gib, stated = int(header.group(1)), int(header.group(2)), float(header.group(3))
+    p = plan(load_recipe(recipe), world_size=gpus, gpu_bytes=gib * GiB)
+    assert p.fits, f"{recipe.name}: planned {p.peak_bytes / GiB:.2f} GiB > {gib} GiB"
+    assert p.peak_bytes / GiB == pytest.approx(stated, abs=0.01), "update the header's planned peak"
+
+
+def test_every_24gb_recipe_has_a_plan_header() -> None:
+    recipes = sorted((ROOT / "recipes" / "24gb").glob("*.yaml"))
+    assert len(recipes) == 6
+    assert all("# plan:" in r.read_text() and "# launch:" in r.read_text() for r in recipes)
+
+
+def test_train_refuses_a_recipe_that_will_not_fit_the_gpu(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """On a GPU machine `train` plans first. No GPU here: the device query is faked (the plan is real)."""
+    import torch
+
+    from trainer.__main__ import check_fits_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GiB, 24 * GiB))
+    big = load_recipe(QUICKSTART, ["model.config.hidden_size=2048", "model.config.intermediate_size=5504",
+                                   "model.config.num_hidden_layers=16", "model.config.num_attention_heads=16"])
+    assert check_fits_gpu(big, force=False) is False
+    err = capsys.readouterr().err
+    assert "does NOT fit in 2 GiB" in err and "pass --force" in err
+    assert check_fits_gpu(big, force=True) is True
+    assert check_fits_gpu(load_recipe(QUICKSTART), force=False) is True
