@@ -20,7 +20,7 @@ verbs:
   train      train with a recipe (one process, or one of many under torchrun)
   validate   check a recipe and its overrides without building anything; print the resolved recipe
   export     write a Hugging Face model directory from a run or checkpoint:
-             python -m trainer export RUN_OR_CHECKPOINT --out DIR [--dtype bf16]
+             python -m trainer export RUN_OR_CHECKPOINT --out DIR [--dtype bf16] [--adapter-only | --merge]
 
 overrides are dotted keys after the recipe, parsed as YAML scalars; `null` clears a value:
   python -m trainer train recipes/quickstart.yaml train.max_steps=50 optimizer.lr=3e-4
@@ -96,7 +96,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export(Path(args.source), Path(args.out), dtype=args.dtype, adapter_only=args.adapter_only,
                  merge=args.merge, force=args.force)
-    print(f"exported to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    how = "PeftModel.from_pretrained(base_model, {!r})" if args.adapter_only else \
+        "AutoModelForCausalLM.from_pretrained({!r})"
+    print(f"exported to {out}: load it with {how.format(str(out))}")
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, QuantConfig
 from trainer.typed import Problem
 
 Source = Callable[[str], str]
@@ -98,12 +98,61 @@ def _distributed(cfg: Config, src: Source) -> list[Problem]:
     return out
 
 
+def _adapter_targets(cfg: Config, src: Source) -> list[Problem]:
+    """Target module names checked against the architecture built on the meta device (no weights read)."""
+    a = cfg.adapter
+    if isinstance(a.target_modules, str):
+        if a.target_modules != "all-linear":
+            return [Problem("adapter.target_modules", a.target_modules, "give a list of module names (e.g. "
+                            "[q_proj, v_proj]) or 'all-linear'", src("adapter.target_modules"))]
+        return []
+    if not a.target_modules:
+        return [Problem("adapter.target_modules", [], "empty: give module names (e.g. [q_proj, v_proj]) or "
+                        "'all-linear'", src("adapter.target_modules"))]
+    try:
+        from transformers import AutoConfig
+
+        arch = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                          revision=cfg.model.revision)
+    except Exception:  # not reachable now (a hub id offline): loading reports it, and peft checks the names then
+        return []
+    from trainer.adapters.targets import target_problems
+
+    return [Problem("adapter.target_modules", a.target_modules, why, src("adapter.target_modules"))
+            for why in target_problems(a, arch)]
+
+
+def _adapter(cfg: Config, src: Source) -> list[Problem]:
+    a, out = cfg.adapter, []
+    if a.type == "none":
+        return []
+    if not cfg.model.name_or_path:
+        return [Problem("adapter.type", a.type, "adapters train on top of a pretrained model, and model.config "
+                        "builds a randomly initialized one: give model.name_or_path (a directory or hub id) and set "
+                        "model.config=null, or use adapter.type=none to train from scratch", src("adapter.type"))]
+    if a.type == "lora" and a.quant != QuantConfig():
+        out.append(Problem("adapter.quant", "{...}", "quantization settings apply to adapter.type=qlora; use qlora "
+                           "or remove adapter.quant", src("adapter.quant")))
+    q, dtype = a.quant, cfg.precision.dtype
+    if a.type == "qlora" and q.type != "int8" and dtype != "fp32" and q.compute_dtype != dtype:
+        out.append(Problem("adapter.quant.compute_dtype", q.compute_dtype, f"differs from precision.dtype={dtype}: "
+                           f"the 4-bit matmuls would run in {q.compute_dtype} inside {dtype} autocast; set "
+                           f"adapter.quant.compute_dtype={dtype}", src("adapter.quant.compute_dtype")))
+    if a.type == "qlora" and q.type == "int8" and q.storage_dtype != "uint8":
+        out.append(Problem("adapter.quant.storage_dtype", q.storage_dtype, "applies to 4-bit weights (nf4, fp4); "
+                           "int8 weights are stored as int8: remove it", src("adapter.quant.storage_dtype")))
+    if cfg.distributed.engine == "deepspeed":
+        out.append(Problem("adapter.type", a.type, "adapters are not supported with distributed.engine=deepspeed "
+                           "in this version (ZeRO-3 needs the 4-bit weights in a bf16 storage dtype to shard them, "
+                           "and saving the adapter from partitioned parameters writes an empty file: peft#2016, "
+                           "DeepSpeed#3620); use distributed.engine=native (DDP)", src("distributed.engine")))
+    return out + _adapter_targets(cfg, src)  # GaLore with adapters: refused by the GaLore rules
+
+
 # Features whose issues have not landed yet: validation refuses them with the reason instead of failing later.
 NOT_YET: dict[str, tuple[Callable[[Config], bool], str]] = {
     "distributed.engine": (lambda c: c.distributed.engine == "deepspeed",
                            "the DeepSpeed engine is not available in this version; use engine: native (DDP)"),
-    "adapter.type": (lambda c: c.adapter.type != "none",
-                     "LoRA/QLoRA adapters are not available in this version; use adapter.type: none"),
     "optimizer.name": (lambda c: c.optimizer.name.startswith("galore"),
                        "GaLore is not available in this version; use adamw or adamw8bit"),
 }
@@ -112,6 +161,7 @@ NOT_YET: dict[str, tuple[Callable[[Config], bool], str]] = {
 def cross_check(cfg: Config, src: Source) -> list[Problem]:
     """Every cross-field problem of a type-correct recipe."""
     out = _model(cfg, src) + _data(cfg, src) + _optimizer(cfg, src) + _checkpoint(cfg, src) + _distributed(cfg, src)
+    out += _adapter(cfg, src)
     for key, (applies, why) in NOT_YET.items():
         if applies(cfg):
             section, name = key.split(".")

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from trainer.adapters import ADAPTER_DIR
+from trainer.adapters.merge import write_adapter_export
 from trainer.checkpoint import MANIFEST, CheckpointError, complete_checkpoints, read_manifest
 from trainer.engine.native import MODEL_FILE
 from trainer.precision import DTYPES
@@ -42,18 +44,29 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
     """Write the Hugging Face directory `out` (atomically: a temporary folder renamed at the end)."""
     ckpt = resolve_checkpoint(source)
     read_manifest(ckpt, checksums=True)
-    if adapter_only or merge:
+    is_adapter = (ckpt / ADAPTER_DIR).is_dir()
+    if adapter_only and merge:
+        raise CheckpointError("--adapter-only and --merge exclude each other: choose the adapter alone or the "
+                              "merged model")
+    if (adapter_only or merge) and not is_adapter:
         raise CheckpointError(f"{ckpt} holds a full model, not an adapter: --adapter-only and --merge apply to "
                               "LoRA/QLoRA runs; export without them")
+    if is_adapter and not (adapter_only or merge):
+        raise CheckpointError(f"{ckpt} holds a LoRA adapter, not a full model: export with --adapter-only (a peft "
+                              "adapter directory, loaded with PeftModel.from_pretrained(base, DIR)) or --merge (the "
+                              "base model with the adapter merged in)")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
-    config = AutoConfig.from_pretrained(ckpt / "hf")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    load_model(model, str(ckpt / MODEL_FILE))
-    model.to(DTYPES[dtype])
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if is_adapter:
+        write_adapter_export(ckpt, tmp, merge=merge, dtype=DTYPES[dtype])
+    else:
+        config = AutoConfig.from_pretrained(ckpt / "hf")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        load_model(model, str(ckpt / MODEL_FILE))
+        model.to(DTYPES[dtype])
+        model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

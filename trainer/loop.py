@@ -87,7 +87,8 @@ def setup(cfg: Config, dist: DistInfo) -> Run:
     data = TrainData(cfg.data, tokenizer, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=grad_accum)
     with model_init_context(cfg.distributed):
-        model = build_model(cfg.model, tokenizer, cfg.train.seed)
+        model = build_model(cfg.model, tokenizer, cfg.train.seed, adapter=cfg.adapter, precision=cfg.precision.dtype,
+                            device=dist.device)
     seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(model, cfg.optimizer, cfg.precision, cfg.distributed, cfg.train.max_steps, dist)
     fingerprint = {"world_size": dist.world_size, "grad_accum_steps": grad_accum,

@@ -11,6 +11,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from trainer import adapters
 from trainer.distributed import DistInfo
 from trainer.engine.base import StepResult
 from trainer.precision import Precision
@@ -71,16 +72,23 @@ class NativeEngine:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def save(self, directory: Path) -> None:
-        """Rank 0 writes weights and optimizer state: under DDP every rank holds the same copy."""
+        """Rank 0 writes weights and optimizer state: under DDP every rank holds the same copy. An adapter run
+        writes only the adapter (a peft directory): the frozen base is re-read from its source on resume."""
         if not self.dist.is_main:
             return
-        save_model(self.module, str(directory / MODEL_FILE))
-        fsync_file(directory / MODEL_FILE)
+        if adapters.is_adapted(self.module):
+            adapters.save_adapter(self.module, directory / adapters.ADAPTER_DIR)
+        else:
+            save_model(self.module, str(directory / MODEL_FILE))
+            fsync_file(directory / MODEL_FILE)
         save_tensors({"optimizer": self.optimizer.state_dict(), "schedule_step": self.scheduler.last_epoch,
                       "precision": self.precision.state_dict()}, directory / STATE_FILE)
 
     def load(self, directory: Path) -> None:
-        load_model(self.module, str(directory / MODEL_FILE), device=str(self.dist.device))
+        if adapters.is_adapted(self.module):
+            adapters.load_adapter(self.module, directory / adapters.ADAPTER_DIR)
+        else:
+            load_model(self.module, str(directory / MODEL_FILE), device=str(self.dist.device))
         state = load_tensors(directory / STATE_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["precision"])

@@ -45,6 +45,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
         import bitsandbytes as bnb  # imported late: it prints backend notices on load
 
         cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        device = next(p for g in groups for p in g["params"]).device
+        if cfg.name == "paged_adamw8bit" and device.type != "cuda":
+            log.warning("optimizer.name=paged_adamw8bit: paging needs CUDA unified memory; on %s the state is "
+                        "not paged (same updates as adamw8bit)", device.type)
         return cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     raise ValueError(f"optimizer.name={cfg.name!r} has no builder in this version")  # checks.py rejects it first
 
