@@ -68,10 +68,30 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     world = args.world_size or env_world_size()
     accum = resolve_batch(cfg, world)
     print(dump_recipe(cfg), end="")
+    if cfg.distributed.engine == "deepspeed":
+        print_deepspeed_config(cfg, accum, world)
     global_batch = cfg.train.micro_batch_size * accum * world
     print(f"# ok: {args.recipe} is valid; world size {world}: micro-batch {cfg.train.micro_batch_size} x "
           f"{accum} accumulation x {world} ranks = {global_batch} sequences per step", file=sys.stderr)
     return 0
+
+
+def print_deepspeed_config(cfg: Config, accum: int, world: int) -> None:
+    """The DeepSpeed config a launch with this world size would generate, as JSON after a `---` line (what
+    DeepSpeed reads; the lines before it stay the YAML recipe). Needs neither torch.distributed nor DeepSpeed."""
+    import json
+
+    from trainer.engine.ds_config import final_ds_config
+
+    if cfg.distributed.zero_stage == 0:
+        print("# distributed.zero_stage=0 runs on the native engine (DDP): no DeepSpeed config", file=sys.stderr)
+        return
+    config, changes = final_ds_config(cfg.precision, cfg.optimizer, cfg.distributed,
+                                      micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=accum,
+                                      world_size=world)
+    print(f"---\n# generated DeepSpeed config (world size {world})"
+          + "".join(f"\n# changed by distributed.deepspeed_overrides: {c}" for c in changes))
+    print(json.dumps(config, indent=2))
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:

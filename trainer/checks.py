@@ -70,6 +70,40 @@ def _optimizer(cfg: Config, src: Source) -> list[Problem]:
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         out.append(Problem("optimizer.betas", o.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]",
                            src("optimizer.betas")))
+    return out + _galore(cfg, src)
+
+
+def _galore(cfg: Config, src: Source) -> list[Problem]:
+    o, g, out = cfg.optimizer, cfg.optimizer.galore, []
+    if not o.name.startswith("galore"):
+        if g.per_layer:
+            out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates are built for the GaLore "
+                               "optimizers: set optimizer.name: galore_adamw (or galore_adamw8bit), or "
+                               "per_layer: false", src("optimizer.galore.per_layer")))
+        return out
+    if cfg.distributed.engine == "deepspeed":
+        out.append(Problem("optimizer.name", o.name, "GaLore needs whole weight matrices, and DeepSpeed flattens "
+                           "and partitions parameters, so no rank ever sees a matrix to project; use "
+                           "distributed.engine: native with distributed.zero_stage: 1 (GaLore with its state "
+                           "sharded across ranks by whole parameters)", src("optimizer.name")))
+    if cfg.adapter.type != "none":
+        out.append(Problem("optimizer.name", o.name, f"GaLore trains full weight matrices, but adapter.type: "
+                           f"{cfg.adapter.type} trains only small adapter matrices (nothing to project); use "
+                           "optimizer.name: adamw (or adamw8bit), or adapter.type: none", src("optimizer.name")))
+    if g.target_modules is not None and not g.target_modules:
+        out.append(Problem("optimizer.galore.target_modules", [], "empty: give module names or globs (e.g. "
+                           "[q_proj, v_proj]) or null for every attention and MLP projection",
+                           src("optimizer.galore.target_modules")))
+    if g.per_layer and cfg.precision.dtype == "fp16":
+        out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates change each weight during "
+                           "backward, before an fp16 overflow elsewhere in the model is known, so the step cannot "
+                           "be skipped; use precision.dtype: bf16 (no loss scaling needed) or per_layer: false",
+                           src("optimizer.galore.per_layer")))
+    if g.per_layer and cfg.distributed.zero_stage == 1:
+        out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates with sharded optimizer state "
+                           "(distributed.zero_stage: 1) are not supported; choose one: per_layer frees gradients "
+                           "during backward, zero_stage 1 splits the GaLore state across ranks",
+                           src("optimizer.galore.per_layer")))
     return out
 
 
@@ -83,9 +117,10 @@ def _checkpoint(cfg: Config, src: Source) -> list[Problem]:
 
 def _distributed(cfg: Config, src: Source) -> list[Problem]:
     d, out = cfg.distributed, []
-    if d.engine == "native" and d.zero_stage != 0:
-        out.append(Problem("distributed.zero_stage", d.zero_stage, "ZeRO needs distributed.engine: deepspeed "
-                           "(the native engine is plain DDP)", src("distributed.zero_stage")))
+    if d.engine == "native" and d.zero_stage > 1:
+        out.append(Problem("distributed.zero_stage", d.zero_stage, "the native engine shards optimizer state only "
+                           "(zero_stage 1: each rank keeps the state of the whole parameters it owns); stages 2-3 "
+                           "need distributed.engine: deepspeed", src("distributed.zero_stage")))
     if d.engine == "native" and (d.offload_optimizer != "none" or d.offload_params != "none"):
         key = "distributed.offload_optimizer" if d.offload_optimizer != "none" else "distributed.offload_params"
         out.append(Problem(key, "cpu", "CPU offload needs distributed.engine: deepspeed", src(key)))
@@ -153,8 +188,6 @@ def _adapter(cfg: Config, src: Source) -> list[Problem]:
 NOT_YET: dict[str, tuple[Callable[[Config], bool], str]] = {
     "distributed.engine": (lambda c: c.distributed.engine == "deepspeed",
                            "the DeepSpeed engine is not available in this version; use engine: native (DDP)"),
-    "optimizer.name": (lambda c: c.optimizer.name.startswith("galore"),
-                       "GaLore is not available in this version; use adamw or adamw8bit"),
 }
 
 

@@ -86,11 +86,12 @@ def setup(cfg: Config, dist: DistInfo) -> Run:
     tokenizer = build_tokenizer(cfg.model)
     data = TrainData(cfg.data, tokenizer, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=grad_accum)
-    with model_init_context(cfg.distributed):
+    with model_init_context(cfg.distributed, cfg.precision):
         model = build_model(cfg.model, tokenizer, cfg.train.seed, adapter=cfg.adapter, precision=cfg.precision.dtype,
                             device=dist.device)
     seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank, reproducibly
-    engine = build_engine(model, cfg.optimizer, cfg.precision, cfg.distributed, cfg.train.max_steps, dist)
+    engine = build_engine(model, cfg.optimizer, cfg.precision, cfg.distributed, cfg.train.max_steps, dist,
+                          batch=(cfg.train.micro_batch_size, grad_accum))
     fingerprint = {"world_size": dist.world_size, "grad_accum_steps": grad_accum,
                    "data": {k: data.summary[k] for k in ("train_samples", "tokens")}}
     ckpt = Checkpointer(cfg.checkpoint, cfg, out, dist, fingerprint, _asset_writer(model, tokenizer))

@@ -12,6 +12,7 @@ from trainer.distributed import DistInfo
 from trainer.engine.base import Engine, StepResult
 from trainer.engine.native import NativeEngine
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim.per_layer import PerLayerUpdates
 from trainer.precision import Precision
 
 
@@ -27,9 +28,13 @@ def build_engine(model: nn.Module, optimizer: OptimizerConfig, precision: Precis
     if distributed.engine != "native":
         raise ValueError(f"distributed.engine={distributed.engine!r} is not available")  # checks.py rejects first
     model = model.to(dist.device)  # optimizer state must be created on the parameters' device
-    opt = build_optimizer(model, optimizer)
+    # zero_stage 1 on the native engine: optimizer state sharded by whole parameters (optim/sharded.py).
+    opt = build_optimizer(model, optimizer, shard_state=distributed.zero_stage == 1 and dist.is_distributed)
+    per_layer = None
+    if optimizer.name.startswith("galore") and optimizer.galore.per_layer:
+        per_layer = PerLayerUpdates(model, opt, optimizer.grad_clip, dist.world_size)  # type: ignore[arg-type]
     return NativeEngine(model, opt, build_scheduler(opt, optimizer, max_steps), Precision(precision, dist.device),
-                        dist, optimizer.grad_clip)
+                        dist, optimizer.grad_clip, per_layer)
 
 
 __all__ = ["Engine", "StepResult", "NativeEngine", "build_engine", "model_init_context"]

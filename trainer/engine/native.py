@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -14,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import adapters
 from trainer.distributed import DistInfo
 from trainer.engine.base import StepResult
+from trainer.optim.per_layer import PerLayerUpdates
+from trainer.optim.sharded import ShardedOptimizer
 from trainer.precision import Precision
 from trainer.safeio import fsync_file, load_tensors, save_tensors
 
@@ -21,20 +24,27 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "engine-state.pt"
 
 
+def optimizer_shard_file(rank: int) -> str:
+    """distributed.zero_stage 1: each rank writes the optimizer state of the parameters it owns."""
+    return f"optimizer-rank{rank:05d}.pt"
+
+
 class NativeEngine:
     """Plain PyTorch: autocast + GradScaler, DDP with no_sync on accumulation micro-steps, clip, step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, dist: DistInfo,
-                 grad_clip: float | None) -> None:
+                 grad_clip: float | None, per_layer: PerLayerUpdates | None = None) -> None:
         self.module = model.to(dist.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.precision = precision
         self.dist = dist
         self.grad_clip = grad_clip
+        self.per_layer = per_layer  # updates run inside backward (optim/per_layer.py), which also syncs ranks
+        self.sharded = isinstance(optimizer, ShardedOptimizer)  # distributed.zero_stage 1
         self.wrapped: nn.Module = self.module
-        if dist.is_distributed:
+        if dist.is_distributed and per_layer is None:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.wrapped = DDP(self.module, device_ids=ids)
 
@@ -44,6 +54,8 @@ class NativeEngine:
         return out.logits
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]:
+        if self.per_layer is not None:
+            return self.per_layer.micro_step(is_last)
         if isinstance(self.wrapped, DDP) and not is_last:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
@@ -53,6 +65,8 @@ class NativeEngine:
         self.precision.scale(loss * self.dist.world_size).backward()
 
     def step(self) -> StepResult:
+        if self.per_layer is not None:
+            return self._per_layer_step()
         self.precision.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
         # max_norm=inf measures the global norm without clipping, so grad_norm is logged either way.
@@ -65,6 +79,16 @@ class NativeEngine:
         return StepResult(grad_norm=norm, skipped=skipped, loss_scale=scale, lr=lr,
                           skipped_steps=self.precision.skipped_steps)
 
+    def _per_layer_step(self) -> StepResult:
+        """Each parameter was updated inside backward (clipped by per_layer.py's rule); finish the last
+        updates, then advance the LR schedule once. fp16 is refused with per-layer updates (checks.py)."""
+        lr = self.lr()
+        norm = self.per_layer.finish()  # type: ignore[union-attr]
+        with warnings.catch_warnings():  # torch warns when optimizer.step() was never called: here it never is
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
+        return StepResult(grad_norm=norm, skipped=False, loss_scale=None, lr=lr)
+
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
@@ -73,7 +97,10 @@ class NativeEngine:
 
     def save(self, directory: Path) -> None:
         """Rank 0 writes weights and optimizer state: under DDP every rank holds the same copy. An adapter run
-        writes only the adapter (a peft directory): the frozen base is re-read from its source on resume."""
+        writes only the adapter (a peft directory): the frozen base is re-read from its source on resume.
+        With sharded optimizer state every rank writes its own shard first."""
+        if self.sharded:
+            save_tensors(self.optimizer.optim.state_dict(), directory / optimizer_shard_file(self.dist.rank))
         if not self.dist.is_main:
             return
         if adapters.is_adapted(self.module):
@@ -81,8 +108,9 @@ class NativeEngine:
         else:
             save_model(self.module, str(directory / MODEL_FILE))
             fsync_file(directory / MODEL_FILE)
-        save_tensors({"optimizer": self.optimizer.state_dict(), "schedule_step": self.scheduler.last_epoch,
-                      "precision": self.precision.state_dict()}, directory / STATE_FILE)
+        save_tensors({"optimizer": {} if self.sharded else self.optimizer.state_dict(),
+                      "schedule_step": self.scheduler.last_epoch, "precision": self.precision.state_dict(),
+                      "per_layer": self.per_layer.state_dict() if self.per_layer else {}}, directory / STATE_FILE)
 
     def load(self, directory: Path) -> None:
         if adapters.is_adapted(self.module):
@@ -90,7 +118,12 @@ class NativeEngine:
         else:
             load_model(self.module, str(directory / MODEL_FILE), device=str(self.dist.device))
         state = load_tensors(directory / STATE_FILE)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            self.optimizer.optim.load_state_dict(load_tensors(directory / optimizer_shard_file(self.dist.rank)))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.per_layer is not None:
+            self.per_layer.load_state_dict(state["per_layer"])
         self.precision.load_state_dict(state["precision"])
         self._restore_schedule(int(state["schedule_step"]))
 

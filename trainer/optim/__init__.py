@@ -31,16 +31,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer named by optimizer.name over the model's trainable parameters."""
+def _construct(cls: type, groups: list[dict], shard_state: bool, **kwargs: object) -> torch.optim.Optimizer:
+    if not shard_state:
+        return cls(groups, **kwargs)
+    from trainer.optim.sharded import ShardedOptimizer
+
+    return ShardedOptimizer(groups, cls, lambda p, g: p.numel(), **kwargs)  # state proportional to size
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, shard_state: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named by optimizer.name over the model's trainable parameters. With shard_state
+    (distributed.zero_stage: 1 on the native engine) each rank owns whole parameters and keeps only their state
+    (trainer/optim/sharded.py). GaLore's grouping and target rule: trainer/optim/galore_groups.py."""
+    if cfg.name.startswith("galore"):
+        from trainer.optim.galore_groups import build_galore
+
+        return build_galore(model, cfg, shard_state)
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     betas = (cfg.betas[0], cfg.betas[1])
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=True)
+        return _construct(torch.optim.AdamW, groups, shard_state, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=True)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return _construct(torch.optim.SGD, groups, shard_state, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name in ("adamw8bit", "paged_adamw8bit"):
         import bitsandbytes as bnb  # imported late: it prints backend notices on load
 
@@ -49,7 +63,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
         if cfg.name == "paged_adamw8bit" and device.type != "cuda":
             log.warning("optimizer.name=paged_adamw8bit: paging needs CUDA unified memory; on %s the state is "
                         "not paged (same updates as adamw8bit)", device.type)
-        return cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+        return _construct(cls, groups, shard_state, lr=cfg.lr, betas=betas, eps=cfg.eps)
     raise ValueError(f"optimizer.name={cfg.name!r} has no builder in this version")  # checks.py rejects it first
 
 

@@ -1,0 +1,127 @@
+"""Test helper, launched under torchrun: train several recipes one after another in one process group and
+write what each rank saw, so one launch (6-9 s of torchrun and DeepSpeed start-up) serves many comparisons.
+
+    torchrun --standalone --nproc_per_node=2 tests/deepspeed_probe.py SPEC.json OUT_DIR
+
+SPEC.json: {"recipe": PATH, "runs": [{"name", "overrides", "fault" (TRAINER_FAULT for this run, optional),
+"inspect" (count DeepSpeed's tensors after training), "logits" (input ids to run through the trained model)}]}.
+Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "logits"}}; losses are in each
+run's metrics.jsonl. A run is set up and trained by the real loop (trainer.loop.setup / run_loop).
+
+Test-only: DeepSpeed's CPU accelerator is made to claim fp16 support, because DeepSpeed refuses fp16 on CPUs
+without AVX512-FP16 and its loss scaling could otherwise not be exercised here. The product never does this.
+ZeRO-3 runs go last in a spec: zero.Init replaces torch.nn.functional.linear for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.__main__ import setup_logging
+from trainer.config import load_recipe
+from trainer.distributed import distributed_context
+from trainer.engine.deepspeed import import_deepspeed
+from trainer.faults import ENV as FAULT_ENV
+from trainer.loop import Run, run_loop, setup, token_loss_sum
+
+
+def nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def count_bytes(run: Run) -> dict[str, int]:
+    """Bytes of the model states this rank holds, counted from DeepSpeed's own tensors in the middle of an
+    optimizer step (after backward, before step): parameters, gradients, fp32 master partitions and Adam
+    moments. The extra step it runs comes after the logged trajectory and the final checkpoint."""
+    engine = run.engine
+    ds = engine.ds  # type: ignore[attr-defined]
+    batches, _ = run.data.step_batches(run.state.position)
+    dev = run.dist.device
+    for i, b in enumerate(batches):
+        with engine.accumulate(is_last=i == len(batches) - 1):
+            logits = engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+            engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
+    zero = ds.optimizer
+    params = list(engine.module.parameters())
+    out = {
+        # ZeRO-3 keeps a partition in ds_tensor and an empty placeholder in .data; stages 1-2 the whole tensor.
+        "params": sum(nbytes(getattr(p, "ds_tensor", None)) + nbytes(p.data) for p in params),
+        # ZeRO-1 keeps whole gradients on the parameters until the step; ZeRO-2 reduces each micro-batch's into
+        # its partition (all_grad_tensors, per group), ZeRO-3 into one flat buffer.
+        "grads": sum(nbytes(p.grad) for p in params)
+        + sum(nbytes(t) for ts in (getattr(zero, "all_grad_tensors", None) or {}).values() for t in ts or [])
+        + nbytes(getattr(zero, "grad_partitions_flat_buffer", None)),
+        # fp32 master partitions: ZeRO-1/2 and ZeRO-3 keep them under different names.
+        "master": sum(nbytes(t) for t in getattr(zero, "single_partition_of_fp32_groups", None)
+                      or getattr(zero, "fp32_partitioned_groups_flat")),
+        "moments": sum(nbytes(v) for s in ds.basic_optimizer.state.values() for v in s.values()
+                       if torch.is_tensor(v) and v.numel() > 1),
+        "numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        # ZeRO-2 holds the whole gradient of a parameter that straddles its partition's boundary (one per group).
+        "straddle_numel": sum(max(getattr(p, "ds_numel", p.numel()) for p in g)
+                              for g in getattr(zero, "bit16_groups", None) or zero.fp16_groups),
+    }
+    engine.step()
+    return out
+
+
+def offload_facts(run: Run) -> dict[str, Any]:
+    """Where DeepSpeed keeps the optimizer state, and which optimizer updates it."""
+    ds = run.engine.ds  # type: ignore[attr-defined]
+    tensors = [v for s in ds.basic_optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors += list(getattr(ds.optimizer, "single_partition_of_fp32_groups", None)
+                    or getattr(ds.optimizer, "fp32_partitioned_groups_flat"))
+    return {"optimizer": type(ds.basic_optimizer).__name__,
+            "devices": sorted({t.device.type for t in tensors}),
+            "dtypes": sorted({str(t.dtype) for t in tensors if t.numel() > 1}),
+            "offload_optimizer": bool(ds.zero_offload_optimizer()),
+            "offload_params": bool(ds.zero_offload_param())}
+
+
+@torch.no_grad()
+def logits_of(run: Run, ids: list[list[int]]) -> list[list[list[float]]]:
+    run.engine.train(False)
+    x = torch.tensor(ids, device=run.dist.device)
+    out = run.engine.forward(x, torch.ones_like(x)).float().cpu()
+    run.engine.train(True)
+    return out.tolist()
+
+
+def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
+    os.environ.pop(FAULT_ENV, None)
+    if spec.get("fault"):
+        os.environ[FAULT_ENV] = spec["fault"]
+    run = setup(load_recipe(recipe, spec["overrides"]), dist)
+    try:
+        run_loop(run)
+    finally:
+        run.metrics.close()
+        os.environ.pop(FAULT_ENV, None)
+    result: dict[str, Any] = {"engine": type(run.engine).__name__}
+    if spec.get("logits"):
+        result["logits"] = logits_of(run, spec["logits"])
+    if spec.get("inspect"):
+        result["offload"] = offload_facts(run)
+        result["bytes"] = count_bytes(run)
+    return result
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    setup_logging(int(os.environ.get("RANK", "0")))
+    import_deepspeed().accelerator.get_accelerator().is_fp16_supported = lambda: True  # test-only, see above
+    results: dict[str, Any] = {}
+    with distributed_context() as dist:
+        for run_spec in spec["runs"]:
+            results[run_spec["name"]] = one_run(run_spec, spec["recipe"], dist)
+        Path(out_dir, f"rank{dist.rank}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

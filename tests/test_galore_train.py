@@ -1,0 +1,257 @@
+"""GaLore through the real loop: per-layer updates equal standard GaLore (with accumulation, under DDP), the
+per-layer clipping rule, no full set of gradients, sharded state (ZeRO-1 style) on 2 processes, bitwise
+resume between two projector refreshes, and the loss against AdamW on Shakespeare."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
+from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
+from trainer.checkpoint import complete_checkpoints
+from trainer.config import load_recipe
+from trainer.distributed import distributed_context
+from trainer.loop import Run, run_loop, setup, token_loss_sum
+from trainer.optim.galore import state_bytes
+from trainer.optim.per_layer import PerLayerUpdates
+from trainer.safeio import load_tensors
+
+# rank 16 = hidden 64 / 4; refreshes at steps 1, 5, 9 (update_gap 4), so 10 steps cross two of them.
+GALORE = ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "optimizer.galore.update_gap=4",
+          "precision.dtype=fp32"]
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds contention on a busy machine
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def snapshot(run: Run) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
+
+
+def train_in_process(overrides: list[str], steps: int = 10) -> tuple[dict[str, torch.Tensor], list[dict],
+                                                                     dict[str, torch.Tensor]]:
+    """Final parameters, metrics rows and initial parameters of a run in this process."""
+    out = Path([o for o in overrides if o.startswith("output_dir=")][-1].split("=", 1)[1])
+    cfg = load_recipe(QUICKSTART, [*tiny(out, steps=steps), "checkpoint.save_final=false", *overrides])
+    with distributed_context() as dist:
+        run = setup(cfg, dist)
+        initial = snapshot(run)
+        try:
+            run_loop(run)
+        finally:
+            run.metrics.close()
+        return snapshot(run), read_metrics(out), initial
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [["train.micro_batch_size=4", "train.grad_accum_steps=1"],
+                                   ["train.micro_batch_size=1", "train.grad_accum_steps=4"]], ids=["accum1", "accum4"])
+def test_per_layer_equals_standard_galore(tmp_path: Path, batch: list[str]) -> None:
+    """fp32, 10 steps: updates inside backward (low-rank accumulation between micro-steps) give the same
+    parameters as one optimizer step after backward."""
+    common = [*GALORE, "optimizer.grad_clip=null", *batch]
+    std, std_rows, start = train_in_process([*common, f"output_dir={tmp_path / 'std'}"])
+    per, per_rows, _ = train_in_process([*common, "optimizer.galore.per_layer=true", f"output_dir={tmp_path / 'pl'}"])
+    assert max_diff(std, per) <= 1e-5
+    assert max_diff(std, start) > 1e-2  # the runs trained
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(std_rows, per_rows))
+    assert [r["lr"] for r in std_rows] == [r["lr"] for r in per_rows]  # one schedule step per optimizer step
+
+
+def reference_clipped_run(run: Run, clip: float, steps: int) -> list[float]:
+    """The per-layer clipping rule written out over a standard run: every consumed gradient x_p (projected
+    for targets) is scaled by min(min(1, clip / previous step's norm), clip / |x_p|). Returns the norms."""
+    engine, opt, norms = run.engine, run.engine.optimizer, []
+    position = run.state.position
+    for _ in range(steps):
+        batches, position = run.data.step_batches(position)
+        tokens = sum(b.num_loss_tokens() for b in batches)
+        for b in batches:
+            engine.backward(token_loss_sum(engine.forward(b.input_ids, b.attention_mask), b.labels) / tokens)
+        factor = 1.0 if not norms else min(1.0, clip / (norms[-1] + 1e-6))
+        total = 0.0
+        with torch.no_grad():
+            for p in [p for p in engine.module.parameters() if p.grad is not None][::-1]:
+                if opt.is_target(p) and opt.needs_full_gradient(p):
+                    opt.refresh(p, p.grad)
+                x = opt.project(p, p.grad)
+                n = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+                total += n * n
+                opt.apply_update(p, x * min(factor, clip / (n + 1e-6)))
+                p.grad = None
+        norms.append(math.sqrt(total))
+        with warnings.catch_warnings():  # optimizer.step() is never called here, by design
+            warnings.simplefilter("ignore", UserWarning)
+            engine.scheduler.step()
+    return norms
+
+
+@pytest.mark.slow
+def test_per_layer_clipping_rule(tmp_path: Path) -> None:
+    """With grad_clip active, per-layer updates follow the documented rule (previous step's norm, and no
+    parameter above the clip on its own) and report this step's norm before clipping."""
+    clip, steps = 0.5, 6
+    per, rows, _ = train_in_process([*GALORE, f"optimizer.grad_clip={clip}", "optimizer.galore.per_layer=true",
+                                  f"output_dir={tmp_path / 'pl'}"], steps=steps)
+    cfg = load_recipe(QUICKSTART, [*tiny(tmp_path / "ref", steps=steps), *GALORE, "optimizer.grad_clip=null"])
+    with distributed_context() as dist:
+        run = setup(cfg, dist)
+        norms = reference_clipped_run(run, clip, steps)
+        ref = snapshot(run)
+        run.metrics.close()
+    assert min(norms) > 2 * clip  # clipping acted on every step
+    assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
+    assert max_diff(per, ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_per_layer_never_holds_a_full_set_of_gradients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted at every hook: with one micro-step only the gradient being applied exists; with
+    accumulation, targets keep no full-size gradient between micro-steps except on a refresh step."""
+    seen: list[tuple[bool, bool, int, int]] = []
+    original = PerLayerUpdates._on_grad
+
+    def spy(self: PerLayerUpdates, p: torch.Tensor) -> None:
+        params = self.order
+        live = sum(q.grad is not None for q in params)
+        live_targets = sum(q.grad is not None for q in params if self.optimizer.is_target(q))
+        seen.append((self.is_last, self.optimizer.needs_full_gradient(p), live, live_targets))
+        original(self, p)
+
+    monkeypatch.setattr(PerLayerUpdates, "_on_grad", spy)
+    train_in_process([*GALORE, "optimizer.galore.per_layer=true", f"output_dir={tmp_path / 'a'}"], steps=3)
+    assert seen and max(live for *_, live, _ in seen) == 1
+    seen.clear()
+    train_in_process([*GALORE, "optimizer.galore.per_layer=true", "train.micro_batch_size=2",
+                      "train.grad_accum_steps=2", f"output_dir={tmp_path / 'b'}"], steps=3)
+    n_targets = 14
+    plain = [t for last, full, _, t in seen if not full]
+    assert plain and max(plain) <= 1  # non-refresh steps: only the target being folded/applied
+    assert max(t for *_, t in seen) == n_targets  # step 1 refreshes: summed gradients are needed
+
+
+# --- 2 processes: DDP, sharded state, resume -------------------------------------------------------------
+
+def ddp_args(out: Path, *extra: str) -> list[str]:
+    return ["train", str(QUICKSTART), *tiny(out, *GALORE, "optimizer.grad_clip=null", "train.micro_batch_size=1",
+                                             "train.grad_accum_steps=2", "checkpoint.every_steps=3", *extra, steps=12)]
+
+
+@pytest.fixture(scope="module")
+def ddp_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Standard GaLore under DDP, 2 processes, micro-batch 1 x accumulation 2, 12 steps."""
+    out = tmp_path_factory.mktemp("galore-ddp") / "run"
+    ok(run_cli(ddp_args(out), nproc=2, env=ONE_THREAD))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("galore-zero1") / "run"
+    ok(run_cli(ddp_args(out, "distributed.zero_stage=1"), nproc=2, env=ONE_THREAD))
+    return out
+
+
+def tensor_bytes(obj: object) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_ddp_per_layer_equals_standard(tmp_path: Path, ddp_ref: Path) -> None:
+    out = tmp_path / "run"
+    ok(run_cli(ddp_args(out, "optimizer.galore.per_layer=true"), nproc=2, env=ONE_THREAD))
+    a, b = final_weights(ddp_ref), final_weights(out)
+    assert max_diff(a, b) <= 1e-5
+    assert losses(out, range(1, 13)) == pytest.approx(losses(ddp_ref, range(1, 13)), abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_sharded_state_same_trajectory_half_the_bytes(ddp_ref: Path, sharded_ref: Path) -> None:
+    assert losses(sharded_ref, range(1, 13)) == pytest.approx(losses(ddp_ref, range(1, 13)), abs=1e-5)
+    assert max_diff(final_weights(ddp_ref), final_weights(sharded_ref)) <= 1e-5
+    (_, full_ckpt), (_, shard_ckpt) = complete_checkpoints(ddp_ref)[-1], complete_checkpoints(sharded_ref)[-1]
+    total = tensor_bytes(load_tensors(full_ckpt / "engine-state.pt")["optimizer"]["state"])
+    shards = [tensor_bytes(load_tensors(shard_ckpt / f"optimizer-rank{r:05d}.pt")["state"]) for r in (0, 1)]
+    assert sum(shards) == total  # the same state tensors, split
+    assert all(0.4 * total <= s <= 0.6 * total for s in shards), (shards, total)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_sharded_resume_between_refreshes_is_bitwise_exact(tmp_path: Path, sharded_ref: Path) -> None:
+    out = tmp_path / "run"
+    args = ddp_args(out, "distributed.zero_stage=1")
+    assert run_cli(args, nproc=2, env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
+    assert [s for s, _ in complete_checkpoints(out)] == [3, 6]  # step 6: after refresh 5, before refresh 9
+    resumed = ok(run_cli(args, nproc=2, env=ONE_THREAD))
+    assert "resume: auto picked step-000006" in resumed.stderr
+    assert losses(out, range(1, 13)) == losses(sharded_ref, range(1, 13))
+    assert_bitwise_equal(final_weights(out), final_weights(sharded_ref))
+
+
+@pytest.mark.slow
+def test_resume_8bit_per_layer_between_refreshes_is_bitwise_exact(tmp_path: Path) -> None:
+    """8-bit moments, per-layer updates with accumulation and clipping (its previous-step norm is state),
+    randomized SVD: killed after step 8, resumed from step 6, between the refreshes of steps 5 and 9."""
+    steps = range(1, 11)
+    extra = ["optimizer.name=galore_adamw8bit", "optimizer.galore.per_layer=true", "optimizer.galore.svd=randomized",
+             "optimizer.grad_clip=0.5", "train.micro_batch_size=2", "train.grad_accum_steps=2"]
+    def args(out: Path) -> list[str]:
+        return ["train", str(QUICKSTART), *tiny(out, *GALORE, *extra, "checkpoint.every_steps=3", steps=10)]
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    ok(run_cli(args(ref), env=ONE_THREAD))
+    assert run_cli(args(out), env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
+    resumed = ok(run_cli(args(out), env=ONE_THREAD))
+    assert "resume: auto picked step-000006" in resumed.stderr
+    assert losses(out, steps) == losses(ref, steps)
+    assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(ref)]
+    assert_bitwise_equal(final_weights(out), final_weights(ref))
+    state = load_tensors(complete_checkpoints(out)[-1][1] / "engine-state.pt")
+    assert any(t.dtype == torch.uint8 for s in state["optimizer"]["state"].values() for t in s.values())
+
+
+@pytest.mark.slow
+def test_loss_within_10_percent_of_adamw_on_shakespeare(tmp_path: Path, shared_data: Path) -> None:
+    """Same model, data, steps and learning rate; GaLore at rank hidden/4 (16 of 64). The loss is the mean
+    of the last 5 steps."""
+    common = [f"data.source={shared_data / 'tinyshakespeare.txt'}", "data.max_bytes=10000000", "data.seq_len=128",
+              "train.micro_batch_size=8", "model.config.intermediate_size=176", "optimizer.lr=3e-3",
+              "optimizer.warmup_steps=5", "optimizer.galore.update_gap=20"]
+    final = {}
+    for name in ("adamw", "galore_adamw"):
+        _, rows, _ = train_in_process([*common, f"optimizer.name={name}", "optimizer.galore.rank=16",
+                                    f"output_dir={tmp_path / name}"], steps=60)
+        final[name] = sum(r["loss"] for r in rows[-5:]) / 5
+        assert final[name] < rows[0]["loss"] - 1.5  # both learned
+    assert final["galore_adamw"] <= 1.10 * final["adamw"], final
