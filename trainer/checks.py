@@ -133,6 +133,35 @@ def _distributed(cfg: Config, src: Source) -> list[Problem]:
     return out
 
 
+def _deepspeed(cfg: Config, src: Source) -> list[Problem]:
+    """distributed.engine: deepspeed. (GaLore and adapters on it are refused by their own rules.)"""
+    from trainer.engine.ds_config import is_power_of_two, owned_override_paths
+
+    d, out = cfg.distributed, []
+    if d.engine != "deepspeed":
+        return out
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        out.append(Problem("distributed.offload_optimizer", d.offload_optimizer, "optimizer offload is part of "
+                           "ZeRO: set distributed.zero_stage: 1, 2 or 3", src("distributed.offload_optimizer")))
+    if d.offload_optimizer != "none" and cfg.optimizer.name != "adamw":
+        out.append(Problem("optimizer.name", cfg.optimizer.name, "with distributed.offload_optimizer: cpu the "
+                           "update runs on the CPU in DeepSpeedCPUAdam: use optimizer.name: adamw, or "
+                           "offload_optimizer: none", src("optimizer.name")))
+    if cfg.precision.dtype == "fp16" and d.zero_stage > 0 and not is_power_of_two(cfg.precision.initial_loss_scale):
+        out.append(Problem("precision.initial_loss_scale", cfg.precision.initial_loss_scale, "DeepSpeed's loss "
+                           "scale starts at a power of two (2**initial_scale_power): use e.g. 65536",
+                           src("precision.initial_loss_scale")))
+    if d.deepspeed_overrides and d.zero_stage == 0:
+        out.append(Problem("distributed.deepspeed_overrides", "{...}", "zero_stage 0 runs on the native engine "
+                           "(DeepSpeed's stage 0 mishandles fp16 and bf16), which reads no DeepSpeed config: "
+                           "remove the overrides or set distributed.zero_stage: 1, 2 or 3",
+                           src("distributed.deepspeed_overrides")))
+    for path, value, recipe_key in owned_override_paths(d.deepspeed_overrides):
+        out.append(Problem(f"distributed.deepspeed_overrides.{path}", value, f"generated from the recipe; set "
+                           f"{recipe_key} instead", src("distributed.deepspeed_overrides")))
+    return out
+
+
 def _adapter_targets(cfg: Config, src: Source) -> list[Problem]:
     """Target module names checked against the architecture built on the meta device (no weights read)."""
     a = cfg.adapter
@@ -186,14 +215,13 @@ def _adapter(cfg: Config, src: Source) -> list[Problem]:
 
 # Features whose issues have not landed yet: validation refuses them with the reason instead of failing later.
 NOT_YET: dict[str, tuple[Callable[[Config], bool], str]] = {
-    "distributed.engine": (lambda c: c.distributed.engine == "deepspeed",
-                           "the DeepSpeed engine is not available in this version; use engine: native (DDP)"),
 }
 
 
 def cross_check(cfg: Config, src: Source) -> list[Problem]:
     """Every cross-field problem of a type-correct recipe."""
     out = _model(cfg, src) + _data(cfg, src) + _optimizer(cfg, src) + _checkpoint(cfg, src) + _distributed(cfg, src)
+    out += _deepspeed(cfg, src)
     out += _adapter(cfg, src)
     for key, (applies, why) in NOT_YET.items():
         if applies(cfg):
