@@ -15,7 +15,7 @@ from trainer.checks import resolve_batch
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-EXPECTED_RECIPES = 1
+EXPECTED_RECIPES = 7
 
 
 def test_recipe_count_is_known() -> None:
@@ -148,3 +148,12 @@ def test_help_lists_verbs() -> None:
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0
     assert "train" in proc.stdout and "validate" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["precision.master_weights=false", "precision.dtype=fp16"], "cannot be loss-scaled"),
+    (["precision.master_weights=false"], "no effect with precision.dtype: fp32"),
+])
+def test_master_weights_rules(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_recipe(QUICKSTART, overrides)

@@ -150,3 +150,16 @@ def test_gradient_checkpointing_same_losses_less_memory(tmp_path: Path) -> None:
     peak_off, peak_on = rows["false"][-1]["peak_mem_bytes"], rows["true"][-1]["peak_mem_bytes"]
     print(f"peak RSS without checkpointing {peak_off / 2**20:.0f} MiB, with {peak_on / 2**20:.0f} MiB")
     assert peak_on < 0.85 * peak_off
+
+
+def test_bf16_weights_without_master_copy(tmp_path: Path) -> None:
+    """precision.master_weights=false stores the model in bf16 (GaLore-7B-on-24GB setting) and still trains."""
+    run, ctx = build(tiny(tmp_path, "precision.dtype=bf16", "precision.master_weights=false", steps=8))
+    try:
+        assert {p.dtype for p in run.engine.module.parameters()} == {torch.bfloat16}
+        run_loop(run)
+    finally:
+        run.metrics.close()
+        ctx.__exit__(None, None, None)
+    rows = read_metrics(tmp_path)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3

@@ -12,8 +12,7 @@ import pytest
 from tests.conftest import QUICKSTART, ROOT
 from tests.memory_probe import measure
 from trainer.config import load_recipe
-from trainer.memory import (GiB, Param, Shapes, _autocast_copies, activation_bytes, galore_state_bytes,
-                            logits_bytes, plan, shapes)
+from trainer.memory import GiB, Param, Shapes, _autocast_copies, activation_bytes, logits_bytes, plan, shapes
 
 GB = 1e9
 
@@ -54,34 +53,33 @@ LLAMA_1B = ["model.config.hidden_size=2048", "model.config.intermediate_size=546
 
 def test_galore_optimizer_state_formula() -> None:
     """GaLore paper: a target matrix m x n (m <= n) keeps an m x r projector and two r x n moments."""
+    from trainer.optim.galore import expected_state_bytes
+
     cfg = load_recipe(QUICKSTART, ["optimizer.name=galore_adamw", "optimizer.galore.rank=512", *LLAMA_1B])
     sh = shapes(cfg)
     up = next(p for p in sh.params if p.name.endswith("layers.0.mlp.up_proj.weight"))
     assert up.shape == (5461, 2048)
-    assert galore_state_bytes(cfg, up) == 4 * (2048 * 512 + 2 * 512 * 5461)
+    step = 8  # an int64 step counter per parameter
+    assert expected_state_bytes(up.shape, 512, "std") == step + 4 * (2048 * 512 + 2 * 512 * 5461)
     q = next(p for p in sh.params if p.name.endswith("layers.0.self_attn.q_proj.weight"))
-    assert galore_state_bytes(cfg, q) == 4 * (2048 * 512 + 2 * 512 * 2048)
+    assert expected_state_bytes(q.shape, 512, "std") == step + 4 * (2048 * 512 + 2 * 512 * 2048)
     full = plan(load_recipe(QUICKSTART, ["optimizer.name=adamw", *LLAMA_1B]), sh=sh)
     galore = plan(cfg, sh=sh)
     state = {k: next(i.bytes for i in x.items if i.name == "optimizer state") for k, x in
              (("adamw", full), ("galore", galore))}
     # LLaMA-1B (1.34B parameters): AdamW keeps 2 x 1.34B fp32 values; GaLore at rank 512 about 0.39 of that
-    assert state["adamw"] == 8 * sh.total
+    assert 8 * sh.total <= state["adamw"] <= 8 * sh.total + 8 * len(sh.params)
     assert 0.35 < state["galore"] / state["adamw"] < 0.42
 
 
 def test_qlora_weight_bytes_follow_nf4_with_double_quant() -> None:
     """NF4 packs two weights a byte; the absmax of each 64-block is fp32, or with double quantization 8-bit
     plus one fp32 constant per 256 blocks (the QLoRA paper's 0.373 bits per parameter saved)."""
-    from trainer.memory import _quantized_weight_bytes
+    from trainer.adapters.quant import expected_4bit_bytes
 
-    cfg = load_recipe(QUICKSTART)
-    p = Param("x.weight", (4096, 4096))
     n = 4096 * 4096
-    cfg.adapter.quant.double_quant = True
-    dq = _quantized_weight_bytes(cfg, p)
-    cfg.adapter.quant.double_quant = False
-    single = _quantized_weight_bytes(cfg, p)
+    dq = expected_4bit_bytes(n, double_quant=True)
+    single = expected_4bit_bytes(n, double_quant=False)
     assert dq * 8 / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), rel=1e-3)  # 4.127 bits per parameter
     assert single * 8 / n == pytest.approx(4.5, rel=1e-3)
     assert (single - dq) * 8 / n == pytest.approx(0.373, abs=0.001)  # the QLoRA paper's saving

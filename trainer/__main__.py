@@ -19,6 +19,8 @@ USAGE = """python -m trainer VERB RECIPE [key=value ...]
 verbs:
   train      train with a recipe (one process, or one of many under torchrun)
   validate   check a recipe and its overrides without building anything; print the resolved recipe
+  plan       predict the memory per GPU before launch, and what to change if it does not fit:
+             python -m trainer plan RECIPE [key=value ...] [--world-size N] [--gpu-memory 24GiB] [--json]
   export     write a Hugging Face model directory from a run or checkpoint:
              python -m trainer export RUN_OR_CHECKPOINT --out DIR [--dtype bf16] [--adapter-only | --merge]
 
@@ -49,6 +51,16 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         if verb == "validate":
             s.add_argument("--world-size", type=int, default=None, help="ranks to check batch sizes for")
+        if verb == "train":
+            s.add_argument("--force", action="store_true",
+                           help="start even when the memory plan predicts more than the GPU's free memory")
+    s = sub.add_parser("plan", help="predict memory per GPU", description="Predict the memory per GPU of a "
+                       "recipe before launch (model shapes on the meta device; nothing is loaded).")
+    s.add_argument("recipe", help="path of a YAML recipe")
+    s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    s.add_argument("--world-size", type=int, default=None, help="number of GPUs (default: WORLD_SIZE or 1)")
+    s.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB (default 24GiB)")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint",
                        description="Write a Hugging Face directory (config, safetensors, tokenizer) from a run's "
                                    "newest complete checkpoint or from a given checkpoint folder.")
@@ -94,8 +106,44 @@ def print_deepspeed_config(cfg: Config, accum: int, world: int) -> None:
     print(json.dumps(config, indent=2))
 
 
+def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    from trainer.distributed import env_world_size
+    from trainer.memory_report import as_json, full_plan, parse_size, render
+
+    p = full_plan(cfg, args.world_size or env_world_size(), parse_size(args.gpu_memory))
+    print(as_json(p) if args.json else render(p, cfg, args.recipe))
+    return 0
+
+
+def check_fits_gpu(cfg: Config, force: bool) -> bool:
+    """On a GPU machine, plan before building anything; False (after printing why) when it will not fit."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    from trainer.distributed import env_world_size
+    from trainer.memory_report import full_plan, render
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    free, _ = torch.cuda.mem_get_info(local)
+    p = full_plan(cfg, env_world_size(), free)
+    if p.fits or force:
+        if not p.fits:
+            logging.getLogger("trainer").warning("the plan predicts %.1f GiB > %.1f GiB free; starting anyway "
+                                                 "(--force)", p.peak_bytes / 2**30, free / 2**30)
+        return True
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(render(p, cfg, f"{cfg.output_dir} on this GPU ({free / 2**30:.1f} GiB free)"), file=sys.stderr)
+        print("error: the recipe will not fit this GPU; apply a suggestion above or pass --force",
+              file=sys.stderr)
+    return False
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from trainer.loop import train
+
+    if not check_fits_gpu(cfg, args.force):
+        return EXIT_CONFIG
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -122,7 +170,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {"train": cmd_train, "validate": cmd_validate}
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {"train": cmd_train, "validate": cmd_validate,
+                                                                     "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,22 @@ def _galore(cfg: Config, src: Source) -> list[Problem]:
     return out
 
 
+def _precision(cfg: Config, src: Source) -> list[Problem]:
+    p = cfg.precision
+    if p.master_weights:
+        return []
+    key, why = "precision.master_weights", ""
+    if p.dtype == "fp16":
+        why = "fp16 weights without an fp32 master copy cannot be loss-scaled safely; use precision.dtype: bf16"
+    elif p.dtype == "fp32":
+        why = "has no effect with precision.dtype: fp32 (the weights are fp32); set dtype: bf16 or remove it"
+    elif cfg.distributed.engine == "deepspeed" and cfg.distributed.zero_stage > 0:
+        why = "DeepSpeed keeps its own fp32 master copy in the optimizer; remove it"
+    elif cfg.adapter.type != "none":
+        why = "adapter runs already keep the frozen base in precision.dtype and the adapters in fp32; remove it"
+    return [Problem(key, False, why, src(key))] if why else []
+
+
 def _checkpoint(cfg: Config, src: Source) -> list[Problem]:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():
@@ -220,7 +236,8 @@ NOT_YET: dict[str, tuple[Callable[[Config], bool], str]] = {
 
 def cross_check(cfg: Config, src: Source) -> list[Problem]:
     """Every cross-field problem of a type-correct recipe."""
-    out = _model(cfg, src) + _data(cfg, src) + _optimizer(cfg, src) + _checkpoint(cfg, src) + _distributed(cfg, src)
+    out = (_model(cfg, src) + _data(cfg, src) + _optimizer(cfg, src) + _precision(cfg, src) + _checkpoint(cfg, src)
+           + _distributed(cfg, src))
     out += _deepspeed(cfg, src)
     out += _adapter(cfg, src)
     for key, (applies, why) in NOT_YET.items():

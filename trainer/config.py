@@ -76,6 +76,9 @@ class TrainConfig:
 @dataclass
 class PrecisionConfig:
     dtype: Dtype = doc("fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)", "fp32")
+    master_weights: bool = doc("keep fp32 weights under bf16 (the default); false stores the model itself in "
+                               "bf16: half the weight, gradient and optimizer memory, updates rounded to bf16 "
+                               "(the GaLore paper's 7B setting)", True)
     initial_loss_scale: float = doc("fp16: starting loss scale", 65536.0, gt=0)
     loss_scale_growth_interval: int = doc("fp16: double the scale after this many clean steps", 2000, min=1)
     max_consecutive_skips: int = doc("fp16: stop with an error after this many overflowed steps in a row",

@@ -88,6 +88,7 @@ def setup(cfg: Config, dist: DistInfo) -> Run:
                      micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=grad_accum)
     with model_init_context(cfg.distributed, cfg.precision):
         model = build_model(cfg.model, tokenizer, cfg.train.seed, adapter=cfg.adapter, precision=cfg.precision.dtype,
+                            master_weights=cfg.precision.master_weights,
                             device=dist.device)
     seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(model, cfg.optimizer, cfg.precision, cfg.distributed, cfg.train.max_steps, dist,

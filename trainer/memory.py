@@ -32,9 +32,6 @@ GiB = 2**30
 CUDA_CONTEXT = int(0.75 * GiB)
 FRAGMENTATION = 0.08
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral"}
-GALORE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj",
-                  "c_fc", "fc1", "fc2", "query_key_value", "dense")
-LORA_ALL_LINEAR_SKIP = ("lm_head",)
 
 
 @dataclass(frozen=True)
@@ -60,6 +57,7 @@ class Shapes:
     kv_dim: int
     vocab: int
     linear_names: set[str]  # module names of nn.Linear layers (LoRA / quantization targets)
+    meta: Any = None  # the model on the meta device: the adapter and GaLore rules select from it
 
     @property
     def total(self) -> int:
@@ -145,79 +143,52 @@ def shapes(cfg: Config) -> Shapes:
     kv = getattr(text, "num_key_value_heads", None) or heads
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
-    return Shapes(config.model_type, params, hidden, inter, layers, heads, kv * head_dim, text.vocab_size, linear)
+    return Shapes(config.model_type, params, hidden, inter, layers, heads, kv * head_dim, text.vocab_size, linear,
+                  model)
 
 
 def _module_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0]
 
 
-def _matches(module: str, targets: list[str] | str | None, default: tuple[str, ...]) -> bool:
-    names = default if targets in (None, "all-linear") else ([targets] if isinstance(targets, str) else targets)
-    last = module.rsplit(".", 1)[-1]
-    return any(last == t or module == t or module.endswith("." + t) for t in names)
-
-
 # ------------------------------------------------------------------------------------------------ states
 
 def _optimizer_bytes(name: str, numels: list[int], momentum: float) -> int:
-    """State bytes of a plain (non-GaLore) optimizer over tensors of these sizes."""
+    """State bytes of a plain (non-GaLore) optimizer over tensors of these sizes: SGD keeps one momentum
+    buffer; AdamW and bitsandbytes' 8-bit AdamW follow the adapter package's accounting (fp32 moments and a
+    step per tensor; 8-bit moments with blockwise absmax and code tables, fp32 under 4096 elements)."""
+    from trainer.adapters.footprint import optimizer_state_bytes
+
     if name == "sgd":
         return 4 * sum(numels) if momentum else 0
-    if name in ("adamw8bit", "paged_adamw8bit", "galore_adamw8bit"):
-        # bitsandbytes keeps tensors under 4096 elements in fp32; others get two uint8 moments plus one fp32
-        # absmax per 256-element block each.
-        return sum(8 * n if n < 4096 else 2 * n + 2 * 4 * math.ceil(n / 256) for n in numels)
-    return 8 * sum(numels)  # AdamW: two fp32 moments
+    return optimizer_state_bytes(name, numels)
 
 
-def galore_target(cfg: Config, p: Param) -> bool:
-    """The rule GaLore uses: 2-D weights of attention and MLP projections (or the recipe's targets)."""
-    module = _module_of(p.name)
-    return len(p.shape) == 2 and "embed" not in module and "lm_head" not in module and _matches(
-        module, cfg.optimizer.galore.target_modules, GALORE_TARGETS)
+def galore_state(cfg: Config, sh: Shapes) -> tuple[int, int, int]:
+    """(state bytes, target matrices, other tensors) by GaLore's own target rule and state accounting
+    (trainer/optim/galore*.py): fp32 projectors, two moments in the projected space (8-bit: 1 B each plus
+    an fp32 absmax per block), AdamW moments for every other tensor, an int64 step each."""
+    from trainer.optim.galore import expected_state_bytes
+    from trainer.optim.galore_groups import select_targets
 
-
-def galore_state_bytes(cfg: Config, p: Param) -> int:
-    """Projector(s) in fp32 plus the two Adam moments in the projected space (8-bit: 1 B each + absmax)."""
     g = cfg.optimizer.galore
-    m, n = p.shape
-    r = min(g.rank, m, n)
-    small, large = min(m, n), max(m, n)
-    projector, moment = {"std": (small * r, r * large), "reverse_std": (large * r, r * small),
-                         "left": (m * r, r * n), "right": (n * r, m * r), "full": (m * r + n * r, r * r)}[g.proj_type]
-    if cfg.optimizer.name == "galore_adamw8bit" and moment >= 4096:
-        moments = 2 * moment + 2 * 4 * math.ceil(moment / 256)
-    else:
-        moments = 8 * moment
-    return 4 * projector + moments
+    bits = 8 if cfg.optimizer.name.endswith("8bit") else 32
+    targets, _ = select_targets(sh.meta, g.target_modules, g.rank)
+    total, others = 0, 0
+    for p in sh.meta.parameters():
+        if p in targets:
+            total += expected_state_bytes(tuple(p.shape), g.rank, g.proj_type, bits)
+        else:
+            total += expected_state_bytes(tuple(p.shape), None, bits=bits)
+            others += 1
+    return total, len(targets), others
 
 
-def lora_targets(cfg: Config, sh: Shapes) -> list[Param]:
-    """Weights of the linear layers LoRA adapts ('all-linear': every linear layer but the LM head)."""
-    targets = cfg.adapter.target_modules
-    out = []
-    for p in sh.params:
-        module = _module_of(p.name)
-        if not p.name.endswith(".weight") or module not in sh.linear_names:
-            continue
-        if targets == "all-linear":
-            if not module.endswith(LORA_ALL_LINEAR_SKIP):
-                out.append(p)
-        elif _matches(module, targets, ()):
-            out.append(p)
-    return out
+def lora_targets(cfg: Config, sh: Shapes) -> list[Any]:
+    """The linear layers LoRA adapts, by the adapter package's own rule."""
+    from trainer.adapters.targets import find_targets
 
-
-def _quantized_weight_bytes(cfg: Config, p: Param) -> int:
-    """A bitsandbytes-quantized linear weight: 4-bit with blockwise constants, or LLM.int8 with row scales."""
-    q = cfg.adapter.quant
-    n = p.numel
-    if q.type == "int8":
-        return n + 4 * p.shape[0]
-    if q.double_quant:  # 8-bit absmax per 64 weights, fp32 second-level constant per 256 of them
-        return n // 2 + math.ceil(n / 64) + 4 * math.ceil(n / (64 * 256))
-    return n // 2 + 4 * math.ceil(n / 64)
+    return find_targets(sh.meta, cfg.adapter.target_modules)
 
 
 def model_states(cfg: Config, sh: Shapes, world: int) -> tuple[list[Item], int]:
@@ -238,11 +209,8 @@ def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     items = [Item("weights (bf16, no fp32 master)" if half else "weights (fp32 master, the model itself)",
                   wb * sh.total)]
     if o.name.startswith("galore"):
-        targets = [p for p in sh.params if galore_target(cfg, p)]
-        rest = [p.numel for p in sh.params if not galore_target(cfg, p)]
-        state = sum(galore_state_bytes(cfg, p) for p in targets) + _optimizer_bytes(
-            "adamw8bit" if o.name.endswith("8bit") else "adamw", rest, 0)
-        note = f"GaLore rank {o.galore.rank} on {len(targets)} matrices, AdamW on {len(rest)} other tensors"
+        state, n_targets, n_rest = galore_state(cfg, sh)
+        note = f"GaLore rank {o.galore.rank} on {n_targets} matrices, AdamW on {n_rest} other tensors"
         if o.galore.per_layer:
             largest = max(p.numel for p in sh.params)
             items.append(Item("gradients (per-layer updates: one tensor at a time)", wb * largest))
@@ -293,29 +261,21 @@ def _largest_layer_params(sh: Shapes) -> int:
 
 
 def _adapter_states(cfg: Config, sh: Shapes) -> tuple[list[Item], int]:
+    """The adapter package's own accounting (trainer/adapters/footprint.py): quantized or frozen base in the
+    precision dtype (norms fp32), LoRA matrices, their gradients and optimizer state in fp32."""
+    from trainer.adapters.footprint import predicted
+    from trainer.adapters.targets import lora_param_count
+
     a = cfg.adapter
     targets = lora_targets(cfg, sh)
-    lora = sum(a.rank * (p.shape[0] + p.shape[1]) for p in targets)
-    if a.use_dora:
-        lora += sum(p.shape[0] for p in targets)
-    base_dtype = 4 if cfg.precision.dtype == "fp32" else 2
-    items = []
-    if a.type == "qlora":
-        quantized = [p for p in sh.params if _module_of(p.name) in sh.linear_names and p.name.endswith(".weight")
-                     and not _module_of(p.name).endswith("lm_head")]
-        qnames = {p.name for p in quantized}
-        items.append(Item(f"base weights ({a.quant.type}{', double quant' if a.quant.double_quant else ''})",
-                          sum(_quantized_weight_bytes(cfg, p) for p in quantized)))
-        rest = [p for p in sh.params if p.name not in qnames]
-        items.append(Item("other base weights (embeddings, norms, head; fp32 after k-bit preparation)",
-                          4 * sum(p.numel for p in rest)))
-    else:
-        items.append(Item(f"base weights (frozen, {'fp32' if base_dtype == 4 else cfg.precision.dtype})",
-                          base_dtype * sh.total))
-    items.append(Item(f"LoRA parameters (rank {a.rank}, {len(targets)} matrices, fp32)", 4 * lora))
-    items.append(Item("LoRA gradients (fp32)", 4 * lora))
-    items.append(Item("LoRA optimizer state", _optimizer_bytes(cfg.optimizer.name, [lora], 0),
-                      note=cfg.optimizer.name))
+    lora = lora_param_count(targets, a.rank, a.use_dora)
+    states = predicted(sh.meta, a, cfg.precision.dtype, cfg.optimizer.name)
+    base = ("4-bit " + a.quant.type + (" with double quant" if a.quant.double_quant else "")
+            if a.type == "qlora" and a.quant.type != "int8" else "int8" if a.type == "qlora" else cfg.precision.dtype)
+    items = [Item(f"base weights (frozen, {base}; norms fp32)", states["weights"] - 4 * lora),
+             Item(f"LoRA parameters (rank {a.rank}, {len(targets)} matrices, fp32)", 4 * lora),
+             Item("LoRA gradients (fp32)", states["grads"]),
+             Item("LoRA optimizer state", states["optimizer"], note=cfg.optimizer.name)]
     return items, lora
 
 
@@ -353,9 +313,12 @@ def logits_bytes(cfg: Config, sh: Shapes) -> int:
 
 
 def _step_temporaries(cfg: Config, items: list[Item], sh: Shapes) -> int:
-    """torch's foreach AdamW creates about one fp32 copy of the state it updates; others work per tensor."""
+    """torch's foreach AdamW creates about one fp32 copy of the state it updates; the other optimizers work
+    tensor by tensor (about one fp32 copy of the largest trainable tensor: for an adapter run, a LoRA matrix)."""
     if cfg.distributed.engine == "deepspeed" and cfg.distributed.zero_stage >= 1:
         return 0
+    if cfg.adapter.type != "none":
+        return 4 * max((t.in_features + t.out_features) * cfg.adapter.rank for t in lora_targets(cfg, sh))
     if cfg.optimizer.name == "adamw":
         state = sum(i.bytes for i in items if i.name.endswith("optimizer state") and i.where == "gpu")
         return state // 2

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from trainer import adapters
 from trainer.config import AdapterConfig, ConfigError, ModelConfig
+from trainer.precision import DTYPES
 from trainer.typed import Problem
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pretra
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
                 adapter: AdapterConfig | None = None, precision: str = "fp32",
-                device: torch.device | None = None) -> nn.Module:
+                device: torch.device | None = None, master_weights: bool = True) -> nn.Module:
     """The causal LM in fp32 on the CPU (a qlora base: quantized on `device`), vocabulary matched, adapters
     attached, checkpointing applied; the engine moves it."""
     adapter = adapter or AdapterConfig()
@@ -61,11 +62,14 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         extra["attn_implementation"] = cfg.attn_implementation
     if cfg.config is None:
         load = adapters.load_kwargs(adapter, precision, device or torch.device("cpu"))
+        if not master_weights and adapter.type == "none":
+            load["dtype"] = DTYPES[precision]  # the model itself in bf16: no fp32 master copy
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision,
                                                      **load, **extra)
     else:
         torch.manual_seed(seed)  # every rank builds the same initial weights
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra)
+        dtype = torch.float32 if master_weights else DTYPES[precision]
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings and adapter.type != "none":
         rows = model.get_input_embeddings().num_embeddings
         raise ConfigError([Problem("model.tokenizer", cfg.tokenizer, f"has {len(tokenizer)} tokens but the base "

@@ -1,0 +1,93 @@
+"""Planned model states (weights + gradients + optimizer state) against the real tensors after one step.
+
+One process per combination (engine native x precision x optimizer x adapter); the multi-rank combinations
+(DeepSpeed ZeRO stages, native ZeRO-1 for GaLore) are in test_memory_sharded.py. Gradients are counted after
+the optimizer step with zero_grad held back, so they are the step's real gradient tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import QUICKSTART, tiny
+from tests.test_adapters import LLAMA, save_base
+from trainer.adapters.footprint import measured
+from trainer.config import load_recipe
+from trainer.distributed import distributed_context
+from trainer.loop import setup, train_step
+from trainer.memory import plan
+
+PLAN_KEYS = {"weights": ("weights", "base weights", "LoRA parameters", "fp32 master"),
+             "grads": ("gradients", "LoRA gradients"), "optimizer": ("optimizer state", "LoRA optimizer state")}
+
+FULL = {
+    "fp32-adamw": ["precision.dtype=fp32", "optimizer.name=adamw"],
+    "bf16-adamw": ["precision.dtype=bf16", "optimizer.name=adamw"],
+    "bf16-nomaster-adamw": ["precision.dtype=bf16", "precision.master_weights=false", "optimizer.name=adamw"],
+    "fp16-adamw": ["precision.dtype=fp16", "optimizer.name=adamw"],
+    "fp32-sgd-momentum": ["optimizer.name=sgd", "optimizer.momentum=0.9", "optimizer.lr=0.01"],
+    "bf16-adamw8bit": ["precision.dtype=bf16", "optimizer.name=adamw8bit"],
+    "fp32-paged-adamw8bit": ["optimizer.name=paged_adamw8bit"],
+    "fp32-galore": ["optimizer.name=galore_adamw", "optimizer.galore.rank=16"],
+    "bf16-galore8bit": ["precision.dtype=bf16", "optimizer.name=galore_adamw8bit", "optimizer.galore.rank=16"],
+    "fp32-galore-left": ["optimizer.name=galore_adamw", "optimizer.galore.rank=8", "optimizer.galore.proj_type=left"],
+}
+ADAPTER = {
+    "lora-fp32-adamw": ["adapter.type=lora", "optimizer.name=adamw"],
+    "lora-bf16-adamw8bit": ["adapter.type=lora", "precision.dtype=bf16", "optimizer.name=adamw8bit"],
+    "qlora-nf4-dq-bf16-paged": ["adapter.type=qlora", "precision.dtype=bf16", "optimizer.name=paged_adamw8bit"],
+    "qlora-nf4-fp32": ["adapter.type=qlora", "adapter.quant.double_quant=false", "adapter.quant.compute_dtype=fp32",
+                       "optimizer.name=adamw"],
+}
+SIZE = ["model.config.hidden_size=128", "model.config.intermediate_size=352", "model.config.num_hidden_layers=2",
+        "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2"]
+
+
+def planned(cfg: Any) -> dict[str, int]:
+    p = plan(cfg)
+    return {k: sum(i.bytes for i in p.items if i.name.startswith(names)) for k, names in PLAN_KEYS.items()}
+
+
+def real_after_one_step(cfg: Any) -> dict[str, int]:
+    with distributed_context() as dist:
+        run = setup(cfg, dist)
+        opt = run.engine.optimizer
+        opt.zero_grad = lambda set_to_none=True: None  # type: ignore[method-assign]  # keep the step's gradients
+        batches, run.state.position = run.data.step_batches(run.state.position)
+        train_step(run, batches)
+        run.metrics.close()
+        return measured(run.engine.module, opt)
+
+
+def check(cfg: Any, label: str) -> None:
+    plan_bytes, real = planned(cfg), real_after_one_step(cfg)
+    for key in ("weights", "grads", "optimizer"):
+        print(f"{label} {key}: planned {plan_bytes[key]:,} real {real[key]:,}")
+        assert plan_bytes[key] == pytest.approx(real[key], rel=0.02, abs=4096), key
+    assert sum(plan_bytes.values()) == pytest.approx(sum(real.values()), rel=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", list(FULL))
+def test_full_training_states_match_plan(tmp_path: Path, combo: str) -> None:
+    cfg = load_recipe(QUICKSTART, tiny(tmp_path / "run", *SIZE, *FULL[combo], "checkpoint.save_final=false",
+                                       steps=1))
+    check(cfg, combo)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_base(tmp_path_factory.mktemp("base"), LLAMA)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", list(ADAPTER))
+def test_adapter_states_match_plan(tmp_path: Path, combo: str, base: Path, shared_data: Path) -> None:
+    cfg = load_recipe(QUICKSTART, tiny(tmp_path / "run", "model.config=null", f"model.name_or_path={base}",
+                                       "model.tokenizer=null", f"data.source={shared_data / 'alpaca_en_demo.json'}",
+                                       "data.format=alpaca", "data.seq_len=256", "data.max_documents=40",
+                                       *ADAPTER[combo], "checkpoint.save_final=false", steps=1))
+    check(cfg, combo)
