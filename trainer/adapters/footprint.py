@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.adapters.quant import DTYPES, expected_4bit_bytes, quant_state_bytes
+from trainer.adapters.quant import DTYPES, expected_4bit_bytes, quantized_weight_bytes
 from trainer.adapters.targets import find_targets
 from trainer.config import AdapterConfig
 
@@ -94,17 +94,11 @@ def _state_bytes(value: Any) -> int:
 
 def measured(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Model-state bytes held by real tensors (4-bit weights with their quantization state), after a step."""
-    weights, seen = 0, set()
+    weights, seen = quantized_weight_bytes(model), set()
     for p in model.parameters():
-        if id(p) in seen:
-            continue
+        if id(p) not in seen and type(p).__name__ not in ("Params4bit", "Int8Params"):
+            weights += _tensor_bytes(p.data)
         seen.add(id(p))
-        weights += _tensor_bytes(p.data)
-        state = getattr(p, "quant_state", None)
-        if type(p).__name__ == "Params4bit" and state is not None:
-            weights += sum(quant_state_bytes(state).values())
-        elif type(p).__name__ == "Int8Params":
-            weights += _tensor_bytes(getattr(p, "SCB", None))
     grads = sum(_tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
     opt = sum(_state_bytes(s) for s in optimizer.state.values())
     return {"weights": weights, "grads": grads, "optimizer": opt}

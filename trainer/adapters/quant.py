@@ -65,15 +65,22 @@ def quant_state_bytes(state: Any) -> dict[str, int]:
     return out
 
 
+def int8_scale(module: nn.Module) -> torch.Tensor | None:
+    """The fp32 row scales of an LLM.int8 layer: on its weight until the first forward, then on its state."""
+    scale = getattr(module.weight, "SCB", None)
+    return scale if scale is not None else getattr(getattr(module, "state", None), "SCB", None)
+
+
 def quantized_weight_bytes(model: nn.Module) -> int:
     """Bytes held by the quantized weights of `model` (codes and every quantization constant); 0 if none."""
     total = 0
-    for p in model.parameters():
+    for module in model.modules():
+        p = module._parameters.get("weight")  # its own parameter: peft's wrappers only forward `.weight`
         kind = type(p).__name__
         if kind == "Params4bit" and p.quant_state is not None:
             total += _tensor_bytes(p.data) + sum(quant_state_bytes(p.quant_state).values())
         elif kind == "Int8Params":
-            total += _tensor_bytes(p.data) + _tensor_bytes(getattr(p, "SCB", None))
+            total += _tensor_bytes(p.data) + _tensor_bytes(int8_scale(module))
     return total
 
 

@@ -1,0 +1,157 @@
+"""Steps/s of our QLoRA step against the same step through the Hugging Face Trainer + peft + bitsandbytes.
+
+Both sides: the same saved base model (random weights, Llama-shaped), NF4 + double quant with bf16 compute,
+LoRA rank 16 on every linear layer, bf16 autocast, AdamW, constant LR, grad clip 1.0, the same packed Alpaca
+blocks. The HF side is the usual recipe: `from_pretrained(quantization_config=BitsAndBytesConfig(...))`,
+`prepare_model_for_kbit_training`, `get_peft_model`, `Trainer(...).train()`. Each side warms up, then is timed
+over the same number of steps (per-step times from a callback on the HF side); the sides alternate for several
+rounds and the medians of the per-round wall-clock rates and of the CPU seconds per step (less sensitive
+to other processes on a shared machine) are reported.
+
+    python benchmarks/qlora_speed.py [--steps 10] [--rounds 3] [--hidden 512] [--layers 4] [--seq 256] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+
+
+def save_base(directory: Path, hidden: int, layers: int) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trainer.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 3.5) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+                         max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+def overrides(base: Path, args: argparse.Namespace, out: Path, max_steps: int) -> list[str]:
+    return [f"output_dir={out}", "model.config=null", f"model.name_or_path={base}", f"data.source={DATA}",
+            "data.format=alpaca", f"data.seq_len={args.seq}", "data.eval_fraction=0", "train.eval_every_steps=0",
+            f"train.micro_batch_size={args.batch}", "train.grad_accum_steps=1", f"train.max_steps={max_steps}",
+            "precision.dtype=bf16", "adapter.type=qlora", "adapter.rank=16", "adapter.alpha=32",
+            "optimizer.name=adamw", "optimizer.lr=2e-4", "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+            "optimizer.weight_decay=0", "optimizer.grad_clip=1.0", "logging.progress_bar=false", "logging.plot=false",
+            "logging.every_steps=1000", "checkpoint.every_steps=0", "checkpoint.save_final=false",
+            "checkpoint.resume=never"]
+
+
+def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, float]:
+    from trainer.config import load_recipe
+    from trainer.distributed import distributed_context
+    from trainer.loop import run_loop, setup
+
+    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, out, args.warmup + args.steps))
+    with distributed_context() as dist:
+        run = setup(cfg, dist)
+        run.cfg.train.max_steps = args.warmup
+        run_loop(run)
+        run.cfg.train.max_steps = args.warmup + args.steps
+        t0, c0 = time.perf_counter(), time.process_time()
+        run_loop(run)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        run.metrics.close()
+    return args.steps / elapsed, cpu / args.steps
+
+
+def blocks(base: Path, args: argparse.Namespace, n: int) -> list[dict[str, torch.Tensor]]:
+    """The same packed Alpaca samples our pipeline trains on, one dict per sequence for the HF Trainer."""
+    from trainer.config import load_recipe
+    from trainer.data import DataPosition, TrainData
+    from trainer.tokenizer import build_tokenizer
+
+    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, Path("unused"), n))
+    data = TrainData(cfg.data, build_tokenizer(cfg.model), seed=0, rank=0, world_size=1,
+                     micro_batch_size=args.batch, grad_accum_steps=1)
+    pos, rows = DataPosition(), []
+    for _ in range(n):
+        (b,), pos = data.step_batches(pos)
+        rows += [{"input_ids": b.input_ids[i], "attention_mask": b.attention_mask[i], "labels": b.labels[i]}
+                 for i in range(b.input_ids.size(0))]
+    return rows
+
+
+def time_hf(base: Path, args: argparse.Namespace, out: Path,
+            rows: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """The same step as most QLoRA tutorials write it: transformers + peft + bitsandbytes + HF Trainer."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map="cpu", dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    stamps: list[tuple[float, float]] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *_: object, **__: object) -> None:
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    targs = TrainingArguments(output_dir=str(out), per_device_train_batch_size=args.batch,
+                              max_steps=args.warmup + args.steps, learning_rate=2e-4, lr_scheduler_type="constant",
+                              weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=True, use_cpu=True,
+                              logging_steps=1000, save_strategy="no", report_to=[], dataloader_num_workers=0,
+                              remove_unused_columns=False, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Stamp()]).train()
+    timed = stamps[args.warmup - 1:]
+    steps = len(timed) - 1
+    return steps / (timed[-1][0] - timed[0][0]), (timed[-1][1] - timed[0][1]) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        save_base(base, args.hidden, args.layers)
+        rows = blocks(base, args, args.warmup + args.steps)
+        ours, hf = [], []
+        for r in range(args.rounds):
+            ours.append(time_ours(base, args, Path(tmp) / f"ours{r}"))
+            hf.append(time_hf(base, args, Path(tmp) / f"hf{r}", rows))
+            print(f"round {r + 1}: ours {ours[-1][0]:.3f} steps/s ({ours[-1][1]:.2f} CPU s/step), HF Trainer "
+                  f"{hf[-1][0]:.3f} steps/s ({hf[-1][1]:.2f} CPU s/step)", flush=True)
+    o, h = statistics.median(r for r, _ in ours), statistics.median(r for r, _ in hf)
+    oc, hc = statistics.median(c for _, c in ours), statistics.median(c for _, c in hf)
+    tokens = args.batch * args.seq
+    print(f"\nQLoRA step (NF4 + double quant, LoRA r=16 all-linear, bf16, AdamW), Llama hidden {args.hidden}, "
+          f"{args.layers} layers, batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} rounds x {args.steps} steps")
+    print("| implementation | steps/s | tokens/s | wall time per step vs HF | CPU s per step |")
+    print("|---|---|---|---|---|")
+    print(f"| trainer (ours) | {o:.3f} | {o * tokens:.0f} | {h / o:.3f}x | {oc:.2f} |")
+    print(f"| HF Trainer + peft + bitsandbytes | {h:.3f} | {h * tokens:.0f} | 1.000x | {hc:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
