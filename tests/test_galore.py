@@ -131,13 +131,13 @@ def formula_bytes(model: torch.nn.Module, targets: set[str], rank: int, proj_typ
                   min_8bit: int) -> int:
     """The issue's formula, written out: per target (m x n) the projector (mr for a left projection) plus two
     low-rank moments (2nr), fp32, or 1 byte per element plus an fp32 absmax per 256 for 8-bit moments of at
-    least `min_8bit` elements; plain AdamW (2 full moments) for the rest; 8 bytes of int64 step per tensor."""
+    least `min_8bit` elements; plain AdamW (2 full moments) for the rest; a 4-byte float32 step per tensor."""
     def moment(numel: int) -> int:
         return numel + 4 * math.ceil(numel / 256) if bits == 8 and numel >= min_8bit else 4 * numel
 
     total = 0
     for name, p in model.named_parameters():
-        total += 8
+        total += 4
         if name not in targets:
             total += 2 * moment(p.numel())
             continue

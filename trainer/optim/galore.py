@@ -27,7 +27,7 @@ is kept (a seeded random orthonormal one on the very first refresh); each failur
 The randomized SVD (`torch.svd_lowrank`) is seeded from the step and the shape, so every rank computes the
 same projector and the global RNG stream is untouched.
 
-State is tensors only (projectors, int64 step, moments, absmax), so checkpoints load with weights_only=True.
+State is tensors only (projectors, float32 step, moments, absmax), so checkpoints load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw
 
 from trainer.config import ConfigError
 from trainer.typed import Problem
@@ -130,6 +131,20 @@ def align_signs(new: Tensor, old: Tensor) -> Tensor:
     return torch.where(flip, -new, new)
 
 
+def add_projected_back(p: Tensor, low: Tensor, left: Tensor | None, right: Tensor | None, alpha: float,
+                       beta: float) -> None:
+    """p <- beta * p + alpha * project_back(low), as one matrix product writing into p (no full-size
+    temporary; beta carries the decoupled weight decay)."""
+    if p.dtype != low.dtype:
+        p.mul_(beta).add_(project_back(low, left, right).to(p.dtype), alpha=alpha)
+    elif left is not None and right is not None:
+        p.addmm_(left @ low, right.T, beta=beta, alpha=alpha)
+    elif left is not None:
+        p.addmm_(left, low, beta=beta, alpha=alpha)
+    else:
+        p.addmm_(low, right.T, beta=beta, alpha=alpha)  # type: ignore[union-attr]
+
+
 def random_orthonormal(rows: int, cols: int, seed: int, device: torch.device) -> Tensor:
     """A seeded rows x cols matrix with orthonormal columns (the fallback when no projector exists yet)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -152,14 +167,14 @@ def moment_bytes(numel: int, bits: int, min_8bit_size: int = MIN_8BIT_SIZE) -> i
 
 def expected_state_bytes(shape: tuple[int, ...], rank: int | None, proj_type: str = "std", bits: int = 32,
                          min_8bit_size: int = MIN_8BIT_SIZE) -> int:
-    """State bytes this optimizer holds for one parameter: 8 (int64 step) + projectors in fp32 + two moments
+    """State bytes this optimizer holds for one parameter: 4 (float32 step) + projectors in fp32 + two moments
     (low-rank for a GaLore target, full otherwise). `rank=None` means plain AdamW."""
     numel = math.prod(shape)
     if rank is None or len(shape) != 2 or rank >= min(shape):
-        return 8 + 2 * moment_bytes(numel, bits, min_8bit_size)
+        return 4 + 2 * moment_bytes(numel, bits, min_8bit_size)
     projectors, low = state_shapes(shape, rank, projection_side(shape, proj_type))  # type: ignore[arg-type]
     proj = sum(a * b for a, b in projectors)
-    return 8 + 4 * proj + 2 * moment_bytes(low[0] * low[1], bits, min_8bit_size)
+    return 4 + 4 * proj + 2 * moment_bytes(low[0] * low[1], bits, min_8bit_size)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -167,6 +182,32 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     inner = getattr(optimizer, "optim", optimizer)  # ShardedOptimizer: this rank's local optimizer
     return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
                if isinstance(t, Tensor))
+
+
+def new_step() -> Tensor:
+    """The step counter: a CPU float32 scalar, as torch's own optimizers keep it (exact to 2**24 steps)."""
+    return torch.zeros((), dtype=torch.float32)
+
+
+def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
+              group: dict[str, Any], lr: float, weight_decay: float) -> None:
+    """One AdamW step of `param` in place (step counter included): torch's fused kernel (one pass over the
+    tensors, ~7x faster on CPU than separate ops) when every tensor is fp32 on one device, else the same
+    formula written out."""
+    beta1, beta2 = group["betas"]
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    if all(t.dtype == torch.float32 and t.device == param.device for t in tensors) \
+            and param.device.type in ("cpu", "cuda"):
+        adamw([param], [grad], [exp_avg], [exp_avg_sq], [], [step], fused=True, amsgrad=False, beta1=beta1,
+              beta2=beta2, lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False)
+        return
+    step.add_(1)
+    n = int(step)
+    exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**n)).add_(group["eps"])
+    param.mul_(1 - lr * weight_decay)
+    param.add_((exp_avg / denom).to(param.dtype), alpha=-lr / (1 - beta1**n))
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -245,7 +286,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Recompute p's projector from the full gradient of this step (a target whose refresh is due)."""
         group, state = self._group_of(p), self.state[p]
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            state["step"] = new_step()
         step = int(state["step"])
         side = projection_side(p.shape, group["proj_type"])
         seed = refresh_seed(step, p.shape)
@@ -288,23 +329,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """One AdamW update of p from the gradient as Adam consumes it (low-rank for a target)."""
         group, state = self._group_of(p), self.state[p]
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-        step = int(state["step"]) + 1
-        state["step"].fill_(step)
+            state["step"] = new_step()
         exp_avg, exp_avg_sq = self._load_moments(state, group, grad)
-        beta1, beta2 = group["betas"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
-        direction = torch.div(exp_avg, denom, out=denom).mul_(1 / (1 - beta1**step))
+        lr, decay = group["lr"], group["weight_decay"]
+        if not self.is_target(p):
+            adam_step(p, grad, exp_avg, exp_avg_sq, state["step"], group, lr, decay)
+            self._store_moments(state, group, exp_avg, exp_avg_sq)
+            return
+        direction = torch.zeros_like(exp_avg)  # Adam's step on a zero "parameter" at lr 1 leaves -N in it
+        adam_step(direction, grad, exp_avg, exp_avg_sq, state["step"], group, 1.0, 0.0)
         self._store_moments(state, group, exp_avg, exp_avg_sq)
-        lr = group["lr"]
-        if group["weight_decay"]:
-            p.mul_(1 - lr * group["weight_decay"])
-        if self.is_target(p):
-            direction = project_back(direction, state.get("proj_left"), state.get("proj_right"))
-            lr = lr * group["scale"]
-        p.add_(direction.to(p.dtype), alpha=-lr)
+        add_projected_back(p, direction, state.get("proj_left"), state.get("proj_right"), alpha=lr * group["scale"],
+                           beta=1 - lr * decay)
 
     def _quantized(self, group: dict[str, Any], numel: int) -> bool:
         return group["bits"] == 8 and numel >= group["min_8bit_size"]
