@@ -411,3 +411,20 @@ def test_impossible_deepspeed_recipes_are_refused_at_validation(overrides: list[
     assert f"  - {key} = " in err, err
     assert advice in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_one_process_without_torchrun(tmp_path: Path) -> None:
+    """`python -m trainer train` with DeepSpeed and no torchrun: the engine makes a one-rank group itself (no
+    MPI discovery), ZeRO-3 trains and checkpoints; a DeepSpeed override DeepSpeed rejects is one recipe error."""
+    out = tmp_path / "run"
+    proc = ok(run_cli(["train", str(QUICKSTART), *tiny(out, *zero(3), "precision.dtype=bf16", steps=3)]))
+    assert "one process without torchrun" in proc.stderr
+    assert [s for s, _ in complete_checkpoints(out)] == [3]
+    bad = run_cli(["train", str(QUICKSTART), *tiny(tmp_path / "bad", *zero(2),
+                                                   "distributed.deepspeed_overrides={zero_optimization: "
+                                                   "{overlap_commm: true}}", steps=1)])
+    assert bad.returncode == 2
+    assert "distributed.deepspeed_overrides" in bad.stderr and "overlap_commm" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -34,7 +34,7 @@ import torch.distributed as tdist
 from safetensors.torch import save_file
 from torch import nn
 
-from trainer.config import DistributedConfig, OptimizerConfig, PrecisionConfig
+from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, PrecisionConfig
 from trainer.distributed import DistInfo, teardown
 from trainer.engine.base import StepResult
 from trainer.engine.ds_config import (DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section,
@@ -42,6 +42,7 @@ from trainer.engine.ds_config import (DEEPSPEED_BUILT, final_ds_config, merge_ov
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.precision import LossScaleCollapsed
 from trainer.safeio import UnsafeFileError, fsync_file
+from trainer.typed import Problem
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def _ensure_process_group(backend: str) -> None:
         return
     chosen = backend if backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     tdist.init_process_group(chosen, store=tdist.HashStore(), rank=0, world_size=1)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # what torchrun would set; DeepSpeed reads them itself
+        os.environ.setdefault(name, "1" if name == "WORLD_SIZE" else "0")
     import atexit
 
     atexit.register(teardown)
@@ -94,6 +97,20 @@ def _warm_cpu_adam(deepspeed: Any) -> None:
         log.info("compiling DeepSpeed's cpu_adam op (first use, about a minute; cached in TORCH_EXTENSIONS_DIR=%s)",
                  extensions_dir())
     CPUAdamBuilder().load(verbose=False)
+
+
+@contextlib.contextmanager
+def config_errors_as_recipe_errors() -> Iterator[None]:
+    """DeepSpeed validates its config with pydantic; a bad key or value can only come from
+    distributed.deepspeed_overrides (the rest is generated), so it is reported as a recipe problem."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as e:
+        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError([Problem("distributed.deepspeed_overrides", "{...}", f"DeepSpeed rejects the config "
+                                   f"({e.title}): {detail}; fix or remove that override")]) from None
 
 
 @contextlib.contextmanager
@@ -116,12 +133,13 @@ def zero3_init_context(distributed: DistributedConfig, precision: PrecisionConfi
     config = merge_overrides({"zero_optimization": zero_section(distributed), **precision_section(precision)},
                              overrides)[0]
     # DeepSpeed's config parser requires a batch size; zero.Init reads only the ZeRO section and the dtype.
-    keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, **config})  # transformers keeps a weakref
-    try:
-        yield
-    finally:
-        unset_hf_deepspeed_config()
-        del keep_alive
+    with config_errors_as_recipe_errors():  # zero.Init parses the ZeRO section while the model is built
+        keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, **config})  # transformers: weakref
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del keep_alive
 
 
 class ZeroEngine:
@@ -145,8 +163,9 @@ class ZeroEngine:
         # adamw: DeepSpeed builds it from the config over our weight-decay groups; others: our torch optimizer.
         client = None if "optimizer" in config else build_optimizer(model, optimizer)
         groups = param_groups(model, optimizer.weight_decay) if client is None else None
-        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=client,
-                                                config=config, dist_init_required=False)
+        with config_errors_as_recipe_errors():
+            self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=client,
+                                                    config=config, dist_init_required=False)
         self.module: nn.Module = self.ds.module
         if distributed.zero_stage == 3:
             expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision.dtype]
