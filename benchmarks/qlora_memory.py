@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-from pathlib import Path
 
 import torch
 

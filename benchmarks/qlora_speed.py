@@ -9,11 +9,14 @@ rounds and the medians of the per-round wall-clock rates and of the CPU seconds 
 to other processes on a shared machine) are reported.
 
     python benchmarks/qlora_speed.py [--steps 10] [--rounds 3] [--hidden 512] [--layers 4] [--seq 256] [--batch 4]
+    # on a GPU, the issue's setting (peak memory reported too; not run in this session: no GPU was lent):
+    python benchmarks/qlora_speed.py --shape llama3-8b --seq 2048 --batch 2 --gradient-checkpointing --rounds 1
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import statistics
 import tempfile
@@ -26,19 +29,37 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 
 
-def save_base(directory: Path, hidden: int, layers: int) -> None:
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "rope_theta": 500000.0}
+
+
+def save_base(directory: Path, args: argparse.Namespace) -> None:
+    """Random weights in bf16 (an 8B model in fp32 would need 32 GB of host memory to save)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from trainer.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 3.5) // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
-                         max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
+    h = args.hidden
+    sizes = LLAMA3_8B if args.shape == "llama3-8b" else {
+        "hidden_size": h, "intermediate_size": int(h * 3.5) // 64 * 64, "num_hidden_layers": args.layers,
+        "num_attention_heads": h // 64, "num_key_value_heads": max(1, h // 256), "vocab_size": len(tok)}
+    config = LlamaConfig(**sizes, max_position_embeddings=8192, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(directory)
     tok.save_pretrained(directory)
+
+
+def reset_peak() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def overrides(base: Path, args: argparse.Namespace, out: Path, max_steps: int) -> list[str]:
@@ -49,15 +70,16 @@ def overrides(base: Path, args: argparse.Namespace, out: Path, max_steps: int) -
             "optimizer.name=adamw", "optimizer.lr=2e-4", "optimizer.schedule=constant", "optimizer.warmup_steps=0",
             "optimizer.weight_decay=0", "optimizer.grad_clip=1.0", "logging.progress_bar=false", "logging.plot=false",
             "logging.every_steps=1000", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-            "checkpoint.resume=never"]
+            "checkpoint.resume=never", f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"]
 
 
-def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, float]:
+def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, float, float]:
     from trainer.config import load_recipe
     from trainer.distributed import distributed_context
     from trainer.loop import run_loop, setup
 
     cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, out, args.warmup + args.steps))
+    reset_peak()
     with distributed_context() as dist:
         run = setup(cfg, dist)
         run.cfg.train.max_steps = args.warmup
@@ -67,7 +89,7 @@ def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, f
         run_loop(run)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         run.metrics.close()
-    return args.steps / elapsed, cpu / args.steps
+    return args.steps / elapsed, cpu / args.steps, peak_gib()
 
 
 def blocks(base: Path, args: argparse.Namespace, n: int) -> list[dict[str, torch.Tensor]]:
@@ -88,15 +110,19 @@ def blocks(base: Path, args: argparse.Namespace, n: int) -> list[dict[str, torch
 
 
 def time_hf(base: Path, args: argparse.Namespace, out: Path,
-            rows: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+            rows: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
     """The same step as most QLoRA tutorials write it: transformers + peft + bitsandbytes + HF Trainer."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map="cpu", dtype=torch.bfloat16)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    reset_peak()
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map={"": 0} if cuda else "cpu",
+                                                 dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     stamps: list[tuple[float, float]] = []
@@ -107,13 +133,15 @@ def time_hf(base: Path, args: argparse.Namespace, out: Path,
 
     targs = TrainingArguments(output_dir=str(out), per_device_train_batch_size=args.batch,
                               max_steps=args.warmup + args.steps, learning_rate=2e-4, lr_scheduler_type="constant",
-                              weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=True, use_cpu=True,
+                              weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=True, use_cpu=not cuda,
+                              gradient_checkpointing=args.gradient_checkpointing,
+                              gradient_checkpointing_kwargs={"use_reentrant": False},
                               logging_steps=1000, save_strategy="no", report_to=[], dataloader_num_workers=0,
                               remove_unused_columns=False, disable_tqdm=True, seed=0)
     Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Stamp()]).train()
     timed = stamps[args.warmup - 1:]
     steps = len(timed) - 1
-    return steps / (timed[-1][0] - timed[0][0]), (timed[-1][1] - timed[0][1]) / steps
+    return steps / (timed[-1][0] - timed[0][0]), (timed[-1][1] - timed[0][1]) / steps, peak_gib()
 
 
 def main() -> None:
@@ -125,6 +153,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--shape", choices=["small", "llama3-8b"], default="small",
+                   help="small: Llama-shaped with --hidden/--layers; llama3-8b: the real sizes (for a GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -133,7 +164,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
-        save_base(base, args.hidden, args.layers)
+        save_base(base, args)
         rows = blocks(base, args, args.warmup + args.steps)
         ours, hf = [], []
         for r in range(args.rounds):
@@ -141,16 +172,18 @@ def main() -> None:
             hf.append(time_hf(base, args, Path(tmp) / f"hf{r}", rows))
             print(f"round {r + 1}: ours {ours[-1][0]:.3f} steps/s ({ours[-1][1]:.2f} CPU s/step), HF Trainer "
                   f"{hf[-1][0]:.3f} steps/s ({hf[-1][1]:.2f} CPU s/step)", flush=True)
-    o, h = statistics.median(r for r, _ in ours), statistics.median(r for r, _ in hf)
-    oc, hc = statistics.median(c for _, c in ours), statistics.median(c for _, c in hf)
+    o, h = statistics.median(r[0] for r in ours), statistics.median(r[0] for r in hf)
+    oc, hc = statistics.median(r[1] for r in ours), statistics.median(r[1] for r in hf)
+    om, hm = max(r[2] for r in ours), max(r[2] for r in hf)
     tokens = args.batch * args.seq
-    print(f"\nQLoRA step (NF4 + double quant, LoRA r=16 all-linear, bf16, AdamW), Llama hidden {args.hidden}, "
-          f"{args.layers} layers, batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} rounds x {args.steps} steps")
-    print("| implementation | steps/s | tokens/s | wall time per step vs HF | CPU s per step |")
-    print("|---|---|---|---|---|")
-    print(f"| trainer (ours) | {o:.3f} | {o * tokens:.0f} | {h / o:.3f}x | {oc:.2f} |")
-    print(f"| HF Trainer + peft + bitsandbytes | {h:.3f} | {h * tokens:.0f} | 1.000x | {hc:.2f} |")
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    shape = "Llama-3-8B" if args.shape == "llama3-8b" else f"Llama hidden {args.hidden}, {args.layers} layers"
+    ckpt = ", gradient checkpointing" if args.gradient_checkpointing else ""
+    print(f"\nQLoRA step (NF4 + double quant, LoRA r=16 all-linear, bf16, AdamW{ckpt}), {shape}, batch {args.batch} x seq {args.seq}, {where}, median of {args.rounds} rounds x {args.steps} steps")
+    print("| implementation | steps/s | tokens/s | wall time per step vs HF | CPU s per step | peak GPU GiB |")
+    print("|---|---|---|---|---|---|")
+    print(f"| trainer (ours) | {o:.3f} | {o * tokens:.0f} | {h / o:.3f}x | {oc:.2f} | {om:.2f} |")
+    print(f"| HF Trainer + peft + bitsandbytes | {h:.3f} | {h * tokens:.0f} | 1.000x | {hc:.2f} | {hm:.2f} |")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,8 @@ def _bad(base: Path, data: Path) -> list[tuple[list[str], str, str]]:
         (["adapter.target_modules=[q_projj]"], "adapter.target_modules",
          "'q_projj' matches no module of this llama model; its linear layers are: q_proj, k_proj, v_proj, o_proj, "
          "gate_proj, up_proj, down_proj"),
-        (["adapter.target_modules=[mlp]"], "adapter.target_modules", "'mlp' matches 2 module(s) of type LlamaMLP, which LoRA cannot adapt"),
+        (["adapter.target_modules=[mlp]"], "adapter.target_modules",
+         "'mlp' matches 2 module(s) of type LlamaMLP, which LoRA cannot adapt"),
         (["adapter.target_modules=q_proj"], "adapter.target_modules", "give a list of module names"),
         (["adapter.target_modules=[]"], "adapter.target_modules", "empty"),
         (["adapter.quant.compute_dtype=fp16"], "adapter.quant.compute_dtype", "set adapter.quant.compute_dtype=bf16"),

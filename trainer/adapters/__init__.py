@@ -66,7 +66,8 @@ def describe(model: nn.Module, adapter: AdapterConfig) -> str:
         q = adapter.quant
         text += f"; quantized base weights {qbytes / 2**20:.2f} MiB ({q.type}"
         if q.type != "int8":
-            text += f", double quant {'on' if q.double_quant else 'off'}: {bits_per_param(q.double_quant):.3f} bits/param"
+            bits = bits_per_param(q.double_quant)
+            text += f", double quant {'on' if q.double_quant else 'off'}: {bits:.3f} bits/param"
         text += ")"
     return text
 
