@@ -133,7 +133,8 @@ def agreement() -> None:
     change = [((a - b).norm() / (a - w).norm()).item()
               for a, b, w in zip(models[0].parameters(), models[1].parameters(), base.parameters())]
     print(f"agreement with galore-torch (proj_type left, 5 steps): projected subspaces overlap {overlap:.6f} "
-          f"(1 = same); weight change differs by at most {max(change):.1e} (median tensor {statistics.median(change):.1e})")
+          f"(1 = same); weight change differs by at most {max(change):.1e} (median tensor "
+          f"{statistics.median(change):.1e})")
 
 
 def report(times: dict[str, dict[str, list[float]]]) -> None:

@@ -19,7 +19,8 @@ from tests.conftest import QUICKSTART
 from trainer.config import ConfigError, OptimizerConfig, load_recipe
 from trainer.optim.galore import (PROJ_TYPES, GaLoreAdamW, expected_state_bytes, project, project_back,
                                   projection_side, state_bytes, top_singular_vectors)
-from trainer.optim.galore_groups import build_galore, galore_param_groups, select_targets
+from trainer.optim.galore_groups import build_galore, galore_param_groups, select_targets, state_cost
+from trainer.optim.sharded import partition
 
 SHAPES = {"tall": (48, 20), "wide": (20, 48)}
 
@@ -131,13 +132,13 @@ def formula_bytes(model: torch.nn.Module, targets: set[str], rank: int, proj_typ
                   min_8bit: int) -> int:
     """The issue's formula, written out: per target (m x n) the projector (mr for a left projection) plus two
     low-rank moments (2nr), fp32, or 1 byte per element plus an fp32 absmax per 256 for 8-bit moments of at
-    least `min_8bit` elements; plain AdamW (2 full moments) for the rest; a 4-byte float32 step per tensor."""
+    least `min_8bit` elements; plain AdamW (2 full moments) for the rest; an 8-byte float64 step per tensor."""
     def moment(numel: int) -> int:
         return numel + 4 * math.ceil(numel / 256) if bits == 8 and numel >= min_8bit else 4 * numel
 
     total = 0
     for name, p in model.named_parameters():
-        total += 4
+        total += 8
         if name not in targets:
             total += 2 * moment(p.numel())
             continue
@@ -305,3 +306,19 @@ def test_recipe_rules_accept_galore_and_refuse_per_layer_without_it(tmp_path: Pa
     assert load_recipe(QUICKSTART, ["optimizer.name=galore_adamw", "distributed.zero_stage=1"])
     with pytest.raises(ConfigError, match="per-layer updates are built for the GaLore optimizers"):
         load_recipe(QUICKSTART, ["optimizer.name=adamw", "optimizer.galore.per_layer=true"])
+
+
+def test_sharding_partition_balances_state_bytes_not_sizes() -> None:
+    """Owners for distributed.zero_stage 1: largest state first, each to the least-loaded rank. On a GaLore
+    model the embedding holds full AdamW state while a projected matrix of the same size holds a fraction;
+    balancing bytes splits the real state evenly where balancing element counts would not."""
+    assert partition([100, 60, 50, 40, 10], 2) == [0, 1, 1, 0, 1]  # loads 140 / 120
+    model = llama(tie=True)
+    groups, _ = galore_param_groups(model, galore_cfg(rank=8))
+    flat = [(p, {"rank": None, "proj_type": "std", "bits": 32, "min_8bit_size": 4096, **g})
+            for g in groups for p in g["params"]]
+    costs = [state_cost(p, g) for p, g in flat]
+    by_bytes, by_size = ([sum(c for c, o in zip(costs, partition(w, 2)) if o == r) for r in (0, 1)]
+                         for w in (costs, [p.numel() for p, _ in flat]))
+    assert max(by_bytes) == max(costs)  # the embedding alone on one rank: the best any whole-parameter split does
+    assert max(by_size) > max(by_bytes) * 1.15, (by_size, by_bytes)

@@ -123,7 +123,7 @@ class NativeEngine:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.per_layer is not None:
-            self.per_layer.load_state_dict(state["per_layer"])
+            self.per_layer.load_state_dict(state.get("per_layer", {}))
         self.precision.load_state_dict(state["precision"])
         self._restore_schedule(int(state["schedule_step"]))
 

@@ -27,7 +27,7 @@ is kept (a seeded random orthonormal one on the very first refresh); each failur
 The randomized SVD (`torch.svd_lowrank`) is seeded from the step and the shape, so every rank computes the
 same projector and the global RNG stream is untouched.
 
-State is tensors only (projectors, float32 step, moments, absmax), so checkpoints load with weights_only=True.
+State is tensors only (projectors, float64 step, moments, absmax), so checkpoints load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -167,14 +167,14 @@ def moment_bytes(numel: int, bits: int, min_8bit_size: int = MIN_8BIT_SIZE) -> i
 
 def expected_state_bytes(shape: tuple[int, ...], rank: int | None, proj_type: str = "std", bits: int = 32,
                          min_8bit_size: int = MIN_8BIT_SIZE) -> int:
-    """State bytes this optimizer holds for one parameter: 4 (float32 step) + projectors in fp32 + two moments
+    """State bytes this optimizer holds for one parameter: 8 (float64 step) + projectors in fp32 + two moments
     (low-rank for a GaLore target, full otherwise). `rank=None` means plain AdamW."""
     numel = math.prod(shape)
     if rank is None or len(shape) != 2 or rank >= min(shape):
-        return 4 + 2 * moment_bytes(numel, bits, min_8bit_size)
+        return 8 + 2 * moment_bytes(numel, bits, min_8bit_size)
     projectors, low = state_shapes(shape, rank, projection_side(shape, proj_type))  # type: ignore[arg-type]
     proj = sum(a * b for a, b in projectors)
-    return 4 + 4 * proj + 2 * moment_bytes(low[0] * low[1], bits, min_8bit_size)
+    return 8 + 4 * proj + 2 * moment_bytes(low[0] * low[1], bits, min_8bit_size)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -185,8 +185,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def new_step() -> Tensor:
-    """The step counter: a CPU float32 scalar, as torch's own optimizers keep it (exact to 2**24 steps)."""
-    return torch.zeros((), dtype=torch.float32)
+    """The step counter: a CPU float64 scalar (exact to 2**53 steps; torch's fused AdamW takes it as is)."""
+    return torch.zeros((), dtype=torch.float64)
 
 
 def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,

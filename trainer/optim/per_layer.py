@@ -151,5 +151,7 @@ class PerLayerUpdates:
                                           dtype=torch.float64)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        value = float(state["prev_norm"])
+        """A checkpoint saved without per-layer updates has no previous norm: the next step is not clipped
+        by a global factor (as the first step of a run)."""
+        value = float(state.get("prev_norm", math.nan))
         self.prev_norm = None if math.isnan(value) else value
