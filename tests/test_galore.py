@@ -126,6 +126,8 @@ def test_target_patterns_too_small_matrices_and_unknown_names(caplog: pytest.Log
     assert "4 matched matrices have a side <= optimizer.galore.rank=32" in caplog.text
     with pytest.raises(ConfigError, match=r"optimizer.galore.target_modules = \['qproj'\].*q_proj"):
         select_targets(model, ["q_proj", "qproj"], rank=8)
+    with pytest.raises(ConfigError, match=r"optimizer.galore.rank = 64: no target.*largest smaller side is 64.*e.g. 16"):
+        galore_param_groups(model, galore_cfg(rank=64))
 
 
 def formula_bytes(model: torch.nn.Module, targets: set[str], rank: int, proj_type: str, bits: int,
@@ -271,7 +273,9 @@ def test_state_round_trips_with_weights_only_and_continues_bitwise() -> None:
 
 
 def test_builder_names_and_sharding_flag() -> None:
-    opt = build_galore(llama(), OptimizerConfig(name="galore_adamw8bit"), shard_state=False)
+    cfg = OptimizerConfig(name="galore_adamw8bit")
+    cfg.galore.rank = 16
+    opt = build_galore(llama(), cfg, shard_state=False)
     assert isinstance(opt, GaLoreAdamW) and {g["bits"] for g in opt.param_groups} == {8}
     assert "model.layers.0.mlp.up_proj.weight" in opt.param_names.values()
 

@@ -78,6 +78,11 @@ def galore_param_groups(model: nn.Module, cfg: OptimizerConfig) -> tuple[list[di
     """Parameter groups (GaLore targets; other matrices; no-decay) and the names of every trainable one."""
     g = cfg.galore
     targets, small = select_targets(model, g.target_modules, g.rank)
+    if not targets:
+        side = max((min(p.shape) for p in small), default=0)
+        raise ConfigError([Problem("optimizer.galore.rank", g.rank, f"no target matrix has both sides larger than "
+                                   f"the rank (the largest smaller side is {side}), so GaLore would project "
+                                   f"nothing; use a smaller rank, e.g. {max(1, side // 4)}")])
     names: dict[nn.Parameter, str] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
