@@ -65,9 +65,9 @@ def recipe_args(out: Path, base: Path, data: Path, *extra: str, steps: int = 8) 
     """QLoRA on Alpaca over a saved base, as overrides of the quickstart recipe."""
     return [f"output_dir={out}", "model.config=null", f"model.name_or_path={base}", "model.tokenizer=null",
             f"data.source={data / 'alpaca_en_demo.json'}", "data.format=alpaca", "data.seq_len=256",
-            "data.max_documents=300",
+            "data.max_documents=200",
             "data.eval_fraction=0", "train.eval_every_steps=0", f"train.max_steps={steps}",
-            "train.micro_batch_size=4", "precision.dtype=bf16", "adapter.type=qlora", "adapter.rank=8",
+            "train.micro_batch_size=2", "precision.dtype=bf16", "adapter.type=qlora", "adapter.rank=8",
             "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "optimizer.schedule=constant", "logging.every_steps=1",
             "logging.progress_bar=false", "logging.plot=false", "checkpoint.every_steps=0", *extra]
 
@@ -439,7 +439,7 @@ def cli_args(out: Path, base: Path, data: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_ref(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> Path:
-    """One uninterrupted process, micro-batch 4: the reference of the resume and the DDP tests."""
+    """One uninterrupted process, micro-batch 2: the reference of the resume and the DDP tests."""
     out = tmp_path_factory.mktemp("ref") / "run"
     ok(run_cli(cli_args(out, llama_base, SHARED_DATA)))
     return out
@@ -468,10 +468,10 @@ def test_sigkill_then_resume_is_exact_on_qlora(tmp_path: Path, llama_base: Path,
 @pytest.mark.timeout(600)
 def test_ddp_qlora_matches_one_process_with_doubled_micro_batch(tmp_path: Path, llama_base: Path,
                                                                 shared_data: Path, single_ref: Path) -> None:
-    """2 ranks x micro-batch 2 == 1 rank x micro-batch 4 (the same global batch of 4 sequences). Not bitwise:
+    """2 ranks x micro-batch 1 == 1 rank x micro-batch 2 (the same global batch of 2 sequences). Not bitwise:
     bf16 matmuls over other batch shapes round differently. Measured: losses within 6e-5, LoRA B within 1% after
     6 steps (Adam amplifies tiny gradient differences in near-zero entries); asserted: 5e-4 and 3%."""
-    ok(run_cli(cli_args(tmp_path, llama_base, shared_data, "train.micro_batch_size=2"), nproc=2))
+    ok(run_cli(cli_args(tmp_path, llama_base, shared_data, "train.micro_batch_size=1"), nproc=2))
     two, one = losses_by_step(tmp_path), losses_by_step(single_ref)
     assert sorted(two) == sorted(one) == list(range(1, 7))
     worst = max(abs(two[s] - one[s]) for s in one)
