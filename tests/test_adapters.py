@@ -22,7 +22,7 @@ from trainer.adapters.footprint import measured, predicted
 from trainer.adapters.merge import load_base, merged_model
 from trainer.adapters.quant import bits_per_param, expected_4bit_bytes
 from trainer.adapters.targets import find_targets, lora_param_count, meta_model
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint import CheckpointError, complete_checkpoints
 from trainer.config import AdapterConfig, ModelConfig, OptimizerConfig, QuantConfig, load_recipe
 from trainer.data import DataPosition
 from trainer.distributed import distributed_context
@@ -394,6 +394,10 @@ def test_exported_adapter_and_merged_model_reproduce_logits(qlora_run: dict[str,
     from peft import PeftModel
 
     expected = qlora_run["logits"]
+    with pytest.raises(CheckpointError, match="holds a LoRA adapter, not a full model: export with --adapter-only"):
+        export(qlora_run["out"], tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="exclude each other"):
+        export(qlora_run["out"], tmp_path / "both", adapter_only=True, merge=True)
     adapter_dir = export(qlora_run["out"], tmp_path / "adapter", adapter_only=True)
     assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "tokenizer.json").is_file()
     mcfg = ModelConfig(name_or_path=str(llama_base))
