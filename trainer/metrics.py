@@ -12,6 +12,7 @@ import logging
 import math
 import resource
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class Metrics:
 
         w = self.cfg.wandb
         id_file = self.output_dir / "wandb-run-id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(project=w.project, entity=w.entity, name=w.name or self.output_dir.name, mode=w.mode,
                           tags=w.tags, config=run_config, dir=str(self.output_dir), id=run_id, resume="allow")
