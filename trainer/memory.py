@@ -203,7 +203,7 @@ def model_states(cfg: Config, sh: Shapes, world: int) -> tuple[list[Item], int]:
 
 def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     o = cfg.optimizer
-    shard = world if cfg.distributed.zero_stage >= 1 else 1  # native ZeRO-1: ZeroRedundancyOptimizer
+    shard = world if cfg.distributed.zero_stage >= 1 else 1  # native ZeRO-1: state split by whole parameters (optim/sharded.py)
     half = cfg.precision.dtype != "fp32" and not cfg.precision.master_weights
     wb = 2 if half else 4  # weights, their gradients and torch's AdamW moments share the parameters' dtype
     items = [Item("weights (bf16, no fp32 master)" if half else "weights (fp32 master, the model itself)",
