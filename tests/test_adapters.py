@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -509,7 +508,6 @@ def test_qdora_on_qwen2_trains(tmp_path: Path, qwen_base: Path, caplog: pytest.L
 def test_qlora_on_gpu_pages_the_optimizer(tmp_path: Path, llama_base: Path, shared_data: Path) -> None:
     """GPU only (paged optimizers need CUDA unified memory): the quantized base lives on the GPU, the 8-bit
     optimizer state is paged, and the loss falls."""
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     cfg = load_recipe(QUICKSTART, recipe_args(tmp_path, llama_base, shared_data, "optimizer.name=paged_adamw8bit",
                                               steps=6))
     with distributed_context() as dist:
