@@ -239,13 +239,23 @@ def _zero_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     where_opt = "cpu" if d.offload_optimizer == "cpu" else "gpu"
     where_w = "cpu" if d.offload_params == "cpu" else "gpu"
     items = [Item(f"weights ({'bf16/fp16' if half else 'fp32'}{', partitioned' if w_shard > 1 else ''})",
-                  wbytes * psi // w_shard, where_w),
-             Item(f"gradients{' (partitioned)' if g_shard > 1 else ''}", gbytes * psi // g_shard)]
+                  wbytes * psi // w_shard, where_w)]
+    if where_opt == "cpu" and d.zero_stage >= 2:  # reduced straight into fp32 partitions beside the optimizer
+        items.append(Item("gradients (fp32 partition, with the offloaded optimizer)", 4 * psi // world, "cpu"))
+    else:
+        items.append(Item(f"gradients{' (partitioned)' if g_shard > 1 else ''}", gbytes * psi // g_shard))
+        if d.zero_stage == 2 and world > 1:  # a parameter crossing a partition boundary keeps its whole gradient
+            items.append(Item("gradients (whole tensor straddling a partition boundary, worst rank)",
+                              gbytes * max(p.numel for p in sh.params)))
     if half:
         items.append(Item("fp32 master weights (partitioned)", 4 * psi // world, where_opt))
     items.append(Item("optimizer state (Adam moments, partitioned)", 8 * psi // world, where_opt,
                       note=f"ZeRO stage {d.zero_stage} over {world} ranks"))
     if d.zero_stage >= 3:
+        # DeepSpeed keeps tensors under stage3_param_persistence_threshold (1e5 elements) whole on every rank
+        persistent = sum(p.numel for p in sh.params if p.numel < 100_000)
+        items.append(Item("weights kept whole on every rank (ZeRO-3 persistence threshold: norms, biases)",
+                          wbytes * persistent - wbytes * persistent // world, where_w))
         largest_layer = _largest_layer_params(sh)
         items.append(Item("gathered parameters of the live layers (ZeRO-3)", 2 * wbytes * largest_layer))
     return items
