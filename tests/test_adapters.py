@@ -385,11 +385,11 @@ def test_checkpoint_holds_only_adapter_and_its_optimizer(qlora_run: dict[str, An
 def test_exported_adapter_and_merged_model_reproduce_logits(qlora_run: dict[str, Any], llama_base: Path,
                                                             tmp_path: Path) -> None:
     """--adapter-only loads with PeftModel.from_pretrained(base, DIR): identical logits. --merge gives a plain
-    transformers model (fp32 export). Tolerance from bf16's 8-bit mantissa: at logits of magnitude ~2 one bf16
+    transformers model (fp32 export). Tolerance from bf16's 8-bit mantissa: at logits of magnitude ~1.6 one bf16
     step is 0.008, and the merged model rounds W + BA once where the adapter model rounds W and BA x apart.
-    Measured: max |diff| 0.027 under the same bf16 autocast (asserted < 0.05), rms 0.003 with the merged model
-    in plain fp32 (asserted < 0.01); peft's merge into the 4-bit weights re-quantizes them (peft#2321) and is
-    asserted 3x further off."""
+    Measured (two runs): under the same bf16 autocast max |diff| 0.027-0.043 (asserted < 0.08, ~10 steps), rms
+    0.0019 (asserted < 0.005); merged model in plain fp32: rms 0.0015-0.003 (asserted < 0.005). peft's merge
+    into the 4-bit weights re-quantizes them (peft#2321): rms 0.019, asserted at least 5x ours."""
     from peft import PeftModel
 
     expected = qlora_run["logits"]
@@ -407,15 +407,16 @@ def test_exported_adapter_and_merged_model_reproduce_logits(qlora_run: dict[str,
     merged_dir = export(qlora_run["out"], tmp_path / "merged", merge=True)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.dtype == torch.float32 and getattr(merged.config, "quantization_config", None) is None
-    ours = (logits_of(merged) - expected).abs().max().item()  # same bf16 autocast as the adapter model
-    assert ours < 0.05, ours
-    rms = (logits_of(merged, autocast=False) - expected).pow(2).mean().sqrt().item()  # plain fp32
-    assert rms < 0.01, rms
+    ours = logits_of(merged) - expected  # the same bf16 autocast as the adapter model
+    ours_rms = ours.pow(2).mean().sqrt().item()
+    assert ours.abs().max().item() < 0.08 and ours_rms < 0.005, (ours.abs().max().item(), ours_rms)
+    rms_fp32 = (logits_of(merged, autocast=False) - expected).pow(2).mean().sqrt().item()
+    assert rms_fp32 < 0.005, rms_fp32
 
     requantized = PeftModel.from_pretrained(load_base(mcfg, qlora(), "bf16", torch.device("cpu")),
                                             str(adapter_dir)).merge_and_unload()
-    naive = (logits_of(requantized) - expected).abs().max().item()
-    assert ours * 3 < naive, (ours, naive)
+    naive_rms = (logits_of(requantized) - expected).pow(2).mean().sqrt().item()
+    assert naive_rms > 5 * ours_rms, (ours_rms, naive_rms)
 
 
 # ----------------------------------------------------------------------------- resume, DDP, second family
