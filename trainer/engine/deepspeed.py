@@ -70,6 +70,10 @@ def import_deepspeed() -> Any:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    shm = extensions_dir() / "deepspeed_shm_comm"
+    if deepspeed.accelerator.get_accelerator().device_name() == "cpu" and not shm.is_dir():
+        log.info("DeepSpeed's CPU backend compiles its shm comm op on first use (half a minute to a few, once; "
+                 "cached in TORCH_EXTENSIONS_DIR=%s)", extensions_dir())
     return deepspeed
 
 
@@ -94,8 +98,8 @@ def _warm_cpu_adam(deepspeed: Any) -> None:
 
     cached = extensions_dir() / CPU_ADAM / f"{CPU_ADAM}.so"
     if not cached.exists():
-        log.info("compiling DeepSpeed's cpu_adam op (first use, about a minute; cached in TORCH_EXTENSIONS_DIR=%s)",
-                 extensions_dir())
+        log.info("compiling DeepSpeed's cpu_adam op (first use, about a minute, longer on a busy machine; cached "
+                 "in TORCH_EXTENSIONS_DIR=%s)", extensions_dir())
     CPUAdamBuilder().load(verbose=False)
 
 
