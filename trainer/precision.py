@@ -25,6 +25,17 @@ class LossScaleCollapsed(RuntimeError):
     """fp16 overflowed on too many consecutive steps."""
 
 
+def report_skip(scale: float, skipped_steps: int, consecutive: int, limit: int) -> None:
+    """Log an overflowed step; raise LossScaleCollapsed after `limit` in a row (every engine's fp16 rule)."""
+    log.warning("fp16 overflow: step skipped, loss scale now %g (%d skipped so far)", scale, skipped_steps)
+    if consecutive >= limit:
+        raise LossScaleCollapsed(
+            f"fp16 loss scale collapsed to {scale:g}: {consecutive} steps in a row "
+            "overflowed (inf/nan gradients), so nothing is being trained. Use precision.dtype=bf16 "
+            "(same memory, no overflow), lower optimizer.lr, or enable optimizer.grad_clip; raise "
+            "precision.max_consecutive_skips only if you know the overflows will pass.")
+
+
 class Precision:
     """Autocast context and (fp16) loss scaler for one device."""
 
@@ -74,14 +85,8 @@ class Precision:
             return
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        log.warning("fp16 overflow: step skipped, loss scale now %g (%d skipped so far)",
-                    self.loss_scale or 0.0, self.skipped_steps)
-        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
-            raise LossScaleCollapsed(
-                f"fp16 loss scale collapsed to {self.loss_scale:g}: {self.consecutive_skips} steps in a row "
-                "overflowed (inf/nan gradients), so nothing is being trained. Use precision.dtype=bf16 "
-                "(same memory, no overflow), lower optimizer.lr, or enable optimizer.grad_clip; raise "
-                "precision.max_consecutive_skips only if you know the overflows will pass.")
+        report_skip(self.loss_scale or 0.0, self.skipped_steps, self.consecutive_skips,
+                    self.cfg.max_consecutive_skips)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}

@@ -40,7 +40,7 @@ from trainer.engine.base import StepResult
 from trainer.engine.ds_config import (DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section,
                                       zero_section)
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.precision import LossScaleCollapsed
+from trainer.precision import report_skip
 from trainer.safeio import UnsafeFileError, fsync_file
 from trainer.typed import Problem
 
@@ -218,14 +218,7 @@ class ZeroEngine:
             return
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        log.warning("fp16 overflow: step skipped, loss scale now %g (%d skipped so far)", self.loss_scale() or 0.0,
-                    self.skipped_steps)
-        if self.consecutive_skips >= self.max_consecutive_skips:
-            raise LossScaleCollapsed(
-                f"fp16 loss scale collapsed to {self.loss_scale():g}: {self.consecutive_skips} steps in a row "
-                "overflowed (inf/nan gradients), so nothing is being trained. Use precision.dtype=bf16 "
-                "(same memory, no overflow), lower optimizer.lr, or enable optimizer.grad_clip; raise "
-                "precision.max_consecutive_skips only if you know the overflows will pass.")
+        report_skip(self.loss_scale() or 0.0, self.skipped_steps, self.consecutive_skips, self.max_consecutive_skips)
 
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
