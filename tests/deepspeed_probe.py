@@ -1,10 +1,12 @@
 """Test helper, launched under torchrun: train several recipes one after another in one process group and
 write what each rank saw, so one launch (6-9 s of torchrun and DeepSpeed start-up) serves many comparisons.
+Native-engine runs can share a launch with DeepSpeed ones (go first); `count_native_bytes` also serves
+single-process tests.
 
     torchrun --standalone --nproc_per_node=2 tests/deepspeed_probe.py SPEC.json OUT_DIR
 
 SPEC.json: {"recipe": PATH, "runs": [{"name", "overrides", "fault" (TRAINER_FAULT for this run, optional),
-"inspect" (count DeepSpeed's tensors after training), "logits" (input ids to run through the trained model)}]}.
+"inspect" (count the model-state tensors after training), "logits" (input ids to run through the trained model)}]}.
 Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "logits"}}; losses are in each
 run's metrics.jsonl. A run is set up and trained by the real loop (trainer.loop.setup / run_loop).
 
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from trainer.__main__ import setup_logging
+from trainer.adapters.footprint import measured
 from trainer.config import load_recipe
 from trainer.distributed import distributed_context
 from trainer.engine.deepspeed import import_deepspeed
@@ -71,6 +74,46 @@ def count_bytes(run: Run) -> dict[str, int]:
     return out
 
 
+def count_native_bytes(run: Run) -> dict[str, int]:
+    """The same count on the native engine (DDP, sharded optimizer state, per-layer updates, adapters): weights
+    (4-bit ones with their quantization state) and this rank's optimizer state by the adapter package's
+    `measured`, gradients in the middle of a step. With per-layer updates gradients never exist all at once:
+    the count is the most bytes alive when a gradient hook fires (every .grad, the rank-r accumulation buffers
+    and the gradients waiting for or in an all-reduce), taken by wrapping the hooks for this one step."""
+    engine = run.engine
+    module, per_layer = engine.module, getattr(engine, "per_layer", None)
+    params = list(dict.fromkeys(module.parameters()))
+
+    def live() -> int:
+        n = sum(nbytes(p.grad) for p in params)
+        if per_layer is not None:
+            n += sum(nbytes(t) for t in per_layer.low_rank.values())
+            n += sum(nbytes(x) for _, x, _ in per_layer.ready.values())
+            n += sum(nbytes(x) for _, x, _, _ in per_layer.pending)
+        return n
+
+    peak = [0]
+    if per_layer is not None:
+        def counting(p: torch.Tensor) -> None:
+            peak[0] = max(peak[0], live())
+            per_layer._on_grad(p)
+
+        for handle in per_layer.handles:
+            handle.remove()
+        per_layer.handles = [p.register_post_accumulate_grad_hook(counting) for p in params if p.requires_grad]
+    batches, _ = run.data.step_batches(run.state.position)
+    dev = run.dist.device
+    for i, b in enumerate(batches):
+        with engine.accumulate(is_last=i == len(batches) - 1):
+            logits = engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+            engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
+    opt = engine.optimizer
+    out = measured(module, getattr(opt, "optim", opt))  # a sharded optimizer: this rank's own optimizer
+    out["grads"] = peak[0] if per_layer is not None else live()
+    engine.step()
+    return out
+
+
 def offload_facts(run: Run) -> dict[str, Any]:
     """Where DeepSpeed keeps the optimizer state, and which optimizer updates it."""
     ds = run.engine.ds  # type: ignore[attr-defined]
@@ -106,9 +149,11 @@ def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"engine": type(run.engine).__name__}
     if spec.get("logits"):
         result["logits"] = logits_of(run, spec["logits"])
-    if spec.get("inspect"):
+    if spec.get("inspect") and result["engine"] == "ZeroEngine":
         result["offload"] = offload_facts(run)
         result["bytes"] = count_bytes(run)
+    elif spec.get("inspect"):
+        result["bytes"] = count_native_bytes(run)
     return result
 
 

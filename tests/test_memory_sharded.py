@@ -1,7 +1,9 @@
-"""Planned model states against DeepSpeed's real tensors, counted on each of 2 ranks (bf16, ZeRO 1-3, offload).
+"""Planned model states against the real tensors, counted on each of 2 ranks: DeepSpeed (bf16, ZeRO 1-3,
+offload) and the native engine (DDP, zero_stage 1 with plain, 8-bit and GaLore optimizers, per-layer updates).
 
-tests/deepspeed_probe.py trains each recipe with the real loop under torchrun and counts, on every rank, the bytes
-of the parameters, gradients, fp32 master partitions and Adam moments DeepSpeed holds in the middle of a step.
+tests/deepspeed_probe.py trains each recipe with the real loop under torchrun (one launch for all of them) and
+counts, on every rank, the bytes of the parameters, gradients and optimizer state (DeepSpeed: fp32 master
+partitions and Adam moments) held in the middle of a step.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QUICKSTART, ROOT, tiny
-from trainer.config import load_recipe
-from trainer.memory import plan
+from trainer.config import Config, load_recipe
+from trainer.memory import plan, shapes, sharded_state_loads
 
 RUNS = {"z1": ["distributed.zero_stage=1"], "z2": ["distributed.zero_stage=2"],
         "z2_offload": ["distributed.zero_stage=2", "distributed.offload_optimizer=cpu"],
@@ -24,6 +26,25 @@ BASE = ["precision.dtype=bf16", "distributed.engine=deepspeed", "train.micro_bat
         "checkpoint.save_final=false", "checkpoint.resume=never", "model.config.hidden_size=512",
         "model.config.intermediate_size=1376", "model.config.num_hidden_layers=2", "model.config.num_attention_heads=8",
         "model.config.num_key_value_heads=8"]  # matrices above ZeRO-3's persistence threshold (1e5 elements)
+
+
+# Native engine under 2 processes: DDP (gradients are bucket views), zero_stage 1 (each rank keeps the state of
+# the whole parameters it owns; GaLore balanced by state bytes) and per-layer GaLore updates (gradients in flight).
+NATIVE_SIZE = ["model.config.hidden_size=128", "model.config.intermediate_size=352", "model.config.num_hidden_layers=2",
+               "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2",
+               "checkpoint.save_final=false", "checkpoint.resume=never"]
+NATIVE = {
+    "ddp_adamw": ["optimizer.name=adamw"],
+    "z1_adamw": ["distributed.zero_stage=1", "optimizer.name=adamw"],
+    "z1_bf16_adamw8bit": ["distributed.zero_stage=1", "precision.dtype=bf16", "optimizer.name=adamw8bit"],
+    "z1_sgd": ["distributed.zero_stage=1", "optimizer.name=sgd", "optimizer.momentum=0.9", "optimizer.lr=0.01"],
+    "z1_galore": ["distributed.zero_stage=1", "optimizer.name=galore_adamw", "optimizer.galore.rank=16"],
+    "z1_bf16_galore8bit": ["distributed.zero_stage=1", "precision.dtype=bf16", "optimizer.name=galore_adamw8bit",
+                           "optimizer.galore.rank=16"],
+    # a refresh every step: the reductions carry full-size gradients (the plan's worst case)
+    "per_layer_galore": ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "optimizer.galore.per_layer=true",
+                         "optimizer.galore.update_gap=1", "model.config.tie_word_embeddings=false"],
+}
 
 
 def planned(overrides: list[str]) -> dict[str, int]:
@@ -38,15 +59,22 @@ def planned(overrides: list[str]) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
-def test_zero_states_per_rank_match_plan(tmp_path: Path) -> None:
-    runs = [{"name": n, "overrides": tiny(tmp_path / n, *BASE, *o, steps=2), "inspect": True} for n, o in RUNS.items()]
+def test_states_per_rank_match_plan(tmp_path: Path) -> None:
+    native = [{"name": n, "overrides": tiny(tmp_path / n, *NATIVE_SIZE, *o, steps=2), "inspect": True}
+              for n, o in NATIVE.items()]
+    runs = native + [{"name": n, "overrides": tiny(tmp_path / n, *BASE, *o, steps=2), "inspect": True}
+                     for n, o in RUNS.items()]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"recipe": str(QUICKSTART), "runs": runs}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "tests" / "deepspeed_probe.py"), str(spec), str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     facts = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for name, overrides in NATIVE.items():
+        check_native(name, load_recipe(QUICKSTART, tiny(tmp_path / name, *NATIVE_SIZE, *overrides, steps=2)),
+                     [f[name]["bytes"] for f in facts])
     for name, overrides in RUNS.items():
         want = planned(tiny(tmp_path / name, *BASE, *overrides, steps=2))
         per_rank = [{"params": f[name]["bytes"]["params"], "grads": f[name]["bytes"]["grads"],
@@ -55,3 +83,21 @@ def test_zero_states_per_rank_match_plan(tmp_path: Path) -> None:
         print(f"{name}: planned {want} real per rank {per_rank}")
         assert sum(want.values()) == pytest.approx(sum(worst.values()), rel=0.02), (name, want, per_rank)
         assert want["state"] == pytest.approx(worst["state"], rel=0.02)
+
+
+def check_native(name: str, cfg: Config, per_rank: list[dict[str, int]]) -> None:
+    """Every rank holds the planned weights and gradients; rank r holds the state the plan's partition gives
+    it (the same partition function over the same parameter groups), and the plan's peak is the worst rank's."""
+    p = plan(cfg, world_size=2)
+    get = lambda *names: sum(i.bytes for i in p.items if i.name.startswith(names))  # noqa: E731
+    print(f"{name}: planned weights {get('weights'):,} grads {get('gradients'):,} state {get('optimizer state'):,}; "
+          f"real per rank {per_rank}")
+    for rank, real in enumerate(per_rank):
+        assert get("weights") == real["weights"], (name, rank)
+        assert get("gradients") == pytest.approx(real["grads"], rel=0.02), (name, rank)
+    if cfg.distributed.zero_stage == 1:
+        loads = sharded_state_loads(cfg, shapes(cfg), 2)
+        for rank, real in enumerate(per_rank):
+            assert loads[rank] == pytest.approx(real["optimizer"], rel=0.02, abs=4096), (name, rank, loads)
+        assert min(loads) > 0, "a rank owns no optimizer state"
+    assert get("optimizer state") == pytest.approx(max(r["optimizer"] for r in per_rank), rel=0.02, abs=4096)

@@ -1,8 +1,9 @@
 """Planned model states (weights + gradients + optimizer state) against the real tensors after one step.
 
 One process per combination (engine native x precision x optimizer x adapter); the multi-rank combinations
-(DeepSpeed ZeRO stages, native ZeRO-1 for GaLore) are in test_memory_sharded.py. Gradients are counted after
-the optimizer step with zero_grad held back, so they are the step's real gradient tensors.
+(DeepSpeed ZeRO stages, native ZeRO-1, per-layer updates under DDP) are in test_memory_sharded.py. Each run
+takes one optimizer step, then its tensors are counted in the middle of the next (after backward, before the
+step; with per-layer updates, the most gradient bytes alive at any gradient hook): tests/deepspeed_probe.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import QUICKSTART, tiny
+from tests.deepspeed_probe import count_native_bytes
 from tests.test_adapters import LLAMA, save_base
-from trainer.adapters.footprint import measured
 from trainer.config import load_recipe
 from trainer.distributed import distributed_context
 from trainer.loop import setup, train_step
@@ -34,6 +35,15 @@ FULL = {
     "fp32-galore": ["optimizer.name=galore_adamw", "optimizer.galore.rank=16"],
     "bf16-galore8bit": ["precision.dtype=bf16", "optimizer.name=galore_adamw8bit", "optimizer.galore.rank=16"],
     "fp32-galore-left": ["optimizer.name=galore_adamw", "optimizer.galore.rank=8", "optimizer.galore.proj_type=left"],
+    # per-layer updates: one gradient at a time; with accumulation on a refresh step (every step here), all of
+    # them at full size. Untied embeddings: the head's share of a tied one waits inside autograd, where no
+    # tensor count on CPU can see it (the plan adds it for tied models).
+    "bf16-nomaster-galore8bit-per-layer": ["precision.dtype=bf16", "precision.master_weights=false",
+                                           "optimizer.name=galore_adamw8bit", "optimizer.galore.rank=16",
+                                           "optimizer.galore.per_layer=true", "model.config.tie_word_embeddings=false"],
+    "fp32-galore-per-layer-accum2-refresh": ["optimizer.name=galore_adamw", "optimizer.galore.rank=16",
+                                             "optimizer.galore.per_layer=true", "optimizer.galore.update_gap=1",
+                                             "train.grad_accum_steps=2", "model.config.tie_word_embeddings=false"],
 }
 ADAPTER = {
     "lora-fp32-adamw": ["adapter.type=lora", "optimizer.name=adamw"],
@@ -52,14 +62,13 @@ def planned(cfg: Any) -> dict[str, int]:
 
 
 def real_after_one_step(cfg: Any) -> dict[str, int]:
+    """One optimizer step (the state exists), then the tensors counted in the middle of the next one."""
     with distributed_context() as dist:
         run = setup(cfg, dist)
-        opt = run.engine.optimizer
-        opt.zero_grad = lambda set_to_none=True: None  # type: ignore[method-assign]  # keep the step's gradients
         batches, run.state.position = run.data.step_batches(run.state.position)
         train_step(run, batches)
         run.metrics.close()
-        return measured(run.engine.module, opt)
+        return count_native_bytes(run)
 
 
 def check(cfg: Any, label: str) -> None:

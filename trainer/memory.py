@@ -201,30 +201,126 @@ def model_states(cfg: Config, sh: Shapes, world: int) -> tuple[list[Item], int]:
     return _native_states(cfg, sh, world), sh.total
 
 
+def _plain_state(cfg: Config, numels: list[int]) -> int:
+    """State of a non-GaLore optimizer; torch's AdamW and SGD keep it in the parameters' dtype."""
+    o, p = cfg.optimizer, cfg.precision
+    state = _optimizer_bytes(o.name, numels, o.momentum)
+    if p.dtype != "fp32" and not p.master_weights and o.name in ("adamw", "sgd"):
+        state //= 2
+    return state
+
+
+def sharded_state_loads(cfg: Config, sh: Shapes, world: int) -> list[int]:
+    """Optimizer-state bytes of each rank under native zero_stage 1, by the sharded optimizer's own partition
+    (trainer/optim/sharded.py: whole parameters, GaLore balanced by state bytes, the others by size), built
+    from the same parameter groups in the same order on the meta model."""
+    from trainer.optim import param_groups
+    from trainer.optim.sharded import numel_cost, partition
+
+    o = cfg.optimizer
+    if o.name.startswith("galore"):
+        from trainer.optim.galore_groups import galore_defaults, galore_param_groups, state_cost
+
+        groups, _ = galore_param_groups(sh.meta, o, announce=False)
+        flat = [(p, {**galore_defaults(o), **g}) for g in groups for p in g["params"]]
+        costs = [state_cost(p, g) for p, g in flat]
+        owners = partition(costs, world)
+        return [sum(c for c, r in zip(costs, owners) if r == rank) for rank in range(world)]
+    flat = [(p, g) for g in param_groups(sh.meta, o.weight_decay) for p in g["params"]]
+    owners = partition([numel_cost(p, g) for p, g in flat], world)
+    return [_plain_state(cfg, [p.numel() for (p, _), r in zip(flat, owners) if r == rank]) for rank in range(world)]
+
+
+def _per_layer_gradients(cfg: Config, sh: Shapes, world: int, wb: int) -> Item:
+    """Gradient memory with per-layer updates (trainer/optim/per_layer.py). Without accumulation a gradient
+    lives from its hook to its update: one tensor in one process; under DDP the reductions in flight (at most
+    MAX_IN_FLIGHT, full size on refresh steps) and the one arriving. With accumulation the gradients of a
+    refresh step (1 in update_gap) build up at full size, since the SVD needs the summed gradient: that step
+    is the peak."""
+    from trainer.optim.per_layer import MAX_IN_FLIGHT
+
+    if cfg.train.grad_accum_steps > 1:
+        return Item(f"gradients (per-layer updates, accumulated at full size on refresh steps: 1 in "
+                    f"{cfg.optimizer.galore.update_gap})", wb * sh.total)
+    if world == 1:
+        return Item("gradients (per-layer updates: one tensor at a time, the largest)",
+                    wb * max(p.numel for p in sh.params))
+    size = {p.name: p.numel for p in sh.params}
+    order = [size[n] for n in reduction_order(sh)]
+    live = MAX_IN_FLIGHT + 1  # the reductions in flight and the gradient arriving
+    window = max(sum(order[i:i + live]) for i in range(max(1, len(order) - live + 1)))
+    return Item(f"gradients (per-layer updates: {MAX_IN_FLIGHT} in all-reduce + 1 arriving, refresh step)",
+                wb * window)
+
+
+def reduction_order(sh: Shapes) -> list[str]:
+    """Parameter names in the order per-layer updates reduce them under DDP: the reverse of their first use in
+    the forward, which the engine records from its first forward (optim/per_layer.py record_first_use). Here
+    it comes from one forward of a narrow copy of the model on CPU (same modules and layer count, widths of a
+    few units); if that copy cannot be built, from the reverse of the registration order."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.optim.per_layer import record_first_use
+
+    names = [p.name for p in sh.params]
+    narrow = copy.deepcopy(sh.meta.config)
+    text = narrow.get_text_config() if hasattr(narrow, "get_text_config") else narrow
+    small = {"hidden_size": 4 * sh.heads, "n_embd": 4 * sh.heads, "head_dim": 4, "intermediate_size": 8,
+             "n_inner": 8, "moe_intermediate_size": 8, "vocab_size": 32}
+    for key, value in small.items():
+        if getattr(text, key, None) is not None:
+            setattr(text, key, value)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(narrow)
+        used: dict[Any, None] = {}
+        record_first_use(model, used)
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+    except Exception:  # noqa: BLE001  an architecture that does not shrink: registration order, reversed
+        return names[::-1]
+    by_param = {p: n for n, p in model.named_parameters()}
+    first = [by_param[p] for p in used if p in by_param]
+    seen = set(first)
+    return first[::-1] + [n for n in names[::-1] if n not in seen]
+
+
+def _tied(sh: Shapes) -> int:
+    """Elements of the input embedding when the LM head shares it (0 when untied)."""
+    head, embed = sh.meta.get_output_embeddings(), sh.meta.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return 0
+    return embed.weight.numel()
+
+
 def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     o = cfg.optimizer
-    shard = world if cfg.distributed.zero_stage >= 1 else 1  # native ZeRO-1: state split by whole parameters (optim/sharded.py)
+    shard = world if cfg.distributed.zero_stage >= 1 else 1  # native ZeRO-1: state split by whole parameters
     half = cfg.precision.dtype != "fp32" and not cfg.precision.master_weights
     wb = 2 if half else 4  # weights, their gradients and torch's AdamW moments share the parameters' dtype
     items = [Item("weights (bf16, no fp32 master)" if half else "weights (fp32 master, the model itself)",
                   wb * sh.total)]
+    grads = Item("gradients" + (" (DDP buckets; the .grad tensors are views into them)" if world > 1 else ""),
+                 wb * sh.total)
     if o.name.startswith("galore"):
         state, n_targets, n_rest = galore_state(cfg, sh)
         note = f"GaLore rank {o.galore.rank} on {n_targets} matrices, AdamW on {n_rest} other tensors"
         if o.galore.per_layer:
-            largest = max(p.numel for p in sh.params)
-            items.append(Item("gradients (per-layer updates: one tensor at a time)", wb * largest))
-        else:
-            items.append(Item("gradients", wb * sh.total))
+            grads = _per_layer_gradients(cfg, sh, world, wb)
     else:
-        state = _optimizer_bytes(o.name, [p.numel for p in sh.params], o.momentum)
-        if half and o.name in ("adamw", "sgd"):
-            state //= 2
-        note = o.name
-        items.append(Item("gradients", wb * sh.total))
+        state, note = _plain_state(cfg, [p.numel for p in sh.params]), o.name
+    items.append(grads)
+    if o.name.startswith("galore") and o.galore.per_layer and _tied(sh) and cfg.train.grad_accum_steps == 1:
+        # the head's share of a tied embedding's gradient waits in autograd until the embedding's own arrives
+        items.append(Item("gradients (the LM head's share of the tied embedding, held through backward)",
+                          wb * _tied(sh)))
     if shard > 1:
-        note += f", sharded over {shard} ranks"
-    items.append(Item("optimizer state", state // shard, note=note))
+        loads = sharded_state_loads(cfg, sh, shard)
+        state = max(loads)
+        note += (f", sharded over {shard} ranks by whole parameters (largest share "
+                 f"{state / max(sum(loads), 1):.0%}; per rank {', '.join(f'{x / 2**20:.1f}' for x in loads)} MiB)")
+    items.append(Item("optimizer state", state, note=note))
     return items
 
 
@@ -363,10 +459,13 @@ def plan(cfg: Config, world_size: int = 1, gpu_bytes: int = 24 * GiB, sh: Shapes
     if casts:
         items.append(Item(f"{cfg.precision.dtype} cast copies of the weights (autocast)", casts))
     temp = _step_temporaries(cfg, items, sh)
-    forward = states + act + logits_bytes(cfg, sh) + casts
+    # per-layer updates run the optimizer inside backward, while the activations are alive
+    inside = cfg.optimizer.name.startswith("galore") and cfg.optimizer.galore.per_layer
+    forward = states + act + logits_bytes(cfg, sh) + casts + (temp if inside else 0)
     step = states + temp
     base = max(forward, step)
-    items.append(Item("optimizer step temporaries", temp, note="counted in the step phase only"))
+    items.append(Item("optimizer step temporaries", temp, note="inside backward (per-layer updates)" if inside
+                      else "counted in the step phase only"))
     allowance = CUDA_CONTEXT + int(FRAGMENTATION * base)
     items.append(Item("CUDA context and allocator fragmentation", allowance,
                       note=f"{CUDA_CONTEXT / GiB:.2f} GiB context + {FRAGMENTATION:.0%} of the rest"))

@@ -46,7 +46,9 @@ class NativeEngine:
         self.wrapped: nn.Module = self.module
         if dist.is_distributed and per_layer is None:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.wrapped = DDP(self.module, device_ids=ids)
+            # gradient_as_bucket_view: the .grad tensors are views into DDP's reduction buckets, so the
+            # gradients exist once (by default DDP keeps the buckets besides the .grad tensors: twice)
+            self.wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast():
@@ -75,7 +77,9 @@ class NativeEngine:
         lr = self.lr()
         skipped = self.precision.step(self.optimizer)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # under DDP the gradients are bucket views: zeroing them in place keeps them views (freeing them would
+        # make the next accumulation micro-steps build fresh tensors beside the buckets)
+        self.optimizer.zero_grad(set_to_none=not isinstance(self.wrapped, DDP))
         return StepResult(grad_norm=norm, skipped=skipped, loss_scale=scale, lr=lr,
                           skipped_steps=self.precision.skipped_steps)
 

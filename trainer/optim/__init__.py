@@ -35,9 +35,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _construct(cls: type, groups: list[dict], shard_state: bool, **kwargs: object) -> torch.optim.Optimizer:
     if not shard_state:
         return cls(groups, **kwargs)
-    from trainer.optim.sharded import ShardedOptimizer
+    from trainer.optim.sharded import ShardedOptimizer, numel_cost
 
-    return ShardedOptimizer(groups, cls, lambda p, g: p.numel(), **kwargs)  # state proportional to size
+    return ShardedOptimizer(groups, cls, numel_cost, **kwargs)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, shard_state: bool = False) -> torch.optim.Optimizer:

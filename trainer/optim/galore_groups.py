@@ -73,9 +73,10 @@ def _kinds(names: list[str]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in counts.items())
 
 
-def galore_param_groups(model: nn.Module, cfg: OptimizerConfig) -> tuple[list[dict[str, Any]],
-                                                                         dict[nn.Parameter, str]]:
-    """Parameter groups (GaLore targets; other matrices; no-decay) and the names of every trainable one."""
+def galore_param_groups(model: nn.Module, cfg: OptimizerConfig, announce: bool = True) -> tuple[
+        list[dict[str, Any]], dict[nn.Parameter, str]]:
+    """Parameter groups (GaLore targets; other matrices; no-decay) and the names of every trainable one;
+    `announce` logs the two lists (the memory plan builds the groups quietly)."""
     g = cfg.galore
     targets, small = select_targets(model, g.target_modules, g.rank)
     if not targets:
@@ -93,6 +94,8 @@ def galore_param_groups(model: nn.Module, cfg: OptimizerConfig) -> tuple[list[di
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     total = sum(p.numel() for p in names)
     share = sum(p.numel() for p in targets) / max(total, 1)
+    if not announce:
+        return [grp for grp in groups if grp["params"]], names
     log.info("GaLore rank %d on %d matrices (%s; %.1f%% of trainable parameters); plain AdamW on %d tensors "
              "(%s)", g.rank, len(targets), _kinds(list(targets.values())), 100 * share, len(rest),
              _kinds([names[p] for p in rest]))
@@ -108,14 +111,19 @@ def state_cost(p: torch.Tensor, group: dict[str, Any]) -> int:
                                 group["min_8bit_size"])
 
 
+def galore_defaults(cfg: OptimizerConfig) -> dict[str, Any]:
+    """GaLoreAdamW's keyword arguments (the defaults of every parameter group) from the recipe."""
+    g = cfg.galore
+    return dict(lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, rank=None, update_gap=g.update_gap,
+                scale=g.scale, proj_type=g.proj_type, svd=g.svd, bits=8 if cfg.name == "galore_adamw8bit" else 32,
+                min_8bit_size=MIN_8BIT_SIZE)
+
+
 def build_galore(model: nn.Module, cfg: OptimizerConfig, shard_state: bool) -> torch.optim.Optimizer:
     """GaLoreAdamW over the model; with shard_state, each rank owns whole parameters and keeps only their
     state, balanced by state bytes (trainer/optim/sharded.py)."""
     groups, names = galore_param_groups(model, cfg)
-    g = cfg.galore
-    kwargs = dict(lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, rank=None, update_gap=g.update_gap,
-                  scale=g.scale, proj_type=g.proj_type, svd=g.svd, bits=8 if cfg.name == "galore_adamw8bit" else 32,
-                  min_8bit_size=MIN_8BIT_SIZE)
+    kwargs = galore_defaults(cfg)
     if not shard_state:
         opt = GaLoreAdamW(groups, **kwargs)  # type: ignore[arg-type]
         opt.param_names = names

@@ -11,9 +11,10 @@ How the three usual blockers work here:
   gradient. With one micro-step per optimizer step no full-size gradient outlives its own hook.
 - **DDP.** The model is not wrapped in DDP (its buckets would hold a full gradient copy); on the last
   micro-step each gradient, in its low-rank form where it has one, is all-reduced asynchronously, averaged,
-  and applied when the reduction completes. Collectives are issued in one fixed order on every rank
-  (reverse parameter order, as backward produces them; a gradient that comes early waits for its turn), and
-  at most MAX_IN_FLIGHT are outstanding. A parameter that gets no gradient under DDP is an error.
+  and applied when the reduction completes. Collectives are issued in one fixed order on every rank (the
+  reverse of the order in which the first forward used the parameters, about the order backward produces
+  them; a gradient that comes early waits for its turn), and at most MAX_IN_FLIGHT are outstanding. A
+  parameter that gets no gradient under DDP is an error.
 - **Clipping.** The global norm of a step is known only after its backward, when every update has been
   applied. The rule: the gradient of step t is multiplied by min(1, c / N_{t-1}), N_{t-1} being the previous
   step's global norm (no factor on the first step), and, so that a spike is still caught on the step it
@@ -39,6 +40,22 @@ from trainer.optim.galore import GaLoreAdamW
 MAX_IN_FLIGHT = 4  # outstanding all-reduces (each holds one gradient)
 
 
+def record_first_use(model: nn.Module, used: dict[Tensor, None]) -> list[Any]:
+    """Forward pre-hooks that add each trainable parameter to `used` (an ordered set) when the forward first
+    runs its module; returns the hook handles. Backward completes gradients in about the reverse of this order,
+    while registration order can differ (a Llama layer registers its input norm after the MLP and backward
+    completes it last: in registration order the whole layer's gradients would wait for it). The order is the
+    same on every rank, as the same code runs the modules; the memory plan takes it from a narrow copy."""
+
+    def record(module: nn.Module, args: Any) -> None:
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and p not in used:
+                used[p] = None
+
+    return [m.register_forward_pre_hook(record) for m in model.modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
 class PerLayerUpdates:
     """Post-accumulate-grad hooks that run GaLoreAdamW's per-parameter update inside backward."""
 
@@ -47,8 +64,10 @@ class PerLayerUpdates:
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.world_size = world_size
-        self.order = params[::-1]  # roughly the order in which backward completes gradients
+        self.order = params[::-1]  # until the first forward has shown the order of use (record_first_use)
         self.position = {p: i for i, p in enumerate(self.order)}
+        self.used: dict[Tensor, None] = {}
+        self.use_hooks = record_first_use(model, self.used) if world_size > 1 else []
         self.is_last = True
         self.low_rank: dict[Tensor, Tensor] = {}
         self.ready: dict[int, tuple[Tensor, Tensor, bool]] = {}
@@ -61,6 +80,15 @@ class PerLayerUpdates:
                 dist.broadcast(t.data, src=0)
         self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
+    def _fix_order(self) -> None:
+        """At the first gradient: collectives follow the reverse order of first use from then on."""
+        for handle in self.use_hooks:
+            handle.remove()
+        self.use_hooks = []
+        unused = [p for p in self.order if p not in self.used]
+        self.order = list(self.used)[::-1] + unused
+        self.position = {p: i for i, p in enumerate(self.order)}
+
     @contextlib.contextmanager
     def micro_step(self, is_last: bool) -> Iterator[None]:
         """Wraps one micro-step's forward and backward; updates happen in the last one."""
@@ -72,6 +100,8 @@ class PerLayerUpdates:
 
     @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
+        if self.use_hooks:
+            self._fix_order()
         grad, opt = p.grad, self.optimizer
         assert grad is not None
         if not self.is_last:

@@ -23,6 +23,12 @@ from torch import Tensor
 Cost = Callable[[Tensor, dict[str, Any]], int]
 
 
+def numel_cost(p: Tensor, group: dict[str, Any]) -> int:
+    """The balancing cost of plain optimizers (AdamW, SGD, 8-bit AdamW): their state is about proportional
+    to the parameter's size."""
+    return p.numel()
+
+
 def partition(costs: list[int], world_size: int) -> list[int]:
     """Owner rank of each item: largest cost first, each to the least-loaded rank (lowest on ties)."""
     loads = [0] * world_size
