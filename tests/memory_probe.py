@@ -56,13 +56,62 @@ print(json.dumps(results))
 '''
 
 
-def measure(recipe: str, configs: list[list[str]]) -> list[int]:
-    """Peak RSS delta (bytes) of one forward+backward with gradients already allocated, per config (one
-    process measures them one after the other: freed blocks leave the RSS, so each starts from its own base)."""
-    proc = subprocess.run([sys.executable, "-c", PROBE, recipe, json.dumps(configs)], capture_output=True, text=True,
+TIED_PROBE = r'''
+import gc, json, sys
+import psutil, torch
+from trainer.config import load_recipe
+from trainer.model import build_model
+from trainer.tokenizer import build_tokenizer
+torch.set_num_threads(1)
+proc = psutil.Process()
+out = {}
+for tied in ("true", "false"):
+    cfg = load_recipe(sys.argv[1], [*json.loads(sys.argv[2]), f"model.config.tie_word_embeddings={tied}"])
+    model = build_model(cfg.model, build_tokenizer(cfg.model), 0).train()
+    middle = {p for n, p in model.named_parameters() if ".layers.1." in n}
+    samples = []
+    def free(p):  # what per-layer updates do: the gradient is gone once its hook has run
+        if p in middle:
+            samples.append(proc.memory_info().rss)
+        p.grad = None
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(free)
+    ids = torch.randint(0, cfg.model.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the first pass warms the allocator up
+        samples.clear()
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        del logits
+        gc.collect()
+        base = proc.memory_info().rss
+        loss.backward()
+    out[tied] = max(samples) - base
+    del model
+    gc.collect()
+print(json.dumps(out))
+'''
+
+
+def _run(code: str, *args: str) -> object:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
                                # large blocks straight from mmap: freed memory leaves the RSS at once
                                "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tied_gradient_held(recipe: str, overrides: list[str]) -> int:
+    """Bytes a tied embedding adds in the middle of backward when every gradient is freed by its hook (as
+    per-layer updates do): RSS above the start of backward while the second layer's gradients arrive, tied
+    minus untied. Autograd keeps the head's share of a tied weight's gradient until the embedding's own share
+    arrives at the end of backward; untied, the head's gradient is freed by its hook at once."""
+    held = _run(TIED_PROBE, recipe, json.dumps(overrides))
+    return held["true"] - held["false"]  # type: ignore[index]
+
+
+def measure(recipe: str, configs: list[list[str]]) -> list[int]:
+    """Peak RSS delta (bytes) of one forward+backward with gradients already allocated, per config (one
+    process measures them one after the other: freed blocks leave the RSS, so each starts from its own base)."""
+    return _run(PROBE, recipe, json.dumps(configs))  # type: ignore[return-value]

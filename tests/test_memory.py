@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QUICKSTART, ROOT
-from tests.memory_probe import measure
+from tests.memory_probe import measure, tied_gradient_held
 from trainer.config import load_recipe
 from trainer.memory import GiB, Param, Shapes, _autocast_copies, activation_bytes, logits_bytes, plan, shapes
 
@@ -134,6 +134,23 @@ def test_activation_prediction_within_15_percent() -> None:
               f"{got / 2**20:.1f} MiB (error {error:.1%})")
         assert error < 0.15, (size, ckpt, dtype, predicted, got)
     print(f"worst error {worst:.1%}")
+
+
+@pytest.mark.slow
+def test_tied_embedding_gradient_held_through_per_layer_backward() -> None:
+    """The plan's extra gradient for a tied embedding under per-layer updates is what a real backward holds
+    (RSS method in tests/memory_probe.py; a 4M-element embedding makes it stand out of the noise)."""
+    size = ["model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_hidden_layers=4",
+            "model.config.vocab_size=65536"]
+    per_layer = ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "optimizer.galore.per_layer=true"]
+    p = plan(load_recipe(QUICKSTART, [*size, *per_layer, "model.config.tie_word_embeddings=true"]))
+    planned = sum(i.bytes for i in p.items if "tied embedding" in i.name)
+    held = tied_gradient_held(str(QUICKSTART), size)
+    print(f"tied embedding gradient held through backward: planned {planned:,} B, measured {held:,} B")
+    assert planned == 4 * 65536 * 64
+    assert held == pytest.approx(planned, rel=0.15)
+    untied = plan(load_recipe(QUICKSTART, [*size, *per_layer, "model.config.tie_word_embeddings=false"]))
+    assert not [i for i in untied.items if "tied embedding" in i.name]
 
 
 PLANNED = sorted((ROOT / "recipes").rglob("*.yaml"))
