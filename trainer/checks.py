@@ -189,11 +189,10 @@ def _adapter_targets(cfg: Config, src: Source) -> list[Problem]:
     if not a.target_modules:
         return [Problem("adapter.target_modules", [], "empty: give module names (e.g. [q_proj, v_proj]) or "
                         "'all-linear'", src("adapter.target_modules"))]
-    try:
-        from transformers import AutoConfig
+    try:  # a local directory, the hub cache, a well-known model, and only then the network
+        from trainer.memory import model_config
 
-        arch = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                                          revision=cfg.model.revision)
+        arch = model_config(cfg)
     except Exception:  # not reachable now (a hub id offline): loading reports it, and peft checks the names then
         return []
     from trainer.adapters.targets import target_problems

@@ -96,9 +96,14 @@ def suggest(cfg: Config, world: int, gpu_bytes: int, sh: Shapes) -> list[dict[st
     return steps
 
 
+def _count(n: int) -> str:
+    """3.21B, 772.0M: parameter counts as people say them."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
+
+
 def render(p: Plan, cfg: Config, title: str) -> str:
     """The one-screen table `python -m trainer plan` prints."""
-    lines = [f"memory plan for {title}: {p.parameters / 1e9:.3g}B parameters ({p.trainable / 1e6:,.1f}M "
+    lines = [f"memory plan for {title}: {_count(p.parameters)} parameters ({p.trainable / 1e6:,.1f}M "
              f"trainable), {p.world_size} GPU{'s' if p.world_size > 1 else ''}, per rank:", ""]
     width = max(len(i.name) for i in p.items) + 2
     for i in p.items:
