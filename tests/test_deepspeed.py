@@ -156,6 +156,15 @@ def test_bf16_zero_stages_agree(bf16: dict[str, Any]) -> None:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
+def test_zero3_logs_the_full_parameter_count(bf16: dict[str, Any]) -> None:
+    """ZeRO-3 leaves empty placeholders in the model; the model log line still counts the full parameters."""
+    counts = re.findall(r"model: \w+, ([\d.]+)M parameters", bf16["log"])
+    assert len(counts) == 5 and len(set(counts)) == 1 and float(counts[0]) > 0, counts
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
 def test_bytes_per_rank_fall_as_zero_says(bf16: dict[str, Any]) -> None:
     """Mixed-precision Adam holds 2 (bf16 weights) + 2 (bf16 gradients) + 12 (fp32 master, two moments) bytes
     per parameter. Over N=2 ranks ZeRO-1 shards the 12, ZeRO-2 also the gradients, ZeRO-3 also the weights.

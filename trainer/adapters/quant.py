@@ -85,8 +85,9 @@ def quantized_weight_bytes(model: nn.Module) -> int:
 
 
 def logical_numel(p: torch.Tensor) -> int:
-    """Elements a parameter stands for: a packed 4-bit weight counts its original shape, not its bytes."""
+    """Elements a parameter stands for: a packed 4-bit weight counts its original shape, not its bytes; a ZeRO-3
+    partitioned parameter (an empty placeholder on every rank) its full size, ds_numel."""
     state = getattr(p, "quant_state", None)
     if type(p).__name__ == "Params4bit" and state is not None:
         return int(torch.Size(state.shape).numel())
-    return p.numel()
+    return int(getattr(p, "ds_numel", p.numel()))
