@@ -9,7 +9,6 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -25,13 +24,7 @@ from trainer.optim.sharded import partition
 SHAPES = {"tall": (48, 20), "wide": (20, 48)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small matrices: a second BLAS thread only adds contention when the machine is busy (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(tie: bool = False) -> LlamaForCausalLM:

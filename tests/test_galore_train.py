@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -30,12 +29,7 @@ GALORE = ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "optimizer.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds contention on a busy machine
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(run: Run) -> dict[str, torch.Tensor]:
