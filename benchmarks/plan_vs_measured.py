@@ -110,7 +110,8 @@ def measure_one(name: str, overrides: list[str], cap_gib: float) -> dict[str, fl
         finally:
             run.metrics.close()
     if cuda:
-        result.update(allocated=torch.cuda.max_memory_allocated() / GIB, reserved=torch.cuda.max_memory_reserved() / GIB)
+        result.update(allocated=torch.cuda.max_memory_allocated() / GIB,
+                      reserved=torch.cuda.max_memory_reserved() / GIB)
     else:
         import resource
 
