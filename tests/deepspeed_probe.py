@@ -38,18 +38,25 @@ def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def count_bytes(run: Run) -> dict[str, int]:
-    """Bytes of the model states this rank holds, counted from DeepSpeed's own tensors in the middle of an
-    optimizer step (after backward, before step): parameters, gradients, fp32 master partitions and Adam
-    moments. The extra step it runs comes after the logged trajectory and the final checkpoint."""
+def backward_of_next_step(run: Run) -> None:
+    """The forward and backward passes of the next optimizer step, without the step (the caller counts, then
+    steps): what a rank holds in the middle of a step."""
     engine = run.engine
-    ds = engine.ds  # type: ignore[attr-defined]
     batches, _ = run.data.step_batches(run.state.position)
     dev = run.dist.device
     for i, b in enumerate(batches):
         with engine.accumulate(is_last=i == len(batches) - 1):
             logits = engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
             engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
+
+
+def count_bytes(run: Run) -> dict[str, int]:
+    """Bytes of the model states this rank holds, counted from DeepSpeed's own tensors in the middle of an
+    optimizer step (after backward, before step): parameters, gradients, fp32 master partitions and Adam
+    moments. The extra step it runs comes after the logged trajectory and the final checkpoint."""
+    engine = run.engine
+    ds = engine.ds  # type: ignore[attr-defined]
+    backward_of_next_step(run)
     zero = ds.optimizer
     params = list(engine.module.parameters())
     out = {
@@ -101,12 +108,7 @@ def count_native_bytes(run: Run) -> dict[str, int]:
         for handle in per_layer.handles:
             handle.remove()
         per_layer.handles = [p.register_post_accumulate_grad_hook(counting) for p in params if p.requires_grad]
-    batches, _ = run.data.step_batches(run.state.position)
-    dev = run.dist.device
-    for i, b in enumerate(batches):
-        with engine.accumulate(is_last=i == len(batches) - 1):
-            logits = engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
-            engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
+    backward_of_next_step(run)
     opt = engine.optimizer
     out = measured(module, getattr(opt, "optim", opt))  # a sharded optimizer: this rank's own optimizer
     out["grads"] = peak[0] if per_layer is not None else live()
