@@ -3,8 +3,8 @@
 Method: in a fresh process, build the model (fp32 weights), run one warm-up forward+backward, keep the
 gradients allocated (zeroed, not freed), then sample the process's resident set size every millisecond from
 a thread during a second forward+backward. Measured = peak RSS during it minus RSS just before it. Predicted
-= the plan's activations + logits/loss buffers (+ autocast weight copies): what a forward+backward adds on top
-of weights, gradients and optimizer state.
+= the plan's forward_backward_bytes (activations, logits and loss) + autocast weight copies: what a
+forward+backward adds on top of weights, gradients and optimizer state.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ for overrides in json.loads(sys.argv[2]):
     prec = Precision(cfg.precision, torch.device("cpu"))
     b, s = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.randint(0, len(tok), (b, s), generator=torch.Generator().manual_seed(0))
-    def step():
+    def step():  # as the loop: the logits are not kept beyond the loss
         with prec.autocast():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-        token_loss_sum(out, ids).backward()
+            logits = [model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits]
+        token_loss_sum(logits.pop(), ids).backward()
     step()
     for p in model.parameters():
         p.grad.zero_()
@@ -90,6 +90,51 @@ for tied in ("true", "false"):
     gc.collect()
 print(json.dumps(out))
 '''
+
+
+LOSS_PROBE = r'''
+import gc, json, sys, threading, time
+import psutil, torch
+import torch.nn.functional as F
+from trainer.loss import token_loss_sum
+torch.set_num_threads(1)
+proc = psutil.Process()
+batch, seq, vocab = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[4]]
+def plain(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), reduction="sum")
+out = []
+for fn in (token_loss_sum, plain):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, seq, 32, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(32, vocab, generator=g) * 0.1).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    for _ in range(2):  # the first pass warms the allocator up
+        h.grad = w.grad = None
+        gc.collect()
+        base = proc.memory_info().rss
+        peak, stop = [base], [False]
+        def sample():
+            while not stop[0]:
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.0003)
+        thread = threading.Thread(target=sample)
+        thread.start()
+        fn(h @ w, labels).backward()  # the logits live only inside the expression, as in the loop
+        stop[0] = True
+        thread.join()
+    grads = h.numel() * h.element_size() + w.numel() * w.element_size()
+    out.append((peak[0] - base - grads) / (batch * seq * vocab))
+    del h, w
+print(json.dumps(out))
+'''
+
+
+def loss_bytes_per_logit(batch: int, seq: int, vocab: int, dtype: str) -> tuple[float, float]:
+    """Peak RSS per logit of a (batch, seq, 32) x (32, vocab) matmul, the loss and its backward, beyond the
+    inputs and their gradients: (trainer.loss.token_loss_sum, plain F.cross_entropy on fp32 logits)."""
+    ours, plain = _run(LOSS_PROBE, str(batch), str(seq), str(vocab), dtype)  # type: ignore[misc]
+    return ours, plain
 
 
 def _run(code: str, *args: str) -> object:

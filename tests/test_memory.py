@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import QUICKSTART, ROOT
 from tests.memory_probe import measure, tied_gradient_held
 from trainer.config import load_recipe
-from trainer.memory import GiB, Param, Shapes, _autocast_copies, activation_bytes, logits_bytes, plan, shapes
+from trainer.memory import GiB, Param, Shapes, _autocast_copies, forward_backward_bytes, plan, shapes
 
 GB = 1e9
 
@@ -127,7 +127,7 @@ def test_activation_prediction_within_15_percent() -> None:
     for (size, ckpt, dtype), overrides, got in zip(cases, configs, measured):
         cfg = load_recipe(QUICKSTART, overrides)
         sh = shapes(cfg)
-        predicted = activation_bytes(cfg, sh, ckpt) + logits_bytes(cfg, sh) + _autocast_copies(cfg, sh, True)
+        predicted = forward_backward_bytes(cfg, sh) + _autocast_copies(cfg, sh, True)
         error = abs(got - predicted) / got
         worst = max(worst, error)
         print(f"{size} {dtype} checkpointing={ckpt}: predicted {predicted / 2**20:.1f} MiB, measured "

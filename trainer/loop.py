@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer import faults
@@ -21,6 +20,7 @@ from trainer.config import Config, dump_recipe
 from trainer.data import Batch, TrainData
 from trainer.distributed import DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context
 from trainer.engine import Engine, build_engine, model_init_context
+from trainer.loss import token_loss_sum
 from trainer.metrics import Metrics, peak_memory_bytes, truncate_rows
 from trainer.model import build_model
 from trainer.preemption import PreemptionFlag
@@ -55,13 +55,6 @@ class Summary:
     seconds: float
     output_dir: str
     preempted: bool = False
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not -100 (fp32 logits)."""
-    shifted = labels[:, 1:].reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    return F.cross_entropy(flat, shifted, ignore_index=-100, reduction="sum")
 
 
 def seed_everything(seed: int) -> None:
@@ -120,8 +113,9 @@ def train_step(run: Run, batches: list[Batch]) -> tuple[float, int, bool, object
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
     for i, b in enumerate(batches):
         with run.engine.accumulate(is_last=i == len(batches) - 1):
-            logits = run.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
-            loss_sum = token_loss_sum(logits, b.labels.to(dev))
+            # the logits die inside the loss, which keeps only their gradient (trainer/loss.py)
+            loss_sum = token_loss_sum(run.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev)),
+                                      b.labels.to(dev))
             run.engine.backward(loss_sum / max(loss_tokens, 1.0))
         local_sum += loss_sum.detach()
     if faults.armed("inf_grad", run.state.step + 1, run.dist.rank):

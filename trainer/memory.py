@@ -9,13 +9,15 @@ Nothing heavy is built: the model is instantiated on the meta device (shapes, no
   with autograd's saved-tensor hooks on CPU: fp32 `32h + 8kv + 16f + 4a + 8` bytes, bf16/fp16 autocast
   `30h + 4kv + 8f + 4a + 8` (h hidden, kv = kv heads x head dim, f intermediate, a heads); with gradient
   checkpointing only each layer's input (4h, the residual stream is fp32) plus one layer recomputed in full;
-- logits and loss: the logits in the compute dtype plus the fp32 log-softmax kept for backward and its gradient;
+- logits and loss: the logits and their gradient in the compute dtype, and one chunk of fp32 work (the loss
+  computes its gradient chunk by chunk in the forward pass, trainer/loss.py);
 - temporary buffers: autocast's cast copies of the linear weights (2 B/param in bf16/fp16, alive from forward
   to backward) and the optimizer step's foreach temporaries (about one fp32 copy of the largest state tensors);
 - an allowance for the CUDA context (0.75 GiB) and allocator fragmentation (8% of the rest).
 
 The peak is the larger of the forward/backward phase (weights, optimizer state, gradients, activations,
-logits) and the optimizer-step phase (weights, state, gradients, step temporaries), plus the allowance.
+logits; with checkpointing the recomputed layer and the logits are not alive at once) and the optimizer-step
+phase (weights, state, gradients, step temporaries), plus the allowance.
 """
 
 from __future__ import annotations
@@ -411,11 +413,28 @@ def activation_bytes(cfg: Config, sh: Shapes, checkpointing: bool) -> int:
     return tokens * (sh.layers * per_layer + outside)
 
 
+def forward_backward_bytes(cfg: Config, sh: Shapes) -> int:
+    """What one micro-batch's forward and backward add at their peak on top of the model states (autocast copies
+    apart). Without checkpointing, every saved activation and the logits coexist at the end of the forward. With
+    it, the end of the forward holds each layer's input and the logits; the one recomputed layer exists only in
+    backward, after the logits' gradient has been consumed by the head: the larger of the two counts."""
+    checkpointing = cfg.model.gradient_checkpointing
+    saved, logits = activation_bytes(cfg, sh, checkpointing), logits_bytes(cfg, sh)
+    if not checkpointing:
+        return saved + logits
+    recomputed = cfg.train.micro_batch_size * cfg.data.seq_len * layer_bytes_per_token(cfg, sh)
+    return saved - recomputed + max(recomputed, logits)
+
+
 def logits_bytes(cfg: Config, sh: Shapes) -> int:
-    """Logits in the compute dtype, the fp32 log-softmax kept for the loss, and its gradient."""
+    """The logits and their gradient in the compute dtype, plus one chunk of the loss's fp32 work (the softmax,
+    and an fp32 copy when the logits are bf16/fp16): trainer/loss.py never copies the whole logits to fp32."""
+    from trainer.loss import LOSS_CHUNK_ELEMENTS
+
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     compute = 4 if cfg.precision.dtype == "fp32" else 2
-    return tokens * sh.vocab * (compute + 8)
+    chunk = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // sh.vocab)) * sh.vocab
+    return 2 * compute * tokens * sh.vocab + (4 if compute == 4 else 8) * chunk
 
 
 def _step_temporaries(cfg: Config, items: list[Item], sh: Shapes) -> int:
@@ -454,14 +473,14 @@ def plan(cfg: Config, world_size: int = 1, gpu_bytes: int = 24 * GiB, sh: Shapes
     act = with_gc if cfg.model.gradient_checkpointing else without_gc
     items.append(Item(f"activations ({cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, "
                       f"{'with' if cfg.model.gradient_checkpointing else 'without'} checkpointing)", act))
-    items.append(Item("logits and loss (fp32 log-softmax and its gradient)", logits_bytes(cfg, sh)))
+    items.append(Item("logits and loss (logits, their gradient, one fp32 chunk)", logits_bytes(cfg, sh)))
     casts = _autocast_copies(cfg, sh, cfg.adapter.type == "none")
     if casts:
         items.append(Item(f"{cfg.precision.dtype} cast copies of the weights (autocast)", casts))
     temp = _step_temporaries(cfg, items, sh)
     # per-layer updates run the optimizer inside backward, while the activations are alive
     inside = cfg.optimizer.name.startswith("galore") and cfg.optimizer.galore.per_layer
-    forward = states + act + logits_bytes(cfg, sh) + casts + (temp if inside else 0)
+    forward = states + forward_backward_bytes(cfg, sh) + casts + (temp if inside else 0)
     step = states + temp
     base = max(forward, step)
     items.append(Item("optimizer step temporaries", temp, note="inside backward (per-layer updates)" if inside
