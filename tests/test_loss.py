@@ -46,6 +46,19 @@ def test_values_and_gradients_match_torch(dtype: torch.dtype, chunk: int, monkey
     assert torch.equal(ours.grad[:, -1], torch.zeros_like(ours.grad[:, -1]))  # the last position predicts nothing
 
 
+def test_non_contiguous_logits() -> None:
+    """Logits that are a transposed view (not contiguous) get the same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 2, 31)
+    labels = torch.randint(0, 31, (2, 9))
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = token_loss_sum(ours.transpose(0, 1), labels), reference(theirs.transpose(0, 1), labels)
+    got.backward()
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert torch.allclose(ours.grad, theirs.grad, atol=1e-6)
+
+
 def test_backward_twice_is_refused() -> None:
     x = torch.randn(1, 4, 11, requires_grad=True)
     loss = token_loss_sum(x, torch.randint(0, 11, (1, 4)))

@@ -22,6 +22,11 @@ LOSS_CHUNK_ELEMENTS = 2**22  # logits per chunk of fp32 work (16 MiB per fp32 te
 IGNORE = -100
 
 
+def chunk_rows(vocab: int) -> int:
+    """Rows of logits per chunk of fp32 work (the memory plan counts one chunk)."""
+    return max(1, LOSS_CHUNK_ELEMENTS // vocab)
+
+
 def _chunk(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
     """Summed loss of these rows; writes d(loss)/d(logits) into grad when given."""
     x = logits.float()
@@ -37,15 +42,24 @@ def _chunk(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
     return loss
 
 
+def _chunked_sum(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
+    """Summed loss over all positions, chunk by chunk; fills grad (shaped like logits) when given."""
+    vocab = logits.size(-1)
+    flat = logits.reshape(-1, vocab)
+    flat_grad = None if grad is None else grad.view(-1, vocab)
+    rows = chunk_rows(vocab)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.size(0), rows):
+        total += _chunk(flat[s:s + rows], targets[s:s + rows], None if flat_grad is None else flat_grad[s:s + rows])
+    return total
+
+
 class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
-        flat, grad = logits.reshape(-1, logits.size(-1)), torch.empty_like(logits).reshape(-1, logits.size(-1))
-        rows = max(1, LOSS_CHUNK_ELEMENTS // flat.size(1))
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, flat.size(0), rows):
-            total += _chunk(flat[start:start + rows], targets[start:start + rows], grad[start:start + rows])
-        ctx.save_for_backward(grad.view_as(logits))
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # viewed as rows below
+        total = _chunked_sum(logits, targets, grad)
+        ctx.save_for_backward(grad)
         ctx.done = False
         return total
 
@@ -69,7 +83,4 @@ def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     targets = shifted_targets(labels)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TokenCrossEntropy.apply(logits, targets)
-    flat = logits.reshape(-1, logits.size(-1))
-    rows = max(1, LOSS_CHUNK_ELEMENTS // flat.size(1))
-    return sum((_chunk(flat[s:s + rows], targets[s:s + rows], None) for s in range(0, flat.size(0), rows)),
-               torch.zeros((), dtype=torch.float32, device=logits.device))
+    return _chunked_sum(logits, targets, None)

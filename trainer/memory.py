@@ -429,11 +429,11 @@ def forward_backward_bytes(cfg: Config, sh: Shapes) -> int:
 def logits_bytes(cfg: Config, sh: Shapes) -> int:
     """The logits and their gradient in the compute dtype, plus one chunk of the loss's fp32 work (the softmax,
     and an fp32 copy when the logits are bf16/fp16): trainer/loss.py never copies the whole logits to fp32."""
-    from trainer.loss import LOSS_CHUNK_ELEMENTS
+    from trainer.loss import chunk_rows
 
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     compute = 4 if cfg.precision.dtype == "fp32" else 2
-    chunk = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // sh.vocab)) * sh.vocab
+    chunk = min(tokens, chunk_rows(sh.vocab)) * sh.vocab
     return 2 * compute * tokens * sh.vocab + (4 if compute == 4 else 8) * chunk
 
 
