@@ -224,7 +224,8 @@ def sharded_state_loads(cfg: Config, sh: Shapes, world: int) -> list[int]:
         from trainer.optim.galore_groups import galore_defaults, galore_param_groups, state_cost
 
         groups, _ = galore_param_groups(sh.meta, o, announce=False)
-        flat = [(p, {**galore_defaults(o), **g}) for g in groups for p in g["params"]]
+        defaults = galore_defaults(o)
+        flat = [(p, {**defaults, **g}) for g in groups for p in g["params"]]
         costs = [state_cost(p, g) for p, g in flat]
         owners = partition(costs, world)
         return [sum(c for c, r in zip(costs, owners) if r == rank) for rank in range(world)]
@@ -313,10 +314,9 @@ def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     else:
         state, note = _plain_state(cfg, [p.numel for p in sh.params]), o.name
     items.append(grads)
-    if o.name.startswith("galore") and o.galore.per_layer and _tied(sh) and cfg.train.grad_accum_steps == 1:
-        # the head's share of a tied embedding's gradient waits in autograd until the embedding's own arrives
-        items.append(Item("gradients (the LM head's share of the tied embedding, held through backward)",
-                          wb * _tied(sh)))
+    tied = _tied(sh) if o.name.startswith("galore") and o.galore.per_layer and cfg.train.grad_accum_steps == 1 else 0
+    if tied:  # the head's share of a tied embedding's gradient waits in autograd until the embedding's own arrives
+        items.append(Item("gradients (the LM head's share of the tied embedding, held through backward)", wb * tied))
     if shard > 1:
         loads = sharded_state_loads(cfg, sh, shard)
         state = max(loads)
