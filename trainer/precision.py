@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, ContextManager
 
 import torch
@@ -25,15 +26,36 @@ class LossScaleCollapsed(RuntimeError):
     """fp16 overflowed on too many consecutive steps."""
 
 
-def report_skip(scale: float, skipped_steps: int, consecutive: int, limit: int) -> None:
-    """Log an overflowed step; raise LossScaleCollapsed after `limit` in a row (every engine's fp16 rule)."""
-    log.warning("fp16 overflow: step skipped, loss scale now %g (%d skipped so far)", scale, skipped_steps)
-    if consecutive >= limit:
-        raise LossScaleCollapsed(
-            f"fp16 loss scale collapsed to {scale:g}: {consecutive} steps in a row "
-            "overflowed (inf/nan gradients), so nothing is being trained. Use precision.dtype=bf16 "
-            "(same memory, no overflow), lower optimizer.lr, or enable optimizer.grad_clip; raise "
-            "precision.max_consecutive_skips only if you know the overflows will pass.")
+@dataclass
+class SkipCounter:
+    """fp16 steps skipped on overflow, in all and in a row: every engine's rule is to log each one and raise
+    LossScaleCollapsed after `limit` in a row. The counts are checkpointed (state_dict)."""
+
+    limit: int
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+    def record(self, skipped: bool, scale: float) -> None:
+        """Count this optimizer step; `scale` is the loss scale after it."""
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        log.warning("fp16 overflow: step skipped, loss scale now %g (%d skipped so far)", scale, self.skipped_steps)
+        if self.consecutive_skips >= self.limit:
+            raise LossScaleCollapsed(
+                f"fp16 loss scale collapsed to {scale:g}: {self.consecutive_skips} steps in a row "
+                "overflowed (inf/nan gradients), so nothing is being trained. Use precision.dtype=bf16 "
+                "(same memory, no overflow), lower optimizer.lr, or enable optimizer.grad_clip; raise "
+                "precision.max_consecutive_skips only if you know the overflows will pass.")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
 
 
 class Precision:
@@ -47,8 +69,7 @@ class Precision:
         if cfg.dtype == "fp16":
             self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.initial_loss_scale,
                                                growth_interval=cfg.loss_scale_growth_interval)
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
+        self.skips = SkipCounter(cfg.max_consecutive_skips)
 
     def autocast(self) -> ContextManager[Any]:
         if self.dtype == torch.float32:
@@ -75,27 +96,16 @@ class Precision:
         self.scaler.step(optimizer)
         self.scaler.update()
         skipped = self.scaler.get_scale() < before
-        self.record(skipped)
+        self.skips.record(skipped, self.scaler.get_scale())
         return skipped
 
-    def record(self, skipped: bool) -> None:
-        """Count skipped steps; raise when the scale has collapsed for too long."""
-        if not skipped:
-            self.consecutive_skips = 0
-            return
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        report_skip(self.loss_scale or 0.0, self.skipped_steps, self.consecutive_skips,
-                    self.cfg.max_consecutive_skips)
-
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+        state: dict[str, Any] = self.skips.state_dict()
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.skips.load_state_dict(state)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

@@ -40,7 +40,7 @@ from trainer.engine.base import StepResult
 from trainer.engine.ds_config import (DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section,
                                       zero_section)
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.precision import report_skip
+from trainer.precision import SkipCounter
 from trainer.safeio import UnsafeFileError, fsync_file
 from trainer.typed import Problem
 
@@ -155,7 +155,7 @@ class ZeroEngine:
         deepspeed = import_deepspeed()
         _ensure_process_group(distributed.backend)
         self.dist = dist
-        self.max_consecutive_skips = precision.max_consecutive_skips
+        self.skips = SkipCounter(precision.max_consecutive_skips)
         self.fp16 = precision.dtype == "fp16"
         config, changes = final_ds_config(precision, optimizer, distributed, micro_batch_size=micro_batch_size,
                                           grad_accum_steps=grad_accum_steps, world_size=dist.world_size)
@@ -178,8 +178,6 @@ class ZeroEngine:
                                          "model_init_context(distributed, precision)"
         self.scheduler = build_scheduler(self.ds.basic_optimizer, optimizer, max_steps)
         self.ds.checkpoint_engine.load = safe_load  # every DeepSpeed read of a checkpoint file goes through it
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
         self._last_was_boundary = False
         log.info("DeepSpeed ZeRO-%d: %s, optimizer %s%s", distributed.zero_stage, precision.dtype,
                  type(self.ds.basic_optimizer).__name__,
@@ -205,20 +203,12 @@ class ZeroEngine:
         skipped = not self.ds.was_step_applied()
         norm = self.ds.get_global_grad_norm()
         self.scheduler.step()
-        self._record(skipped)
+        self.skips.record(skipped, self.loss_scale() or 0.0)
         return StepResult(grad_norm=None if norm is None else float(norm), skipped=skipped, loss_scale=scale,
-                          lr=lr, skipped_steps=self.skipped_steps)
+                          lr=lr, skipped_steps=self.skips.skipped_steps)
 
     def loss_scale(self) -> float | None:
         return float(self.ds._get_optimizer_loss_scale()) if self.fp16 else None
-
-    def _record(self, skipped: bool) -> None:
-        if not skipped:
-            self.consecutive_skips = 0
-            return
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        report_skip(self.loss_scale() or 0.0, self.skipped_steps, self.consecutive_skips, self.max_consecutive_skips)
 
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
@@ -230,8 +220,7 @@ class ZeroEngine:
         """Every rank: DeepSpeed's sharded checkpoint (each rank its partitions, rank 0 the module file with our
         counters), then the full fp32 weights, gathered from the master partitions, as safetensors on rank 0."""
         target = directory / DS_DIR
-        extra = {"schedule_step": self.scheduler.last_epoch, "skipped_steps": self.skipped_steps,
-                 "consecutive_skips": self.consecutive_skips}
+        extra = {"schedule_step": self.scheduler.last_epoch, **self.skips.state_dict()}
         self.ds.save_checkpoint(str(target), tag=TAG, client_state={"trainer": extra}, save_latest=False)
         if self.dist.is_main:
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's recovery scripts unpickle
@@ -251,8 +240,7 @@ class ZeroEngine:
             raise CheckpointError(f"{directory}: no DeepSpeed checkpoint in {DS_DIR}/ (was it saved by the "
                                   "native engine? distributed.engine must match the run that saved it)")
         extra = client["trainer"]
-        self.skipped_steps = int(extra["skipped_steps"])
-        self.consecutive_skips = int(extra["consecutive_skips"])
+        self.skips.load_state_dict(extra)
         restore_schedule(self.scheduler, int(extra["schedule_step"]))
 
 

@@ -81,7 +81,7 @@ class NativeEngine:
         # make the next accumulation micro-steps build fresh tensors beside the buckets)
         self.optimizer.zero_grad(set_to_none=not isinstance(self.wrapped, DDP))
         return StepResult(grad_norm=norm, skipped=skipped, loss_scale=scale, lr=lr,
-                          skipped_steps=self.precision.skipped_steps)
+                          skipped_steps=self.precision.skips.skipped_steps)
 
     def _per_layer_step(self) -> StepResult:
         """Each parameter was updated inside backward (clipped by per_layer.py's rule); finish the last
