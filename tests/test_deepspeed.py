@@ -30,6 +30,7 @@ import pytest
 import torch
 import yaml
 
+from tests import deepspeed_probe
 from tests.conftest import QUICKSTART, ROOT, read_metrics, run_cli, tiny
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
 from trainer.__main__ import main
@@ -67,16 +68,8 @@ def recipe(out: Path, model: Path, *extra: str, steps: int) -> list[str]:
 
 
 def probe(base: Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Launch tests/deepspeed_probe.py on 2 ranks; returns {rank: {run: facts}} and each run's metrics."""
-    spec = base / "spec.json"
-    spec.write_text(json.dumps({"recipe": str(QUICKSTART), "runs": runs}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "deepspeed_probe.py"), str(spec), str(base)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    facts = {r: json.loads((base / f"rank{r}.json").read_text()) for r in (0, 1)}
-    return {"facts": facts, "log": proc.stderr}
+    """tests/deepspeed_probe.py on 2 ranks: {"facts": {rank: {run: facts}}, "log": rank 0's log}."""
+    return deepspeed_probe.launch(base, runs, QUICKSTART)
 
 
 def max_loss_diff(a: Path, b: Path) -> float:

@@ -17,7 +17,6 @@ from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_recipe
 from trainer.distributed import distributed_context
 from trainer.loop import Run, run_loop, setup, token_loss_sum
-from trainer.optim.galore import state_bytes
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.safeio import load_tensors
 

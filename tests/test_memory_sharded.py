@@ -8,14 +8,11 @@ partitions and Adam moments) held in the middle of a step.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 import pytest
 
-from tests.conftest import QUICKSTART, ROOT, tiny
+from tests import deepspeed_probe
+from tests.conftest import QUICKSTART, tiny
 from trainer.config import Config, load_recipe
 from trainer.memory import plan, shapes, sharded_state_loads
 
@@ -64,14 +61,8 @@ def test_states_per_rank_match_plan(tmp_path: Path) -> None:
               for n, o in NATIVE.items()]
     runs = native + [{"name": n, "overrides": tiny(tmp_path / n, *BASE, *o, steps=2), "inspect": True}
                      for n, o in RUNS.items()]
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"recipe": str(QUICKSTART), "runs": runs}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "deepspeed_probe.py"), str(spec), str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    facts = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    got = deepspeed_probe.launch(tmp_path, runs, QUICKSTART)["facts"]
+    facts = [got[0], got[1]]
     for name, overrides in NATIVE.items():
         check_native(name, load_recipe(QUICKSTART, tiny(tmp_path / name, *NATIVE_SIZE, *overrides, steps=2)),
                      [f[name]["bytes"] for f in facts])

@@ -331,7 +331,6 @@ def _zero_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     d, psi = cfg.distributed, sh.total
     half = cfg.precision.dtype != "fp32"
     wbytes, gbytes = (2, 2) if half else (4, 4)
-    opt_per_param = 12 if half else 8  # fp32 master + two moments, or just the moments in fp32
     w_shard = world if d.zero_stage >= 3 else 1
     g_shard = world if d.zero_stage >= 2 else 1
     where_opt = "cpu" if d.offload_optimizer == "cpu" else "gpu"
