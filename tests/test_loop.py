@@ -117,6 +117,17 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert (out / "config.yaml").read_text().startswith("output_dir:")
 
 
+def test_native_crash_prints_the_python_stack(tmp_path: Path) -> None:
+    """A rank killed by SIGABRT (what a crash in a CUDA kernel, gloo/NCCL or a compiled op looks like) says where
+    in the Python code it was: the CLI enables faulthandler."""
+    proc = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, steps=3)], env={"TRAINER_FAULT": "abort@2"})
+    assert proc.returncode == -6, proc.stderr[-2000:]
+    assert "Fatal Python error: Aborted" in proc.stderr
+    stack = proc.stderr[proc.stderr.index("Fatal Python error"):]
+    assert 'trainer/faults.py", line' in stack and 'trainer/loop.py", line' in stack, stack[-2000:]
+    assert not list((tmp_path / "checkpoints").glob("*"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_tracks_fp32(tmp_path: Path, dtype: str) -> None:

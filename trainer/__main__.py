@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         parser().print_help()
         return EXIT_CONFIG
     setup_logging(int(os.environ.get("RANK", "0")))
+    # A crash in native code (a CUDA kernel, NCCL/gloo, a compiled op) kills the rank without a Python traceback;
+    # this prints every thread's Python stack on SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL first.
+    faulthandler.enable()
     try:
         if args.verb == "export":
             return cmd_export(args)

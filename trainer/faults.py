@@ -5,6 +5,7 @@ TRAINER_FAULT holds comma-separated `kind@step` items, e.g. `inf_grad@3,crash@7`
   (exercises fp16 overflow handling).
 - `crash@N`: the process dies (os._exit(13)) right after optimizer step N, before anything is saved.
 - `sigkill@N`: the process sends itself SIGKILL right after step N (no handler, no cleanup).
+- `abort@N`: the process aborts (SIGABRT) right after step N, as a crash in native code does.
 - `crash_in_save@N`: the process dies in the middle of writing the checkpoint of step N (after the weights,
   before the manifest).
 Kinds are matched on every rank unless written `kind@N:rR` (rank R only). Under `torchrun --max-restarts`
@@ -53,6 +54,11 @@ def poison_grad(model: nn.Module) -> None:
 def crash(step: int) -> None:
     log.error("TRAINER_FAULT: crashing at step %d", step)
     os._exit(CRASH_EXIT_CODE)
+
+
+def abort(step: int) -> None:
+    log.error("TRAINER_FAULT: SIGABRT after step %d", step)
+    os.abort()
 
 
 def sigkill(step: int) -> None:

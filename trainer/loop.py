@@ -158,6 +158,8 @@ def run_loop(run: Run) -> Summary:
             faults.crash(s.step)
         if faults.armed("sigkill", s.step, run.dist.rank):
             faults.sigkill(s.step)
+        if faults.armed("abort", s.step, run.dist.rank):
+            faults.abort(s.step)
         now = time.perf_counter()
         tok_s = window_tokens / max(now - window_t, 1e-9)
         if s.step % cfg.logging.every_steps == 0 or s.step == cfg.train.max_steps or stop:
