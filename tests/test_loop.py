@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import faulthandler
+import io
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
+from trainer.__main__ import enable_faulthandler
 from trainer.config import load_recipe
 from trainer.distributed import distributed_context
 from trainer.loop import Run, run_loop, setup, token_loss_sum
@@ -126,6 +130,19 @@ def test_native_crash_prints_the_python_stack(tmp_path: Path) -> None:
     stack = proc.stderr[proc.stderr.index("Fatal Python error"):]
     assert 'trainer/faults.py", line' in stack and 'trainer/loop.py", line' in stack, stack[-2000:]
     assert not list((tmp_path / "checkpoints").glob("*"))
+
+
+def test_faulthandler_is_skipped_without_a_real_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a notebook stderr has no file descriptor: the CLI's main() still runs (faulthandler stays off)."""
+    was_on = faulthandler.is_enabled()
+    faulthandler.disable()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    try:
+        enable_faulthandler()
+        assert not faulthandler.is_enabled()
+    finally:
+        if was_on:  # pytest's own handler
+            faulthandler.enable(file=sys.__stderr__)
 
 
 @pytest.mark.slow

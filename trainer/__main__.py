@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().print_help()
         return EXIT_CONFIG
     setup_logging(int(os.environ.get("RANK", "0")))
-    # A crash in native code (a CUDA kernel, NCCL/gloo, a compiled op) kills the rank without a Python traceback;
-    # this prints every thread's Python stack on SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL first.
-    faulthandler.enable()
+    enable_faulthandler()
     try:
         if args.verb == "export":
             return cmd_export(args)
@@ -195,6 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def enable_faulthandler() -> None:
+    """A crash in native code (a CUDA kernel, NCCL/gloo, a compiled op) kills a rank without a Python traceback;
+    with this, every thread's Python stack is printed on SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL first. Left as is
+    when already on (python -X faulthandler, pytest) or when stderr is not a real file (a notebook)."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        pass
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
