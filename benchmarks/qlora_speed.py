@@ -189,5 +189,6 @@ def main() -> None:
     for name, rate, cpu, med, peak in rows:
         print(f"| {name} | {rate:.3f} | {rate * tokens:.0f} | {h / rate:.3f}x | {cpu:.2f} | {med:.3f} | {peak:.2f} |")
 
+
 if __name__ == "__main__":
     main()

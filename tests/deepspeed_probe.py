@@ -179,8 +179,8 @@ def main(spec_path: str, out_dir: str) -> None:
 
 # What libstdc++ prints when a joinable std::thread is destroyed. Seen twice in about 150 launches of this probe
 # (once in CI): rank 1 died of it (SIGABRT) between two runs, at the start of a DeepSpeed one, in native code
-# (gloo or DeepSpeed) that creates threads; the project starts none. 104 launches in a row, 48 of them three at a
-# time on 2 cores, did not reproduce it. See launch().
+# (gloo or DeepSpeed) that creates threads; the project starts none. Over 110 launches in a row (40 alone, the
+# rest two or three at a time on 2 cores) did not reproduce it. See launch().
 NATIVE_ABORT = "terminate called without an active exception"
 
 
