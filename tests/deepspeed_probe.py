@@ -33,18 +33,18 @@ import torch
 
 from trainer.__main__ import setup_logging
 from trainer.adapters.footprint import measured
-from trainer.config import load_recipe
+from trainer.resolve import resolve
 from trainer.distributed import distributed_context
 from trainer.engine.deepspeed import import_deepspeed
 from trainer.faults import ENV as FAULT_ENV
-from trainer.loop import Run, run_loop, setup, token_loss_sum
+from trainer.loop import Training, run_loop, setup, token_loss_sum
 
 
 def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def backward_of_next_step(run: Run) -> None:
+def backward_of_next_step(run: Training) -> None:
     """The forward and backward passes of the next optimizer step, without the step (the caller counts, then
     steps): what a rank holds in the middle of a step."""
     engine = run.engine
@@ -56,7 +56,7 @@ def backward_of_next_step(run: Run) -> None:
             engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
 
 
-def count_bytes(run: Run) -> dict[str, int]:
+def count_bytes(run: Training) -> dict[str, int]:
     """Bytes of the model states this rank holds, counted from DeepSpeed's own tensors in the middle of an
     optimizer step (after backward, before step): parameters, gradients, fp32 master partitions and Adam
     moments. The extra step it runs comes after the logged trajectory and the final checkpoint."""
@@ -87,7 +87,7 @@ def count_bytes(run: Run) -> dict[str, int]:
     return out
 
 
-def count_native_bytes(run: Run) -> dict[str, int]:
+def count_native_bytes(run: Training) -> dict[str, int]:
     """The same count on the native engine (DDP, sharded optimizer state, per-layer updates, adapters): weights
     (4-bit ones with their quantization state) and this rank's optimizer state by the adapter package's
     `measured`, gradients in the middle of a step. With per-layer updates gradients never exist all at once:
@@ -122,7 +122,7 @@ def count_native_bytes(run: Run) -> dict[str, int]:
     return out
 
 
-def offload_facts(run: Run) -> dict[str, Any]:
+def offload_facts(run: Training) -> dict[str, Any]:
     """Where DeepSpeed keeps the optimizer state, and which optimizer updates it."""
     ds = run.engine.ds  # type: ignore[attr-defined]
     tensors = [v for s in ds.basic_optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
@@ -136,7 +136,7 @@ def offload_facts(run: Run) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def logits_of(run: Run, ids: list[list[int]]) -> list[list[list[float]]]:
+def logits_of(run: Training, ids: list[list[int]]) -> list[list[list[float]]]:
     run.engine.train(False)
     x = torch.tensor(ids, device=run.dist.device)
     out = run.engine.forward(x, torch.ones_like(x)).float().cpu()
@@ -148,7 +148,7 @@ def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
     os.environ.pop(FAULT_ENV, None)
     if spec.get("fault"):
         os.environ[FAULT_ENV] = spec["fault"]
-    run = setup(load_recipe(recipe, spec["overrides"]), dist)
+    run = setup(resolve(recipe, spec["overrides"], world_size=dist.world_size), dist)
     try:
         run_loop(run)
     finally:
@@ -167,7 +167,7 @@ def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
 
 def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    setup_logging(int(os.environ.get("RANK", "0")))
+    setup_logging(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     import_deepspeed().accelerator.get_accelerator().is_fp16_supported = lambda: True  # test-only, see above
     results: dict[str, Any] = {}
     with distributed_context() as dist:

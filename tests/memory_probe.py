@@ -54,7 +54,7 @@ def _activations(recipe: str, configs: list[list[str]]) -> list[int]:
 
     import torch
 
-    from trainer.config import load_recipe
+    from trainer.resolve import resolve
     from trainer.loss import token_loss_sum
     from trainer.model import build_model
     from trainer.precision import Precision
@@ -62,11 +62,11 @@ def _activations(recipe: str, configs: list[list[str]]) -> list[int]:
 
     results = []
     for overrides in configs:
-        cfg = load_recipe(recipe, overrides)
-        tok = build_tokenizer(cfg.model)
-        model = build_model(cfg.model, tok, 0).train()
-        prec = Precision(cfg.precision, torch.device("cpu"))
-        b, s = cfg.train.micro_batch_size, cfg.data.seq_len
+        run = resolve(recipe, overrides)
+        tok = build_tokenizer(run.recipe.model)
+        model = build_model(run, tok).train()
+        prec = Precision(run.recipe.precision, torch.device("cpu"))
+        b, s = run.micro_batch_size, run.seq_len
         ids = torch.randint(0, len(tok), (b, s), generator=torch.Generator().manual_seed(0))
 
         def step() -> None:  # as the loop: the logits are not kept beyond the loss
@@ -90,14 +90,14 @@ def _tied(recipe: str, overrides: list[str]) -> dict[str, int]:
     import psutil
     import torch
 
-    from trainer.config import load_recipe
+    from trainer.resolve import resolve
     from trainer.model import build_model
     from trainer.tokenizer import build_tokenizer
 
     proc, out = psutil.Process(), {}
     for tied in ("true", "false"):
-        cfg = load_recipe(recipe, [*overrides, f"model.config.tie_word_embeddings={tied}"])
-        model = build_model(cfg.model, build_tokenizer(cfg.model), 0).train()
+        run = resolve(recipe, [*overrides, f"model.config.tie_word_embeddings={tied}"])
+        model = build_model(run, build_tokenizer(run.recipe.model)).train()
         middle = {p for n, p in model.named_parameters() if ".layers.1." in n}
         samples: list[int] = []
 
@@ -108,7 +108,7 @@ def _tied(recipe: str, overrides: list[str]) -> dict[str, int]:
 
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(free)
-        ids = torch.randint(0, cfg.model.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, run.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
         for _ in range(2):  # the first pass warms the allocator up
             samples.clear()
             logits = model(input_ids=ids, use_cache=False).logits

@@ -20,9 +20,11 @@ from trainer.adapters.footprint import measured, predicted
 from trainer.adapters.merge import load_base, merged_model
 from trainer.adapters.quant import bits_per_param, expected_4bit_bytes
 from trainer.adapters.targets import find_targets, lora_param_count, meta_model
-from trainer.config import AdapterConfig, ModelConfig, OptimizerConfig, QuantConfig
 from trainer.model import build_model
 from trainer.optim import build_optimizer
+from trainer.resolve import ResolvedRun, resolve_recipe
+from trainer.schema import (AdapterConfig, DataConfig, ModelConfig, OptimizerConfig, PrecisionConfig, QuantConfig,
+                            Recipe, TrainConfig)
 from trainer.tokenizer import byte_tokenizer
 
 # kv heads = heads, so every linear weight is a multiple of 64 x 256 elements: bits/param come out exact.
@@ -42,6 +44,14 @@ def save_base(directory: Path, arch: dict[str, Any]) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def adapter_run(base: Path, adapter: AdapterConfig, precision: str, seed: int = 0) -> ResolvedRun:
+    """A run over a saved base with these adapter settings (the byte tokenizer, built-in data)."""
+    recipe = Recipe(model=ModelConfig(name_or_path=str(base), tokenizer="byte"), adapter=adapter,
+                    precision=PrecisionConfig(dtype=precision), train=TrainConfig(seed=seed),
+                    data=DataConfig(source="builtin:python_stdlib"))
+    return resolve_recipe(recipe, world_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +171,7 @@ def test_trainable_count_is_r_times_in_plus_out(family: str, targets: Any, llama
                                                 qwen_base: Path) -> None:
     base, arch = (llama_base, LLAMA) if family == "llama" else (qwen_base, QWEN2)
     adapter = AdapterConfig(type="qlora", rank=8, target_modules=targets)
-    model = build_model(ModelConfig(name_or_path=str(base)), byte_tokenizer(), 0, adapter=adapter, precision="bf16")
+    model = build_model(adapter_run(base, adapter, "bf16"), byte_tokenizer())
     names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} \
         if targets == "all-linear" else set(targets)
     trainable, total = adapters.parameter_counts(model)
@@ -214,11 +224,11 @@ def test_adapter_save_load_gives_identical_logits(llama_base: Path, tmp_path: Pa
     from peft import PeftModel
 
     mcfg = ModelConfig(name_or_path=str(llama_base))
-    model = build_model(mcfg, byte_tokenizer(), 0, adapter=qlora(), precision="bf16")
+    model = build_model(adapter_run(llama_base, qlora(), "bf16"), byte_tokenizer())
     randomize_lora_b(model)
     expected = logits_of(model)
     adapters.save_adapter(model, tmp_path / "adapter")
-    fresh = build_model(mcfg, byte_tokenizer(), 123, adapter=qlora(), precision="bf16")
+    fresh = build_model(adapter_run(llama_base, qlora(), "bf16", seed=123), byte_tokenizer())
     assert not torch.equal(logits_of(fresh), expected)
     adapters.load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(logits_of(fresh), expected)
@@ -230,7 +240,7 @@ def test_adapter_save_load_gives_identical_logits(llama_base: Path, tmp_path: Pa
 def test_merge_matches_adapter_model_in_fp32(llama_base: Path, tmp_path: Path) -> None:
     """With compute dtype fp32 the merge is exact up to float rounding: dequantize, add (alpha/r) B A, save."""
     mcfg, adapter = ModelConfig(name_or_path=str(llama_base)), qlora(compute_dtype="fp32")
-    model = build_model(mcfg, byte_tokenizer(), 0, adapter=adapter, precision="fp32")
+    model = build_model(adapter_run(llama_base, adapter, "fp32"), byte_tokenizer())
     randomize_lora_b(model)
     adapters.save_adapter(model, tmp_path / "adapter")
     merged = merged_model(tmp_path / "adapter", mcfg, adapter, "fp32", torch.float32)
@@ -245,8 +255,7 @@ def test_training_after_eval_keeps_correct_gradients(llama_base: Path) -> None:
     without grad; training through that kernel gives wrong gradients. An evaluation in between must not
     change the next step's gradients (the adapters package turns the repacking off)."""
     def grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
-        model = build_model(ModelConfig(name_or_path=str(llama_base)), byte_tokenizer(), 0, adapter=qlora(),
-                            precision="bf16")
+        model = build_model(adapter_run(llama_base, qlora(), "bf16"), byte_tokenizer())
         randomize_lora_b(model)
         if evaluate_first:
             logits_of(model)
@@ -294,8 +303,7 @@ def test_model_state_formula_matches_real_tensors(tmp_path: Path, adapter: Adapt
     """The benchmark's byte formula (from meta-device shapes) against the tensors of a built model after one
     step, exactly. hidden 256 makes LoRA A (16 x 256) big enough for 8-bit optimizer state."""
     base = save_base(tmp_path / "base", {**LLAMA, "hidden_size": 256, "intermediate_size": 512})
-    model = build_model(ModelConfig(name_or_path=str(base)), byte_tokenizer(), 0, adapter=adapter,
-                        precision=precision)
+    model = build_model(adapter_run(base, adapter, precision), byte_tokenizer())
     opt = build_optimizer(model, OptimizerConfig(name=optimizer))
     weights = measured(model, opt)["weights"]  # before a forward: CPU kernels may repack at first use
     model.train()

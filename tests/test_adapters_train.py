@@ -19,8 +19,10 @@ from tests.test_adapters import (LLAMA, QWEN2, linear_weights, llama_base, logit
                                  lora_formula, qlora, qwen_base, recipe_args)  # the fixtures are shared too
 from trainer import adapters
 from trainer.adapters.merge import load_base
-from trainer.checkpoint import CheckpointError, complete_checkpoints
-from trainer.config import ModelConfig, load_recipe
+from trainer.checkpoint import complete_checkpoints
+from trainer.errors import CheckpointError
+from trainer.resolve import resolve
+from trainer.schema import ModelConfig
 from trainer.data import DataPosition
 from trainer.distributed import distributed_context
 from trainer.export import export
@@ -48,7 +50,7 @@ def snapshot_frozen(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def qlora_run(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> dict[str, Any]:
     """8 QLoRA steps on Alpaca in this process, with the model's state before and after."""
     out = tmp_path_factory.mktemp("qlora") / "run"
-    cfg = load_recipe(QUICKSTART, recipe_args(out, llama_base, SHARED_DATA, steps=8))
+    cfg = resolve(QUICKSTART, recipe_args(out, llama_base, SHARED_DATA, steps=8))
     with distributed_context() as dist:
         run = setup(cfg, dist)
         model = run.engine.module
@@ -202,7 +204,7 @@ def test_ddp_qlora_matches_one_process_with_doubled_micro_batch(tmp_path: Path, 
 @pytest.mark.slow
 def test_qdora_on_qwen2_trains(tmp_path: Path, qwen_base: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A second family (Qwen2: GQA, q/k/v biases) with DoRA on 4-bit weights and the 8-bit optimizer."""
-    cfg = load_recipe(QUICKSTART, recipe_args(tmp_path, qwen_base, SHARED_DATA, "adapter.use_dora=true",
+    cfg = resolve(QUICKSTART, recipe_args(tmp_path, qwen_base, SHARED_DATA, "adapter.use_dora=true",
                                               "adapter.target_modules=[q_proj, v_proj]", "optimizer.name=adamw8bit",
                                               "model.tokenizer=byte", steps=5))
     with caplog.at_level(logging.INFO, logger="trainer.model"), distributed_context() as dist:
@@ -222,7 +224,7 @@ def test_qdora_on_qwen2_trains(tmp_path: Path, qwen_base: Path, caplog: pytest.L
 def test_qlora_on_gpu_pages_the_optimizer(tmp_path: Path, llama_base: Path, shared_data: Path) -> None:
     """GPU only (paged optimizers need CUDA unified memory): the quantized base lives on the GPU, the 8-bit
     optimizer state is paged, and the loss falls."""
-    cfg = load_recipe(QUICKSTART, recipe_args(tmp_path, llama_base, shared_data, "optimizer.name=paged_adamw8bit",
+    cfg = resolve(QUICKSTART, recipe_args(tmp_path, llama_base, shared_data, "optimizer.name=paged_adamw8bit",
                                               steps=6))
     with distributed_context() as dist:
         run = setup(cfg, dist)

@@ -19,11 +19,12 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import QUICKSTART, ROOT, free_port, read_metrics, run_cli, tiny
 from trainer.checkpoint import complete_checkpoints
-from trainer.config import load_recipe
+from trainer.resolve import resolve
 from trainer.distributed import distributed_context
 from trainer.export import export
 from trainer.loop import run_loop, setup
-from trainer.safeio import UnsafeFileError, load_tensors, sha256
+from trainer.errors import UnsafeFileError
+from trainer.safeio import load_tensors, sha256
 
 def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
     return ["train", str(QUICKSTART), *tiny(out, "checkpoint.every_steps=4", "train.micro_batch_size=2", *extra,
@@ -161,7 +162,7 @@ def test_keep_last_keeps_exactly_the_newest(tmp_path: Path) -> None:
 
 
 def test_export_round_trip_reproduces_logits(tmp_path: Path) -> None:
-    cfg = load_recipe(QUICKSTART, tiny(tmp_path / "run", steps=3))
+    cfg = resolve(QUICKSTART, tiny(tmp_path / "run", steps=3))
     with distributed_context() as dist:
         run = setup(cfg, dist)
         run_loop(run)

@@ -19,8 +19,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from trainer.config import DataConfig
-from trainer.data import Batch, DataError, DataPosition, TrainData, read_stdlib
+from trainer.schema import DataConfig
+from trainer.data import Batch, DataPosition, TrainData, read_stdlib
+from trainer.errors import DataError
 from trainer.tokenizer import byte_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -285,7 +286,7 @@ def test_bad_chat_and_text_rows(tok: Any, tmp_path: Path) -> None:
         (1, "turn 0: unknown from 'alien'"), (2, "no assistant turn with text"),
         (3, "no 'messages' or 'conversations' list"), (4, "turn 0: 'content' is not a string")]
     rows = [{"text": "fine"}, {"text": 5}, {"text": ""}, {"other": "x"}, {"text": None}, {"text": "more"}]
-    data = make(tok, source=write_json(tmp_path / "t.jsonl", rows, lines=True), seq_len=4, mb=1)
+    data = make(tok, source=write_json(tmp_path / "t.jsonl", rows, lines=True), seq_len=8, mb=1)
     assert [i for _, i, _ in data.dropped] == [1, 2, 3, 4]
 
 

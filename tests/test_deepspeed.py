@@ -35,7 +35,8 @@ from tests.conftest import QUICKSTART, ROOT, read_metrics, run_cli, tiny
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
 from trainer.__main__ import main
 from trainer.checkpoint import complete_checkpoints
-from trainer.safeio import UnsafeFileError, sha256
+from trainer.errors import UnsafeFileError
+from trainer.safeio import sha256
 
 DS = ["distributed.engine=deepspeed"]
 Z3_ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"
@@ -52,13 +53,13 @@ def zero(stage: int, *extra: str) -> list[str]:
 def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama saved with save_pretrained: every engine and stage starts from the same weights (ZeRO-3
     initializes a from-scratch model through transformers' own partitioned init, with other random draws)."""
-    from trainer.config import load_recipe
+    from trainer.resolve import resolve
     from trainer.model import build_model
     from trainer.tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("model") / "tiny"
-    cfg = load_recipe(QUICKSTART, tiny(out))
-    build_model(cfg.model, build_tokenizer(cfg.model), seed=0).save_pretrained(out)
+    run = resolve(QUICKSTART, tiny(out))
+    build_model(run, build_tokenizer(run.recipe.model)).save_pretrained(out)
     return out
 
 

@@ -15,7 +15,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import QUICKSTART
-from trainer.config import ConfigError, OptimizerConfig, load_recipe
+from trainer.errors import ConfigError
+from trainer.resolve import resolve
+from trainer.schema import GaloreConfig, OptimizerConfig
 from trainer.optim.galore import (PROJ_TYPES, GaLoreAdamW, expected_state_bytes, project, project_back,
                                   projection_side, state_bytes, top_singular_vectors)
 from trainer.optim.galore_groups import build_galore, galore_param_groups, select_targets, state_cost
@@ -35,10 +37,7 @@ def llama(tie: bool = False) -> LlamaForCausalLM:
 
 
 def galore_cfg(**galore: object) -> OptimizerConfig:
-    cfg = OptimizerConfig(name="galore_adamw", lr=1e-3, weight_decay=0.01)
-    for k, v in galore.items():
-        setattr(cfg.galore, k, v)
-    return cfg
+    return OptimizerConfig(name="galore_adamw", lr=1e-3, weight_decay=0.01, galore=GaloreConfig(**galore))
 
 
 def projectors(matrix: torch.Tensor, rank: int, proj_type: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -117,10 +116,21 @@ def test_target_patterns_too_small_matrices_and_unknown_names(caplog: pytest.Log
     with caplog.at_level(logging.WARNING):
         galore_param_groups(model, galore_cfg(rank=32))
     assert "4 matched matrices have a side <= optimizer.galore.rank=32" in caplog.text
-    with pytest.raises(ConfigError, match=r"optimizer.galore.target_modules = \['qproj'\].*q_proj"):
+    with pytest.raises(ValueError, match=r"qproj matches no module.*q_proj"):
         select_targets(model, ["q_proj", "qproj"], rank=8)
-    with pytest.raises(ConfigError, match=r"optimizer.galore.rank = 64: no target.*largest smaller side is 64.*e.g. 16"):
+    with pytest.raises(ValueError, match=r"no target matrix.*rank 64.*largest smaller side is 64"):
         galore_param_groups(model, galore_cfg(rank=64))
+
+
+def test_resolve_names_the_galore_keys() -> None:
+    """The recipe errors for the same two mistakes: the key, the value, and the fix, before anything is built."""
+    with pytest.raises(ConfigError, match=r"optimizer.galore.target_modules = \['q_proj', 'qproj'\].*qproj "
+                                          r"matches no module.*q_proj"):
+        resolve(QUICKSTART, ["optimizer.name=galore_adamw", "optimizer.galore.target_modules=[q_proj, qproj]",
+                             "optimizer.galore.rank=8"])
+    with pytest.raises(ConfigError, match=r"optimizer.galore.rank = 128 \(command line\): no target.*largest "
+                                          r"smaller side is 128.*e.g. 32"):
+        resolve(QUICKSTART, ["optimizer.name=galore_adamw", "optimizer.galore.rank=128"])
 
 
 def formula_bytes(model: torch.nn.Module, targets: set[str], rank: int, proj_type: str, bits: int,
@@ -261,13 +271,12 @@ def test_state_round_trips_with_weights_only_and_continues_bitwise() -> None:
         opt2.step()
     assert torch.equal(w, w2)
     w3, opt3 = make(rank=16)
-    with pytest.raises(ConfigError, match="optimizer.galore.*rank 16.*resume with the rank"):
+    with pytest.raises(ValueError, match="rank 16.*saved with another rank"):
         opt3.load_state_dict(saved["opt"])
 
 
 def test_builder_names_and_sharding_flag() -> None:
-    cfg = OptimizerConfig(name="galore_adamw8bit")
-    cfg.galore.rank = 16
+    cfg = OptimizerConfig(name="galore_adamw8bit", galore=GaloreConfig(rank=16))
     opt = build_galore(llama(), cfg, shard_state=False)
     assert isinstance(opt, GaLoreAdamW) and {g["bits"] for g in opt.param_groups} == {8}
     assert "model.layers.0.mlp.up_proj.weight" in opt.param_names.values()
@@ -291,18 +300,18 @@ RULES = {
 def test_recipe_rules(rule: str) -> None:
     extra, key, why = RULES[rule]
     with pytest.raises(ConfigError) as e:
-        load_recipe(QUICKSTART, ["optimizer.name=galore_adamw", *extra])
+        resolve(QUICKSTART, ["optimizer.name=galore_adamw", *extra])
     assert key in str(e.value)
     assert any(re.search(why, p.render()) for p in e.value.problems), str(e.value)
 
 
 def test_recipe_rules_accept_galore_and_refuse_per_layer_without_it(tmp_path: Path) -> None:
-    cfg = load_recipe(QUICKSTART, ["optimizer.name=galore_adamw8bit", "optimizer.galore.per_layer=true",
-                                   "precision.dtype=bf16", "distributed.zero_stage=0"])
+    cfg = resolve(QUICKSTART, ["optimizer.name=galore_adamw8bit", "optimizer.galore.per_layer=true",
+                               "optimizer.galore.rank=32", "precision.dtype=bf16", "distributed.zero_stage=0"]).recipe
     assert cfg.optimizer.galore.per_layer
-    assert load_recipe(QUICKSTART, ["optimizer.name=galore_adamw", "distributed.zero_stage=1"])
+    assert resolve(QUICKSTART, ["optimizer.name=galore_adamw", "optimizer.galore.rank=32", "distributed.zero_stage=1"])
     with pytest.raises(ConfigError, match="per-layer updates are built for the GaLore optimizers"):
-        load_recipe(QUICKSTART, ["optimizer.name=adamw", "optimizer.galore.per_layer=true"])
+        resolve(QUICKSTART, ["optimizer.name=adamw", "optimizer.galore.per_layer=true"])
 
 
 def test_sharding_partition_balances_state_bytes_not_sizes() -> None:

@@ -14,9 +14,9 @@ import torch
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
 from trainer.checkpoint import complete_checkpoints
-from trainer.config import load_recipe
+from trainer.resolve import resolve
 from trainer.distributed import distributed_context
-from trainer.loop import Run, run_loop, setup, token_loss_sum
+from trainer.loop import Training, run_loop, setup, token_loss_sum
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.safeio import load_tensors
 
@@ -31,7 +31,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def snapshot(run: Run) -> dict[str, torch.Tensor]:
+def snapshot(run: Training) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
 
 
@@ -39,7 +39,7 @@ def train_in_process(overrides: list[str], steps: int = 10) -> tuple[dict[str, t
                                                                      dict[str, torch.Tensor]]:
     """Final parameters, metrics rows and initial parameters of a run in this process."""
     out = Path([o for o in overrides if o.startswith("output_dir=")][-1].split("=", 1)[1])
-    cfg = load_recipe(QUICKSTART, [*tiny(out, steps=steps), "checkpoint.save_final=false", *overrides])
+    cfg = resolve(QUICKSTART, [*tiny(out, steps=steps), "checkpoint.save_final=false", *overrides])
     with distributed_context() as dist:
         run = setup(cfg, dist)
         initial = snapshot(run)
@@ -70,7 +70,7 @@ def test_per_layer_equals_standard_galore(tmp_path: Path, batch: list[str]) -> N
     assert [r["lr"] for r in std_rows] == [r["lr"] for r in per_rows]  # one schedule step per optimizer step
 
 
-def reference_clipped_run(run: Run, clip: float, steps: int) -> list[float]:
+def reference_clipped_run(run: Training, clip: float, steps: int) -> list[float]:
     """The per-layer clipping rule written out over a standard run: every consumed gradient x_p (projected
     for targets) is scaled by min(min(1, clip / previous step's norm), clip / |x_p|). Returns the norms."""
     engine, opt, norms = run.engine, run.engine.optimizer, []
@@ -105,7 +105,7 @@ def test_per_layer_clipping_rule(tmp_path: Path) -> None:
     clip, steps = 0.5, 6
     per, rows, _ = train_in_process([*GALORE, f"optimizer.grad_clip={clip}", "optimizer.galore.per_layer=true",
                                   f"output_dir={tmp_path / 'pl'}"], steps=steps)
-    cfg = load_recipe(QUICKSTART, [*tiny(tmp_path / "ref", steps=steps), *GALORE, "optimizer.grad_clip=null"])
+    cfg = resolve(QUICKSTART, [*tiny(tmp_path / "ref", steps=steps), *GALORE, "optimizer.grad_clip=null"])
     with distributed_context() as dist:
         run = setup(cfg, dist)
         norms = reference_clipped_run(run, clip, steps)

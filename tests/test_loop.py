@@ -13,15 +13,15 @@ import torch
 
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
 from trainer.__main__ import enable_faulthandler
-from trainer.config import load_recipe
 from trainer.distributed import distributed_context
-from trainer.loop import Run, run_loop, setup, token_loss_sum
+from trainer.loop import Training, run_loop, setup, token_loss_sum
+from trainer.resolve import resolve
 
 
-def build(overrides: list[str]) -> tuple[Run, object]:
-    cfg = load_recipe(QUICKSTART, overrides)
+def build(overrides: list[str]) -> tuple[Training, object]:
+    run = resolve(QUICKSTART, overrides)
     ctx = distributed_context()
-    return setup(cfg, ctx.__enter__()), ctx
+    return setup(run, ctx.__enter__()), ctx
 
 
 def params_after(overrides: list[str]) -> dict[str, torch.Tensor]:
@@ -78,8 +78,7 @@ def test_fp16_overflow_skips_step_halves_scale_and_continues(tmp_path: Path,
     try:
         snapshots = []
         for stop in range(1, 6):
-            run.cfg.train.max_steps = stop
-            run_loop(run)
+            run_loop(run, until_step=stop)
             snapshots.append({k: v.clone() for k, v in run.engine.module.state_dict().items()})
     finally:
         run.metrics.close()

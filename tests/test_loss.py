@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import trainer.loss as loss_module
 from tests.conftest import QUICKSTART
 from tests.memory_probe import loss_bytes_per_logit
-from trainer.config import load_recipe
+from trainer.resolve import resolve
 from trainer.loss import token_loss_sum
 from trainer.memory import Shapes, logits_bytes
 
@@ -73,7 +73,7 @@ def test_memory_per_logit_matches_the_plan(dtype: str) -> None:
     """Peak RSS of logits -> loss -> backward (tests/memory_probe.py) against the plan's logits term, and against
     plain F.cross_entropy on fp32 logits, which keeps 12 bytes per logit."""
     batch, seq, vocab = 2, 1024, 32768
-    cfg = load_recipe(QUICKSTART, [f"precision.dtype={dtype}", f"train.micro_batch_size={batch}",
+    cfg = resolve(QUICKSTART, [f"precision.dtype={dtype}", f"train.micro_batch_size={batch}",
                                    f"data.seq_len={seq}", "model.config.max_position_embeddings=1024"])
     sh = Shapes("llama", [], 64, 128, 2, 4, 64, vocab, set())
     planned = logits_bytes(cfg, sh) / (batch * seq * vocab)

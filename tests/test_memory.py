@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import QUICKSTART, ROOT
 from tests.memory_probe import measure, tied_gradient_held
-from trainer.config import load_recipe
+from trainer.resolve import resolve
 from trainer.memory import GiB, Param, Shapes, _autocast_copies, forward_backward_bytes, plan, shapes
 
 GB = 1e9
@@ -35,15 +35,15 @@ def model_state_bytes(p) -> int:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("stage,expected_gb", [(1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_paper_model_states(stage: int, expected_gb: float) -> None:
     """ZeRO paper, Figure 1: 7.5B parameters, mixed-precision Adam (2+2+12 bytes), 64 GPUs."""
-    cfg = load_recipe(QUICKSTART, ["precision.dtype=bf16", "distributed.engine=deepspeed",
-                                   f"distributed.zero_stage={stage}"])
-    p = plan(cfg, world_size=64, sh=synthetic(7_500_000_000))
+    run = resolve(QUICKSTART, ["precision.dtype=bf16", "distributed.engine=deepspeed",
+                               f"distributed.zero_stage={stage}"], world_size=64)
+    p = plan(run, sh=synthetic(7_500_000_000))
     assert model_state_bytes(p) / GB == pytest.approx(expected_gb, abs=0.05)
 
 
 def test_zero_baseline_is_16_bytes_per_parameter() -> None:
-    cfg = load_recipe(QUICKSTART, ["precision.dtype=bf16", "distributed.engine=deepspeed", "distributed.zero_stage=1"])
-    p = plan(cfg, world_size=1, sh=synthetic(7_500_000_000))
+    cfg = resolve(QUICKSTART, ["precision.dtype=bf16", "distributed.engine=deepspeed", "distributed.zero_stage=1"])
+    p = plan(cfg, sh=synthetic(7_500_000_000))
     assert model_state_bytes(p) / GB == pytest.approx(120.0, abs=0.01)
 
 
@@ -56,7 +56,7 @@ def test_galore_optimizer_state_formula() -> None:
     """GaLore paper: a target matrix m x n (m <= n) keeps an m x r projector and two r x n moments."""
     from trainer.optim.galore import expected_state_bytes
 
-    cfg = load_recipe(QUICKSTART, ["optimizer.name=galore_adamw", "optimizer.galore.rank=512", *LLAMA_1B])
+    cfg = resolve(QUICKSTART, ["optimizer.name=galore_adamw", "optimizer.galore.rank=512", *LLAMA_1B])
     sh = shapes(cfg)
     up = next(p for p in sh.params if p.name.endswith("layers.0.mlp.up_proj.weight"))
     assert up.shape == (5461, 2048)
@@ -64,7 +64,7 @@ def test_galore_optimizer_state_formula() -> None:
     assert expected_state_bytes(up.shape, 512, "std") == step + 4 * (2048 * 512 + 2 * 512 * 5461)
     q = next(p for p in sh.params if p.name.endswith("layers.0.self_attn.q_proj.weight"))
     assert expected_state_bytes(q.shape, 512, "std") == step + 4 * (2048 * 512 + 2 * 512 * 2048)
-    full = plan(load_recipe(QUICKSTART, ["optimizer.name=adamw", *LLAMA_1B]), sh=sh)
+    full = plan(resolve(QUICKSTART, ["optimizer.name=adamw", *LLAMA_1B]), sh=sh)
     galore = plan(cfg, sh=sh)
     state = {k: next(i.bytes for i in x.items if i.name == "optimizer state") for k, x in
              (("adamw", full), ("galore", galore))}
@@ -125,7 +125,7 @@ def test_activation_prediction_within_15_percent() -> None:
     measured = measure(str(QUICKSTART), configs)
     worst = 0.0
     for (size, ckpt, dtype), overrides, got in zip(cases, configs, measured):
-        cfg = load_recipe(QUICKSTART, overrides)
+        cfg = resolve(QUICKSTART, overrides)
         sh = shapes(cfg)
         predicted = forward_backward_bytes(cfg, sh) + _autocast_copies(cfg, sh, True)
         error = abs(got - predicted) / got
@@ -143,13 +143,13 @@ def test_tied_embedding_gradient_held_through_per_layer_backward() -> None:
     size = ["model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_hidden_layers=4",
             "model.config.vocab_size=65536"]
     per_layer = ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "optimizer.galore.per_layer=true"]
-    p = plan(load_recipe(QUICKSTART, [*size, *per_layer, "model.config.tie_word_embeddings=true"]))
+    p = plan(resolve(QUICKSTART, [*size, *per_layer, "model.config.tie_word_embeddings=true"]))
     planned = sum(i.bytes for i in p.items if "tied embedding" in i.name)
     held = tied_gradient_held(str(QUICKSTART), size)
     print(f"tied embedding gradient held through backward: planned {planned:,} B, measured {held:,} B")
     assert planned == 4 * 65536 * 64
     assert held == pytest.approx(planned, rel=0.15)
-    untied = plan(load_recipe(QUICKSTART, [*size, *per_layer, "model.config.tie_word_embeddings=false"]))
+    untied = plan(resolve(QUICKSTART, [*size, *per_layer, "model.config.tie_word_embeddings=false"]))
     assert not [i for i in untied.items if "tied embedding" in i.name]
 
 
@@ -165,7 +165,7 @@ def test_recipe_fits_the_hardware_its_header_claims(recipe: Path) -> None:
     header = re.search(r"# plan: (\d+) x (\d+)GiB, planned peak ([\d.]+) GiB per GPU", recipe.read_text())
     assert header, f"{recipe.name}: no '# plan: N x 24GiB, planned peak X GiB per GPU' header"
     gpus, gib, stated = int(header.group(1)), int(header.group(2)), float(header.group(3))
-    p = plan(load_recipe(recipe), world_size=gpus, gpu_bytes=gib * GiB)
+    p = plan(resolve(recipe, world_size=gpus), gpu_bytes=gib * GiB)
     assert p.fits, f"{recipe.name}: planned {p.peak_bytes / GiB:.2f} GiB > {gib} GiB"
     assert p.peak_bytes / GiB == pytest.approx(stated, abs=0.01), "update the header's planned peak"
 
@@ -176,19 +176,27 @@ def test_every_24gb_recipe_has_a_plan_header() -> None:
     assert all("# plan:" in r.read_text() and "# launch:" in r.read_text() for r in recipes)
 
 
-def test_train_refuses_a_recipe_that_will_not_fit_the_gpu(monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """On a GPU machine `train` plans first. No GPU here: the device query is faked (the plan is real)."""
+def test_train_refuses_a_recipe_that_will_not_fit_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine `train` plans first, on rank 0, without moving the global RNG. No GPU here: the device and
+    its free memory are faked (the plan is real)."""
     import torch
 
-    from trainer.__main__ import check_fits_gpu
+    from trainer.distributed import DistInfo
+    from trainer.preflight import DoesNotFit, check_memory
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GiB, 24 * GiB))
-    big = load_recipe(QUICKSTART, ["model.config.hidden_size=2048", "model.config.intermediate_size=5504",
-                                   "model.config.num_hidden_layers=16", "model.config.num_attention_heads=16"])
-    assert check_fits_gpu(big, force=False) is False
-    err = capsys.readouterr().err
-    assert "does NOT fit in 2 GiB" in err and "pass --force" in err
-    assert check_fits_gpu(big, force=True) is True
-    assert check_fits_gpu(load_recipe(QUICKSTART), force=False) is True
+    gpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
+    big = resolve(QUICKSTART, ["model.config.hidden_size=2048", "model.config.intermediate_size=5504",
+                               "model.config.num_hidden_layers=16", "model.config.num_attention_heads=16",
+                               "optimizer.name=galore_adamw", "optimizer.galore.rank=64",
+                               "optimizer.galore.per_layer=true", "precision.dtype=bf16"], world_size=2)
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    with pytest.raises(DoesNotFit) as refused:
+        check_memory(big, gpu, force=False)
+    assert torch.equal(torch.rand(3), expected_next), "planning moved the global RNG"
+    assert "does NOT fit in 2 GiB" in str(refused.value) and "pass --force" in str(refused.value)
+    assert refused.value.exit_code == 2
+    check_memory(big, gpu, force=True)
+    check_memory(resolve(QUICKSTART), gpu, force=False)

@@ -13,7 +13,7 @@ import pytest
 
 from tests import deepspeed_probe
 from tests.conftest import QUICKSTART, tiny
-from trainer.config import Config, load_recipe
+from trainer.resolve import ResolvedRun, resolve
 from trainer.memory import plan, shapes, sharded_state_loads
 
 RUNS = {"z1": ["distributed.zero_stage=1"], "z2": ["distributed.zero_stage=2"],
@@ -47,7 +47,7 @@ NATIVE = {
 def planned(overrides: list[str]) -> dict[str, int]:
     """Plan per rank; with optimizer offload the probe sees no GPU gradient buffers (DeepSpeed reduces into the
     CPU fp32 partitions, which the plan lists as CPU memory), so those compare as GPU gradients = 0."""
-    p = plan(load_recipe(QUICKSTART, overrides), world_size=2)
+    p = plan(resolve(QUICKSTART, overrides, world_size=2))
     get = lambda *names: sum(i.bytes for i in p.items if i.name.startswith(names) and  # noqa: E731
                              (i.where == "gpu" or not i.name.startswith("gradients")))
     return {"params": get("weights"), "grads": get("gradients"), "state": get("fp32 master", "optimizer state")}
@@ -64,7 +64,7 @@ def test_states_per_rank_match_plan(tmp_path: Path) -> None:
     got = deepspeed_probe.launch(tmp_path, runs, QUICKSTART)["facts"]
     facts = [got[0], got[1]]
     for name, overrides in NATIVE.items():
-        check_native(name, load_recipe(QUICKSTART, tiny(tmp_path / name, *NATIVE_SIZE, *overrides, steps=2)),
+        check_native(name, resolve(QUICKSTART, tiny(tmp_path / name, *NATIVE_SIZE, *overrides, steps=2), world_size=2),
                      [f[name]["bytes"] for f in facts])
     for name, overrides in RUNS.items():
         want = planned(tiny(tmp_path / name, *BASE, *overrides, steps=2))
@@ -76,18 +76,18 @@ def test_states_per_rank_match_plan(tmp_path: Path) -> None:
         assert want["state"] == pytest.approx(worst["state"], rel=0.02)
 
 
-def check_native(name: str, cfg: Config, per_rank: list[dict[str, int]]) -> None:
+def check_native(name: str, run: ResolvedRun, per_rank: list[dict[str, int]]) -> None:
     """Every rank holds the planned weights and gradients; rank r holds the state the plan's partition gives
     it (the same partition function over the same parameter groups), and the plan's peak is the worst rank's."""
-    p = plan(cfg, world_size=2)
+    p = plan(run)
     get = lambda *names: sum(i.bytes for i in p.items if i.name.startswith(names))  # noqa: E731
     print(f"{name}: planned weights {get('weights'):,} grads {get('gradients'):,} state {get('optimizer state'):,}; "
           f"real per rank {per_rank}")
     for rank, real in enumerate(per_rank):
         assert get("weights") == real["weights"], (name, rank)
         assert get("gradients") == pytest.approx(real["grads"], rel=0.02), (name, rank)
-    if cfg.distributed.zero_stage == 1:
-        loads = sharded_state_loads(cfg, shapes(cfg), 2)
+    if run.recipe.distributed.zero_stage == 1:
+        loads = sharded_state_loads(run, shapes(run))
         for rank, real in enumerate(per_rank):
             assert loads[rank] == pytest.approx(real["optimizer"], rel=0.02, abs=4096), (name, rank, loads)
         assert min(loads) > 0, "a rank owns no optimizer state"

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import QUICKSTART, tiny
 from tests.deepspeed_probe import count_native_bytes
 from tests.test_adapters import LLAMA, save_base
-from trainer.config import load_recipe
+from trainer.resolve import resolve
 from trainer.distributed import distributed_context
 from trainer.loop import setup, train_step
 from trainer.memory import plan
@@ -82,7 +82,7 @@ def check(cfg: Any, label: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("combo", list(FULL))
 def test_full_training_states_match_plan(tmp_path: Path, combo: str) -> None:
-    cfg = load_recipe(QUICKSTART, tiny(tmp_path / "run", *SIZE, *FULL[combo], "checkpoint.save_final=false",
+    cfg = resolve(QUICKSTART, tiny(tmp_path / "run", *SIZE, *FULL[combo], "checkpoint.save_final=false",
                                        steps=1))
     check(cfg, combo)
 
@@ -95,7 +95,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("combo", list(ADAPTER))
 def test_adapter_states_match_plan(tmp_path: Path, combo: str, base: Path, shared_data: Path) -> None:
-    cfg = load_recipe(QUICKSTART, tiny(tmp_path / "run", "model.config=null", f"model.name_or_path={base}",
+    cfg = resolve(QUICKSTART, tiny(tmp_path / "run", "model.config=null", f"model.name_or_path={base}",
                                        "model.tokenizer=null", f"data.source={shared_data / 'alpaca_en_demo.json'}",
                                        "data.format=alpaca", "data.seq_len=256", "data.max_documents=40",
                                        *ADAPTER[combo], "checkpoint.save_final=false", steps=1))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
-from trainer.config import LoggingConfig
+from trainer.schema import LoggingConfig
 from trainer.metrics import Metrics, plot
 
 

@@ -1,40 +1,42 @@
-"""Command line: `python -m trainer train|validate RECIPE [dotted.key=value ...]`. Thin: parse, then call."""
+"""Command line: `python -m trainer VERB ...`. Thin: parse the arguments, resolve the recipe, call one room.
+
+Each verb imports only the rooms it needs (inside its function), so `validate` and `schema` never load the
+engines, DeepSpeed, bitsandbytes or peft. Every error a user can cause (`trainer.errors.TrainerError`) is shown as
+one screen with its exit code (2: the recipe; 1: what the run met); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
 import logging
-import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
-from trainer.config import Config, ConfigError, dump_recipe, load_recipe
+from trainer.errors import EXIT_RECIPE, TrainerError
 
-EXIT_CONFIG = 2
-EXIT_RUNTIME = 1
-
-USAGE = """python -m trainer VERB RECIPE [key=value ...]
+USAGE = """python -m trainer VERB ...
 
 verbs:
   train      train with a recipe (one process, or one of many under torchrun)
   validate   check a recipe and its overrides without building anything; print the resolved recipe
-  plan       predict the memory per GPU before launch, and what to change if it does not fit:
-             python -m trainer plan RECIPE [key=value ...] [--world-size N] [--gpu-memory 24GiB] [--json]
-  export     write a Hugging Face model directory from a run or checkpoint:
-             python -m trainer export RUN_OR_CHECKPOINT --out DIR [--dtype bf16] [--adapter-only | --merge]
+  plan       predict the memory per GPU before launch, and what to change if it does not fit
+  export     write a Hugging Face model directory from a run or checkpoint
+  schema     print the recipe's JSON Schema (or, with --markdown, the README's table of keys)
 
-overrides are dotted keys after the recipe, parsed as YAML scalars; `null` clears a value:
+python -m trainer VERB --help shows a verb's arguments. Overrides are dotted keys after the recipe, parsed as YAML
+scalars; `null` clears a value:
   python -m trainer train recipes/quickstart.yaml train.max_steps=50 optimizer.lr=3e-4
   torchrun --nproc_per_node=2 -m trainer train recipes/quickstart.yaml
 """
 
 
-def setup_logging(rank: int) -> None:
+def setup_logging(rank: int, world_size: int) -> None:
     """INFO on rank 0, warnings only elsewhere; quiet the libraries' chatter."""
     level = logging.INFO if rank == 0 else logging.WARNING
-    prefix = f"[rank{rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    prefix = f"[rank{rank}] " if world_size > 1 else ""
     logging.basicConfig(level=level, stream=sys.stderr, force=True,
                         format=f"{prefix}%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("datasets", "transformers", "torch.distributed", "bitsandbytes", "urllib3", "filelock", "matplotlib"):
@@ -42,23 +44,29 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path of a YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=50")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", usage=USAGE, add_help=True,
                                 description="Memory-efficient LLM training from a YAML recipe.")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
-    for verb, text in (("train", "train with a recipe"), ("validate", "check a recipe without building anything")):
-        s = sub.add_parser(verb, help=text, description=text)
-        s.add_argument("recipe", help="path of a YAML recipe")
-        s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-        if verb == "validate":
-            s.add_argument("--world-size", type=int, default=None, help="ranks to check batch sizes for")
-        if verb == "train":
-            s.add_argument("--force", action="store_true",
-                           help="start even when the memory plan predicts more than the GPU's free memory")
+    t = sub.add_parser("train", help="train with a recipe", description="Train with a recipe (one process, or one "
+                       "of many under torchrun).")
+    _recipe_arguments(t)
+    t.add_argument("--force", action="store_true",
+                   help="start even when the memory plan predicts more than the GPU's free memory")
+    v = sub.add_parser("validate", help="check a recipe without building anything",
+                       description="Check a recipe and its overrides without building anything; print the resolved "
+                                   "recipe (and, for DeepSpeed, the generated DeepSpeed config).")
+    _recipe_arguments(v)
+    v.add_argument("--world-size", type=int, default=None, help="ranks to check batch sizes for "
+                   "(default: WORLD_SIZE or 1)")
     s = sub.add_parser("plan", help="predict memory per GPU", description="Predict the memory per GPU of a "
                        "recipe before launch (model shapes on the meta device; nothing is loaded).")
-    s.add_argument("recipe", help="path of a YAML recipe")
-    s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    _recipe_arguments(s)
     s.add_argument("--world-size", type=int, default=None, help="number of GPUs (default: WORLD_SIZE or 1)")
     s.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB (default 24GiB)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -71,83 +79,69 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter-only", action="store_true", help="adapter runs: write only the peft adapter")
     e.add_argument("--merge", action="store_true", help="adapter runs: merge the adapter into the base model")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    r = sub.add_parser("schema", help="print the recipe's JSON Schema", description="Print the JSON Schema of a "
+                       "recipe (save it and point your editor's YAML language server at it), or the README's "
+                       "table of every key.")
+    r.add_argument("--markdown", action="store_true", help="print the table of keys (type, default, doc)")
     return p
 
 
-def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
-    from trainer.checks import resolve_batch
+def _world_size(args: argparse.Namespace) -> int:
     from trainer.distributed import env_world_size
 
-    world = args.world_size or env_world_size()
-    accum = resolve_batch(cfg, world)
-    print(dump_recipe(cfg), end="")
-    if cfg.distributed.engine == "deepspeed":
-        print_deepspeed_config(cfg, accum, world)
-    global_batch = cfg.train.micro_batch_size * accum * world
-    print(f"# ok: {args.recipe} is valid; world size {world}: micro-batch {cfg.train.micro_batch_size} x "
-          f"{accum} accumulation x {world} ranks = {global_batch} sequences per step", file=sys.stderr)
+    return getattr(args, "world_size", None) or env_world_size()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from trainer.recipe import to_yaml
+    from trainer.resolve import resolve
+
+    run = resolve(args.recipe, args.overrides, _world_size(args))
+    print(to_yaml(run.recipe), end="")
+    if run.recipe.distributed.engine == "deepspeed":
+        print_deepspeed_config(run)
+    for warning in run.warnings:
+        print(f"# warning: {warning}", file=sys.stderr)
+    print(f"# ok: {args.recipe} is valid; world size {run.world_size}: micro-batch {run.micro_batch_size} x "
+          f"{run.grad_accum_steps} accumulation x {run.world_size} ranks = {run.global_batch_size} sequences per "
+          "step", file=sys.stderr)
     return 0
 
 
-def print_deepspeed_config(cfg: Config, accum: int, world: int) -> None:
-    """The DeepSpeed config a launch with this world size would generate, as JSON after a `---` line (what
-    DeepSpeed reads; the lines before it stay the YAML recipe). Needs neither torch.distributed nor DeepSpeed."""
+def print_deepspeed_config(run: object) -> None:
+    """The DeepSpeed config this launch would generate, as JSON after a `---` line (what DeepSpeed reads; the lines
+    before it stay the YAML recipe). Needs neither torch.distributed nor DeepSpeed."""
     import json
 
     from trainer.engine.ds_config import final_ds_config
 
-    if cfg.distributed.zero_stage == 0:
+    if run.recipe.distributed.zero_stage == 0:  # type: ignore[attr-defined]
         print("# distributed.zero_stage=0 runs on the native engine (DDP): no DeepSpeed config", file=sys.stderr)
         return
-    config, changes = final_ds_config(cfg.precision, cfg.optimizer, cfg.distributed,
-                                      micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=accum,
-                                      world_size=world)
-    print(f"---\n# generated DeepSpeed config (world size {world})"
+    config, changes = final_ds_config(run)  # type: ignore[arg-type]
+    print(f"---\n# generated DeepSpeed config (world size {run.world_size})"  # type: ignore[attr-defined]
           + "".join(f"\n# changed by distributed.deepspeed_overrides: {c}" for c in changes))
     print(json.dumps(config, indent=2))
 
 
-def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
-    from trainer.distributed import env_world_size
+def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.memory_report import as_json, full_plan, parse_size, render
+    from trainer.resolve import resolve
 
-    p = full_plan(cfg, args.world_size or env_world_size(), parse_size(args.gpu_memory))
-    print(as_json(p) if args.json else render(p, cfg, args.recipe))
+    run = resolve(args.recipe, args.overrides, _world_size(args))
+    p = full_plan(run, parse_size(args.gpu_memory))
+    print(as_json(p) if args.json else render(p, args.recipe))
     return 0
 
 
-def check_fits_gpu(cfg: Config, force: bool) -> bool:
-    """On a GPU machine, plan before building anything; False (after printing why) when it will not fit."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return True
-    from trainer.distributed import env_world_size
-    from trainer.memory_report import full_plan, render
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    free, _ = torch.cuda.mem_get_info(local)
-    p = full_plan(cfg, env_world_size(), free)
-    if p.fits or force:
-        if not p.fits:
-            logging.getLogger("trainer").warning("the plan predicts %.1f GiB > %.1f GiB free; starting anyway "
-                                                 "(--force)", p.peak_bytes / 2**30, free / 2**30)
-        return True
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(render(p, cfg, f"{cfg.output_dir} on this GPU ({free / 2**30:.1f} GiB free)"), file=sys.stderr)
-        print("error: the recipe will not fit this GPU; apply a suggestion above or pass --force",
-              file=sys.stderr)
-    return False
-
-
-def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.distributed import env_rank
     from trainer.loop import train
+    from trainer.resolve import resolve
 
-    if not check_fits_gpu(cfg, args.force):
-        return EXIT_CONFIG
-
-    summary = train(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
+    run = resolve(args.recipe, args.overrides, _world_size(args), make_output=True)
+    summary = train(run, force=args.force)
+    if env_rank() != 0:
         return 0
     if summary.preempted:
         print(f"preempted at step {summary.steps}: checkpoint saved in {summary.output_dir}/checkpoints; run the "
@@ -159,8 +153,6 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from trainer.export import export
 
     out = export(Path(args.source), Path(args.out), dtype=args.dtype, adapter_only=args.adapter_only,
@@ -171,28 +163,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {"train": cmd_train, "validate": cmd_validate,
-                                                                     "plan": cmd_plan}
+def cmd_schema(args: argparse.Namespace) -> int:
+    from trainer.reference import json_schema, markdown
+
+    print(markdown() if args.markdown else json_schema())
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "export": cmd_export, "schema": cmd_schema}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.verb is None:
         parser().print_help()
-        return EXIT_CONFIG
-    setup_logging(int(os.environ.get("RANK", "0")))
+        return EXIT_RECIPE
+    from trainer.distributed import env_rank, env_world_size
+
+    setup_logging(env_rank(), env_world_size())
     enable_faulthandler()
     try:
-        if args.verb == "export":
-            return cmd_export(args)
-        cfg = load_recipe(args.recipe, args.overrides)
-        return COMMANDS[args.verb](cfg, args)
-    except ConfigError as e:
+        return COMMANDS[args.verb](args)
+    except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+        return e.exit_code
 
 
 def enable_faulthandler() -> None:
@@ -205,16 +200,6 @@ def enable_faulthandler() -> None:
         faulthandler.enable()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
         pass
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: shown as one message, without a traceback."""
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
-    from trainer.precision import LossScaleCollapsed
-    from trainer.safeio import UnsafeFileError
-
-    return (DataError, LossScaleCollapsed, CheckpointError, UnsafeFileError)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 import yaml
 
-from trainer import faults
-from trainer.config import CheckpointConfig, Config, dump_recipe
 from trainer.data import DataPosition
 from trainer.distributed import DistInfo, barrier, broadcast_object
 from trainer.engine.base import Engine
+from trainer.errors import CheckpointError
+from trainer.faults import Faults
+from trainer.recipe import to_yaml
 from trainer.safeio import fsync_dir, fsync_file, load_tensors, save_tensors, sha256, write_json
+from trainer.schema import CheckpointConfig, Recipe, resume_rules
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used, or a resume that would not continue the same run."""
 
 
 @dataclass
@@ -125,33 +123,23 @@ def _tuples_to_lists(obj: Any) -> Any:
     return obj
 
 
-# Settings that change what the run computes: a checkpoint made under other values cannot be continued.
-MUST_MATCH = ("model.name_or_path", "model.config", "model.tokenizer", "data.source", "data.format",
-              "data.text_field", "data.seq_len", "data.packing", "data.chat_template", "data.eval_fraction",
-              "data.max_documents", "data.max_bytes", "train.seed", "train.micro_batch_size", "precision.dtype",
-              "optimizer.name", "adapter", "distributed.engine", "distributed.zero_stage")
+def _value(recipe: dict[str, Any], key: str) -> Any:
+    node: Any = recipe
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and not (key == "model.config" or key.endswith("deepspeed_overrides")):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(blocking differences, allowed differences), each as 'key: old -> new'."""
-    a, b = _flatten(saved), _flatten(current)
+def compare_recipes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(blocking differences, allowed differences), each as 'key: old -> new', by the schema's resume rules
+    (trainer/schema.py): `must_match` keys block, `allowed` ones are logged, `ignored` ones are not compared."""
     blocking, allowed = [], []
-    for key in sorted(set(a) | set(b)):
-        if key == "output_dir" or key.startswith("checkpoint.") or a.get(key) == b.get(key):
+    for key, rule in resume_rules().items():
+        old, new = _value(saved, key), _value(current, key)
+        if rule == "ignored" or _tuples_to_lists(old) == _tuples_to_lists(new):
             continue
-        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-        (blocking if any(key == m or key.startswith(m + ".") for m in MUST_MATCH) else allowed).append(line)
+        line = f"{key}: {old!r} -> {new!r}"
+        (blocking if rule == "must_match" else allowed).append(line)
     return blocking, allowed
 
 
@@ -160,11 +148,12 @@ class Checkpointer:
     """Saves and restores one run's checkpoints from every rank."""
 
     cfg: CheckpointConfig
-    run_cfg: Config
+    recipe: Recipe
     output_dir: Path
     dist: DistInfo
     fingerprint: dict[str, Any]  # world size, accumulation, data summary: must match to resume
     write_assets: Callable[[Path], None] = lambda path: None  # rank 0: model config + tokenizer into hf/
+    faults: Faults = field(default_factory=Faults)
 
     def due(self, step: int, max_steps: int) -> bool:
         every = self.cfg.every_steps
@@ -183,8 +172,7 @@ class Checkpointer:
         save_tensors(_rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
         if self.dist.is_main:
             self._write_run_files(tmp, state)
-        if faults.armed("crash_in_save", state.step, self.dist.rank):
-            faults.crash(state.step)
+        self.faults.during_save(state.step)
         barrier()
         if self.dist.is_main:
             size = self._commit(tmp, final, state.step)
@@ -196,7 +184,7 @@ class Checkpointer:
     def _write_run_files(self, tmp: Path, state: TrainState) -> None:
         write_json({"step": state.step, "tokens": state.tokens, "position": state.position.state_dict(),
                     **self.fingerprint}, tmp / STATE)
-        (tmp / "config.yaml").write_text(dump_recipe(self.run_cfg), encoding="utf-8")
+        (tmp / "config.yaml").write_text(to_yaml(self.recipe), encoding="utf-8")
         (tmp / "hf").mkdir()
         self.write_assets(tmp / "hf")
 
@@ -289,9 +277,7 @@ class Checkpointer:
         return TrainState(state["step"], state["tokens"], DataPosition.from_state_dict(state["position"]))
 
     def _check_compatible(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
-        from trainer.typed import to_dict
-
-        blocking, allowed = compare_configs(saved_cfg, to_dict(self.run_cfg))
+        blocking, allowed = compare_recipes(saved_cfg, self.recipe.model_dump())
         for key, value in self.fingerprint.items():
             if _tuples_to_lists(state.get(key)) != _tuples_to_lists(value):
                 blocking.append(f"{key}: {state.get(key)!r} -> {value!r}")

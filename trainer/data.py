@@ -30,12 +30,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from trainer.config import DataConfig
+from trainer.errors import DataError
+from trainer.loss import IGNORE
+from trainer.paths import looks_local
+from trainer.schema import DataConfig
 from trainer.tokenizer import ChatRenderer, resolve_chat_template
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 STDLIB = "builtin:python_stdlib"
 STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                          "turtledemo", "ensurepip", "__pycache__"})
@@ -43,10 +45,6 @@ FILE_SUFFIXES = (".txt", ".json", ".jsonl")
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "model": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool",
          "function": "tool", "ipython": "tool"}
-
-
-class DataError(Exception):
-    """The data cannot be used as configured; the message says what is wrong and what to change."""
 
 
 @dataclass
@@ -192,7 +190,7 @@ def read_source(cfg: DataConfig) -> list[_Rows]:
         return [_Rows("python_stdlib", read_stdlib(cfg.max_bytes, cfg.max_documents))]
     path = Path(source).expanduser()
     if not path.exists():
-        if source.startswith(("/", "./", "../", "~")) or not source:
+        if not source or looks_local(source):
             raise DataError(f"data.source = {source!r}: file or directory not found; check the path")
         return [_Rows(source, _read_hub(cfg))]
     out, left = [], cfg.max_documents

@@ -46,6 +46,11 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this job (TORCHELASTIC_RESTART_COUNT; 0 for the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -87,7 +92,7 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_hosts_store and rank == 0, timeout=timeout,
                           multi_tenant=not agent_hosts_store)
-    return dist.PrefixStore(f"trainer/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"trainer/attempt-{restart_count()}", store)
 
 
 def teardown() -> None:
@@ -118,14 +123,6 @@ def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def all_reduce_max(value: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def barrier() -> None:

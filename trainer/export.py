@@ -18,9 +18,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.merge import write_adapter_export
-from trainer.checkpoint import MANIFEST, CheckpointError, complete_checkpoints, read_manifest
-from trainer.engine.native import MODEL_FILE
-from trainer.precision import DTYPES
+from trainer.checkpoint import MANIFEST, complete_checkpoints, read_manifest
+from trainer.engine.base import MODEL_FILE
+from trainer.errors import CheckpointError
+from trainer.dtypes import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,12 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if is_adapter:
-        write_adapter_export(ckpt, tmp, merge=merge, dtype=DTYPES[dtype])
+        write_adapter_export(ckpt, tmp, merge=merge, dtype=torch_dtype(dtype))
     else:
         config = AutoConfig.from_pretrained(ckpt / "hf")
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         load_model(model, str(ckpt / MODEL_FILE))
-        model.to(DTYPES[dtype])
+        model.to(torch_dtype(dtype))
         model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     if out.exists():

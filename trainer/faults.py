@@ -9,7 +9,10 @@ TRAINER_FAULT holds comma-separated `kind@step` items, e.g. `inf_grad@3,crash@7`
 - `crash_in_save@N`: the process dies in the middle of writing the checkpoint of step N (after the weights,
   before the manifest).
 Kinds are matched on every rank unless written `kind@N:rR` (rank R only). Under `torchrun --max-restarts`
-a fault fires only in the first attempt (TORCHELASTIC_RESTART_COUNT=0), so the restarted run can finish.
+a fault fires only in the first attempt, so the restarted run can finish.
+
+The variable is read once, at start (`Faults.parse`); the loop calls `after_backward` and `after_step`, the
+checkpointer `during_save`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,43 +28,68 @@ from torch import nn
 log = logging.getLogger(__name__)
 ENV = "TRAINER_FAULT"
 CRASH_EXIT_CODE = 13
+KINDS = ("inf_grad", "crash", "sigkill", "abort", "crash_in_save")
 
 
-def _items() -> list[tuple[str, int, int | None]]:
-    out = []
-    for item in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
-        kind, _, rest = item.partition("@")
-        step, _, rank = rest.partition(":r")
-        out.append((kind, int(step), int(rank) if rank else None))
-    return out
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int | None  # None: every rank
 
 
-def armed(kind: str, step: int, rank: int) -> bool:
-    """True when the environment asks for fault `kind` at this (1-based) step on this rank."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return False
-    return any(k == kind and s == step and (r is None or r == rank) for k, s, r in _items())
+@dataclass(frozen=True)
+class Faults:
+    """The faults armed for this process (empty in real runs)."""
 
+    armed: tuple[Fault, ...] = ()
+    rank: int = 0
 
-def poison_grad(model: nn.Module) -> None:
-    """Put an inf into the first gradient found (what an fp16 overflow looks like)."""
-    for p in model.parameters():
-        if p.grad is not None:
-            with torch.no_grad():
-                p.grad.view(-1)[0] = float("inf")
-            return
+    @classmethod
+    def parse(cls, text: str, rank: int, restart_count: int) -> Faults:
+        """Faults from a TRAINER_FAULT value, for this rank; none after an elastic restart."""
+        if restart_count > 0 or not text.strip():
+            return cls((), rank)
+        items = []
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            kind, _, rest = item.partition("@")
+            step, _, only = rest.partition(":r")
+            if kind not in KINDS or not step.isdigit() or (only and not only.isdigit()):
+                raise ValueError(f"{ENV}: cannot read {item!r}; write kind@step or kind@step:rRANK with kind one of "
+                                 f"{', '.join(KINDS)}")
+            items.append(Fault(kind, int(step), int(only) if only else None))
+        return cls(tuple(items), rank)
 
+    @classmethod
+    def from_environment(cls, rank: int, restart_count: int) -> Faults:
+        return cls.parse(os.environ.get(ENV, ""), rank, restart_count)
 
-def crash(step: int) -> None:
-    log.error("TRAINER_FAULT: crashing at step %d", step)
-    os._exit(CRASH_EXIT_CODE)
+    def _fires(self, kind: str, step: int) -> bool:
+        return any(f.kind == kind and f.step == step and f.rank in (None, self.rank) for f in self.armed)
 
+    def after_backward(self, step: int, model: nn.Module) -> None:
+        """Before optimizer step `step`: an inf in a gradient (what an fp16 overflow looks like)."""
+        if self._fires("inf_grad", step):
+            for p in model.parameters():
+                if p.grad is not None:
+                    with torch.no_grad():
+                        p.grad.view(-1)[0] = float("inf")
+                    return
 
-def abort(step: int) -> None:
-    log.error("TRAINER_FAULT: SIGABRT after step %d", step)
-    os.abort()
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step`: die the way the fault says."""
+        if self._fires("crash", step):
+            log.error("TRAINER_FAULT: crashing at step %d", step)
+            os._exit(CRASH_EXIT_CODE)
+        if self._fires("sigkill", step):
+            log.error("TRAINER_FAULT: SIGKILL after step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._fires("abort", step):
+            log.error("TRAINER_FAULT: SIGABRT after step %d", step)
+            os.abort()
 
-
-def sigkill(step: int) -> None:
-    log.error("TRAINER_FAULT: SIGKILL after step %d", step)
-    os.kill(os.getpid(), signal.SIGKILL)
+    def during_save(self, step: int) -> None:
+        """In the middle of writing the checkpoint of `step`."""
+        if self._fires("crash_in_save", step):
+            log.error("TRAINER_FAULT: crashing while saving step %d", step)
+            os._exit(CRASH_EXIT_CODE)

@@ -1,4 +1,4 @@
-"""train(cfg): the one training loop. It talks to an Engine and never branches on the backend."""
+"""train(run): the one training loop. It talks to an Engine and never branches on the backend."""
 
 from __future__ import annotations
 
@@ -13,28 +13,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer import faults
 from trainer.checkpoint import Checkpointer, TrainState
-from trainer.checks import resolve_batch
-from trainer.config import Config, dump_recipe
 from trainer.data import Batch, TrainData
-from trainer.distributed import DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context
-from trainer.engine import Engine, build_engine, model_init_context
+from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context,
+                                 restart_count)
+from trainer.engine.base import Engine, StepResult
+from trainer.engine.build import build_engine, model_init_context
+from trainer.faults import Faults
 from trainer.loss import token_loss_sum
 from trainer.metrics import Metrics, peak_memory_bytes, truncate_rows
 from trainer.model import build_model
+from trainer.preflight import check_memory
 from trainer.preemption import PreemptionFlag
+from trainer.recipe import to_yaml
+from trainer.resolve import ResolvedRun
 from trainer.tokenizer import build_tokenizer
-from trainer.typed import to_dict
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Run:
+class Training:
     """Everything the loop needs, built once by `setup`."""
 
-    cfg: Config
+    run: ResolvedRun
     dist: DistInfo
     engine: Engine
     data: TrainData
@@ -42,6 +44,17 @@ class Run:
     checkpointer: Checkpointer
     state: TrainState
     preemption: PreemptionFlag
+    faults: Faults
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One optimizer step as every rank agrees on it."""
+
+    loss: float  # mean token loss over the global batch
+    tokens: int  # tokens in the global batch (padding excluded)
+    stop_requested: bool  # some rank received a preemption signal
+    result: StepResult
 
 
 @dataclass(frozen=True)
@@ -71,125 +84,123 @@ def _asset_writer(model: nn.Module, tokenizer: object):  # type: ignore[no-untyp
     return write
 
 
-def setup(cfg: Config, dist: DistInfo) -> Run:
+def setup(run: ResolvedRun, dist: DistInfo) -> Training:
     """Build tokenizer, data, model and engine for this rank, and resume if a checkpoint says so."""
-    grad_accum = resolve_batch(cfg, dist.world_size)
-    out = Path(cfg.output_dir)
+    r = run.recipe
+    out = run.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(cfg.model)
-    data = TrainData(cfg.data, tokenizer, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
-                     micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=grad_accum)
-    with model_init_context(cfg.distributed, cfg.precision):
-        model = build_model(cfg.model, tokenizer, cfg.train.seed, adapter=cfg.adapter, precision=cfg.precision.dtype,
-                            master_weights=cfg.precision.master_weights,
-                            device=dist.device)
-    seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank, reproducibly
-    engine = build_engine(model, cfg.optimizer, cfg.precision, cfg.distributed, cfg.train.max_steps, dist,
-                          batch=(cfg.train.micro_batch_size, grad_accum))
-    fingerprint = {"world_size": dist.world_size, "grad_accum_steps": grad_accum,
+    faults = Faults.from_environment(dist.rank, restart_count())
+    tokenizer = build_tokenizer(r.model)
+    data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
+                     micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps)
+    with model_init_context(run):
+        model = build_model(run, tokenizer, device=dist.device)
+    seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
+    engine = build_engine(run, model, dist)
+    fingerprint = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps,
                    "data": {k: data.summary[k] for k in ("train_samples", "tokens")}}
-    ckpt = Checkpointer(cfg.checkpoint, cfg, out, dist, fingerprint, _asset_writer(model, tokenizer))
+    ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults)
     path = ckpt.choose()
     state = ckpt.restore(engine, path) if path else TrainState()
     if dist.is_main:
-        (out / "config.yaml").write_text(dump_recipe(cfg), encoding="utf-8")
+        (out / "config.yaml").write_text(to_yaml(r), encoding="utf-8")
         truncate_rows(out / "metrics.jsonl", state.step)  # rows a crashed attempt logged after its checkpoint
     log.info("world size %d, micro-batch %d x %d accumulation = global batch %d sequences of %d tokens; "
-             "%s, %s, %d steps", dist.world_size, cfg.train.micro_batch_size, grad_accum,
-             data.global_batch_size, cfg.data.seq_len, cfg.precision.dtype, cfg.optimizer.name, cfg.train.max_steps)
-    if cfg.optimizer.warmup_steps > cfg.train.max_steps:
-        log.warning("optimizer.warmup_steps=%d > train.max_steps=%d: the LR never reaches optimizer.lr",
-                    cfg.optimizer.warmup_steps, cfg.train.max_steps)
-    metrics = Metrics(cfg.logging, out, enabled=dist.is_main, max_steps=cfg.train.max_steps, start_step=state.step,
-                      run_config=to_dict(cfg))
-    return Run(cfg, dist, engine, data, metrics, ckpt, state, PreemptionFlag())
+             "%s, %s, %d steps", dist.world_size, r.train.micro_batch_size, run.grad_accum_steps,
+             run.global_batch_size, r.data.seq_len, r.precision.dtype, r.optimizer.name, r.train.max_steps)
+    for warning in run.warnings:
+        log.warning("%s", warning)
+    metrics = Metrics(r.logging, out, enabled=dist.is_main, max_steps=r.train.max_steps, start_step=state.step,
+                      run_config=r.model_dump())
+    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults)
 
 
-def train_step(run: Run, batches: list[Batch]) -> tuple[float, int, bool, object]:
-    """Forward/backward over this rank's micro-batches and one optimizer step. Returns the global loss, the
-    global token count, and whether any rank was asked to stop (one collective for the three)."""
-    dev = run.dist.device
+def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
+    """Forward/backward over this rank's micro-batches and one optimizer step. The global loss, token count and
+    whether any rank was asked to stop come back in one collective."""
+    dev = t.dist.device
     loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev)
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
     for i, b in enumerate(batches):
-        with run.engine.accumulate(is_last=i == len(batches) - 1):
+        with t.engine.accumulate(is_last=i == len(batches) - 1):
             # the logits die inside the loss, which keeps only their gradient (trainer/loss.py)
-            loss_sum = token_loss_sum(run.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev)),
+            loss_sum = token_loss_sum(t.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev)),
                                       b.labels.to(dev))
-            run.engine.backward(loss_sum / max(loss_tokens, 1.0))
+            t.engine.backward(loss_sum / max(loss_tokens, 1.0))
         local_sum += loss_sum.detach()
-    if faults.armed("inf_grad", run.state.step + 1, run.dist.rank):
-        faults.poison_grad(run.engine.module)
-    result = run.engine.step()
+    t.faults.after_backward(t.state.step + 1, t.engine.module)
+    result = t.engine.step()
     tokens = sum(b.num_tokens() for b in batches)
-    loss, tokens, stop = all_reduce_sums([local_sum.item(), tokens, float(run.preemption.requested)], dev)
-    return loss / max(loss_tokens, 1.0), int(tokens), stop > 0, result
+    loss, tokens, stop = all_reduce_sums([local_sum.item(), tokens, float(t.preemption.requested)], dev)
+    return StepOutcome(loss / max(loss_tokens, 1.0), int(tokens), stop > 0, result)
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
+def evaluate(t: Training) -> dict[str, float]:
     """Mean token loss and perplexity over the eval split (all ranks)."""
-    run.engine.train(False)
-    dev, loss, count = run.dist.device, 0.0, 0
-    for b in run.data.eval_batches(run.cfg.train.eval_batches):
-        logits = run.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+    t.engine.train(False)
+    dev, loss, count = t.dist.device, 0.0, 0
+    for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
+        logits = t.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
         loss += token_loss_sum(logits, b.labels.to(dev)).item()
         count += b.num_loss_tokens()
-    run.engine.train(True)
+    t.engine.train(True)
     loss, count = all_reduce_sums([loss, count], dev)
     mean = loss / max(count, 1.0)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
-def run_loop(run: Run) -> Summary:
-    """Optimizer steps until train.max_steps (or a preemption signal), with logging, eval and checkpoints."""
-    cfg, m, s = run.cfg, run.metrics, run.state
-    run.engine.train(True)
+def run_loop(t: Training, until_step: int | None = None) -> Summary:
+    """Optimizer steps until train.max_steps (or a preemption signal), with logging, eval and checkpoints.
+    `until_step` stops earlier (tests and benchmarks run a loop in pieces)."""
+    r, m, s = t.run.recipe, t.metrics, t.state
+    end = min(until_step or r.train.max_steps, r.train.max_steps)
+    t.engine.train(True)
     start, first_loss, loss, stop = time.perf_counter(), math.nan, math.nan, False
     window_t, window_tokens = time.perf_counter(), 0
-    while s.step < cfg.train.max_steps and not stop:
-        batches, s.position = run.data.step_batches(s.position)
-        loss, tokens, stop, result = train_step(run, batches)
+    while s.step < end and not stop:
+        batches, s.position = t.data.step_batches(s.position)
+        outcome = train_step(t, batches)
+        loss, stop, result = outcome.loss, outcome.stop_requested, outcome.result
         s.step += 1
-        s.tokens += tokens
-        window_tokens += tokens
+        s.tokens += outcome.tokens
+        window_tokens += outcome.tokens
         first_loss = loss if math.isnan(first_loss) else first_loss
-        if faults.armed("crash", s.step, run.dist.rank):
-            faults.crash(s.step)
-        if faults.armed("sigkill", s.step, run.dist.rank):
-            faults.sigkill(s.step)
-        if faults.armed("abort", s.step, run.dist.rank):
-            faults.abort(s.step)
+        t.faults.after_step(s.step)
         now = time.perf_counter()
         tok_s = window_tokens / max(now - window_t, 1e-9)
-        if s.step % cfg.logging.every_steps == 0 or s.step == cfg.train.max_steps or stop:
+        if s.step % r.logging.every_steps == 0 or s.step == r.train.max_steps or stop:
             m.log({"step": s.step, "split": "train", "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
                    "tokens": s.tokens, "tokens_per_s": round(tok_s, 1), "epoch": s.position.epoch,
-                   "peak_mem_bytes": peak_memory_bytes(run.dist.device), "loss_scale": result.loss_scale,
+                   "peak_mem_bytes": peak_memory_bytes(t.dist.device), "loss_scale": result.loss_scale,
                    "skipped_steps": result.skipped_steps if result.loss_scale is not None else None})
             window_t, window_tokens = now, 0
         m.advance(s.step, loss, result.lr, tok_s)
-        if cfg.train.eval_every_steps and s.step % cfg.train.eval_every_steps == 0:
-            m.log({"step": s.step, "split": "eval", **evaluate(run)})
-        if stop or run.checkpointer.due(s.step, cfg.train.max_steps):
-            run.checkpointer.save(run.engine, s)
+        if r.train.eval_every_steps and s.step % r.train.eval_every_steps == 0:
+            m.log({"step": s.step, "split": "eval", **evaluate(t)})
+        if stop or t.checkpointer.due(s.step, r.train.max_steps):
+            t.checkpointer.save(t.engine, s)
     barrier()
-    return Summary(s.step, first_loss, loss, s.tokens, time.perf_counter() - start, cfg.output_dir, stop)
+    return Summary(s.step, first_loss, loss, s.tokens, time.perf_counter() - start, r.output_dir, stop)
 
 
-def train(cfg: Config) -> Summary:
-    """Run the recipe on this process (one of WORLD_SIZE under torchrun)."""
-    with distributed_context(cfg.distributed.backend, cfg.distributed.timeout_s) as dist:
-        run = setup(cfg, dist)
-        if run.state.step >= cfg.train.max_steps:
+def train(run: ResolvedRun, *, force: bool = False) -> Summary:
+    """Run the resolved recipe on this process (one of WORLD_SIZE under torchrun): join the process group, check
+    the memory plan against the GPU (rank 0 decides for all), build, resume, train."""
+    d = run.recipe.distributed
+    with distributed_context(d.backend, d.timeout_s) as dist:
+        check_memory(run, dist, force)
+        t = setup(run, dist)
+        max_steps = run.recipe.train.max_steps
+        if t.state.step >= max_steps:
             log.warning("nothing to train: the run in %s is already at step %d (train.max_steps=%d); raise "
-                        "train.max_steps to continue it, or use a new output_dir", cfg.output_dir, run.state.step,
-                        cfg.train.max_steps)
+                        "train.max_steps to continue it, or use a new output_dir", run.output_dir, t.state.step,
+                        max_steps)
         try:
-            with run.preemption:
-                summary = run_loop(run)
+            with t.preemption:
+                summary = run_loop(t)
         finally:
-            run.metrics.close()
+            t.metrics.close()
         if dist.is_main:
             how = "preempted after" if summary.preempted else "done:"
             log.info("%s %d steps, loss %.4f -> %.4f, %d tokens in %.1f s; outputs in %s", how, summary.steps,

@@ -27,8 +27,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.config import Config, ConfigError
-from trainer.typed import Problem
+import torch
+from transformers import AutoModelForCausalLM
+
+from trainer.adapters.footprint import optimizer_state_bytes, predicted
+from trainer.adapters.targets import find_targets, lora_param_count
+from trainer.loss import chunk_rows
+from trainer.optim import param_groups
+from trainer.optim.galore import expected_state_bytes
+from trainer.optim.galore_groups import galore_defaults, galore_param_groups, select_targets, state_cost
+from trainer.optim.per_layer import MAX_IN_FLIGHT, record_first_use
+from trainer.optim.sharded import numel_cost, partition
+from trainer.resolve import ResolvedRun
 
 GiB = 2**30
 CUDA_CONTEXT = int(0.75 * GiB)
@@ -94,48 +104,11 @@ class Plan:
         return self.peak_bytes <= self.gpu_bytes
 
 
-def model_config(cfg: Config) -> Any:
-    """The transformers config of the recipe's model, without downloading anything."""
-    from transformers import AutoConfig
-
-    from trainer.known_models import KNOWN
-
-    m = cfg.model
-    if m.config is not None:
-        arch = dict(m.config)
-        if "vocab_size" not in arch:  # the tokenizer decides (the byte one is built in; others may download)
-            arch["vocab_size"] = _tokenizer_size(cfg)
-        return AutoConfig.for_model(arch.pop("model_type"), **arch)
-    kwargs = {"trust_remote_code": m.trust_remote_code, "revision": m.revision}
-    try:  # a local directory, or the hub cache: no network
-        return AutoConfig.from_pretrained(m.name_or_path, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass
-    if m.name_or_path in KNOWN:
-        arch = dict(KNOWN[m.name_or_path])
-        return AutoConfig.for_model(arch.pop("model_type"), **arch)
-    try:  # last resort: fetch config.json (a few kB)
-        return AutoConfig.from_pretrained(m.name_or_path, **kwargs)
-    except (OSError, ValueError):
-        raise ConfigError([Problem("model.name_or_path", m.name_or_path, "cannot read this model's config.json "
-                                   "(not a local directory, not in the hub cache, not a known model, and the hub "
-                                   "is unreachable); download it once or give model.config")]) from None
-
-
-def _tokenizer_size(cfg: Config) -> int:
-    from trainer.tokenizer import build_tokenizer
-
-    return len(build_tokenizer(cfg.model))
-
-
-def shapes(cfg: Config) -> Shapes:
+def shapes(run: ResolvedRun) -> Shapes:
     """Parameter shapes from the model built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = model_config(cfg)
+    config = run.architecture
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=run.recipe.model.trust_remote_code)
     params = [Param(n, tuple(p.shape)) for n, p in model.named_parameters()]
     linear = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -159,22 +132,17 @@ def _optimizer_bytes(name: str, numels: list[int], momentum: float) -> int:
     """State bytes of a plain (non-GaLore) optimizer over tensors of these sizes: SGD keeps one momentum
     buffer; AdamW and bitsandbytes' 8-bit AdamW follow the adapter package's accounting (fp32 moments and a
     step per tensor; 8-bit moments with blockwise absmax and code tables, fp32 under 4096 elements)."""
-    from trainer.adapters.footprint import optimizer_state_bytes
-
     if name == "sgd":
         return 4 * sum(numels) if momentum else 0
     return optimizer_state_bytes(name, numels)
 
 
-def galore_state(cfg: Config, sh: Shapes) -> tuple[int, int, int]:
+def galore_state(run: ResolvedRun, sh: Shapes) -> tuple[int, int, int]:
     """(state bytes, target matrices, other tensors) by GaLore's own target rule and state accounting
     (trainer/optim/galore*.py): fp32 projectors, two moments in the projected space (8-bit: 1 B each plus
     an fp32 absmax per block), AdamW moments for every other tensor, an int64 step each."""
-    from trainer.optim.galore import expected_state_bytes
-    from trainer.optim.galore_groups import select_targets
-
-    g = cfg.optimizer.galore
-    bits = 8 if cfg.optimizer.name.endswith("8bit") else 32
+    g = run.recipe.optimizer.galore
+    bits = 8 if run.recipe.optimizer.name.endswith("8bit") else 32
     targets, _ = select_targets(sh.meta, g.target_modules, g.rank)
     total, others = 0, 0
     for p in sh.meta.parameters():
@@ -186,43 +154,37 @@ def galore_state(cfg: Config, sh: Shapes) -> tuple[int, int, int]:
     return total, len(targets), others
 
 
-def lora_targets(cfg: Config, sh: Shapes) -> list[Any]:
+def lora_targets(run: ResolvedRun, sh: Shapes) -> list[Any]:
     """The linear layers LoRA adapts, by the adapter package's own rule."""
-    from trainer.adapters.targets import find_targets
-
-    return find_targets(sh.meta, cfg.adapter.target_modules)
+    return find_targets(sh.meta, run.recipe.adapter.target_modules)
 
 
-def model_states(cfg: Config, sh: Shapes, world: int) -> tuple[list[Item], int]:
+def model_states(run: ResolvedRun, sh: Shapes) -> tuple[list[Item], int]:
     """(items, trainable parameter count) for weights, gradients, optimizer state and master copies."""
-    if cfg.adapter.type != "none":
-        return _adapter_states(cfg, sh)
-    d = cfg.distributed
+    if run.recipe.adapter.type != "none":
+        return _adapter_states(run, sh)
+    d = run.recipe.distributed
     if d.engine == "deepspeed" and d.zero_stage >= 1:
-        return _zero_states(cfg, sh, world), sh.total
-    return _native_states(cfg, sh, world), sh.total
+        return _zero_states(run, sh), sh.total
+    return _native_states(run, sh), sh.total
 
 
-def _plain_state(cfg: Config, numels: list[int]) -> int:
+def _plain_state(run: ResolvedRun, numels: list[int]) -> int:
     """State of a non-GaLore optimizer; torch's AdamW and SGD keep it in the parameters' dtype."""
-    o, p = cfg.optimizer, cfg.precision
+    o, p = run.recipe.optimizer, run.recipe.precision
     state = _optimizer_bytes(o.name, numels, o.momentum)
     if p.dtype != "fp32" and not p.master_weights and o.name in ("adamw", "sgd"):
         state //= 2
     return state
 
 
-def sharded_state_loads(cfg: Config, sh: Shapes, world: int) -> list[int]:
+def sharded_state_loads(run: ResolvedRun, sh: Shapes) -> list[int]:
     """Optimizer-state bytes of each rank under native zero_stage 1, by the sharded optimizer's own partition
     (trainer/optim/sharded.py: whole parameters, GaLore balanced by state bytes, the others by size), built
     from the same parameter groups in the same order on the meta model."""
-    from trainer.optim import param_groups
-    from trainer.optim.sharded import numel_cost, partition
-
-    o = cfg.optimizer
+    world = run.world_size
+    o = run.recipe.optimizer
     if o.name.startswith("galore"):
-        from trainer.optim.galore_groups import galore_defaults, galore_param_groups, state_cost
-
         groups, _ = galore_param_groups(sh.meta, o, announce=False)
         defaults = galore_defaults(o)
         flat = [(p, {**defaults, **g}) for g in groups for p in g["params"]]
@@ -231,20 +193,19 @@ def sharded_state_loads(cfg: Config, sh: Shapes, world: int) -> list[int]:
         return [sum(c for c, r in zip(costs, owners) if r == rank) for rank in range(world)]
     flat = [(p, g) for g in param_groups(sh.meta, o.weight_decay) for p in g["params"]]
     owners = partition([numel_cost(p, g) for p, g in flat], world)
-    return [_plain_state(cfg, [p.numel() for (p, _), r in zip(flat, owners) if r == rank]) for rank in range(world)]
+    return [_plain_state(run, [p.numel() for (p, _), r in zip(flat, owners) if r == rank]) for rank in range(world)]
 
 
-def _per_layer_gradients(cfg: Config, sh: Shapes, world: int, wb: int) -> Item:
+def _per_layer_gradients(run: ResolvedRun, sh: Shapes, wb: int) -> Item:
     """Gradient memory with per-layer updates (trainer/optim/per_layer.py). Without accumulation a gradient
     lives from its hook to its update: one tensor in one process; under DDP the reductions in flight (at most
     MAX_IN_FLIGHT, full size on refresh steps) and the one arriving. With accumulation the gradients of a
     refresh step (1 in update_gap) build up at full size, since the SVD needs the summed gradient: that step
     is the peak."""
-    from trainer.optim.per_layer import MAX_IN_FLIGHT
-
-    if cfg.train.grad_accum_steps > 1:
+    world = run.world_size
+    if run.grad_accum_steps > 1:
         return Item(f"gradients (per-layer updates, accumulated at full size on refresh steps: 1 in "
-                    f"{cfg.optimizer.galore.update_gap})", wb * sh.total)
+                    f"{run.recipe.optimizer.galore.update_gap})", wb * sh.total)
     if world == 1:
         return Item("gradients (per-layer updates: one tensor at a time, the largest)",
                     wb * max(p.numel for p in sh.params))
@@ -261,11 +222,6 @@ def reduction_order(sh: Shapes) -> list[str]:
     the forward, which the engine records from its first forward (optim/per_layer.py record_first_use). Here
     it comes from one forward of a narrow copy of the model on CPU (same modules and layer count, widths of a
     few units); if that copy cannot be built, from the reverse of the registration order."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from trainer.optim.per_layer import record_first_use
-
     names = [p.name for p in sh.params]
     narrow = copy.deepcopy(sh.meta.config)
     text = narrow.get_text_config() if hasattr(narrow, "get_text_config") else narrow
@@ -274,12 +230,11 @@ def reduction_order(sh: Shapes) -> list[str]:
     for key, value in small.items():
         if getattr(text, key, None) is not None:
             setattr(text, key, value)
-    try:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(narrow)
-        used: dict[Any, None] = {}
-        record_first_use(model, used)
-        with torch.no_grad():
+    used: dict[Any, None] = {}
+    try:  # the random init draws from a forked RNG: planning never moves the run's random streams
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model = AutoModelForCausalLM.from_config(narrow)
+            record_first_use(model, used)
             model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
     except Exception:  # noqa: BLE001  an architecture that does not shrink: registration order, reversed
         return names[::-1]
@@ -297,28 +252,29 @@ def _tied(sh: Shapes) -> int:
     return embed.weight.numel()
 
 
-def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
-    o = cfg.optimizer
-    shard = world if cfg.distributed.zero_stage >= 1 else 1  # native ZeRO-1: state split by whole parameters
-    half = cfg.precision.dtype != "fp32" and not cfg.precision.master_weights
+def _native_states(run: ResolvedRun, sh: Shapes) -> list[Item]:
+    world = run.world_size
+    o = run.recipe.optimizer
+    shard = world if run.recipe.distributed.zero_stage >= 1 else 1  # native ZeRO-1: state split by whole parameters
+    half = run.recipe.precision.dtype != "fp32" and not run.recipe.precision.master_weights
     wb = 2 if half else 4  # weights, their gradients and torch's AdamW moments share the parameters' dtype
     items = [Item("weights (bf16, no fp32 master)" if half else "weights (fp32 master, the model itself)",
                   wb * sh.total)]
     grads = Item("gradients" + (" (DDP buckets; the .grad tensors are views into them)" if world > 1 else ""),
                  wb * sh.total)
     if o.name.startswith("galore"):
-        state, n_targets, n_rest = galore_state(cfg, sh)
+        state, n_targets, n_rest = galore_state(run, sh)
         note = f"GaLore rank {o.galore.rank} on {n_targets} matrices, AdamW on {n_rest} other tensors"
         if o.galore.per_layer:
-            grads = _per_layer_gradients(cfg, sh, world, wb)
+            grads = _per_layer_gradients(run, sh, wb)
     else:
-        state, note = _plain_state(cfg, [p.numel for p in sh.params]), o.name
+        state, note = _plain_state(run, [p.numel for p in sh.params]), o.name
     items.append(grads)
-    tied = _tied(sh) if o.name.startswith("galore") and o.galore.per_layer and cfg.train.grad_accum_steps == 1 else 0
+    tied = _tied(sh) if o.name.startswith("galore") and o.galore.per_layer and run.grad_accum_steps == 1 else 0
     if tied:  # the head's share of a tied embedding's gradient waits in autograd until the embedding's own arrives
         items.append(Item("gradients (the LM head's share of the tied embedding, held through backward)", wb * tied))
     if shard > 1:
-        loads = sharded_state_loads(cfg, sh, shard)
+        loads = sharded_state_loads(run, sh)
         state = max(loads)
         note += (f", sharded over {shard} ranks by whole parameters (largest share "
                  f"{state / max(sum(loads), 1):.0%}; per rank {', '.join(f'{x / 2**20:.1f}' for x in loads)} MiB)")
@@ -326,10 +282,11 @@ def _native_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
     return items
 
 
-def _zero_states(cfg: Config, sh: Shapes, world: int) -> list[Item]:
+def _zero_states(run: ResolvedRun, sh: Shapes) -> list[Item]:
     """ZeRO (Rajbhandari et al.): 2 + 2 + 12 bytes per parameter in bf16/fp16, partitioned by stage."""
-    d, psi = cfg.distributed, sh.total
-    half = cfg.precision.dtype != "fp32"
+    world = run.world_size
+    d, psi = run.recipe.distributed, sh.total
+    half = run.recipe.precision.dtype != "fp32"
     wbytes, gbytes = (2, 2) if half else (4, 4)
     w_shard = world if d.zero_stage >= 3 else 1
     g_shard = world if d.zero_stage >= 2 else 1
@@ -367,119 +324,114 @@ def _largest_layer_params(sh: Shapes) -> int:
     return max(per.values())
 
 
-def _adapter_states(cfg: Config, sh: Shapes) -> tuple[list[Item], int]:
+def _adapter_states(run: ResolvedRun, sh: Shapes) -> tuple[list[Item], int]:
     """The adapter package's own accounting (trainer/adapters/footprint.py): quantized or frozen base in the
     precision dtype (norms fp32), LoRA matrices, their gradients and optimizer state in fp32."""
-    from trainer.adapters.footprint import predicted
-    from trainer.adapters.targets import lora_param_count
-
-    a = cfg.adapter
-    targets = lora_targets(cfg, sh)
+    a = run.recipe.adapter
+    targets = lora_targets(run, sh)
     lora = lora_param_count(targets, a.rank, a.use_dora)
-    states = predicted(sh.meta, a, cfg.precision.dtype, cfg.optimizer.name)
+    states = predicted(sh.meta, a, run.recipe.precision.dtype, run.recipe.optimizer.name)
     base = ("4-bit " + a.quant.type + (" with double quant" if a.quant.double_quant else "")
-            if a.type == "qlora" and a.quant.type != "int8" else "int8" if a.type == "qlora" else cfg.precision.dtype)
+            if a.type == "qlora" and a.quant.type != "int8" else "int8" if a.type == "qlora" else run.recipe.precision.dtype)
     items = [Item(f"base weights (frozen, {base}; norms fp32)", states["weights"] - 4 * lora),
              Item(f"LoRA parameters (rank {a.rank}, {len(targets)} matrices, fp32)", 4 * lora),
              Item("LoRA gradients (fp32)", states["grads"]),
-             Item("LoRA optimizer state", states["optimizer"], note=cfg.optimizer.name)]
+             Item("LoRA optimizer state", states["optimizer"], note=run.recipe.optimizer.name)]
     return items, lora
 
 
 # ------------------------------------------------------------------------------------------- activations
 
-def layer_bytes_per_token(cfg: Config, sh: Shapes) -> int:
+def layer_bytes_per_token(run: ResolvedRun, sh: Shapes) -> int:
     """Bytes one decoder layer saves for backward per token (measured formula, see the module docstring)."""
     h, kv, f, a = sh.hidden, sh.kv_dim, sh.intermediate, sh.heads
-    if cfg.precision.dtype == "fp32":
+    if run.recipe.precision.dtype == "fp32":
         per = 32 * h + 8 * kv + 16 * f + 4 * a + 8
     else:
         per = 30 * h + 4 * kv + 8 * f + 4 * a + 8
     if sh.model_type not in LLAMA_LIKE:  # GPT-2 style: LayerNorm and GELU keep a little more; approximate
         per = int(per * 1.15)
-    if cfg.adapter.type != "none":  # LoRA: the A projection's output (rank r) per adapted matrix
-        per += 4 * cfg.adapter.rank * len(lora_targets(cfg, sh)) // max(sh.layers, 1)
+    if run.recipe.adapter.type != "none":  # LoRA: the A projection's output (rank r) per adapted matrix
+        per += 4 * run.recipe.adapter.rank * len(lora_targets(run, sh)) // max(sh.layers, 1)
     return per
 
 
-def activation_bytes(cfg: Config, sh: Shapes, checkpointing: bool) -> int:
+def activation_bytes(run: ResolvedRun, sh: Shapes, checkpointing: bool) -> int:
     """Saved activations of one micro-batch (forward to the start of backward)."""
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    per_layer = layer_bytes_per_token(cfg, sh)
+    tokens = run.recipe.train.micro_batch_size * run.recipe.data.seq_len
+    per_layer = layer_bytes_per_token(run, sh)
     outside = 12 * sh.hidden + 12  # final norm and the LM head's input
     if checkpointing:  # each layer's input is kept (fp32 residual stream); one layer is recomputed at a time
         return tokens * (sh.layers * 4 * sh.hidden + per_layer + outside)
     return tokens * (sh.layers * per_layer + outside)
 
 
-def forward_backward_bytes(cfg: Config, sh: Shapes) -> int:
+def forward_backward_bytes(run: ResolvedRun, sh: Shapes) -> int:
     """What one micro-batch's forward and backward add at their peak on top of the model states (autocast copies
     apart). Without checkpointing, every saved activation and the logits coexist at the end of the forward. With
     it, the end of the forward holds each layer's input and the logits; the one recomputed layer exists only in
     backward, after the logits' gradient has been consumed by the head: the larger of the two counts."""
-    checkpointing = cfg.model.gradient_checkpointing
-    saved, logits = activation_bytes(cfg, sh, checkpointing), logits_bytes(cfg, sh)
+    checkpointing = run.recipe.model.gradient_checkpointing
+    saved, logits = activation_bytes(run, sh, checkpointing), logits_bytes(run, sh)
     if not checkpointing:
         return saved + logits
-    recomputed = cfg.train.micro_batch_size * cfg.data.seq_len * layer_bytes_per_token(cfg, sh)
+    recomputed = run.recipe.train.micro_batch_size * run.recipe.data.seq_len * layer_bytes_per_token(run, sh)
     return saved - recomputed + max(recomputed, logits)
 
 
-def logits_bytes(cfg: Config, sh: Shapes) -> int:
+def logits_bytes(run: ResolvedRun, sh: Shapes) -> int:
     """The logits and their gradient in the compute dtype, plus one chunk of the loss's fp32 work (the softmax,
     and an fp32 copy when the logits are bf16/fp16): trainer/loss.py never copies the whole logits to fp32."""
-    from trainer.loss import chunk_rows
-
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    compute = 4 if cfg.precision.dtype == "fp32" else 2
+    tokens = run.recipe.train.micro_batch_size * run.recipe.data.seq_len
+    compute = 4 if run.recipe.precision.dtype == "fp32" else 2
     chunk = min(tokens, chunk_rows(sh.vocab)) * sh.vocab
     return 2 * compute * tokens * sh.vocab + (4 if compute == 4 else 8) * chunk
 
 
-def _step_temporaries(cfg: Config, items: list[Item], sh: Shapes) -> int:
+def _step_temporaries(run: ResolvedRun, items: list[Item], sh: Shapes) -> int:
     """torch's foreach AdamW creates about one fp32 copy of the state it updates; the other optimizers work
     tensor by tensor (about one fp32 copy of the largest trainable tensor: for an adapter run, a LoRA matrix)."""
-    if cfg.distributed.engine == "deepspeed" and cfg.distributed.zero_stage >= 1:
+    if run.recipe.distributed.engine == "deepspeed" and run.recipe.distributed.zero_stage >= 1:
         return 0
-    if cfg.adapter.type != "none":
-        return 4 * max((t.in_features + t.out_features) * cfg.adapter.rank for t in lora_targets(cfg, sh))
-    if cfg.optimizer.name == "adamw":
+    if run.recipe.adapter.type != "none":
+        return 4 * max((t.in_features + t.out_features) * run.recipe.adapter.rank for t in lora_targets(run, sh))
+    if run.recipe.optimizer.name == "adamw":
         state = sum(i.bytes for i in items if i.name.endswith("optimizer state") and i.where == "gpu")
         return state // 2
     return 4 * max(p.numel for p in sh.params)
 
 
-def _autocast_copies(cfg: Config, sh: Shapes, trainable_full: bool) -> int:
+def _autocast_copies(run: ResolvedRun, sh: Shapes, trainable_full: bool) -> int:
     """bf16/fp16 autocast casts each fp32 linear weight once per forward and keeps it until backward. Under
     gradient checkpointing a layer's casts are dropped with its activations: only the LM head's and the
     recomputed layer's are alive."""
-    if cfg.precision.dtype == "fp32" or not trainable_full or cfg.distributed.engine == "deepspeed" \
-            or not cfg.precision.master_weights:
+    if run.recipe.precision.dtype == "fp32" or not trainable_full or run.recipe.distributed.engine == "deepspeed" \
+            or not run.recipe.precision.master_weights:
         return 0
     linear = [p for p in sh.params if _module_of(p.name) in sh.linear_names]
-    if not cfg.model.gradient_checkpointing:
+    if not run.recipe.model.gradient_checkpointing:
         return 2 * sum(p.numel for p in linear)
     outside = sum(p.numel for p in linear if ".layers." not in p.name and ".h." not in p.name)
     return 2 * (outside + sum(p.numel for p in linear) // max(sh.layers, 1))
 
 
-def plan(cfg: Config, world_size: int = 1, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) -> Plan:
-    """The plan of one recipe at a world size, against a GPU of gpu_bytes."""
-    sh = sh or shapes(cfg)
-    items, trainable = model_states(cfg, sh, world_size)
+def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) -> Plan:
+    """The plan of one resolved recipe (at its world size), against a GPU of gpu_bytes."""
+    sh = sh or shapes(run)
+    items, trainable = model_states(run, sh)
     states = sum(i.bytes for i in items if i.where == "gpu")
-    with_gc, without_gc = activation_bytes(cfg, sh, True), activation_bytes(cfg, sh, False)
-    act = with_gc if cfg.model.gradient_checkpointing else without_gc
-    items.append(Item(f"activations ({cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, "
-                      f"{'with' if cfg.model.gradient_checkpointing else 'without'} checkpointing)", act))
-    items.append(Item("logits and loss (logits, their gradient, one fp32 chunk)", logits_bytes(cfg, sh)))
-    casts = _autocast_copies(cfg, sh, cfg.adapter.type == "none")
+    with_gc, without_gc = activation_bytes(run, sh, True), activation_bytes(run, sh, False)
+    act = with_gc if run.recipe.model.gradient_checkpointing else without_gc
+    items.append(Item(f"activations ({run.recipe.train.micro_batch_size} x {run.recipe.data.seq_len} tokens, "
+                      f"{'with' if run.recipe.model.gradient_checkpointing else 'without'} checkpointing)", act))
+    items.append(Item("logits and loss (logits, their gradient, one fp32 chunk)", logits_bytes(run, sh)))
+    casts = _autocast_copies(run, sh, run.recipe.adapter.type == "none")
     if casts:
-        items.append(Item(f"{cfg.precision.dtype} cast copies of the weights (autocast)", casts))
-    temp = _step_temporaries(cfg, items, sh)
+        items.append(Item(f"{run.recipe.precision.dtype} cast copies of the weights (autocast)", casts))
+    temp = _step_temporaries(run, items, sh)
     # per-layer updates run the optimizer inside backward, while the activations are alive
-    inside = cfg.optimizer.name.startswith("galore") and cfg.optimizer.galore.per_layer
-    forward = states + forward_backward_bytes(cfg, sh) + casts + (temp if inside else 0)
+    inside = run.recipe.optimizer.name.startswith("galore") and run.recipe.optimizer.galore.per_layer
+    forward = states + forward_backward_bytes(run, sh) + casts + (temp if inside else 0)
     step = states + temp
     base = max(forward, step)
     items.append(Item("optimizer step temporaries", temp, note="inside backward (per-layer updates)" if inside
@@ -487,5 +439,5 @@ def plan(cfg: Config, world_size: int = 1, gpu_bytes: int = 24 * GiB, sh: Shapes
     allowance = CUDA_CONTEXT + int(FRAGMENTATION * base)
     items.append(Item("CUDA context and allocator fragmentation", allowance,
                       note=f"{CUDA_CONTEXT / GiB:.2f} GiB context + {FRAGMENTATION:.0%} of the rest"))
-    return Plan(world_size, gpu_bytes, items, base + allowance, "forward/backward" if forward >= step else
+    return Plan(run.world_size, gpu_bytes, items, base + allowance, "forward/backward" if forward >= step else
                 "optimizer step", without_gc, with_gc, sh.total, trainable)

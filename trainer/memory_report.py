@@ -3,90 +3,94 @@
 Suggestions are tried in order of what they cost the user (speed, then quality), each applied on top of
 the previous ones until the plan fits: gradient checkpointing (about +30% compute), a smaller micro-batch with
 more accumulation (same global batch), an 8-bit optimizer, ZeRO stages (several GPUs), CPU offload, GaLore,
-and QLoRA. A suggestion is kept only if the resulting recipe passes validation (checks.py): nothing is proposed
+and QLoRA. A suggestion is kept only if the resulting recipe resolves (resolve.py): nothing is proposed
 that the trainer would refuse.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any, Callable
 
-from trainer.config import Config
-from trainer.memory import GiB, Plan, Shapes, plan
-from trainer.typed import to_dict
+from trainer.errors import ConfigError
+from trainer.memory import GiB, Plan, Shapes, plan, shapes
+from trainer.recipe import with_overrides
+from trainer.resolve import ResolvedRun, resolve_recipe
 
-Change = tuple[str, list[str], Callable[[Config, int], bool]]
+Change = tuple[str, list[str], Callable[[ResolvedRun], bool]]
 
 
-def _apply(cfg: Config, overrides: list[str]) -> Config | None:
-    """cfg with dotted overrides applied and validated; None when the result would be refused."""
-    from trainer.checks import cross_check
-    from trainer.config import parse_overrides
-    from trainer.typed import Converter
-
-    raw = to_dict(copy.deepcopy(cfg))
-    parsed, problems = parse_overrides(overrides)
-    for key, value in parsed.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    conv = Converter()
-    new = conv.build(Config, raw, "")
-    if problems or conv.problems or cross_check(new, conv.source):
+def _apply(run: ResolvedRun, overrides: list[str]) -> ResolvedRun | None:
+    """The run with dotted overrides applied and resolved again at the same world size (the architecture is kept:
+    no suggestion changes the model); None when the result would be refused."""
+    recipe, problems = with_overrides(run.recipe, overrides)
+    if problems:
         return None
-    return new
+    try:
+        return resolve_recipe(recipe, run.world_size, architecture_config=run.architecture)
+    except ConfigError:
+        return None
 
 
-def _changes(cfg: Config, world: int) -> list[Change]:
-    t = cfg.train
-    accum = t.grad_accum_steps or 1
+def _smaller_micro_batch(run: ResolvedRun) -> Change | None:
+    """Half the micro-batch, twice the accumulation: the global batch stays what it was, whichever of
+    train.global_batch_size and train.grad_accum_steps the recipe gives."""
+    t = run.recipe.train
+    if t.micro_batch_size <= 1:
+        return None
+    half = t.micro_batch_size // 2
+    overrides = [f"train.micro_batch_size={half}"]
+    if t.global_batch_size is None:
+        overrides.append(f"train.grad_accum_steps={run.grad_accum_steps * 2}")
+    return (f"micro_batch_size {t.micro_batch_size} -> {half} with twice the accumulation (same global batch of "
+            f"{run.global_batch_size})", overrides, lambda r: True)
+
+
+def _changes(run: ResolvedRun) -> list[Change]:
+    world = run.world_size
     out: list[Change] = [("turn on gradient checkpointing (about 30% more compute)",
-                          ["model.gradient_checkpointing=true"], lambda c, w: not c.model.gradient_checkpointing)]
-    if t.micro_batch_size > 1:
-        half = t.micro_batch_size // 2
-        out.append((f"micro_batch_size {t.micro_batch_size} -> {half} with twice the accumulation (same global "
-                    "batch)", [f"train.micro_batch_size={half}", f"train.grad_accum_steps={accum * 2}",
-                               "train.global_batch_size=null"], lambda c, w: True))
+                          ["model.gradient_checkpointing=true"], lambda r: not r.recipe.model.gradient_checkpointing)]
+    smaller = _smaller_micro_batch(run)
+    if smaller:
+        out.append(smaller)
     out.append(("8-bit AdamW (bitsandbytes)", ["optimizer.name=adamw8bit"],
-                lambda c, w: c.optimizer.name == "adamw" and c.adapter.type == "none"))
+                lambda r: r.recipe.optimizer.name == "adamw" and r.recipe.adapter.type == "none"))
     for stage in (1, 2, 3):
         out.append((f"DeepSpeed ZeRO stage {stage} over {world} GPUs",
                     ["distributed.engine=deepspeed", f"distributed.zero_stage={stage}"],
-                    lambda c, w, s=stage: w > 1 and c.distributed.zero_stage < s and c.adapter.type == "none"
-                    and not c.optimizer.name.startswith("galore")))
+                    lambda r, s=stage: world > 1 and r.recipe.distributed.zero_stage < s
+                    and r.recipe.adapter.type == "none" and not r.recipe.optimizer.name.startswith("galore")))
     out.append(("offload the optimizer state to CPU memory (DeepSpeed ZeRO-2)",
                 ["distributed.engine=deepspeed", "distributed.zero_stage=2", "distributed.offload_optimizer=cpu",
                  "optimizer.name=adamw"],
-                lambda c, w: c.distributed.offload_optimizer == "none" and c.adapter.type == "none"
-                and c.distributed.zero_stage <= 2 and not c.optimizer.name.startswith("galore")))
+                lambda r: r.recipe.distributed.offload_optimizer == "none" and r.recipe.adapter.type == "none"
+                and r.recipe.distributed.zero_stage <= 2 and not r.recipe.optimizer.name.startswith("galore")))
     out.append(("8-bit GaLore with per-layer updates (rank 256)",
                 ["optimizer.name=galore_adamw8bit", "optimizer.galore.rank=256", "optimizer.galore.per_layer=true",
                  "distributed.engine=native", "distributed.zero_stage=0", "distributed.offload_optimizer=none"],
-                lambda c, w: c.adapter.type == "none" and not c.optimizer.name.startswith("galore")))
+                lambda r: r.recipe.adapter.type == "none" and not r.recipe.optimizer.name.startswith("galore")))
     out.append(("QLoRA: 4-bit NF4 base with LoRA adapters (rank 16)",
                 ["adapter.type=qlora", "adapter.rank=16", "optimizer.name=paged_adamw8bit",
                  "distributed.engine=native", "distributed.zero_stage=0", "distributed.offload_optimizer=none",
                  "precision.dtype=bf16"],
-                lambda c, w: c.adapter.type != "qlora" and c.model.name_or_path is not None))
+                lambda r: r.recipe.adapter.type != "qlora" and r.recipe.model.name_or_path is not None))
     return out
 
 
-def suggest(cfg: Config, world: int, gpu_bytes: int, sh: Shapes) -> list[dict[str, Any]]:
-    """Cumulative changes, cheapest first, until the predicted peak fits; each with its predicted peak."""
+def suggest(run: ResolvedRun, gpu_bytes: int, sh: Shapes) -> list[dict[str, Any]]:
+    """Cumulative changes, cheapest first, until the predicted peak fits; each with its predicted peak. A change
+    never alters the global batch (the run would then train differently, not just use less memory)."""
     steps: list[dict[str, Any]] = []
-    current = cfg
-    for label, overrides, applies in _changes(cfg, world):
-        if not applies(current, world):
+    current = run
+    for label, overrides, applies in _changes(run):
+        if not applies(current):
             continue
         candidate = _apply(current, overrides)
         if candidate is None:
             continue
-        before = plan(current, world, gpu_bytes, sh).peak_bytes
-        after = plan(candidate, world, gpu_bytes, sh).peak_bytes
+        assert candidate.global_batch_size == run.global_batch_size, (label, overrides)
+        before = plan(current, gpu_bytes, sh).peak_bytes
+        after = plan(candidate, gpu_bytes, sh).peak_bytes
         if after >= before:
             continue
         current = candidate
@@ -101,7 +105,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
 
 
-def render(p: Plan, cfg: Config, title: str) -> str:
+def render(p: Plan, title: str) -> str:
     """The one-screen table `python -m trainer plan` prints."""
     lines = [f"memory plan for {title}: {_count(p.parameters)} parameters ({p.trainable / 1e6:,.1f}M "
              f"trainable), {p.world_size} GPU{'s' if p.world_size > 1 else ''}, per rank:", ""]
@@ -135,14 +139,12 @@ def as_json(p: Plan) -> str:
                        "items": [vars(i) for i in p.items], "suggestions": p.suggestions}, indent=2)
 
 
-def full_plan(cfg: Config, world: int, gpu_bytes: int) -> Plan:
+def full_plan(run: ResolvedRun, gpu_bytes: int) -> Plan:
     """The plan plus, when it does not fit, the suggestions."""
-    from trainer.memory import shapes
-
-    sh = shapes(cfg)
-    p = plan(cfg, world, gpu_bytes, sh)
+    sh = shapes(run)
+    p = plan(run, gpu_bytes, sh)
     if not p.fits:
-        p.suggestions = suggest(cfg, world, gpu_bytes, sh)
+        p.suggestions = suggest(run, gpu_bytes, sh)
     return p
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import LoggingConfig
+from trainer.schema import LoggingConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ class Metrics:
         self.cfg = cfg
         self.enabled = enabled
         self.output_dir = output_dir
-        self.rows: list[dict[str, Any]] = []
         self.bar = None
         self.wandb = None
         if not enabled:
@@ -69,7 +68,6 @@ class Metrics:
         if not self.enabled:
             return
         row = {k: v for k, v in row.items() if v is not None}
-        self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb is not None:

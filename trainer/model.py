@@ -14,79 +14,62 @@ Order of the transforms (each needs the one before):
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from trainer import adapters
-from trainer.config import AdapterConfig, ConfigError, ModelConfig
-from trainer.precision import DTYPES
-from trainer.typed import Problem
+from trainer.dtypes import torch_dtype
+from trainer.resolve import ResolvedRun
 
 log = logging.getLogger(__name__)
 
 
-def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The architecture: from the recipe's dict (vocab and special ids from the tokenizer) or the checkpoint."""
-    if cfg.config is None:
-        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                          revision=cfg.revision)
-    arch = dict(cfg.config)
-    model_type = arch.pop("model_type")
-    vocab = len(tokenizer)
-    given = arch.get("vocab_size")
-    if given is not None and given < vocab:
-        raise ConfigError([Problem("model.config.vocab_size", given, f"smaller than the tokenizer's {vocab} "
-                                   f"tokens; remove it (it defaults to the tokenizer's size) or set >= {vocab}")])
-    arch.setdefault("vocab_size", vocab)
+def _from_scratch_config(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The resolved architecture with the tokenizer's special token ids (generation reads them from config.json)."""
+    config = copy.deepcopy(run.architecture)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        arch.setdefault(name, getattr(tokenizer, name))
-    try:
-        return AutoConfig.for_model(model_type, **arch)
-    except ValueError as e:
-        raise ConfigError([Problem("model.config.model_type", model_type, f"{e}".splitlines()[0])]) from None
+        if run.recipe.model.config.get(name) is None:  # type: ignore[union-attr]
+            setattr(config, name, getattr(tokenizer, name))
+    return config
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
-                adapter: AdapterConfig | None = None, precision: str = "fp32",
-                device: torch.device | None = None, master_weights: bool = True) -> nn.Module:
+def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None
+                ) -> nn.Module:
     """The causal LM in fp32 on the CPU (a qlora base: quantized on `device`), vocabulary matched, adapters
     attached, checkpointing applied; the engine moves it."""
-    adapter = adapter or AdapterConfig()
-    config = model_config(cfg, tokenizer)
-    extra: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.attn_implementation:
-        extra["attn_implementation"] = cfg.attn_implementation
-    if cfg.config is None:
-        load = adapters.load_kwargs(adapter, precision, device or torch.device("cpu"))
-        if not master_weights and adapter.type == "none":
-            load["dtype"] = DTYPES[precision]  # the model itself in bf16: no fp32 master copy
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision,
-                                                     **load, **extra)
+    m, adapter, precision = run.recipe.model, run.recipe.adapter, run.recipe.precision
+    extra: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        extra["attn_implementation"] = m.attn_implementation
+    if m.config is None:
+        load = adapters.load_kwargs(adapter, precision.dtype, device or torch.device("cpu"))
+        if not precision.master_weights and adapter.type == "none":
+            load["dtype"] = torch_dtype(precision.dtype)  # the model itself in bf16: no fp32 master copy
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, **load, **extra)
     else:
-        torch.manual_seed(seed)  # every rank builds the same initial weights
-        dtype = torch.float32 if master_weights else DTYPES[precision]
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings and adapter.type != "none":
-        rows = model.get_input_embeddings().num_embeddings
-        raise ConfigError([Problem("model.tokenizer", cfg.tokenizer, f"has {len(tokenizer)} tokens but the base "
-                                   f"model's embeddings have {rows} rows: adapters freeze the embeddings, so the "
-                                   f"{len(tokenizer) - rows} new token(s) would keep random vectors; use a tokenizer "
-                                   "that fits the model's vocabulary")])
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        log.info("resizing embeddings %d -> %d to fit the tokenizer",
-                 model.get_input_embeddings().num_embeddings, len(tokenizer))
+        torch.manual_seed(run.recipe.train.seed)  # every rank builds the same initial weights
+        dtype = torch.float32 if precision.master_weights else torch_dtype(precision.dtype)
+        model = AutoModelForCausalLM.from_config(_from_scratch_config(run, tokenizer), dtype=dtype, **extra)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        if adapter.type != "none":  # resolve.py refuses this before loading; a tokenizer changed since then
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the base model's embeddings have {rows} "
+                             "rows, and adapters freeze the embeddings")
+        log.info("resizing embeddings %d -> %d to fit the tokenizer", rows, len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
     if adapter.type != "none":
-        model = adapters.apply(model, adapter, seed=seed, gradient_checkpointing=cfg.gradient_checkpointing)
+        model = adapters.apply(model, adapter, seed=run.recipe.train.seed,
+                               gradient_checkpointing=m.gradient_checkpointing)
         log.info("adapter: %s", adapters.describe(model, adapter))
-    if cfg.gradient_checkpointing:
+    if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     _, n = adapters.parameter_counts(model)  # a packed 4-bit weight counts the elements it stands for
     log.info("model: %s, %.2fM parameters%s", type(model).__name__, n / 1e6,
-             ", gradient checkpointing" if cfg.gradient_checkpointing else "")
+             ", gradient checkpointing" if m.gradient_checkpointing else "")
     return model

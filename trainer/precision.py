@@ -15,15 +15,11 @@ from typing import Any, ContextManager
 
 import torch
 
-from trainer.config import PrecisionConfig
+from trainer.dtypes import torch_dtype
+from trainer.errors import LossScaleCollapsed
+from trainer.schema import PrecisionConfig
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class LossScaleCollapsed(RuntimeError):
-    """fp16 overflowed on too many consecutive steps."""
 
 
 @dataclass
@@ -64,7 +60,7 @@ class Precision:
     def __init__(self, cfg: PrecisionConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype = torch_dtype(cfg.dtype)
         self.scaler: torch.amp.GradScaler | None = None
         if cfg.dtype == "fp16":
             self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.initial_loss_scale,

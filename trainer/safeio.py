@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-
-class UnsafeFileError(RuntimeError):
-    """A file that would need arbitrary code to load (or is not a torch file at all)."""
+from trainer.errors import UnsafeFileError
 
 
 def load_tensors(path: Path) -> Any:

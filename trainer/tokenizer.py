@@ -12,11 +12,12 @@ import logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from trainer.config import ModelConfig
+from trainer.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+BYTE_VOCAB_SIZE = 256 + 3  # the 256 bytes, then PAD, BOS, EOS (resolve.py sizes a model by it without building)
 
 
 def _byte_alphabet() -> dict[int, str]:

@@ -20,8 +20,9 @@ from torch import nn
 
 from trainer.adapters.lora import (attach, is_adapted, load_adapter, parameter_counts, prepare_frozen,
                                    save_adapter)
-from trainer.adapters.quant import DTYPES, bnb_config, bits_per_param, quantized_weight_bytes
-from trainer.config import AdapterConfig
+from trainer.dtypes import torch_dtype
+from trainer.adapters.quant import bnb_config, bits_per_param, quantized_weight_bytes
+from trainer.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def load_kwargs(adapter: AdapterConfig, precision: str, device: torch.device) ->
     loading, straight onto this rank's device (quantizing an 8B model on the CPU first would take minutes)."""
     if adapter.type == "none":
         return {"dtype": torch.float32}
-    kwargs: dict[str, Any] = {"dtype": DTYPES[precision]}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(precision)}
     if adapter.type == "qlora":
         kwargs["quantization_config"] = bnb_config(adapter.quant)
         kwargs["device_map"] = {"": device}

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.adapters.quant import DTYPES, expected_4bit_bytes, quantized_weight_bytes
+from trainer.dtypes import torch_dtype
+from trainer.adapters.quant import expected_4bit_bytes, quantized_weight_bytes
 from trainer.adapters.targets import find_targets
-from trainer.config import AdapterConfig
+from trainer.schema import AdapterConfig
 
 BNB_MIN_8BIT_SIZE = 4096
 
@@ -43,7 +44,7 @@ def _is_norm(module: nn.Module) -> bool:
 def _base_weight_bytes(meta: nn.Module, adapter: AdapterConfig, precision: str) -> int:
     """Frozen base of an adapter run: quantized linear layers (not the head), the rest by dtype."""
     head = meta.get_output_embeddings()
-    frozen = DTYPES[precision].itemsize
+    frozen = torch_dtype(precision).itemsize
     total, seen = 0, set()
     for module in meta.modules():
         for p in module.parameters(recurse=False):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import AdapterConfig
+from trainer.schema import AdapterConfig
 from trainer.adapters.quant import logical_numel
 from trainer.adapters.targets import ALL_LINEAR
 

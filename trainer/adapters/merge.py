@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import yaml
-
-from trainer.adapters.quant import DTYPES
-from trainer.config import AdapterConfig, Config, ModelConfig
-from trainer.typed import Converter
+from trainer.adapters import ADAPTER_DIR, load_kwargs
+from trainer.dtypes import torch_dtype
+from trainer.errors import CheckpointError
+from trainer.paths import looks_local
+from trainer.recipe import saved_recipe
+from trainer.schema import AdapterConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 def load_base(model: ModelConfig, adapter: AdapterConfig, precision: str, device: torch.device) -> nn.Module:
     """The base model as an adapter run loads it: quantized for qlora, frozen weights in the precision dtype."""
     from transformers import AutoModelForCausalLM
-
-    from trainer.adapters import load_kwargs
 
     extra = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(model.name_or_path, revision=model.revision,
@@ -43,7 +42,7 @@ def merged_model(adapter_dir: Path, model: ModelConfig, adapter: AdapterConfig, 
 
     base = load_base(model, adapter, precision, torch.device("cpu"))
     if adapter.type == "qlora":
-        base = base.dequantize(dtype=DTYPES[adapter.quant.compute_dtype])
+        base = base.dequantize(dtype=torch_dtype(adapter.quant.compute_dtype))
     base = base.to(dtype)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
     merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse to write a NaN weight
@@ -52,24 +51,14 @@ def merged_model(adapter_dir: Path, model: ModelConfig, adapter: AdapterConfig, 
     return merged
 
 
-def saved_config(ckpt: Path) -> Config:
-    """The recipe a checkpoint was saved under (typed, without the cross-checks: its data may be gone)."""
-    raw = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) or {}
-    return Converter().build(Config, raw, "")
-
-
 def write_adapter_export(ckpt: Path, out: Path, *, merge: bool, dtype: torch.dtype) -> None:
     """Into `out`: the checkpoint's peft adapter directory, or (merge) the merged plain transformers model."""
-    from trainer.adapters import ADAPTER_DIR
-    from trainer.checkpoint import CheckpointError
-
     if not merge:
         shutil.copytree(ckpt / ADAPTER_DIR, out)
         return
-    cfg = saved_config(ckpt)
+    cfg = saved_recipe(ckpt / "config.yaml")
     base = cfg.model.name_or_path or ""
-    looks_local = base.startswith(("/", ".", "~")) or Path(base).expanduser().exists()
-    if looks_local and not Path(base).expanduser().is_dir():
+    if looks_local(base) and not Path(base).expanduser().is_dir():
         raise CheckpointError(f"--merge needs the base model the adapter was trained on: {base!r} (model.name_or_path "
                               f"in {ckpt / 'config.yaml'}) is not a directory; restore it, or export with "
                               "--adapter-only and merge where the base is")

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import QuantConfig
+from trainer.dtypes import torch_dtype
+from trainer.schema import QuantConfig
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block size on CPU and CUDA (ROCm uses 128)
 NESTED_BLOCKSIZE = 256  # double quantization: block size of the 8-bit absmax constants
 
@@ -31,8 +31,8 @@ def bnb_config(quant: QuantConfig) -> Any:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type,
                               bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
-                              bnb_4bit_quant_storage=DTYPES[quant.storage_dtype])
+                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+                              bnb_4bit_quant_storage=torch_dtype(quant.storage_dtype))
 
 
 def bits_per_param(double_quant: bool, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE) -> float:

@@ -25,6 +25,9 @@ import torch
 from torch import nn
 
 
+MODEL_FILE = "model.safetensors"  # a full model's weights in a checkpoint, whatever the engine (export reads it)
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one optimizer step did."""

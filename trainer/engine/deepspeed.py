@@ -34,21 +34,20 @@ import torch.distributed as tdist
 from safetensors.torch import save_file
 from torch import nn
 
-from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, PrecisionConfig
 from trainer.distributed import DistInfo, teardown
-from trainer.engine.base import StepResult
-from trainer.engine.ds_config import (DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section,
-                                      zero_section)
-from trainer.optim import build_optimizer, build_scheduler, param_groups
+from trainer.dtypes import torch_dtype
+from trainer.engine.base import MODEL_FILE, StepResult
+from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
+from trainer.errors import CheckpointError, ConfigError, Problem, UnsafeFileError
+from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 from trainer.precision import SkipCounter
-from trainer.safeio import UnsafeFileError, fsync_file
-from trainer.typed import Problem
+from trainer.resolve import ResolvedRun
+from trainer.safeio import fsync_file
 
 log = logging.getLogger(__name__)
 
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint, inside our checkpoint folder
 TAG = "state"  # DeepSpeed's checkpoint tag: one per folder, since each of our checkpoints is its own folder
-MODEL_FILE = "model.safetensors"  # the same name the native engine writes: export reads either
 CPU_ADAM = "cpu_adam"
 
 
@@ -113,12 +112,12 @@ def config_errors_as_recipe_errors() -> Iterator[None]:
         yield
     except ValidationError as e:
         detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError([Problem("distributed.deepspeed_overrides", "{...}", f"DeepSpeed rejects the config "
+        raise ConfigError([Problem("distributed.deepspeed_overrides", {}, f"DeepSpeed rejects the config "
                                    f"({e.title}): {detail}; fix or remove that override")]) from None
 
 
 @contextlib.contextmanager
-def zero3_init_context(distributed: DistributedConfig, precision: PrecisionConfig) -> Iterator[None]:
+def zero3_init_context(run: ResolvedRun) -> Iterator[None]:
     """Model construction under ZeRO-3: transformers sees a live `HfDeepSpeedConfig` and builds the model
     inside `deepspeed.zero.Init`, so each parameter is partitioned as soon as its module is built (from_config),
     or gathered one at a time while the checkpoint is read (from_pretrained). The full model never exists on
@@ -132,10 +131,11 @@ def zero3_init_context(distributed: DistributedConfig, precision: PrecisionConfi
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    distributed = run.recipe.distributed
     _ensure_process_group(distributed.backend)
     overrides = {k: v for k, v in distributed.deepspeed_overrides.items() if k == "zero_optimization"}
-    config = merge_overrides({"zero_optimization": zero_section(distributed), **precision_section(precision)},
-                             overrides)[0]
+    config = merge_overrides({"zero_optimization": zero_section(distributed),
+                              **precision_section(run.recipe.precision)}, overrides)[0]
     # DeepSpeed's config parser requires a batch size; zero.Init reads only the ZeRO section and the dtype.
     with config_errors_as_recipe_errors():  # zero.Init parses the ZeRO section while the model is built
         keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, **config})  # transformers: weakref
@@ -149,16 +149,14 @@ def zero3_init_context(distributed: DistributedConfig, precision: PrecisionConfi
 class ZeroEngine:
     """A `deepspeed.DeepSpeedEngine` (ZeRO 1-3) behind the loop's Engine contract."""
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerConfig, precision: PrecisionConfig,
-                 distributed: DistributedConfig, max_steps: int, dist: DistInfo, *, micro_batch_size: int = 1,
-                 grad_accum_steps: int = 1) -> None:
+    def __init__(self, run: ResolvedRun, model: nn.Module, dist: DistInfo) -> None:
+        optimizer, precision, distributed = run.recipe.optimizer, run.recipe.precision, run.recipe.distributed
         deepspeed = import_deepspeed()
         _ensure_process_group(distributed.backend)
         self.dist = dist
         self.skips = SkipCounter(precision.max_consecutive_skips)
         self.fp16 = precision.dtype == "fp16"
-        config, changes = final_ds_config(precision, optimizer, distributed, micro_batch_size=micro_batch_size,
-                                          grad_accum_steps=grad_accum_steps, world_size=dist.world_size)
+        config, changes = final_ds_config(run)
         for line in changes:
             log.warning("distributed.deepspeed_overrides changes the generated DeepSpeed config: %s", line)
         offload = distributed.offload_optimizer == "cpu"
@@ -172,11 +170,11 @@ class ZeroEngine:
                                                     config=config, dist_init_required=False)
         self.module: nn.Module = self.ds.module
         if distributed.zero_stage == 3:
-            expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision.dtype]
+            expected = torch_dtype(precision.dtype)
             dtypes = {p.ds_tensor.dtype for p in self.module.parameters() if hasattr(p, "ds_tensor")}
             assert dtypes <= {expected}, f"ZeRO-3 partitions are {dtypes}, not {expected}: build the model inside " \
                                          "model_init_context(distributed, precision)"
-        self.scheduler = build_scheduler(self.ds.basic_optimizer, optimizer, max_steps)
+        self.scheduler = build_scheduler(self.ds.basic_optimizer, optimizer, run.recipe.train.max_steps)
         self.ds.checkpoint_engine.load = safe_load  # every DeepSpeed read of a checkpoint file goes through it
         self._last_was_boundary = False
         log.info("DeepSpeed ZeRO-%d: %s, optimizer %s%s", distributed.zero_stage, precision.dtype,
@@ -231,8 +229,6 @@ class ZeroEngine:
             fsync_file(directory / MODEL_FILE)
 
     def load(self, directory: Path) -> None:
-        from trainer.checkpoint import CheckpointError  # (checkpoint.py imports the engine package)
-
         target = directory / DS_DIR
         check_files(target)  # every rank checks every file: all refuse together, none waits in a collective
         path, client = self.ds.load_checkpoint(str(target), tag=TAG, load_lr_scheduler_states=False)
@@ -242,16 +238,6 @@ class ZeroEngine:
         extra = client["trainer"]
         self.skips.load_state_dict(extra)
         restore_schedule(self.scheduler, int(extra["schedule_step"]))
-
-
-def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put the LR where this recipe's schedule is at `step` (the loaded optimizer state carries the old LR; a
-    resumed run may have changed optimizer.lr or train.max_steps)."""
-    scheduler.last_epoch = step
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["initial_lr"] = base
-        group["lr"] = base * factor(step)
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
 def full_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

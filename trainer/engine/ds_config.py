@@ -1,11 +1,11 @@
 """The DeepSpeed config, generated from the recipe: one source of truth, no "auto" values to mismatch.
 
 Every value DeepSpeed needs comes from a recipe key (the mapping is the table in `build_ds_config`):
-batch sizes and accumulation from `train`, clipping and the optimizer from `optimizer`, bf16/fp16 and the loss
+batch sizes and accumulation from the resolved run, clipping and the optimizer from `optimizer`, bf16/fp16 and the loss
 scaling from `precision`, the ZeRO section and offload from `distributed`. `distributed.deepspeed_overrides` is
 merged last (an expert escape hatch; every changed key is logged). Keys that would contradict the recipe or the
 loop (the batch sizes, the stage, the dtype, the LR schedule, who owns accumulation) cannot be overridden:
-checks.py rejects them at validation, naming the recipe key to use instead.
+rules.py rejects them at validation (schema.DEEPSPEED_OWNED), naming the recipe key to use instead.
 
 Nothing here imports torch or DeepSpeed: `python -m trainer validate` prints this config on a login node.
 """
@@ -16,32 +16,12 @@ import copy
 import math
 from typing import Any
 
-from trainer.config import DistributedConfig, OptimizerConfig, PrecisionConfig
-
-# Override paths the recipe owns, and the recipe key to set instead.
-RECIPE_OWNED: dict[str, str] = {
-    "train_batch_size": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "managed_gradient_accumulation": "(none: the loop owns accumulation)",
-    "gradient_clipping": "optimizer.grad_clip",
-    "scheduler": "optimizer.schedule (our schedule drives the LR)",
-    "bf16.enabled": "precision.dtype",
-    "fp16.enabled": "precision.dtype",
-    "fp16.initial_scale_power": "precision.initial_loss_scale",
-    "fp16.loss_scale_window": "precision.loss_scale_growth_interval",
-    "zero_optimization.stage": "distributed.zero_stage",
-    "zero_optimization.offload_optimizer.device": "distributed.offload_optimizer",
-    "zero_optimization.offload_param.device": "distributed.offload_params",
-}
+from trainer.resolve import ResolvedRun
+from trainer.schema import DistributedConfig, OptimizerConfig, PrecisionConfig
 
 # Optimizers DeepSpeed builds itself from its config (torch AdamW, or DeepSpeedCPUAdam when offloading); the
 # others are our torch optimizers handed to DeepSpeed, which wraps them in ZeRO.
 DEEPSPEED_BUILT = ("adamw",)
-
-
-def is_power_of_two(x: float) -> bool:
-    return x > 0 and math.log2(x).is_integer()
 
 
 def precision_section(p: PrecisionConfig) -> dict[str, Any]:
@@ -76,8 +56,7 @@ def zero_section(d: DistributedConfig) -> dict[str, Any]:
     return zero
 
 
-def build_ds_config(precision: PrecisionConfig, optimizer: OptimizerConfig, distributed: DistributedConfig, *,
-                    micro_batch_size: int, grad_accum_steps: int, world_size: int) -> dict[str, Any]:
+def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
     """The generated config before overrides.
 
     | DeepSpeed key                        | from                                            |
@@ -91,34 +70,20 @@ def build_ds_config(precision: PrecisionConfig, optimizer: OptimizerConfig, dist
     | optimizer                            | optimizer.* (adamw; others are passed in)       |
     | zero_optimization                    | distributed.zero_stage, offload_*               |
     """
+    optimizer, distributed = run.recipe.optimizer, run.recipe.distributed
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": run.micro_batch_size,
+        "gradient_accumulation_steps": run.grad_accum_steps,
+        "train_batch_size": run.global_batch_size,
         "managed_gradient_accumulation": False,
         "gradient_clipping": optimizer.grad_clip or 0.0,
         "steps_per_print": None,  # our metrics log the steps; DeepSpeed's own progress lines would duplicate them
         "wall_clock_breakdown": False,
         "zero_optimization": zero_section(distributed),
     }
-    config.update(precision_section(precision))
+    config.update(precision_section(run.recipe.precision))
     config.update(_optimizer(optimizer, distributed.offload_optimizer == "cpu"))
     return config
-
-
-def owned_override_paths(overrides: dict[str, Any]) -> list[tuple[str, Any, str]]:
-    """(override key, its value, recipe key to use) for every override that would contradict the recipe."""
-    out = []
-    for path, recipe_key in RECIPE_OWNED.items():
-        node: Any = overrides
-        for part in path.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        if node is not _MISSING:
-            out.append((path, node, recipe_key))
-    return out
-
-
-_MISSING = object()
 
 
 def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -140,9 +105,6 @@ def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> tuple[
     return merged, changes
 
 
-def final_ds_config(precision: PrecisionConfig, optimizer: OptimizerConfig, distributed: DistributedConfig, *,
-                    micro_batch_size: int, grad_accum_steps: int, world_size: int) -> tuple[dict[str, Any], list[str]]:
+def final_ds_config(run: ResolvedRun) -> tuple[dict[str, Any], list[str]]:
     """The config DeepSpeed gets (generated, then overrides) and the override changes to log."""
-    base = build_ds_config(precision, optimizer, distributed, micro_batch_size=micro_batch_size,
-                           grad_accum_steps=grad_accum_steps, world_size=world_size)
-    return merge_overrides(base, distributed.deepspeed_overrides)
+    return merge_overrides(build_ds_config(run), run.recipe.distributed.deepspeed_overrides)

@@ -14,13 +14,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import adapters
 from trainer.distributed import DistInfo
-from trainer.engine.base import StepResult
+from trainer.engine.base import MODEL_FILE, StepResult
+from trainer.optim import restore_schedule
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.optim.sharded import ShardedOptimizer
 from trainer.precision import Precision
 from trainer.safeio import fsync_file, load_tensors, save_tensors
 
-MODEL_FILE = "model.safetensors"
 STATE_FILE = "engine-state.pt"
 
 
@@ -129,14 +129,4 @@ class NativeEngine:
         if self.per_layer is not None:
             self.per_layer.load_state_dict(state.get("per_layer", {}))
         self.precision.load_state_dict(state["precision"])
-        self._restore_schedule(int(state["schedule_step"]))
-
-    def _restore_schedule(self, step: int) -> None:
-        """Put the LR where the schedule of *this* recipe is at `step`: a resumed run may change lr or
-        max_steps (the optimizer state would otherwise bring back the old LR)."""
-        self.scheduler.last_epoch = step
-        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                       self.scheduler.lr_lambdas):
-            group["initial_lr"] = base
-            group["lr"] = base * factor(step)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+        restore_schedule(self.scheduler, int(state["schedule_step"]))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from trainer.config import OptimizerConfig
+from trainer.schema import OptimizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,5 +90,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, max_steps))
 
 
-def count_params(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the LR where *this* recipe's schedule is at `step`. A loaded optimizer state carries the LR of the run
+    that saved it, and a resumed run may have changed optimizer.lr or train.max_steps."""
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]  # what get_last_lr() reports

@@ -40,8 +40,6 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-from trainer.config import ConfigError
-from trainer.typed import Problem
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +415,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         got = [tuple(state[k].shape) for k in ("proj_left", "proj_right") if k in state]
         moments = tuple(state["exp_avg"].shape) if "exp_avg" in state else low
         if got != projectors or moments != low:
-            raise ConfigError([Problem("optimizer.galore", f"rank {group['rank']}, proj_type {group['proj_type']}",
-                                       f"the checkpoint's GaLore state of {self._name(p)} has projector shapes "
-                                       f"{got} and moments {moments}, not {projectors} and {low}: resume with "
-                                       "the rank and proj_type it was saved with")])
+            raise ValueError(f"the saved GaLore state of {self._name(p)} has projector shapes {got} and moments "
+                             f"{moments}, not {projectors} and {low} (rank {group['rank']}, proj_type "
+                             f"{group['proj_type']}): it was saved with another rank or proj_type")

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, OptimizerConfig
 from trainer.optim.galore import MIN_8BIT_SIZE, GaLoreAdamW, expected_state_bytes
 from trainer.optim.sharded import ShardedOptimizer
-from trainer.typed import Problem
+from trainer.schema import OptimizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,9 @@ def select_targets(model: nn.Module, patterns: list[str] | None,
     unused = [p for p in patterns or [] if p not in used]
     if unused:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-        raise ConfigError([Problem("optimizer.galore.target_modules", unused, "matches no module with a 2-D "
-                                   f"weight; this model's linear layers are named {', '.join(linear)} (give "
-                                   "names, dotted suffixes or globs, or null for the default)")])
+        raise ValueError(f"{', '.join(unused)} match{'es' if len(unused) == 1 else ''} no module with a 2-D weight; "
+                         f"this model's linear layers are named {', '.join(linear)} (give names, dotted suffixes or "
+                         "globs, or null for the default)")
     return targets, small
 
 
@@ -81,9 +80,8 @@ def galore_param_groups(model: nn.Module, cfg: OptimizerConfig, announce: bool =
     targets, small = select_targets(model, g.target_modules, g.rank)
     if not targets:
         side = max((min(p.shape) for p in small), default=0)
-        raise ConfigError([Problem("optimizer.galore.rank", g.rank, f"no target matrix has both sides larger than "
-                                   f"the rank (the largest smaller side is {side}), so GaLore would project "
-                                   f"nothing; use a smaller rank, e.g. {max(1, side // 4)}")])
+        raise ValueError(f"no target matrix has both sides larger than rank {g.rank} (the largest smaller side is "
+                         f"{side}), so GaLore would project nothing")
     names: dict[nn.Parameter, str] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
