@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
         x = torch.randn(4, args.hidden)
         weights = sum(p.numel() * 4 for p in model.parameters())
         samples = []
-        for step in range(4):
+        for _ in range(4):
             for micro in range(2):
                 ctx = ddp.no_sync() if micro == 0 else torch.enable_grad()
                 with ctx:

@@ -66,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
     variants, shape, nproc = (GPU_VARIANTS, GPU_SHAPE, 1) if args.gpu else (CPU_VARIANTS, CPU_SHAPE, 2)
     extra = [] if args.gpu else ["precision.dtype=bf16"]
-    print(f"| variant | peak memory per rank (GiB) | tokens/s | final loss |\n|---|---|---|---|")
+    print("| variant | peak memory per rank (GiB) | tokens/s | final loss |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(variants.items()):
             rows = run(name, [*shape, *extra, *overrides], nproc, args.steps, Path(tmp) / str(i))

@@ -19,9 +19,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.config import OptimizerConfig
 from trainer.optim.galore_groups import build_galore
 from trainer.optim.per_layer import PerLayerUpdates
+from trainer.schema import GaloreConfig, OptimizerConfig
 
 GIB = 2**30
 
@@ -66,9 +66,8 @@ def one_step(model: LlamaForCausalLM, ids: torch.Tensor, device: torch.device,
 
 def galore_run(args: argparse.Namespace, device: torch.device, ids: torch.Tensor) -> dict[str, float]:
     model = build(args, device)
-    cfg = OptimizerConfig(name="galore_adamw8bit", lr=1e-5, weight_decay=0.0)
-    cfg.galore.rank, cfg.galore.scale, cfg.galore.update_gap = args.rank, 0.25, 500
-    cfg.galore.svd = args.svd
+    galore = GaloreConfig(rank=args.rank, scale=0.25, update_gap=500, svd=args.svd)
+    cfg = OptimizerConfig(name="galore_adamw8bit", lr=1e-5, weight_decay=0.0, galore=galore)
     opt = build_galore(model, cfg, shard_state=False)
     updates = PerLayerUpdates(model, opt, grad_clip=None, world_size=1)  # type: ignore[arg-type]
     if device.type == "cuda":
@@ -86,7 +85,7 @@ def adamw8bit_run(args: argparse.Namespace, device: torch.device, ids: torch.Ten
     model = build(args, device)
     opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-5)
 
-    def step() -> None:
+    def step(opt: torch.optim.Optimizer = opt) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -95,7 +94,7 @@ def adamw8bit_run(args: argparse.Namespace, device: torch.device, ids: torch.Ten
     first = one_step(model, ids, device, step)
     plain = one_step(model, ids, device, step)
     peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else float("nan")
-    del model, opt
+    del model, opt, step
     return {"first_s": first, "plain_s": plain, "peak_gib": peak}
 
 

@@ -22,9 +22,9 @@ import math
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.config import OptimizerConfig
 from trainer.optim.galore import MIN_8BIT_SIZE, GaLoreAdamW, expected_state_bytes, moment_bytes, state_bytes
 from trainer.optim.galore_groups import galore_param_groups, select_targets
+from trainer.schema import GaloreConfig, OptimizerConfig
 
 GIB = 2**30
 
@@ -62,8 +62,7 @@ def check_rules_on_real_state() -> None:
                   if isinstance(t, torch.Tensor) and k not in ("qmap1", "qmap2", "step"))  # maps are shared
     assert counted == adamw8bit_bytes(shapes), "AdamW8bit rule"
     for bits in (32, 8):
-        cfg = OptimizerConfig(name="galore_adamw")
-        cfg.galore.rank = 32
+        cfg = OptimizerConfig(name="galore_adamw", galore=GaloreConfig(rank=32))
         groups, _ = galore_param_groups(model, cfg)
         opt = GaLoreAdamW(groups, lr=1e-3, bits=bits)
         opt.step()

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import load_recipe
 from trainer.data import DataPosition
 from trainer.distributed import distributed_context
 from trainer.loop import run_loop, setup, token_loss_sum
 from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.resolve import resolve
 from trainer.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +32,11 @@ SHAPE = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "
 
 
 def time_ours(overrides: list[str], warmup: int, steps: int, out: Path) -> float:
-    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={out}", *SHAPE, *overrides,
+    resolved = resolve(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={out}", *SHAPE, *overrides,
                                                               f"train.max_steps={warmup + steps}"])
     with distributed_context() as dist:
-        run = setup(cfg, dist)
-        run.cfg.train.max_steps = warmup
-        run_loop(run)
-        run.cfg.train.max_steps = warmup + steps
+        run = setup(resolved, dist)
+        run_loop(run, until_step=warmup)
         t0 = time.perf_counter()
         run_loop(run)
         elapsed = time.perf_counter() - t0
@@ -50,8 +48,8 @@ def time_plain(overrides: list[str], warmup: int, steps: int) -> float:
     """The same step written directly in PyTorch, batches prepared up front."""
     from trainer.data import TrainData
 
-    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", [*SHAPE, *overrides,
-                                                              f"train.max_steps={warmup + steps}"])
+    run = resolve(ROOT / "recipes" / "quickstart.yaml", [*SHAPE, *overrides, f"train.max_steps={warmup + steps}"])
+    cfg = run.recipe
     tok = build_tokenizer(cfg.model)
     data = TrainData(cfg.data, tok, seed=cfg.train.seed, rank=0, world_size=1,
                      micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=1)
@@ -59,7 +57,7 @@ def time_plain(overrides: list[str], warmup: int, steps: int) -> float:
     for _ in range(warmup + steps):
         (b,), pos = data.step_batches(pos)
         batches.append((b.input_ids, b.attention_mask, b.labels))
-    model = build_model(cfg.model, tok, cfg.train.seed)
+    model = build_model(run, tok)
     opt = build_optimizer(model, cfg.optimizer)
     sched = build_scheduler(opt, cfg.optimizer, cfg.train.max_steps)
     model.train()

@@ -68,9 +68,9 @@ def base_model(name_or_path: str, directory: Path, tiny: bool) -> Path:
 
 
 def overrides_for(name: str, models: Path, tiny: bool, out: Path) -> list[str]:
-    from trainer.config import load_recipe
+    from trainer.recipe import load_recipe
 
-    cfg = load_recipe(recipe_path(name), [])
+    cfg = load_recipe(recipe_path(name), [])[0]
     extra = [*COMMON, f"output_dir={out}"]
     if cfg.model.name_or_path:
         extra.append(f"model.name_or_path={base_model(cfg.model.name_or_path, models, tiny)}")
@@ -88,14 +88,14 @@ def measure_one(name: str, overrides: list[str], cap_gib: float) -> dict[str, fl
     import torch
 
     from trainer.__main__ import setup_logging
-    from trainer.config import load_recipe
     from trainer.distributed import distributed_context
     from trainer.loop import run_loop, setup
     from trainer.memory import CUDA_CONTEXT, plan
+    from trainer.resolve import resolve
 
-    setup_logging(0)
-    cfg = load_recipe(recipe_path(name), overrides)
-    p = plan(cfg, world_size=1, gpu_bytes=int(cap_gib * GIB))
+    setup_logging(0, 1)
+    cfg = resolve(recipe_path(name), overrides, world_size=1)
+    p = plan(cfg, gpu_bytes=int(cap_gib * GIB))
     allowance = next(i.bytes for i in p.items if i.name.startswith("CUDA context"))
     result = {"planned_peak": p.peak_bytes / GIB, "planned_allocated": (p.peak_bytes - allowance) / GIB,
               "planned_reserved": (p.peak_bytes - CUDA_CONTEXT) / GIB}

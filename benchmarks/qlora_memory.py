@@ -28,7 +28,7 @@ SMALL = {"hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 4,
 
 def methods(rank: int) -> list[tuple[str, object, str, str]]:
     """(label, AdapterConfig, precision, optimizer) for each row."""
-    from trainer.config import AdapterConfig, QuantConfig
+    from trainer.schema import AdapterConfig, QuantConfig
 
     def qlora(**q: object) -> AdapterConfig:
         return AdapterConfig(type="qlora", rank=rank, quant=QuantConfig(**q))
@@ -56,9 +56,10 @@ def validate(rank: int) -> None:
 
     from trainer.adapters.footprint import measured, predicted
     from trainer.adapters.targets import meta_model
-    from trainer.config import ModelConfig, OptimizerConfig
     from trainer.model import build_model
     from trainer.optim import build_optimizer
+    from trainer.resolve import resolve_recipe
+    from trainer.schema import DataConfig, ModelConfig, OptimizerConfig, PrecisionConfig, Recipe
     from trainer.tokenizer import byte_tokenizer
 
     config = llama(**SMALL)
@@ -72,7 +73,9 @@ def validate(rank: int) -> None:
         tok = byte_tokenizer()
         ids = torch.randint(0, 256, (1, 32))
         for label, adapter, precision, optimizer in methods(rank):
-            model = build_model(ModelConfig(name_or_path=tmp), tok, 0, adapter=adapter, precision=precision)
+            recipe = Recipe(model=ModelConfig(name_or_path=tmp, tokenizer="byte"), adapter=adapter,
+                            precision=PrecisionConfig(dtype=precision), data=DataConfig(source="builtin:python_stdlib"))
+            model = build_model(resolve_recipe(recipe, world_size=1), tok)
             opt = build_optimizer(model, OptimizerConfig(name=optimizer))
             model.train()
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -74,17 +74,15 @@ def overrides(base: Path, args: argparse.Namespace, out: Path, max_steps: int) -
 
 
 def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, float, float]:
-    from trainer.config import load_recipe
     from trainer.distributed import distributed_context
     from trainer.loop import run_loop, setup
+    from trainer.resolve import resolve
 
-    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, out, args.warmup + args.steps))
+    resolved = resolve(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, out, args.warmup + args.steps))
     reset_peak()
     with distributed_context() as dist:
-        run = setup(cfg, dist)
-        run.cfg.train.max_steps = args.warmup
-        run_loop(run)
-        run.cfg.train.max_steps = args.warmup + args.steps
+        run = setup(resolved, dist)
+        run_loop(run, until_step=args.warmup)
         t0, c0 = time.perf_counter(), time.process_time()
         run_loop(run)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -94,11 +92,11 @@ def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, f
 
 def blocks(base: Path, args: argparse.Namespace, n: int) -> list[dict[str, torch.Tensor]]:
     """The same packed Alpaca samples our pipeline trains on, one dict per sequence for the HF Trainer."""
-    from trainer.config import load_recipe
     from trainer.data import DataPosition, TrainData
+    from trainer.recipe import load_recipe
     from trainer.tokenizer import build_tokenizer
 
-    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, Path("unused"), n))
+    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, Path("unused"), n))[0]
     data = TrainData(cfg.data, build_tokenizer(cfg.model), seed=0, rank=0, world_size=1,
                      micro_batch_size=args.batch, grad_accum_steps=1)
     pos, rows = DataPosition(), []

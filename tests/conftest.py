@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from trainer.tokenizer import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -75,3 +78,34 @@ def shared_data() -> Path:
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+# kv heads = heads, so every linear weight is a multiple of 64 x 256 elements: bits/param come out exact.
+LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+QWEN2 = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+def save_base(directory: Path, arch: dict[str, Any]) -> Path:
+    """A randomly initialized model saved like a hub checkpoint (safetensors + config + tokenizer)."""
+    tok = byte_tokenizer()
+    arch = dict(arch)
+    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_base(tmp_path_factory.mktemp("llama"), LLAMA)
+
+
+@pytest.fixture(scope="module")
+def qwen_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_base(tmp_path_factory.mktemp("qwen2"), QWEN2)
+
+

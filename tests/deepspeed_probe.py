@@ -33,11 +33,11 @@ import torch
 
 from trainer.__main__ import setup_logging
 from trainer.adapters.footprint import measured
-from trainer.resolve import resolve
 from trainer.distributed import distributed_context
 from trainer.engine.deepspeed import import_deepspeed
 from trainer.faults import ENV as FAULT_ENV
 from trainer.loop import Training, run_loop, setup, token_loss_sum
+from trainer.resolve import resolve
 
 
 def nbytes(t: torch.Tensor | None) -> int:
@@ -75,7 +75,7 @@ def count_bytes(run: Training) -> dict[str, int]:
         + nbytes(getattr(zero, "grad_partitions_flat_buffer", None)),
         # fp32 master partitions: ZeRO-1/2 and ZeRO-3 keep them under different names.
         "master": sum(nbytes(t) for t in getattr(zero, "single_partition_of_fp32_groups", None)
-                      or getattr(zero, "fp32_partitioned_groups_flat")),
+                      or zero.fp32_partitioned_groups_flat),
         "moments": sum(nbytes(v) for s in ds.basic_optimizer.state.values() for v in s.values()
                        if torch.is_tensor(v) and v.numel() > 1),
         "numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
@@ -127,7 +127,7 @@ def offload_facts(run: Training) -> dict[str, Any]:
     ds = run.engine.ds  # type: ignore[attr-defined]
     tensors = [v for s in ds.basic_optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     tensors += list(getattr(ds.optimizer, "single_partition_of_fp32_groups", None)
-                    or getattr(ds.optimizer, "fp32_partitioned_groups_flat"))
+                    or ds.optimizer.fp32_partitioned_groups_flat)
     return {"optimizer": type(ds.basic_optimizer).__name__,
             "devices": sorted({t.device.type for t in tensors}),
             "dtypes": sorted({str(t.dtype) for t in tensors if t.numel() > 1}),

@@ -54,10 +54,10 @@ def _activations(recipe: str, configs: list[list[str]]) -> list[int]:
 
     import torch
 
-    from trainer.resolve import resolve
     from trainer.loss import token_loss_sum
     from trainer.model import build_model
     from trainer.precision import Precision
+    from trainer.resolve import resolve
     from trainer.tokenizer import build_tokenizer
 
     results = []
@@ -69,7 +69,8 @@ def _activations(recipe: str, configs: list[list[str]]) -> list[int]:
         b, s = run.micro_batch_size, run.seq_len
         ids = torch.randint(0, len(tok), (b, s), generator=torch.Generator().manual_seed(0))
 
-        def step() -> None:  # as the loop: the logits are not kept beyond the loss
+        def step(model: Any = model, ids: torch.Tensor = ids, prec: Precision = prec) -> None:
+            # as the loop: the logits are not kept beyond the loss
             with prec.autocast():
                 logits = [model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits]
             token_loss_sum(logits.pop(), ids).backward()
@@ -90,8 +91,8 @@ def _tied(recipe: str, overrides: list[str]) -> dict[str, int]:
     import psutil
     import torch
 
-    from trainer.resolve import resolve
     from trainer.model import build_model
+    from trainer.resolve import resolve
     from trainer.tokenizer import build_tokenizer
 
     proc, out = psutil.Process(), {}
@@ -146,7 +147,8 @@ def _loss(batch: int, seq: int, vocab: int, dtype_name: str) -> list[float]:
             h.grad = w.grad = None
             gc.collect()
             # the logits live only inside the expression, as in the loop
-            delta = peak_rss_above_start(lambda: fn(h @ w, labels).backward(), 0.0003)
+            delta = peak_rss_above_start(lambda fn=fn, h=h, w=w, labels=labels: fn(h @ w, labels).backward(),
+                                         0.0003)
         grads = h.numel() * h.element_size() + w.numel() * w.element_size()
         out.append((delta - grads) / (batch * seq * vocab))
         del h, w

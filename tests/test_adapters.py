@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import QUICKSTART
+from tests.conftest import LLAMA, QUICKSTART, QWEN2, save_base
 from trainer import adapters
 from trainer.__main__ import main
 from trainer.adapters.footprint import measured, predicted
@@ -23,27 +23,17 @@ from trainer.adapters.targets import find_targets, lora_param_count, meta_model
 from trainer.model import build_model
 from trainer.optim import build_optimizer
 from trainer.resolve import ResolvedRun, resolve_recipe
-from trainer.schema import (AdapterConfig, DataConfig, ModelConfig, OptimizerConfig, PrecisionConfig, QuantConfig,
-                            Recipe, TrainConfig)
+from trainer.schema import (
+    AdapterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PrecisionConfig,
+    QuantConfig,
+    Recipe,
+    TrainConfig,
+)
 from trainer.tokenizer import byte_tokenizer
-
-# kv heads = heads, so every linear weight is a multiple of 64 x 256 elements: bits/param come out exact.
-LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
-QWEN2 = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
-
-
-def save_base(directory: Path, arch: dict[str, Any]) -> Path:
-    """A randomly initialized model saved like a hub checkpoint (safetensors + config + tokenizer)."""
-    tok = byte_tokenizer()
-    arch = dict(arch)
-    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
 
 
 def adapter_run(base: Path, adapter: AdapterConfig, precision: str, seed: int = 0) -> ResolvedRun:
@@ -52,16 +42,6 @@ def adapter_run(base: Path, adapter: AdapterConfig, precision: str, seed: int = 
                     precision=PrecisionConfig(dtype=precision), train=TrainConfig(seed=seed),
                     data=DataConfig(source="builtin:python_stdlib"))
     return resolve_recipe(recipe, world_size=1)
-
-
-@pytest.fixture(scope="module")
-def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_base(tmp_path_factory.mktemp("llama"), LLAMA)
-
-
-@pytest.fixture(scope="module")
-def qwen_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_base(tmp_path_factory.mktemp("qwen2"), QWEN2)
 
 
 def recipe_args(out: Path, base: Path, data: Path, *extra: str, steps: int = 8) -> list[str]:

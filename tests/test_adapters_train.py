@@ -14,19 +14,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import QUICKSTART, SHARED_DATA, read_metrics, run_cli
-from tests.test_adapters import (LLAMA, QWEN2, linear_weights, llama_base, logits_of,  # noqa: F401, F811
-                                 lora_formula, qlora, qwen_base, recipe_args)  # the fixtures are shared too
+from tests.conftest import LLAMA, QUICKSTART, QWEN2, SHARED_DATA, read_metrics, run_cli
+from tests.test_adapters import linear_weights, logits_of, lora_formula, qlora, recipe_args
 from trainer import adapters
 from trainer.adapters.merge import load_base
 from trainer.checkpoint import complete_checkpoints
-from trainer.errors import CheckpointError
-from trainer.resolve import resolve
-from trainer.schema import ModelConfig
 from trainer.data import DataPosition
 from trainer.distributed import distributed_context
+from trainer.errors import CheckpointError
 from trainer.export import export
 from trainer.loop import run_loop, setup
+from trainer.resolve import resolve
+from trainer.schema import ModelConfig
 
 # ------------------------------------------------------------------------------------ end-to-end QLoRA run
 

@@ -19,12 +19,13 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import QUICKSTART, ROOT, free_port, read_metrics, run_cli, tiny
 from trainer.checkpoint import complete_checkpoints
-from trainer.resolve import resolve
 from trainer.distributed import distributed_context
+from trainer.errors import UnsafeFileError
 from trainer.export import export
 from trainer.loop import run_loop, setup
-from trainer.errors import UnsafeFileError
+from trainer.resolve import resolve
 from trainer.safeio import load_tensors, sha256
+
 
 def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
     return ["train", str(QUICKSTART), *tiny(out, "checkpoint.every_steps=4", "train.micro_batch_size=2", *extra,

@@ -19,9 +19,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from trainer.schema import DataConfig
 from trainer.data import Batch, DataPosition, TrainData, read_stdlib
 from trainer.errors import DataError
+from trainer.schema import DataConfig
 from trainer.tokenizer import byte_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

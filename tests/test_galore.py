@@ -16,12 +16,20 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import QUICKSTART
 from trainer.errors import ConfigError
-from trainer.resolve import resolve
-from trainer.schema import GaloreConfig, OptimizerConfig
-from trainer.optim.galore import (PROJ_TYPES, GaLoreAdamW, expected_state_bytes, project, project_back,
-                                  projection_side, state_bytes, top_singular_vectors)
+from trainer.optim.galore import (
+    PROJ_TYPES,
+    GaLoreAdamW,
+    expected_state_bytes,
+    project,
+    project_back,
+    projection_side,
+    state_bytes,
+    top_singular_vectors,
+)
 from trainer.optim.galore_groups import build_galore, galore_param_groups, select_targets, state_cost
 from trainer.optim.sharded import partition
+from trainer.resolve import resolve
+from trainer.schema import GaloreConfig, OptimizerConfig
 
 SHAPES = {"tall": (48, 20), "wide": (20, 48)}
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import trainer.loss as loss_module
 from tests.conftest import QUICKSTART
 from tests.memory_probe import loss_bytes_per_logit
-from trainer.resolve import resolve
 from trainer.loss import token_loss_sum
 from trainer.memory import Shapes, logits_bytes
+from trainer.resolve import resolve
 
 # gradient tolerance relative to its largest entry: fp32 differs in rounding only (exp and logsumexp computed
 # apart); bf16/fp16 round the gradient once before the scalar is applied (an ulp of the largest entry, twice)

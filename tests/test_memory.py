@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import QUICKSTART, ROOT
 from tests.memory_probe import measure, tied_gradient_held
-from trainer.resolve import resolve
 from trainer.memory import GiB, Param, Shapes, _autocast_copies, forward_backward_bytes, plan, shapes
+from trainer.resolve import resolve
 
 GB = 1e9
 
@@ -104,7 +104,8 @@ def test_plan_cli_text_and_json() -> None:
 
 
 SIZES = {
-    "h256-l4": ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=4"],
+    "h256-l4": ["model.config.hidden_size=256", "model.config.intermediate_size=688",
+                "model.config.num_hidden_layers=4"],
     "h512-l4": ["model.config.hidden_size=512", "model.config.intermediate_size=1376",
                 "model.config.num_hidden_layers=4", "model.config.num_attention_heads=8",
                 "model.config.num_key_value_heads=4"],

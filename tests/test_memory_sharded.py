@@ -9,12 +9,13 @@ partitions and Adam moments) held in the middle of a step.
 from __future__ import annotations
 
 from pathlib import Path
+
 import pytest
 
 from tests import deepspeed_probe
 from tests.conftest import QUICKSTART, tiny
-from trainer.resolve import ResolvedRun, resolve
 from trainer.memory import plan, shapes, sharded_state_loads
+from trainer.resolve import ResolvedRun, resolve
 
 RUNS = {"z1": ["distributed.zero_stage=1"], "z2": ["distributed.zero_stage=2"],
         "z2_offload": ["distributed.zero_stage=2", "distributed.offload_optimizer=cpu"],

@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QUICKSTART, tiny
+from tests.conftest import LLAMA, QUICKSTART, save_base, tiny
 from tests.deepspeed_probe import count_native_bytes
-from tests.test_adapters import LLAMA, save_base
-from trainer.resolve import resolve
 from trainer.distributed import distributed_context
 from trainer.loop import setup, train_step
 from trainer.memory import plan
+from trainer.resolve import resolve
 
 PLAN_KEYS = {"weights": ("weights", "base weights", "LoRA parameters", "fp32 master"),
              "grads": ("gradients", "LoRA gradients"), "optimizer": ("optimizer state", "LoRA optimizer state")}

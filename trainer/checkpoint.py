@@ -253,7 +253,7 @@ class Checkpointer:
                 path = done[-1][1]
             read_manifest(path, checksums=True)
             return path
-        for step, path in reversed(complete_checkpoints(self.output_dir)):
+        for _, path in reversed(complete_checkpoints(self.output_dir)):
             try:
                 read_manifest(path, checksums=True)
             except CheckpointError as e:

@@ -14,7 +14,7 @@ from typing import Any
 
 EXIT_RECIPE = 2
 EXIT_RUNTIME = 1
-SHOWN_CHARS = 60  # a value in a message is cut to this many characters
+SHOWN_CHARS = 160  # a value in a message is cut to this many characters (a path fits)
 
 
 def show_value(value: Any) -> str:

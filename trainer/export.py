@@ -19,9 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.merge import write_adapter_export
 from trainer.checkpoint import MANIFEST, complete_checkpoints, read_manifest
+from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE
 from trainer.errors import CheckpointError
-from trainer.dtypes import torch_dtype
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,15 @@ from torch import nn
 
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.data import Batch, TrainData
-from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context,
-                                 restart_count)
+from trainer.distributed import DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context, restart_count
 from trainer.engine.base import Engine, StepResult
 from trainer.engine.build import build_engine, model_init_context
 from trainer.faults import Faults
 from trainer.loss import token_loss_sum
 from trainer.metrics import Metrics, peak_memory_bytes, truncate_rows
 from trainer.model import build_model
-from trainer.preflight import check_memory
 from trainer.preemption import PreemptionFlag
+from trainer.preflight import check_memory
 from trainer.recipe import to_yaml
 from trainer.resolve import ResolvedRun
 from trainer.tokenizer import build_tokenizer

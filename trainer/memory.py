@@ -112,12 +112,12 @@ def shapes(run: ResolvedRun) -> Shapes:
     params = [Param(n, tuple(p.shape)) for n, p in model.named_parameters()]
     linear = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
+    hidden = getattr(text, "hidden_size", None) or text.n_embd
+    heads = getattr(text, "num_attention_heads", None) or text.n_head
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
+    layers = getattr(text, "num_hidden_layers", None) or text.n_layer
     return Shapes(config.model_type, params, hidden, inter, layers, heads, kv * head_dim, text.vocab_size, linear,
                   model)
 
@@ -331,8 +331,10 @@ def _adapter_states(run: ResolvedRun, sh: Shapes) -> tuple[list[Item], int]:
     targets = lora_targets(run, sh)
     lora = lora_param_count(targets, a.rank, a.use_dora)
     states = predicted(sh.meta, a, run.recipe.precision.dtype, run.recipe.optimizer.name)
-    base = ("4-bit " + a.quant.type + (" with double quant" if a.quant.double_quant else "")
-            if a.type == "qlora" and a.quant.type != "int8" else "int8" if a.type == "qlora" else run.recipe.precision.dtype)
+    if a.type == "qlora" and a.quant.type != "int8":
+        base = "4-bit " + a.quant.type + (" with double quant" if a.quant.double_quant else "")
+    else:
+        base = "int8" if a.type == "qlora" else run.recipe.precision.dtype
     items = [Item(f"base weights (frozen, {base}; norms fp32)", states["weights"] - 4 * lora),
              Item(f"LoRA parameters (rank {a.rank}, {len(targets)} matrices, fp32)", 4 * lora),
              Item("LoRA gradients (fp32)", states["grads"]),

@@ -45,7 +45,7 @@ class Sources:
     def __call__(self, key: str) -> str:
         if _related(key, self.overridden):
             return COMMAND_LINE
-        if self.in_file is None or _related(key, self.in_file):
+        if self.in_file is None or any(k == key or k.startswith(key + ".") for k in self.in_file):
             return RECIPE_FILE
         return DEFAULT
 

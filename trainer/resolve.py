@@ -142,13 +142,19 @@ def _path_problems(r: Recipe, src: Sources) -> list[Problem]:
 
 # ---------------------------------------------------------------------------------------- architecture
 
-def _tokenizer_size(r: Recipe, src: Sources) -> tuple[int | None, list[Problem]]:
-    """len(tokenizer) when it can be known without a download attempt failing: the byte tokenizer's size, or a
-    tokenizer that loads (local, cached or reachable); None when it cannot be loaded here."""
+def _tokenizer_size(r: Recipe, src: Sources, *, needed: bool) -> tuple[int | None, list[Problem]]:
+    """len(tokenizer): the byte tokenizer's size, or a tokenizer found locally (a directory or the hub cache). When
+    `needed` (nothing else sizes the vocabulary) the network is tried too, and failing is a problem; otherwise an
+    unavailable tokenizer gives None and the checks that need it wait for the build."""
     from trainer.tokenizer import BYTE_VOCAB_SIZE, build_tokenizer
 
     if r.model.tokenizer == "byte":
         return BYTE_VOCAB_SIZE, []
+    try:
+        return len(build_tokenizer(r.model, local_files_only=True)), []
+    except (OSError, ValueError):
+        if not needed:
+            return None, []
     try:
         return len(build_tokenizer(r.model)), []
     except (OSError, ValueError) as e:
@@ -162,7 +168,7 @@ def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[P
     m = r.model
     if m.config is not None:
         given = m.config.get("vocab_size")
-        size, problems = _tokenizer_size(r, src)
+        size, problems = _tokenizer_size(r, src, needed=given is None)
         if given is None and size is None:
             return None, "recipe", None, problems + [Problem(
                 "model.config.vocab_size", None, "the tokenizer cannot be loaded to size the vocabulary; set "
@@ -183,7 +189,7 @@ def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[P
         return None, "", None, [Problem(key, getattr(m, e.field), str(e), src(key))]
     size = None
     if r.adapter.type != "none":  # adapters freeze the embeddings: the tokenizer must fit them
-        size, _ = _tokenizer_size(r, src)
+        size, _ = _tokenizer_size(r, src, needed=False)
     return config, where, size, []
 
 

@@ -52,15 +52,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
                                    clean_up_tokenization_spaces=False, model_max_length=1 << 30)
 
 
-def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The run's tokenizer, guaranteed to have an EOS and a pad token."""
+def build_tokenizer(cfg: ModelConfig, local_files_only: bool = False) -> PreTrainedTokenizerBase:
+    """The run's tokenizer, guaranteed to have an EOS and a pad token. `local_files_only`: a directory or the hub
+    cache, never the network (OSError when it is not there)."""
     if cfg.tokenizer == "byte":
         return byte_tokenizer()
     name = cfg.tokenizer or cfg.name_or_path
     if not name:
         raise ValueError("model.tokenizer = null and model.name_or_path = null: give model.tokenizer "
                          "('byte', a directory or a hub id)")
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                                        local_files_only=local_files_only)
     return ensure_special_tokens(tok)
 
 

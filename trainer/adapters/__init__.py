@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.adapters.lora import (attach, is_adapted, load_adapter, parameter_counts, prepare_frozen,
-                                   save_adapter)
+from trainer.adapters.lora import attach, is_adapted, load_adapter, parameter_counts, prepare_frozen, save_adapter
+from trainer.adapters.quant import bits_per_param, bnb_config, quantized_weight_bytes
 from trainer.dtypes import torch_dtype
-from trainer.adapters.quant import bnb_config, bits_per_param, quantized_weight_bytes
 from trainer.schema import AdapterConfig
 
 log = logging.getLogger(__name__)

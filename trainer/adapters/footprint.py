@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.dtypes import torch_dtype
 from trainer.adapters.quant import expected_4bit_bytes, quantized_weight_bytes
 from trainer.adapters.targets import find_targets
+from trainer.dtypes import torch_dtype
 from trainer.schema import AdapterConfig
 
 BNB_MIN_8BIT_SIZE = 4096

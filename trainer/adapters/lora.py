@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.schema import AdapterConfig
 from trainer.adapters.quant import logical_numel
 from trainer.adapters.targets import ALL_LINEAR
+from trainer.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from typing import Any, ContextManager, Protocol
 import torch
 from torch import nn
 
-
 MODEL_FILE = "model.safetensors"  # a full model's weights in a checkpoint, whatever the engine (export reads it)
 
 

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-
 log = logging.getLogger(__name__)
 
 Side = Literal["left", "right", "both"]

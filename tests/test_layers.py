@@ -1,0 +1,95 @@
+"""The package's layering: no import cycles (also through imports inside functions), and light verbs stay light."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import QUICKSTART, ROOT
+
+PACKAGE = ROOT / "trainer"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the trainer modules it imports}, counting every import statement anywhere in the file (module level
+    and inside functions). `from trainer.x import y` counts trainer.x, and trainer.x.y when y is a module."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names if alias.name.startswith("trainer"))
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path (first == last), or None: depth-first search with colours."""
+    colour = dict.fromkeys(graph, "white")
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        colour[node] = "grey"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if colour[nxt] == "grey":
+                return stack[stack.index(nxt):] + [nxt]
+            if colour[nxt] == "white" and (found := visit(nxt)):
+                return found
+        stack.pop()
+        colour[node] = "black"
+        return None
+
+    for start in sorted(graph):
+        if colour[start] == "white" and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    assert len(graph) > 20 and "trainer.resolve" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_low_rooms_do_not_import_the_recipe_machinery() -> None:
+    """errors is a leaf; the schema imports only errors; optimizer math and the engines never read recipe files."""
+    graph = import_graph()
+    assert graph["trainer.errors"] == set()
+    assert graph["trainer.schema"] <= {"trainer.errors"}
+    for low in ("trainer.optim.galore", "trainer.optim.sharded", "trainer.loss", "trainer.dtypes"):
+        assert not graph[low] & {"trainer.recipe", "trainer.resolve", "trainer.rules"}, low
+
+
+def test_package_inits_import_nothing_heavy() -> None:
+    for init in (PACKAGE / "engine" / "__init__.py", PACKAGE / "__init__.py"):
+        tree = ast.parse(init.read_text(encoding="utf-8"))
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))], init
+
+
+def test_validate_loads_only_what_it_needs() -> None:
+    """`validate` on the quickstart (native engine, no adapters) leaves the engines, DeepSpeed, bitsandbytes and
+    peft unloaded: it is meant to be quick on a login node."""
+    code = ("import sys; from trainer.__main__ import main; code = main(['validate', sys.argv[1]]); "
+            "heavy = [m for m in ('deepspeed', 'bitsandbytes', 'peft', 'trainer.engine', 'trainer.loop') "
+            "if m in sys.modules]; print('LOADED', heavy); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, str(QUICKSTART)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout, proc.stdout[-500:]
