@@ -87,13 +87,13 @@ def measure_one(name: str, overrides: list[str], cap_gib: float) -> dict[str, fl
     """In this process: plan, cap, train, read CUDA's peaks."""
     import torch
 
-    from trainer.__main__ import setup_logging
+    from trainer.logs import setup_console
     from trainer.distributed import distributed_context
     from trainer.loop import run_loop, setup
     from trainer.memory import CUDA_CONTEXT, plan
     from trainer.resolve import resolve
 
-    setup_logging(0, 1)
+    setup_console(0, 1)
     cfg = resolve(recipe_path(name), overrides, world_size=1)
     p = plan(cfg, gpu_bytes=int(cap_gib * GIB))
     allowance = next(i.bytes for i in p.items if i.name.startswith("CUDA context"))

@@ -20,6 +20,7 @@ ZeRO-3 runs go last in a spec: zero.Init replaces torch.nn.functional.linear for
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from trainer.__main__ import setup_logging
+from trainer.logs import setup_console
 from trainer.adapters.footprint import measured
 from trainer.distributed import distributed_context
 from trainer.engine.deepspeed import import_deepspeed
@@ -144,17 +145,32 @@ def logits_of(run: Training, ids: list[list[int]]) -> list[list[list[float]]]:
     return out.tolist()
 
 
+def initial_weights(run: Training) -> dict[str, str]:
+    """{parameter: SHA-256 of its whole value rounded to bf16} before any step (rank 0; every rank calls it):
+    what every engine and stage must agree on for a from-scratch recipe."""
+    from trainer.engine.deepspeed import full_fp32_state_dict
+
+    engine = run.engine
+    weights = full_fp32_state_dict(engine.module) if type(engine).__name__ == "ZeroEngine" else \
+        {n: p.detach() for n, p in engine.module.named_parameters()}
+    return {name: hashlib.sha256(t.float().cpu().to(torch.bfloat16).view(torch.int16).numpy().tobytes()).hexdigest()
+            for name, t in weights.items()}
+
+
 def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
     os.environ.pop(FAULT_ENV, None)
     if spec.get("fault"):
         os.environ[FAULT_ENV] = spec["fault"]
     run = setup(resolve(recipe, spec["overrides"], world_size=dist.world_size), dist)
+    initial = initial_weights(run) if spec.get("initial") else None
     try:
         run_loop(run)
     finally:
         run.metrics.close()
         os.environ.pop(FAULT_ENV, None)
     result: dict[str, Any] = {"engine": type(run.engine).__name__}
+    if initial is not None:
+        result["initial"] = initial
     if spec.get("logits"):
         result["logits"] = logits_of(run, spec["logits"])
     if spec.get("inspect") and result["engine"] == "ZeroEngine":
@@ -167,7 +183,7 @@ def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
 
 def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    setup_logging(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    setup_console(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     import_deepspeed().accelerator.get_accelerator().is_fp16_supported = lambda: True  # test-only, see above
     results: dict[str, Any] = {}
     with distributed_context() as dist:

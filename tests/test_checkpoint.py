@@ -150,7 +150,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path: Path) -> None:
     (step, _), = complete_checkpoints(out)
     assert 3 <= step < 60
     assert read_metrics(out)[-1]["step"] == step
-    assert f"preempted at step {step}" in stdout
+    assert f"stopped at step {step}" in stdout
     ok(run_cli(args))
     assert losses(out, range(1, 61)) == losses(ref, range(1, 61))
     assert_bitwise_equal(final_weights(out), final_weights(ref))

@@ -254,8 +254,8 @@ def test_long_examples_are_truncated_and_replies_past_seq_len_dropped(tok: Any, 
         {"instruction": "q" * 100, "input": "", "output": "late"}, {"instruction": "q"}]
     data = make(tok, source=write_json(tmp_path / "a.json", rows), format="alpaca", seq_len=80, packing=False)
     assert [len(x) for x in data._train.ids] == [80, 80, 80]  # the 44-byte prompt + part of the reply
-    assert [(i, why) for _, i, why in data.dropped] == [(3, "no reply within the first data.seq_len=80 tokens"),
-                                                        (4, "missing or null 'output'")]  # in row order
+    assert [(i, why) for _, i, why in data.dropped] == [(4, "no reply within the first data.seq_len=80 tokens"),
+                                                        (5, "missing or null 'output'")]  # in row order
 
 
 # --------------------------------------------------------------------------------------------- bad rows
@@ -268,12 +268,12 @@ def test_bad_alpaca_rows_are_counted_with_row_numbers(tok: Any, tmp_path: Path,
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
         data = make(tok, source=write_json(tmp_path / "a.json", rows), format="alpaca", seq_len=64,
                     packing=False, mb=1)
-    assert [(name, i) for name, i, _ in data.dropped] == [("a.json", n) for n in (1, 2, 4, 5, 6)]
+    assert [(name, i) for name, i, _ in data.dropped] == [("a.json", n) for n in (2, 3, 5, 6, 7)]
     assert [why for *_, why in data.dropped] == [
         "missing or null 'output'", "'output' is a int, not a string", "'output' is empty",
         "missing or null 'instruction'", "'input' is a list, not a string"]
     assert data.num_train_samples == 4 and data.summary["dropped"] == 5
-    assert "dropped 5 of 9 rows" in caplog.text and "a.json row 1: missing or null 'output'" in caplog.text
+    assert "dropped 5 of 9 rows" in caplog.text and "a.json row 2: missing or null 'output'" in caplog.text
 
 
 def test_bad_chat_and_text_rows(tok: Any, tmp_path: Path) -> None:
@@ -283,11 +283,11 @@ def test_bad_chat_and_text_rows(tok: Any, tmp_path: Path) -> None:
     data = make(tok, source=write_json(tmp_path / "c.json", rows), format="chat", seq_len=64, packing=False,
                 mb=1)
     assert [(i, why.split(" (")[0]) for _, i, why in data.dropped] == [
-        (1, "turn 0: unknown from 'alien'"), (2, "no assistant turn with text"),
-        (3, "no 'messages' or 'conversations' list"), (4, "turn 0: 'content' is not a string")]
+        (2, "turn 0: unknown from 'alien'"), (3, "no assistant turn with text"),
+        (4, "no 'messages' or 'conversations' list"), (5, "turn 0: 'content' is not a string")]
     rows = [{"text": "fine"}, {"text": 5}, {"text": ""}, {"other": "x"}, {"text": None}, {"text": "more"}]
     data = make(tok, source=write_json(tmp_path / "t.jsonl", rows, lines=True), seq_len=8, mb=1)
-    assert [i for _, i, _ in data.dropped] == [1, 2, 3, 4]
+    assert [i for _, i, _ in data.dropped] == [2, 3, 4, 5]  # JSON lines: line numbers, counted from 1
 
 
 def test_all_rows_bad_raises_naming_source_format_and_reasons(tok: Any, tmp_path: Path) -> None:
@@ -296,7 +296,7 @@ def test_all_rows_bad_raises_naming_source_format_and_reasons(tok: Any, tmp_path
         make(tok, source=src, format="alpaca", seq_len=64)
     msg = str(err.value)
     assert "bad.json" in msg and "alpaca" in msg and "3 of 3 dropped" in msg
-    assert "row 0: missing or null 'instruction'" in msg
+    assert "row 1: missing or null 'instruction'" in msg and "counted from 1" in msg
 
 
 def test_too_few_samples_raises_with_the_numbers_and_the_fix(tok: Any, tmp_path: Path) -> None:
@@ -476,3 +476,29 @@ def test_hub_names_go_to_load_dataset_with_split_and_cap(tok: Any, monkeypatch: 
     assert tok.decode(data._train.ids.flatten()).startswith("row 0 row 0 ")
     with pytest.raises(DataError, match=r"'org/missing' \(split 'train'\) could not be loaded.*doesn't exist"):
         make(tok, source="org/missing", seq_len=16)
+
+
+def test_json_lines_that_cannot_be_read_are_bad_rows_with_line_numbers(tok: Any, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A line that is not UTF-8 or not JSON is a bad row of its own (the file is not rejected), located by its line
+    counted from 1; a file where every line is bad is an error."""
+    good = json.dumps({"text": "a good row " * 8}).encode()
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\n".join([good, b'{"text": "caf\xe9"}', b"{not json", b"", good]) + b"\n")
+    data = make(tok, source=str(path), seq_len=16, mb=1)
+    assert [(i, why) for _, i, why in data.dropped] == [
+        (2, "not UTF-8 (byte 0xe9 at column 14)"), (3, "not valid JSON (Expecting property name enclosed in double "
+                                                      "quotes at column 2)")]
+    assert "t.jsonl line 2: not UTF-8" in caplog.text and "counted from 1" in caplog.text
+    path.write_bytes(b"{not json\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"no usable rows: 2 of 2 dropped.*t.jsonl line 1: not valid JSON"):
+        make(tok, source=str(path), seq_len=16, mb=1)
+
+
+def test_text_with_bytes_that_are_not_utf8_is_used_with_a_warning(tok: Any, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"fine line " * 20 + b"\nbad \xff byte here\n\nanother paragraph " * 10 + b"\n")
+    data = make(tok, source=str(path), seq_len=16, mb=1)
+    assert data.num_train_samples > 0
+    assert "10 line(s) are not valid UTF-8 (lines 2, 5, 8" in caplog.text and "replaced with U+FFFD" in caplog.text

@@ -14,7 +14,7 @@ from trainer.schema import LoggingConfig
 
 def test_rows_plot_and_disabled_rank(tmp_path: Path) -> None:
     cfg = LoggingConfig(progress_bar=False)
-    m = Metrics(cfg, tmp_path, enabled=True, max_steps=3, start_step=0, run_config={})
+    m = Metrics(cfg, tmp_path, enabled=True, max_steps=3, start_step=0)
     for step, loss in enumerate([3.0, 2.5, 2.0], 1):
         m.log({"step": step, "split": "train", "loss": loss, "lr": 1e-3 * step, "grad_norm": None})
     m.log({"step": 3, "split": "eval", "loss": 2.2, "perplexity": 9.0})
@@ -25,7 +25,7 @@ def test_rows_plot_and_disabled_rank(tmp_path: Path) -> None:
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     other = tmp_path / "rank1"
     other.mkdir()
-    m1 = Metrics(cfg, other, enabled=False, max_steps=3, start_step=0, run_config={})
+    m1 = Metrics(cfg, other, enabled=False, max_steps=3, start_step=0)
     m1.log({"step": 1, "loss": 1.0, "lr": 0.1})
     m1.close()
     assert list(other.iterdir()) == []

@@ -11,11 +11,13 @@ import argparse
 import faulthandler
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable
 
-from trainer.errors import EXIT_RECIPE, TrainerError
+from trainer.errors import EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, os_error_message
+from trainer.logs import FILE_ONLY, setup_console
+
+log = logging.getLogger("trainer")
 
 USAGE = """python -m trainer VERB ...
 
@@ -31,17 +33,6 @@ scalars; `null` clears a value:
   python -m trainer train recipes/quickstart.yaml train.max_steps=50 optimizer.lr=3e-4
   torchrun --nproc_per_node=2 -m trainer train recipes/quickstart.yaml
 """
-
-
-def setup_logging(rank: int, world_size: int) -> None:
-    """INFO on rank 0, warnings only elsewhere; quiet the libraries' chatter."""
-    level = logging.INFO if rank == 0 else logging.WARNING
-    prefix = f"[rank{rank}] " if world_size > 1 else ""
-    logging.basicConfig(level=level, stream=sys.stderr, force=True,
-                        format=f"{prefix}%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("datasets", "transformers", "torch.distributed", "bitsandbytes", "urllib3", "filelock", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,16 +127,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.distributed import env_rank
+    from trainer.logs import add_run_log
     from trainer.loop import train
     from trainer.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args), make_output=True)
+    add_run_log(run.output_dir, env_rank())
     summary = train(run, force=args.force)
     if env_rank() != 0:
         return 0
     if summary.preempted:
-        print(f"preempted at step {summary.steps}: checkpoint saved in {summary.output_dir}/checkpoints; run the "
-              "same command again to continue (checkpoint.resume: auto)")
+        print(f"stopped at step {summary.steps} (Ctrl-C, SIGTERM or SIGUSR1); checkpoint saved in "
+              f"{summary.output_dir}/checkpoints; run the same command to continue")
     else:
         print(f"trained to step {summary.steps}: loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; "
               f"outputs in {summary.output_dir}")
@@ -181,13 +174,29 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RECIPE
     from trainer.distributed import env_rank, env_world_size
 
-    setup_logging(env_rank(), env_world_size())
+    setup_console(env_rank(), env_world_size())
     enable_faulthandler()
     try:
         return COMMANDS[args.verb](args)
     except TrainerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        return fail("interrupted (Ctrl-C) before training started; nothing was saved", EXIT_INTERRUPTED)
+    except OSError as e:  # a path, permission, full disk: the user's to fix, with the path in the message
+        return fail(os_error_message(e), EXIT_RUNTIME)
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' I/O errors ("File too large", a full disk)
+            raise
+        return fail(f"writing or reading a safetensors file failed: {e}; check the free space and permissions of "
+                    "the output directory", EXIT_RUNTIME)
+
+
+def fail(message: str, code: int) -> int:
+    """One screen on the console; the traceback behind it goes to the run's log file (for bug reports)."""
+    print(f"error: {message}", file=sys.stderr)
+    if sys.exc_info()[0] is not None:
+        log.error("traceback of: %s", message.splitlines()[0], exc_info=True, extra=FILE_ONLY)
+    return code
 
 
 def enable_faulthandler() -> None:

@@ -71,6 +71,16 @@ def _needs_remote_code(name: str) -> ArchitectureError:
                              "runs on your machine)")
 
 
+def with_rope_scaling(config: Any, scaling: dict[str, Any]) -> Any:
+    """`config` with a RoPE scaling merged into its own RoPE settings (rope_theta and the rest are kept)."""
+    text = text_config(config)
+    if hasattr(text, "rope_parameters"):  # transformers 5
+        text.rope_parameters = {**(text.rope_parameters or {}), **scaling}
+    else:
+        text.rope_scaling = {**(getattr(text, "rope_scaling", None) or {}), **scaling}
+    return config
+
+
 def text_config(config: Any) -> Any:
     """The language model's part of a config (multimodal configs nest it)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config

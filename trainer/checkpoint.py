@@ -28,11 +28,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from trainer.data import DataPosition
-from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.distributed import DistInfo, barrier, broadcast_object, gather_objects
 from trainer.engine.base import Engine
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, os_error_message
 from trainer.faults import Faults
 from trainer.recipe import to_yaml
 from trainer.safeio import fsync_dir, fsync_file, load_tensors, save_tensors, sha256, write_json
@@ -53,6 +54,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     position: DataPosition = field(default_factory=DataPosition)
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm (train.max_nonfinite_steps)
 
 
 def checkpoints_root(output_dir: Path) -> Path:
@@ -81,20 +83,38 @@ def read_manifest(path: Path, checksums: bool) -> dict[str, Any]:
     return manifest
 
 
-def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint with a valid manifest (sizes checked), oldest first."""
+def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-N` folder, complete or not, oldest first."""
     root = checkpoints_root(output_dir)
     found = []
     for p in root.iterdir() if root.is_dir() else []:
         m = STEP_DIR.match(p.name)
         if m and p.is_dir():
-            try:
-                read_manifest(p, checksums=False)
-            except CheckpointError as e:
-                log.warning("ignoring %s", e)
-                continue
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint with a valid manifest (sizes checked), oldest first."""
+    found = []
+    for step, p in checkpoint_folders(output_dir):
+        try:
+            read_manifest(p, checksums=False)
+        except CheckpointError as e:
+            log.warning("ignoring %s", e)
+            continue
+        found.append((step, p))
+    return found
+
+
+def move_aside(output_dir: Path) -> Path:
+    """Start over without deleting anything: checkpoints/ and metrics.jsonl move to `previous-<time>/`."""
+    aside = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for name in ("checkpoints", "metrics.jsonl"):
+        if (output_dir / name).exists():
+            os.replace(output_dir / name, aside / name)
+    return aside
 
 
 def _rng_state() -> dict[str, Any]:
@@ -154,13 +174,17 @@ class Checkpointer:
     fingerprint: dict[str, Any]  # world size, accumulation, data summary: must match to resume
     write_assets: Callable[[Path], None] = lambda path: None  # rank 0: model config + tokenizer into hf/
     faults: Faults = field(default_factory=Faults)
+    start_over: bool = False  # `train --force`: unusable or foreign checkpoints are moved aside, never deleted
+    last_good: Path | None = None  # the newest checkpoint this run resumed from or saved
 
     def due(self, step: int, max_steps: int) -> bool:
         every = self.cfg.every_steps
         return bool(every and step % every == 0) or (step == max_steps and self.cfg.save_final)
 
     def save(self, engine: Engine, state: TrainState) -> Path:
-        """Write, commit atomically, prune; returns the committed folder (same on every rank)."""
+        """Write, commit atomically, prune; returns the committed folder (same on every rank). A rank that fails
+        to write (a full disk, a file-size limit) does not leave the others waiting: all ranks learn of it, the
+        partial folder is removed, and every rank raises CheckpointError; earlier checkpoints are untouched."""
         started = time.perf_counter()
         root = checkpoints_root(self.output_dir)
         final, tmp = root / step_name(state.step), root / f".tmp-{step_name(state.step)}"
@@ -168,28 +192,57 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        if not engine.weights_finite():  # every rank: a collective inside, so all refuse together
+            raise CheckpointError(f"refusing to save step {state.step}: the model's weights hold NaN or inf values "
+                                  f"(the last good checkpoint, {self.last_good or 'none yet'}, is kept)")
+        self._agree(state.step, tmp, self._write_files, engine, tmp, state)
+        size = self._agree(state.step, tmp, self._commit_on_main, tmp, final, state.step)
+        if self.dist.is_main:
+            log.info("checkpoint saved: %s (%.1f MB in %.2f s)", final, size / 1e6, time.perf_counter() - started)
+            self._prune(root)
+        barrier()
+        self.last_good = final
+        return final
+
+    def _write_files(self, engine: Engine, tmp: Path, state: TrainState) -> None:
+        """This rank's part of a checkpoint: the engine's state, its RNG, and (rank 0) the run files."""
         engine.save(tmp)
         save_tensors(_rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
         if self.dist.is_main:
             self._write_run_files(tmp, state)
         self.faults.during_save(state.step)
-        barrier()
-        if self.dist.is_main:
-            size = self._commit(tmp, final, state.step)
-            log.info("checkpoint saved: %s (%.1f MB in %.2f s)", final, size / 1e6, time.perf_counter() - started)
-            self._prune(root)
-        barrier()
-        return final
+
+    def _agree(self, step: int, tmp: Path, write: Callable[..., Any], *args: Any) -> Any:
+        """Run `write` on this rank, then learn whether every rank's write worked (one collective); on any failure
+        remove the partial folder and raise the same CheckpointError everywhere."""
+        failure, result = None, None
+        try:
+            result = write(*args)
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
+            failure = f"rank {self.dist.rank}: {os_error_message(e) if isinstance(e, OSError) else e}"
+        failures = [f for f in gather_objects(failure) if f]
+        if failures:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(self.output_dir).free
+            raise CheckpointError(
+                f"could not write the checkpoint of step {step} ({'; '.join(map(str, failures))[:600]}); "
+                f"{free / 1e9:.1f} GB free in {self.output_dir}. The partial checkpoint was removed; the last good "
+                f"one, {self.last_good or 'none yet'}, is intact, and `resume: auto` continues from it once the "
+                "problem is fixed")
+        return result
 
     def _write_run_files(self, tmp: Path, state: TrainState) -> None:
         write_json({"step": state.step, "tokens": state.tokens, "position": state.position.state_dict(),
-                    **self.fingerprint}, tmp / STATE)
+                    "nonfinite_steps": state.nonfinite_steps, **self.fingerprint}, tmp / STATE)
         (tmp / "config.yaml").write_text(to_yaml(self.recipe), encoding="utf-8")
         (tmp / "hf").mkdir()
         self.write_assets(tmp / "hf")
 
-    def _commit(self, tmp: Path, final: Path, step: int) -> int:
-        """Hash, fsync, write the manifest, rename into place; returns the bytes committed."""
+    def _commit_on_main(self, tmp: Path, final: Path, step: int) -> int:
+        """Rank 0: hash, fsync, write the manifest, rename into place; returns the bytes committed (0 elsewhere)."""
+        if not self.dist.is_main:
+            return 0
         files = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             fsync_file(f)
@@ -243,6 +296,7 @@ class Checkpointer:
     def _choose_on_main(self) -> Path | None:
         resume = self.cfg.resume
         if resume == "never":
+            self._refuse_to_mix()
             return None
         if resume != "auto":
             path = Path(resume).expanduser()
@@ -253,15 +307,39 @@ class Checkpointer:
                 path = done[-1][1]
             read_manifest(path, checksums=True)
             return path
-        for _, path in reversed(complete_checkpoints(self.output_dir)):
+        damaged = []
+        for _, path in reversed(checkpoint_folders(self.output_dir)):
             try:
                 read_manifest(path, checksums=True)
             except CheckpointError as e:
+                damaged.append(str(e))
                 log.warning("%s; trying an older one", e)
                 continue
             log.info("resume: auto picked %s, the newest complete checkpoint in %s", path.name, self.output_dir)
             return path
+        if damaged:
+            self._start_over_or_refuse(
+                f"no checkpoint in {checkpoints_root(self.output_dir)} can be resumed; each one failed its check:\n"
+                + "\n".join(f"  - {reason}" for reason in damaged)
+                + "\nnothing was changed. Restore them from a backup, or start over: add --force (moves checkpoints/ "
+                "and metrics.jsonl aside into output_dir/previous-<time>/, deletes nothing), or use a new output_dir")
         return None
+
+    def _refuse_to_mix(self) -> None:
+        """checkpoint.resume=never over an earlier run's checkpoints would interleave the two runs, and keep_last
+        would delete the earlier run's checkpoints as the new one saves."""
+        found = checkpoint_folders(self.output_dir)
+        if found:
+            self._start_over_or_refuse(
+                f"checkpoint.resume=never, but {self.output_dir} holds {len(found)} checkpoint(s) of an earlier run "
+                f"(newest: {found[-1][1].name}); starting over here would mix the runs and keep_last would delete "
+                "them. Use a new output_dir, resume (checkpoint.resume=auto), or add --force to move them aside")
+
+    def _start_over_or_refuse(self, why: str) -> None:
+        if not self.start_over:
+            raise CheckpointError(why)
+        aside = move_aside(self.output_dir)
+        log.warning("--force: starting over; the earlier checkpoints and metrics are in %s", aside)
 
     def restore(self, engine: Engine, path: Path) -> TrainState:
         """Check compatibility, then load engine state, counters and this rank's RNG."""
@@ -274,7 +352,9 @@ class Checkpointer:
         _set_rng_state(load_tensors(rng))
         log.info("resumed from %s in %.2f s: step %d, %d tokens seen, data epoch %d", path,
                  time.perf_counter() - started, state["step"], state["tokens"], state["position"]["epoch"])
-        return TrainState(state["step"], state["tokens"], DataPosition.from_state_dict(state["position"]))
+        self.last_good = path
+        return TrainState(state["step"], state["tokens"], DataPosition.from_state_dict(state["position"]),
+                          int(state.get("nonfinite_steps", 0)))
 
     def _check_compatible(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         blocking, allowed = compare_recipes(saved_cfg, self.recipe.model_dump())

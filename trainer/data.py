@@ -22,8 +22,7 @@ import logging
 import os
 import re
 import sysconfig
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,10 +83,24 @@ class _BadRow(ValueError):
 
 @dataclass
 class _Rows:
-    """Rows of one file or dataset; `name` is how warnings refer to it."""
+    """Rows of one file or dataset: `name` is how warnings refer to it, `numbers` the 1-based line (JSON lines) or
+    row number of each row, `bad` the (number, reason) of rows that could not even be read."""
 
     name: str
     rows: list[Any]
+    numbers: list[int]
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, name: str, rows: list[Any]) -> _Rows:
+        return cls(name, rows, list(range(1, len(rows) + 1)))
+
+    def head(self, limit: int | None) -> _Rows:
+        """The first `limit` rows (data.max_documents), with the bad rows among them."""
+        if limit is None or limit >= len(self.rows):
+            return self
+        last = self.numbers[limit - 1] if limit else 0
+        return _Rows(self.name, self.rows[:limit], self.numbers[:limit], [b for b in self.bad if b[0] <= last])
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -100,42 +113,79 @@ def _seed_int(*parts: object) -> int:
 
 def _read_txt(path: Path) -> list[str]:
     """Paragraphs: a blank line (whitespace allowed) ends a document, so a book becomes scenes or
-    paragraphs rather than one huge document."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    paragraphs rather than one huge document. Bytes that are not UTF-8 become U+FFFD, with a warning naming
+    the lines (a text corpus with a few bad bytes is still worth training on)."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" in text and raw.count("\ufffd".encode()) < text.count("\ufffd"):
+        lines = [n for n, line in enumerate(raw.split(b"\n"), 1) if not _is_utf8(line)]
+        shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+        log.warning("data: %s: %d line(s) are not valid UTF-8 (lines %s; counted from 1); their bad bytes were "
+                    "replaced with U+FFFD", path, len(lines), shown)
     return [doc.strip("\n") for doc in re.split(r"\n(?:[ \t\r]*\n)+", text) if doc.strip()]
 
 
-def _rows_of(ds: Any, cfg: DataConfig, name: str) -> list[Any]:
-    """Rows as dicts, or for format text the values of data.text_field."""
-    if cfg.format != "text":
-        return ds.to_list()
-    if cfg.text_field not in ds.column_names:
-        raise DataError(f"data.text_field = {cfg.text_field!r} is not a field of {name} (fields: "
-                        f"{', '.join(ds.column_names)}); set data.text_field to the one holding the text")
-    return list(ds[cfg.text_field])
-
-
-def _read_json(path: Path, cfg: DataConfig) -> list[Any]:
-    """Through the `datasets` json builder (it keeps mixed-type fields as JSON, so a wrong type is a bad
-    row, not a crash); its cache goes to a temporary directory so nothing is left behind."""
-    import datasets
-
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
+def _is_utf8(data: bytes) -> bool:
     try:
-        with tempfile.TemporaryDirectory(prefix="trainer-data-") as cache:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True,
-                                       cache_dir=cache)
-    except Exception as e:
-        raise DataError(f"data.source: {path} could not be read as JSON / JSON lines ({type(e).__name__}: "
-                        f"{str(e)[:300]}); fix the file or give a .txt file") from e
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    return _rows_of(ds, cfg, str(path))
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
-def _read_hub(cfg: DataConfig) -> list[Any]:
+def _json_lines(path: Path, raw: bytes) -> _Rows:
+    """One JSON value per line: a line that is not UTF-8 or not JSON is a bad row (1-based line number)."""
+    rows, numbers, bad = [], [], []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line.decode("utf-8")))
+            numbers.append(number)
+        except UnicodeDecodeError as e:
+            bad.append((number, f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"))
+        except json.JSONDecodeError as e:
+            bad.append((number, f"not valid JSON ({e.msg} at column {e.colno})"))
+    return _Rows(path.name, rows, numbers, bad)
+
+
+def _read_json(path: Path) -> _Rows:
+    """A .jsonl file, or a .json file holding a JSON array of rows (or, as many datasets ship it, JSON lines)."""
+    raw = path.read_bytes()
+    if path.suffix == ".jsonl":
+        return _json_lines(path, raw)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"data.source: {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save "
+                        "it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
+            return _json_lines(path, raw)
+        raise DataError(f"data.source: {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix "
+                        "the file (a .json file holds one array of rows; use .jsonl for one row per line)") from None
+    if not isinstance(data, list):
+        raise DataError(f"data.source: {path} holds a JSON {type(data).__name__}, not an array of rows; give a list "
+                        "of rows, or JSON lines (.jsonl)")
+    return _Rows.of(path.name, data)
+
+
+def _text_values(part: _Rows, cfg: DataConfig) -> _Rows:
+    """For format text: the data.text_field of each JSON row (a row without it is a bad row)."""
+    if cfg.format != "text":
+        return part
+    field_name = cfg.text_field
+    if part.rows and not any(isinstance(r, dict) and field_name in r for r in part.rows):
+        fields = sorted({k for r in part.rows[:100] if isinstance(r, dict) for k in r})
+        raise DataError(f"data.text_field = {field_name!r} is not a field of {part.name} (fields: "
+                        f"{', '.join(fields) or 'none: the rows are not objects'}); set data.text_field to the one "
+                        "holding the text")
+    values = [r.get(field_name) if isinstance(r, dict) else None for r in part.rows]
+    return _Rows(part.name, values, part.numbers, part.bad)
+
+
+def _read_hub(cfg: DataConfig) -> _Rows:
     import datasets
 
     try:
@@ -146,7 +196,7 @@ def _read_hub(cfg: DataConfig) -> list[Any]:
                         "local file or directory") from e
     if cfg.max_documents is not None:
         ds = ds.select(range(min(len(ds), cfg.max_documents)))
-    return _rows_of(ds, cfg, str(cfg.source))
+    return _Rows.of(str(cfg.source), ds.to_list())
 
 
 def read_stdlib(max_bytes: int, max_documents: int | None = None) -> list[str]:
@@ -187,12 +237,12 @@ def read_source(cfg: DataConfig) -> list[_Rows]:
     """All rows, capped at data.max_documents; a .txt file gives strings, JSON gives dicts or values."""
     source = cfg.source or ""
     if source == STDLIB:
-        return [_Rows("python_stdlib", read_stdlib(cfg.max_bytes, cfg.max_documents))]
+        return [_Rows.of("python_stdlib", read_stdlib(cfg.max_bytes, cfg.max_documents))]
     path = Path(source).expanduser()
     if not path.exists():
         if not source or looks_local(source):
             raise DataError(f"data.source = {source!r}: file or directory not found; check the path")
-        return [_Rows(source, _read_hub(cfg))]
+        return [_text_values(_read_hub(cfg), cfg)]
     out, left = [], cfg.max_documents
     for file in _local_files(path):
         if file.suffix == ".txt" and cfg.format != "text":
@@ -201,8 +251,9 @@ def read_source(cfg: DataConfig) -> list[_Rows]:
         if file.suffix not in FILE_SUFFIXES:
             raise DataError(f"data.source = {source!r}: unsupported file type {file.suffix!r}; give .txt, "
                             ".json or .jsonl (or a hub dataset name)")
-        rows = _read_txt(file) if file.suffix == ".txt" else _read_json(file, cfg)
-        out.append(_Rows(file.relative_to(path).as_posix() if path.is_dir() else file.name, rows[:left]))
+        part = _Rows.of(file.name, _read_txt(file)) if file.suffix == ".txt" else _text_values(_read_json(file), cfg)
+        part.name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        out.append(part.head(left))
         if left is not None:
             left -= len(out[-1].rows)
             if left <= 0:
@@ -211,6 +262,11 @@ def read_source(cfg: DataConfig) -> list[_Rows]:
 
 
 # ---------------------------------------------------------------------------------------------- examples
+
+def _unit(name: str) -> str:
+    """How a bad row is located: by line in JSON lines, by row elsewhere."""
+    return "line" if name.endswith(".jsonl") else "row"
+
 
 def _text(value: Any, name: str) -> str:
     if value is None:
@@ -311,11 +367,13 @@ def _text_examples(parts: list[_Rows], cfg: DataConfig, tok: Any, dropped: list[
     """One example per document: its tokens then EOS, so the model learns where documents end."""
     texts = []
     for part in parts:
-        for i, value in enumerate(part.rows):
+        dropped += [(part.name, number, why) for number, why in part.bad]
+        for number, value in zip(part.numbers, part.rows):
             try:
                 texts.append(_text(value, cfg.text_field))
             except _BadRow as e:
-                dropped.append((part.name, i, str(e)))
+                dropped.append((part.name, number, str(e)))
+    _in_file_order(dropped, parts)
     eos = np.array([tok.eos_token_id], dtype=np.int64)
     return [(np.concatenate([np.asarray(enc.ids, dtype=np.int64), eos]), None)
             for enc in _encode(tok, texts, chat=False)]
@@ -327,17 +385,18 @@ def _sft_examples(parts: list[_Rows], cfg: DataConfig, tok: Any, dropped: list[t
     to_messages = _alpaca_messages if cfg.format == "alpaca" else _chat_messages
     texts, spans, where = [], [], []
     for part in parts:
-        for i, row in enumerate(part.rows):
+        dropped += [(part.name, number, why) for number, why in part.bad]
+        for number, row in zip(part.numbers, part.rows):
             try:
                 if not isinstance(row, dict):
                     raise _BadRow(f"a {type(row).__name__}, not an object")
                 text, found = renderer.spans(to_messages(row), _tools(row))
             except ValueError as e:  # _BadRow, or the renderer's reason
-                dropped.append((part.name, i, str(e)))
+                dropped.append((part.name, number, str(e)))
                 continue
             texts.append(text)
             spans.append(found)
-            where.append((part.name, i))
+            where.append((part.name, number))
     out: list[Example] = []
     for (name, i), enc, found in zip(where, _encode(tok, texts, chat=True), spans):
         ids = np.asarray(enc.ids, dtype=np.int64)
@@ -347,9 +406,14 @@ def _sft_examples(parts: list[_Rows], cfg: DataConfig, tok: Any, dropped: list[t
             dropped.append((name, i, f"no reply within the first data.seq_len={cfg.seq_len} tokens"))
             continue
         out.append((ids, labels))
-    rank = {part.name: k for k, part in enumerate(parts)}
-    dropped.sort(key=lambda d: (rank[d[0]], d[1]))  # row order, whichever stage dropped them
+    _in_file_order(dropped, parts)
     return out
+
+
+def _in_file_order(dropped: list[tuple[str, int, str]], parts: list[_Rows]) -> None:
+    """Sort the dropped rows by file, then line: whichever stage dropped them."""
+    rank = {part.name: k for k, part in enumerate(parts)}
+    dropped.sort(key=lambda d: (rank[d[0]], d[1]))
 
 
 @dataclass
@@ -418,9 +482,9 @@ class TrainData:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.global_batch_size = micro_batch_size * grad_accum_steps * world_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.dropped: list[tuple[str, int, str]] = []  # (file or dataset, row counted from 0, reason)
+        self.dropped: list[tuple[str, int, str]] = []  # (file or dataset, line or row counted from 1, reason)
         parts = read_source(cfg)
-        num_rows = sum(len(part.rows) for part in parts)
+        num_rows = sum(len(part.rows) + len(part.bad) for part in parts)
         build = _text_examples if cfg.format == "text" else _sft_examples
         examples = build(parts, cfg, tokenizer, self.dropped)
         self._report_dropped(num_rows, len(examples))
@@ -443,13 +507,13 @@ class TrainData:
 
     def _report_dropped(self, num_rows: int, kept: int) -> None:
         """Bad rows are never dropped silently: warn with the first few, fail if nothing is left."""
-        first = "; ".join(f"{name} row {i}: {why}" for name, i, why in self.dropped[:5])
+        first = "; ".join(f"{name} {_unit(name)} {i}: {why}" for name, i, why in self.dropped[:5])
         if kept == 0:
             raise DataError(f"data.source = {self.cfg.source!r} (data.format = {self.cfg.format}) has no usable "
-                            f"rows: {len(self.dropped)} of {num_rows} dropped (rows counted from 0): "
+                            f"rows: {len(self.dropped)} of {num_rows} dropped (lines and rows counted from 1): "
                             f"{first or 'the source is empty'}; check data.format and the data's fields")
         if self.dropped:
-            log.warning("data: dropped %d of %d rows of %s (format %s; rows counted from 0): %s%s",
+            log.warning("data: dropped %d of %d rows of %s (format %s; lines and rows counted from 1): %s%s",
                         len(self.dropped), num_rows, self.cfg.source, self.cfg.format, first,
                         "; ..." if len(self.dropped) > 5 else "")
 

@@ -46,6 +46,11 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def job_id() -> str:
+    """torchrun's id of this job, the same on every node and across elastic restarts ('' outside torchrun)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this job (TORCHELASTIC_RESTART_COUNT; 0 for the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -128,6 +133,15 @@ def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's small picklable object, on every rank (in-memory only, never from a file)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

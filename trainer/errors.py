@@ -9,11 +9,13 @@ traceback.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any
 
 EXIT_RECIPE = 2
 EXIT_RUNTIME = 1
+EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by Ctrl-C
 SHOWN_CHARS = 160  # a value in a message is cut to this many characters (a path fits)
 
 
@@ -91,3 +93,24 @@ class UnsafeFileError(TrainerError):
 
 class LossScaleCollapsed(TrainerError):
     """fp16 overflowed on too many consecutive steps."""
+
+
+class TrainingDiverged(TrainerError):
+    """The loss or the gradient norm became NaN or inf (outside fp16's loss scaling)."""
+
+
+def os_error_message(e: OSError) -> str:
+    """An OSError as a user reads it: what failed, on which path, and what usually fixes it."""
+    hints = {errno.ENOSPC: "the disk is full: free space or choose another output_dir",
+             errno.EFBIG: "the file grew past a size limit (ulimit -f, or the filesystem's): raise it or choose "
+                          "another output_dir",
+             errno.EDQUOT: "the disk quota is exhausted: free space or choose another output_dir",
+             errno.EACCES: "no permission: fix the permissions or choose another path",
+             errno.EPERM: "not permitted: fix the permissions or choose another path",
+             errno.EROFS: "the filesystem is read-only: choose another output_dir",
+             errno.ENOENT: "it does not exist: check the path",
+             errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+             errno.EISDIR: "it is a directory where a file was expected: check the path"}
+    where = f" {e.filename!r}" if e.filename else ""
+    hint = hints.get(e.errno or -1, "check the path and the disk")
+    return f"{e.strerror or e}{where}: {hint}"

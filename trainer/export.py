@@ -40,6 +40,34 @@ def resolve_checkpoint(source: Path) -> Path:
                           "checkpoints/); give OUTPUT_DIR or OUTPUT_DIR/checkpoints/step-N")
 
 
+EXPORT_MARKER = ".trainer-export"  # in every export: `--force` replaces only a folder that has it
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run a checkpoint belongs to (OUTPUT_DIR for OUTPUT_DIR/checkpoints/step-N), else the folder itself."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def check_destination(out: Path, ckpt: Path, force: bool) -> None:
+    """--out must not be the run, inside it or above it, nor a file, nor a folder that is not one of our exports
+    (with --force an earlier export is replaced, never anything else)."""
+    run, target = run_dir_of(ckpt).resolve(), out.resolve()
+    where = "the run" if target == run else "inside the run" if run in target.parents else \
+        "a folder holding the run" if target in run.parents else ""
+    if where:
+        raise CheckpointError(f"--out {out} is {where} it exports from ({run}); writing there could destroy its "
+                              "checkpoints: choose a folder outside the run")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; give a directory to create")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory, or pass --force to "
+                                  "replace an earlier export there")
+        if not (out / EXPORT_MARKER).exists():
+            raise CheckpointError(f"--out {out} is not an earlier export of this tool (no {EXPORT_MARKER} in it), so "
+                                  "--force will not replace it; choose a new directory")
+
+
 def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool = False, merge: bool = False,
            force: bool = False) -> Path:
     """Write the Hugging Face directory `out` (atomically: a temporary folder renamed at the end)."""
@@ -56,8 +84,7 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
         raise CheckpointError(f"{ckpt} holds a LoRA adapter, not a full model: export with --adapter-only (a peft "
                               "adapter directory, loaded with PeftModel.from_pretrained(base, DIR)) or --merge (the "
                               "base model with the adapter merged in)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
+    check_destination(out, ckpt, force)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if is_adapter:
@@ -69,6 +96,7 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
         model.to(torch_dtype(dtype))
         model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    (tmp / EXPORT_MARKER).write_text(f"exported from {ckpt}\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

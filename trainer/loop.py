@@ -15,17 +15,20 @@ from torch import nn
 
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.data import Batch, TrainData
-from trainer.distributed import DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context, restart_count
+from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context, job_id,
+                                 restart_count)
 from trainer.engine.base import Engine, StepResult
 from trainer.engine.build import build_engine, model_init_context
 from trainer.faults import Faults
 from trainer.loss import token_loss_sum
-from trainer.metrics import Metrics, peak_memory_bytes, truncate_rows
+from trainer.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
 from trainer.model import build_model
+from trainer.precision import NonFiniteSteps
 from trainer.preemption import PreemptionFlag
-from trainer.preflight import check_memory
+from trainer.preflight import check_disk, check_memory
 from trainer.recipe import to_yaml
 from trainer.resolve import ResolvedRun
+from trainer.run_lock import output_dir_lock
 from trainer.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class Training:
     state: TrainState
     preemption: PreemptionFlag
     faults: Faults
+    nonfinite: NonFiniteSteps
 
 
 @dataclass(frozen=True)
@@ -83,22 +87,25 @@ def _asset_writer(model: nn.Module, tokenizer: object):  # type: ignore[no-untyp
     return write
 
 
-def setup(run: ResolvedRun, dist: DistInfo) -> Training:
-    """Build tokenizer, data, model and engine for this rank, and resume if a checkpoint says so."""
+def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Training:
+    """Build tokenizer, data, model and engine for this rank, and resume if a checkpoint says so. `start_over`
+    (train --force) moves unusable or foreign checkpoints aside instead of refusing."""
     r = run.recipe
     out = run.output_dir
     out.mkdir(parents=True, exist_ok=True)
     faults = Faults.from_environment(dist.rank, restart_count())
+    wandb_run = start_wandb(r.logging, out, r.model_dump()) if dist.is_main else None  # before the heavy work
     tokenizer = build_tokenizer(r.model)
     data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps)
-    with model_init_context(run):
-        model = build_model(run, tokenizer, device=dist.device)
+    with model_init_context(run) as gathered:
+        model = build_model(run, tokenizer, device=dist.device, gathered=gathered)
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(run, model, dist)
     fingerprint = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps,
                    "data": {k: data.summary[k] for k in ("train_samples", "tokens")}}
-    ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults)
+    ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults,
+                        start_over=start_over)
     path = ckpt.choose()
     state = ckpt.restore(engine, path) if path else TrainState()
     if dist.is_main:
@@ -110,14 +117,16 @@ def setup(run: ResolvedRun, dist: DistInfo) -> Training:
     for warning in run.warnings:
         log.warning("%s", warning)
     metrics = Metrics(r.logging, out, enabled=dist.is_main, max_steps=r.train.max_steps, start_step=state.step,
-                      run_config=r.model_dump())
-    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults)
+                      wandb_run=wandb_run)
+    nonfinite = NonFiniteSteps(r.train.max_nonfinite_steps, state.nonfinite_steps)
+    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite)
 
 
 def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     """Forward/backward over this rank's micro-batches and one optimizer step. The global loss, token count and
-    whether any rank was asked to stop come back in one collective."""
-    dev = t.dist.device
+    whether any rank was asked to stop come back in one collective, before the update: a NaN/inf loss (outside
+    fp16's loss scaling) stops the run, or skips the step, before anything is applied."""
+    dev, step = t.dist.device, t.state.step + 1
     loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev)
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
     for i, b in enumerate(batches):
@@ -125,13 +134,30 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
             # the logits die inside the loss, which keeps only their gradient (trainer/loss.py)
             loss_sum = token_loss_sum(t.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev)),
                                       b.labels.to(dev))
+            if t.engine.updates_in_backward:  # weights change inside backward: check before it, on every rank
+                _check_before_backward(t, step, loss_sum)
             t.engine.backward(loss_sum / max(loss_tokens, 1.0))
         local_sum += loss_sum.detach()
-    t.faults.after_backward(t.state.step + 1, t.engine.module)
-    result = t.engine.step()
+    t.faults.after_backward(step, t.engine.module)
     tokens = sum(b.num_tokens() for b in batches)
-    loss, tokens, stop = all_reduce_sums([local_sum.item(), tokens, float(t.preemption.requested)], dev)
-    return StepOutcome(loss / max(loss_tokens, 1.0), int(tokens), stop > 0, result)
+    total, tokens, stop = all_reduce_sums([local_sum.item(), tokens, float(t.preemption.requested)], dev)
+    loss = total / max(loss_tokens, 1.0)
+    guarded = t.run.recipe.precision.dtype != "fp16"  # fp16 has its own rule: skip the step, halve the scale
+    if guarded and not math.isfinite(loss):
+        t.nonfinite.record(step, loss, None, t.checkpointer.last_good)  # raises unless steps may be skipped
+    result = t.engine.step()
+    if guarded and math.isfinite(loss) and result.grad_norm is not None and not math.isfinite(result.grad_norm):
+        t.nonfinite.record(step, loss, result.grad_norm, t.checkpointer.last_good)
+    t.state.nonfinite_steps = t.nonfinite.skipped
+    return StepOutcome(loss, int(tokens), stop > 0, result)
+
+
+def _check_before_backward(t: Training, step: int, loss_sum: torch.Tensor) -> None:
+    """Per-layer updates: a non-finite micro-batch loss on any rank stops the run before its backward applies
+    anything (train.max_nonfinite_steps must be 0 with them: rules.py)."""
+    bad = all_reduce_sum(0.0 if bool(torch.isfinite(loss_sum)) else 1.0, t.dist.device)
+    if bad:
+        t.nonfinite.record(step, float("nan"), None, t.checkpointer.last_good)
 
 
 @torch.no_grad()
@@ -187,9 +213,10 @@ def train(run: ResolvedRun, *, force: bool = False) -> Summary:
     """Run the resolved recipe on this process (one of WORLD_SIZE under torchrun): join the process group, check
     the memory plan against the GPU (rank 0 decides for all), build, resume, train."""
     d = run.recipe.distributed
-    with distributed_context(d.backend, d.timeout_s) as dist:
+    with distributed_context(d.backend, d.timeout_s) as dist, output_dir_lock(run.output_dir, dist, job_id()):
         check_memory(run, dist, force)
-        t = setup(run, dist)
+        check_disk(run, dist)
+        t = setup(run, dist, start_over=force)
         max_steps = run.recipe.train.max_steps
         if t.state.step >= max_steps:
             log.warning("nothing to train: the run in %s is already at step %d (train.max_steps=%d); raise "

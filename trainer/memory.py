@@ -342,6 +342,18 @@ def _adapter_states(run: ResolvedRun, sh: Shapes) -> tuple[list[Item], int]:
     return items, lora
 
 
+def checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """About what one checkpoint of this run takes on disk, all ranks together: the trainable weights in fp32 (an
+    adapter run saves only the adapter) and the optimizer state of every rank; DeepSpeed adds its own shards of the
+    weights beside our gathered copy."""
+    items, trainable = model_states(run, sh)
+    state = sum(i.bytes for i in items if "optimizer state" in i.name or i.name.startswith("fp32 master"))
+    d = run.recipe.distributed
+    sharded = (d.engine == "deepspeed" and d.zero_stage >= 1) or (d.zero_stage == 1 and run.world_size > 1)
+    weights = 4 * trainable * (2 if d.engine == "deepspeed" and d.zero_stage >= 1 else 1)
+    return weights + state * (run.world_size if sharded else 1)
+
+
 # ------------------------------------------------------------------------------------------- activations
 
 def layer_bytes_per_token(run: ResolvedRun, sh: Shapes) -> int:

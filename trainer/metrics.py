@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from trainer.errors import TrainerError
 from trainer.schema import LoggingConfig
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,56 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
 
 
+def start_wandb(cfg: LoggingConfig, output_dir: Path, run_config: dict[str, Any]) -> Any:
+    """The wandb run (rank 0, before any heavy work), or None when the recipe asks for none. A resumed run continues
+    the same wandb run: its id is kept in the output directory. Without an API key, or when the server cannot be
+    reached, it logs offline (`wandb sync` uploads it later) with one warning, unless
+    logging.wandb.require_online is set."""
+    w = cfg.wandb
+    if not w.project or w.mode == "disabled":
+        return None
+    import wandb
+
+    id_file = output_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+
+    def init(mode: str) -> Any:
+        return wandb.init(project=w.project, entity=w.entity, name=w.name or output_dir.name, mode=mode, tags=w.tags,
+                          config=run_config, dir=str(output_dir), id=run_id, resume="allow",
+                          settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+
+    if w.mode == "offline":
+        return init("offline")
+    if not wandb.login(prompt=False, verify=False):
+        return _offline_instead(init, w.require_online, "no wandb API key is configured (run `wandb login` or set "
+                                "WANDB_API_KEY)")
+    try:
+        return init("online")
+    except wandb.errors.Error as e:
+        return _offline_instead(init, w.require_online, f"wandb could not start online ({str(e).splitlines()[0]})")
+
+
+WANDB_INIT_TIMEOUT_S = 30
+
+
+def _offline_instead(init: Any, require_online: bool, why: str) -> Any:
+    if require_online:
+        raise TrainerError(f"{why}, and logging.wandb.require_online is set; fix that, or unset it to log offline")
+    log.warning("%s: logging to wandb offline in the output directory; upload later with `wandb sync`", why)
+    return init("offline")
+
+
 class Metrics:
-    """Rank 0's sink for metric rows; on other ranks every method is a no-op."""
+    """Rank 0's sink for metric rows; on other ranks every method is a no-op. `wandb_run` comes from start_wandb."""
 
     def __init__(self, cfg: LoggingConfig, output_dir: Path, *, enabled: bool, max_steps: int, start_step: int,
-                 run_config: dict[str, Any]) -> None:
+                 wandb_run: Any = None) -> None:
         self.cfg = cfg
         self.enabled = enabled
         self.output_dir = output_dir
         self.bar = None
-        self.wandb = None
+        self.wandb = wandb_run
         if not enabled:
             return
         self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -49,19 +90,6 @@ class Metrics:
 
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="train", file=sys.stderr, mininterval=0.5)
-        if cfg.wandb.project and cfg.wandb.mode != "disabled":
-            self.wandb = self._start_wandb(run_config)
-
-    def _start_wandb(self, run_config: dict[str, Any]) -> Any:
-        """A resumed run continues the same wandb run: its id is kept in the output directory."""
-        import wandb
-
-        w = self.cfg.wandb
-        id_file = self.output_dir / "wandb-run-id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
-        return wandb.init(project=w.project, entity=w.entity, name=w.name or self.output_dir.name, mode=w.mode,
-                          tags=w.tags, config=run_config, dir=str(self.output_dir), id=run_id, resume="allow")
 
     def log(self, row: dict[str, Any]) -> None:
         """Write one row (train or eval) everywhere it goes."""

@@ -16,7 +16,7 @@ from typing import Any, ContextManager
 import torch
 
 from trainer.dtypes import torch_dtype
-from trainer.errors import LossScaleCollapsed
+from trainer.errors import LossScaleCollapsed, TrainingDiverged
 from trainer.schema import PrecisionConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,31 @@ class SkipCounter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+@dataclass
+class NonFiniteSteps:
+    """Steps whose loss or gradient norm was NaN/inf outside fp16's loss scaling. At the first one beyond `limit`
+    the run stops with TrainingDiverged (nothing saved after it); up to `limit` are skipped with a warning. The
+    count is checkpointed with the loop's counters."""
+
+    limit: int
+    skipped: int = 0
+
+    def record(self, step: int, loss: float, grad_norm: float | None, last_good: object) -> None:
+        what = f"loss {loss:.6g}" + (f", gradient norm {grad_norm:.6g}" if grad_norm is not None else "")
+        if self.skipped < self.limit:
+            self.skipped += 1
+            log.warning("step %d: %s: not finite; step skipped (%d of train.max_nonfinite_steps=%d)", step, what,
+                        self.skipped, self.limit)
+            return
+        resume = (f"The last good checkpoint is {last_good}: " if last_good else "No checkpoint was saved before "
+                  "it: ")
+        raise TrainingDiverged(
+            f"step {step}: {what}: training diverged, so the run stopped before this step's update and saved "
+            f"nothing after it. {resume}lower optimizer.lr, set optimizer.grad_clip or more warmup, check the data, "
+            "then run the same command to resume from it (or set train.max_nonfinite_steps to skip a few such "
+            "steps).")
 
 
 class Precision:

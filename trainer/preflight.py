@@ -1,15 +1,18 @@
-"""Before anything is built on a GPU: will the recipe fit? Rank 0 plans against its device's free memory and
-tells every rank, so a job that would run out of memory stops at once, on every rank, with the plan and the
-changes that make it fit (unless `train --force`)."""
+"""Before anything is built: will the recipe fit? Rank 0 plans against its GPU's free memory, and the size of one
+checkpoint against the output directory's free disk space, and tells every rank, so a job that would run out of
+memory or disk stops at once, on every rank, with the numbers and what to change (the GPU check can be overridden
+with `train --force`)."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 
 import torch
 
 from trainer.distributed import DistInfo, broadcast_object
 from trainer.errors import EXIT_RECIPE, TrainerError
+from trainer.memory import checkpoint_bytes, shapes
 from trainer.memory_report import full_plan, render
 from trainer.resolve import ResolvedRun
 
@@ -21,6 +24,10 @@ class DoesNotFit(TrainerError):
     """The memory plan predicts more than the GPU has free."""
 
     exit_code = EXIT_RECIPE
+
+
+class DiskTooSmall(TrainerError):
+    """The output directory has less free space than one checkpoint needs."""
 
 
 def _verdict(run: ResolvedRun, dist: DistInfo, force: bool) -> str | None:
@@ -45,3 +52,23 @@ def check_memory(run: ResolvedRun, dist: DistInfo, force: bool) -> None:
     verdict = broadcast_object(verdict)
     if verdict is not None:
         raise DoesNotFit(verdict)
+
+
+def _disk_verdict(run: ResolvedRun) -> str | None:
+    needed = checkpoint_bytes(run, shapes(run))
+    free = shutil.disk_usage(run.output_dir).free
+    if free >= needed:
+        return None
+    return (f"output_dir {run.output_dir} has {free / 1e9:.2f} GB free, but one checkpoint of this run takes about "
+            f"{needed / 1e9:.2f} GB (trainable weights in fp32 and the optimizer state); free space or choose another "
+            "output_dir")
+
+
+def check_disk(run: ResolvedRun, dist: DistInfo) -> None:
+    """Raise DiskTooSmall on every rank when rank 0 finds less free space in output_dir than one checkpoint."""
+    if not (run.recipe.checkpoint.every_steps or run.recipe.checkpoint.save_final):
+        return
+    verdict = _disk_verdict(run) if dist.is_main else None
+    verdict = broadcast_object(verdict)
+    if verdict is not None:
+        raise DiskTooSmall(verdict)

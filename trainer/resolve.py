@@ -178,7 +178,8 @@ def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[P
                                                   f"{size} tokens; remove it (it defaults to the tokenizer's size) "
                                                   f"or set >= {size}", src("model.config"))]
         try:
-            return arch.from_recipe(m.config, given or size), "recipe", size, []  # type: ignore[arg-type]
+            config = arch.from_recipe(m.config, given or size)  # type: ignore[arg-type]
+            return _scaled(config, m.rope_scaling), "recipe", size, []
         except arch.ArchitectureError as e:
             return None, "recipe", size, [Problem("model.config.model_type", m.config.get("model_type"), str(e),
                                                   src("model.config"))]
@@ -187,10 +188,15 @@ def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[P
     except arch.ArchitectureError as e:
         key = f"model.{e.field}"
         return None, "", None, [Problem(key, getattr(m, e.field), str(e), src(key))]
+    config = _scaled(config, m.rope_scaling)
     size = None
     if r.adapter.type != "none":  # adapters freeze the embeddings: the tokenizer must fit them
         size, _ = _tokenizer_size(r, src, needed=False)
     return config, where, size, []
+
+
+def _scaled(config: Any, rope_scaling: dict[str, Any] | None) -> Any:
+    return arch.with_rope_scaling(config, rope_scaling) if rope_scaling else config
 
 
 def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, src: Sources) -> list[Problem]:
@@ -200,7 +206,7 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
     if limit is not None and r.data.seq_len > limit:
         out.append(Problem("data.seq_len", r.data.seq_len, f"exceeds the model's {limit} positions "
                            f"(max_position_embeddings); lower data.seq_len to <= {limit}, or extend the positions "
-                           "with a RoPE scaling (model.config.rope_scaling: {rope_type: linear, factor: "
+                           "with a RoPE scaling (model.rope_scaling: {rope_type: linear, factor: "
                            f"{-(-r.data.seq_len // limit)}.0}})", src("data.seq_len")))
     rows = arch.text_config(config).vocab_size
     if r.adapter.type != "none" and tokenizer_size is not None and tokenizer_size > rows:

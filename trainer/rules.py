@@ -27,6 +27,9 @@ def _model(r: Recipe, src: Source) -> list[Problem]:
     if m.config is not None and not isinstance(m.config.get("model_type"), str):
         out.append(Problem("model.config.model_type", m.config.get("model_type"), "model.config needs a "
                            "model_type string (llama, qwen2, mistral, gpt2, ...)", src("model.config")))
+    if m.config and m.rope_scaling and ({"rope_scaling", "rope_parameters"} & set(m.config)):
+        out.append(Problem("model.rope_scaling", m.rope_scaling, "model.config sets its own RoPE settings too; give "
+                           "the scaling in one place", src("model.rope_scaling")))
     if m.config and not m.tokenizer:
         out.append(Problem("model.tokenizer", None, "a from-scratch model needs a tokenizer: 'byte', "
                            "a directory or a hub id", src("model.tokenizer")))
@@ -91,6 +94,20 @@ def _galore(r: Recipe, src: Source) -> list[Problem]:
                            "during backward, zero_stage 1 splits the GaLore state across ranks",
                            src("optimizer.galore.per_layer")))
     return out
+
+
+def _nonfinite(r: Recipe, src: Source) -> list[Problem]:
+    """Skipping a non-finite step needs an update that has not happened yet when it is found."""
+    if r.train.max_nonfinite_steps == 0 or r.precision.dtype == "fp16":
+        return []
+    key, why = "train.max_nonfinite_steps", ""
+    if r.optimizer.name.startswith("galore") and r.optimizer.galore.per_layer:
+        why = ("per-layer updates change each weight during backward, so a step cannot be skipped once its "
+               "gradients exist; set it to 0 (the run stops at the first NaN/inf loss, before its backward)")
+    elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0 and r.precision.dtype == "fp32":
+        why = ("DeepSpeed checks gradients for NaN/inf only in bf16 and fp16, so in fp32 it would apply them; use "
+               "precision.dtype: bf16, or set it to 0")
+    return [Problem(key, r.train.max_nonfinite_steps, why, src(key))] if why else []
 
 
 def _precision(r: Recipe, src: Source) -> list[Problem]:
@@ -203,7 +220,7 @@ def _adapter(r: Recipe, src: Source) -> list[Problem]:
     return out  # GaLore with adapters: refused by the GaLore rules
 
 
-RULES = (_model, _data, _optimizer, _precision, _distributed, _deepspeed, _adapter)
+RULES = (_model, _data, _optimizer, _nonfinite, _precision, _distributed, _deepspeed, _adapter)
 
 
 def cross_check(recipe: Recipe, src: Source) -> list[Problem]:

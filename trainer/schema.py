@@ -66,6 +66,9 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = setting("recompute activations in backward (non-reentrant) to save memory",
                                            False)
     attn_implementation: str | None = setting("transformers attention backend (eager, sdpa, flash_attention_2)")
+    rope_scaling: dict[str, Any] | None = setting("RoPE scaling applied on top of the model's own, to train longer "
+                                                  "sequences than max_position_embeddings, e.g. {rope_type: linear, "
+                                                  "factor: 2.0}", resume="must_match")
 
 
 class DataConfig(Section):
@@ -98,6 +101,9 @@ class TrainConfig(Section):
     global_batch_size: int | None = setting("sequences per optimizer step over all ranks", None, ge=1)
     eval_every_steps: int = setting("evaluate every N steps (0 = never)", 0, ge=0)
     eval_batches: int = setting("micro-batches per evaluation", 8, ge=1)
+    max_nonfinite_steps: int = setting("steps with a NaN/inf loss or gradient norm to skip before the run stops "
+                                       "(0: stop at the first, before its update; fp16 overflows follow "
+                                       "precision.max_consecutive_skips instead)", 0, ge=0)
 
 
 class PrecisionConfig(Section):
@@ -186,6 +192,8 @@ class WandbConfig(Section):
     name: str | None = setting("run name (default: the output directory's name)")
     mode: Literal["online", "offline", "disabled"] = setting("wandb mode", "online")
     tags: list[str] = setting("run tags", [])
+    require_online: bool = setting("fail instead of logging offline when wandb has no API key or cannot reach its "
+                                   "server", False)
 
 
 class LoggingConfig(Section):

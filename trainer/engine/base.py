@@ -7,7 +7,12 @@ Contract for the loop:
   loss tokens in the whole global batch); the engine makes the summed gradient come out right whatever its
   backend averages (DDP and ZeRO average over ranks, so they multiply by the world size).
 - `step()` does the optimizer step at the accumulation boundary: unscale (fp16), clip, step (or skip on
-  overflow), advance the LR schedule once, zero the gradients, and reports what happened.
+  overflow; outside fp16 a NaN/inf gradient norm is never applied either), advance the LR schedule once, zero
+  the gradients, and reports what happened.
+- `updates_in_backward` is true when weights change during backward (per-layer updates): the loop then checks
+  the loss before backward, since no step can be skipped afterwards.
+- `weights_finite()` is a collective (every rank calls it): whether every trainable weight is finite, checked
+  before a checkpoint is written.
 - `save(directory)` is called on every rank inside a checkpoint's temporary folder; each rank writes the
   state it owns (weights, optimizer, LR schedule position, loss scaler), in files that load with
   `weights_only=True` or safetensors. `load(directory)` restores it on every rank. The checkpoint module adds
@@ -48,6 +53,11 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self) -> StepResult: ...
+
+    @property
+    def updates_in_backward(self) -> bool: ...
+
+    def weights_finite(self) -> bool: ...
 
     def train(self, mode: bool = True) -> None: ...
 

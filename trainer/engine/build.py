@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, ContextManager
+from typing import ContextManager, Iterator
 
 from torch import nn
 
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
 from trainer.engine.native import NativeEngine
+from trainer.model import Gather
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.precision import Precision
@@ -30,15 +31,21 @@ def uses_deepspeed(run: ResolvedRun) -> bool:
     return d.engine == "deepspeed" and d.zero_stage > 0
 
 
-def model_init_context(run: ResolvedRun) -> ContextManager[Any]:
+@contextlib.contextmanager
+def _whole_parameters() -> Iterator[Gather]:
+    yield lambda params: contextlib.nullcontext()
+
+
+def model_init_context(run: ResolvedRun) -> ContextManager[Gather]:
     """Wraps model construction: an engine that partitions parameters at creation (ZeRO-3) enters its context
-    here, so the full model never materializes on one rank (partitions are made in the training dtype). The
-    native engine needs nothing."""
+    here, so the full model never materializes on one rank (partitions are made in the training dtype). It yields
+    how to make a module's parameters whole for a moment (model.initialize_by_name); the native engine's already
+    are."""
     if uses_deepspeed(run) and run.recipe.distributed.zero_stage == 3:
         from trainer.engine.deepspeed import zero3_init_context  # imported here: DeepSpeed is slow to import
 
         return zero3_init_context(run)
-    return contextlib.nullcontext()
+    return _whole_parameters()
 
 
 def build_engine(run: ResolvedRun, model: nn.Module, dist: DistInfo) -> Engine:

@@ -34,11 +34,13 @@ import torch.distributed as tdist
 from safetensors.torch import save_file
 from torch import nn
 
-from trainer.distributed import DistInfo, teardown
+from trainer.distributed import DistInfo, all_reduce_sum, teardown
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
+from trainer.engine.op_builds import prepare_builds
 from trainer.errors import CheckpointError, ConfigError, Problem, UnsafeFileError
+from trainer.model import Gather
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 from trainer.precision import SkipCounter
 from trainer.resolve import ResolvedRun
@@ -63,8 +65,9 @@ def extensions_dir() -> Path:
 
 
 def import_deepspeed() -> Any:
-    """deepspeed, imported after TORCH_EXTENSIONS_DIR is settled, with its INFO chatter quieted."""
-    extensions_dir()
+    """deepspeed, imported after TORCH_EXTENSIONS_DIR is settled and its stale build locks cleared, with its INFO
+    chatter quieted; builds of its C++ ops are reported while they run (engine/op_builds.py)."""
+    prepare_builds(extensions_dir())
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -117,16 +120,16 @@ def config_errors_as_recipe_errors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def zero3_init_context(run: ResolvedRun) -> Iterator[None]:
+def zero3_init_context(run: ResolvedRun) -> Iterator[Gather]:
     """Model construction under ZeRO-3: transformers sees a live `HfDeepSpeedConfig` and builds the model
     inside `deepspeed.zero.Init`, so each parameter is partitioned as soon as its module is built (from_config),
     or gathered one at a time while the checkpoint is read (from_pretrained). The full model never exists on
     one rank. Partitions are made in the training dtype (bf16/fp16 per the recipe): DeepSpeed does not cast a
     ZeRO-3 model later, and fp32 partitions under a bf16 config would silently train in fp32.
 
-    From scratch, transformers initializes the partitioned weights itself (module by module on rank 0) and skips
-    the layers' default init, so the random draws, though from the same distributions, are not the values a
-    ZeRO-1/2 or native run with the same seed gets. Runs from a saved model start from identical weights."""
+    It yields how to make a module's parameters whole for a moment: from scratch, model.initialize_by_name
+    initializes each module on rank 0 from a generator seeded by its name, so the weights equal those a native or
+    ZeRO-1/2 run with the same seed starts from."""
     import_deepspeed()
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -140,10 +143,17 @@ def zero3_init_context(run: ResolvedRun) -> Iterator[None]:
     with config_errors_as_recipe_errors():  # zero.Init parses the ZeRO section while the model is built
         keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, **config})  # transformers: weakref
         try:
-            yield
+            yield _gathered_on_rank0
         finally:
             unset_hf_deepspeed_config()
             del keep_alive
+
+
+def _gathered_on_rank0(params: list[nn.Parameter]) -> ContextManager[Any]:
+    """A partitioned module's parameters made whole on every rank; what rank 0 writes into them is kept."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 class ZeroEngine:
@@ -210,6 +220,16 @@ class ZeroEngine:
 
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        return False
+
+    def weights_finite(self) -> bool:
+        """This rank's share of every trainable weight (ZeRO-3: its partition), then summed over ranks."""
+        local = [getattr(p, "ds_tensor", p) for p in self.module.parameters() if p.requires_grad]
+        bad = sum(int(not torch.isfinite(t).all()) for t in local if t.numel())
+        return all_reduce_sum(bad, self.dist.device) == 0
 
     def lr(self) -> float:
         return float(self.ds.basic_optimizer.param_groups[0]["lr"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from pathlib import Path
 from typing import Any, ContextManager
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import adapters
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.optim import restore_schedule
 from trainer.optim.per_layer import PerLayerUpdates
@@ -75,7 +76,10 @@ class NativeEngine:
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf")))
         scale = self.precision.loss_scale
         lr = self.lr()
-        skipped = self.precision.step(self.optimizer)
+        if self.precision.scaler is None and not math.isfinite(norm):
+            skipped = True  # never applied; the loop stops the run or counts the step (train.max_nonfinite_steps)
+        else:
+            skipped = self.precision.step(self.optimizer)
         self.scheduler.step()
         # under DDP the gradients are bucket views: zeroing them in place keeps them views (freeing them would
         # make the next accumulation micro-steps build fresh tensors beside the buckets)
@@ -95,6 +99,14 @@ class NativeEngine:
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        return self.per_layer is not None
+
+    def weights_finite(self) -> bool:
+        bad = sum(int(not torch.isfinite(p).all()) for p in self.module.parameters() if p.requires_grad)
+        return all_reduce_sum(bad, self.dist.device) == 0
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
