@@ -1,5 +1,5 @@
 """LoRA / QLoRA on the real libraries: bitsandbytes' CPU backend (NF4, double quant, LLM.int8, 8-bit optimizers)
-and peft, on a tiny Llama and a tiny Qwen2 saved to disk with the byte tokenizer, trained on the shared Alpaca
+and peft, on a tiny Llama and a tiny Qwen2 saved to disk with the byte tokenizer, trained on the generated Alpaca-style
 data (prompt masked). Nothing is mocked; no test needs a GPU except the one marked `gpu`."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def adapter_run(base: Path, adapter: AdapterConfig, precision: str, seed: int = 
 def recipe_args(out: Path, base: Path, data: Path, *extra: str, steps: int = 8) -> list[str]:
     """QLoRA on Alpaca over a saved base, as overrides of the quickstart recipe."""
     return [f"output_dir={out}", "model.config=null", f"model.name_or_path={base}", "model.tokenizer=null",
-            f"data.source={data / 'alpaca_en_demo.json'}", "data.format=alpaca", "data.seq_len=256",
+            f"data.source={data / 'alpaca_tasks.json'}", "data.format=alpaca", "data.seq_len=256",
             "data.max_documents=200",
             "data.eval_fraction=0", "train.eval_every_steps=0", f"train.max_steps={steps}",
             "train.micro_batch_size=2", "precision.dtype=bf16", "adapter.type=qlora", "adapter.rank=8",
@@ -183,10 +183,10 @@ def _bad(base: Path, data: Path) -> list[tuple[list[str], str, str]]:
     ]
 
 
-def test_validation_rejects_bad_adapter_settings(llama_base: Path, shared_data: Path,
+def test_validation_rejects_bad_adapter_settings(llama_base: Path, data_dir: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    base_args = recipe_args(Path("unused"), llama_base, shared_data)
-    for overrides, key, advice in _bad(llama_base, shared_data):
+    base_args = recipe_args(Path("unused"), llama_base, data_dir)
+    for overrides, key, advice in _bad(llama_base, data_dir):
         code = main(["validate", str(QUICKSTART), *base_args, *overrides])
         err = capsys.readouterr().err
         assert code == 2, overrides

@@ -1,6 +1,6 @@
 """LoRA / QLoRA training end to end on the real libraries (bitsandbytes' CPU backend, peft): a QLoRA run on the
-shared Alpaca data, its checkpoint and exports, SIGKILL resume, DDP, QDoRA on a second family, and the paged
-optimizer on a GPU. The tiny models, the data and the helpers are tests/test_adapters.py's."""
+generated Alpaca-style data (tests/data), its checkpoint and exports, SIGKILL resume, DDP, QDoRA on a second family,
+and the paged optimizer on a GPU. The tiny models, the data and the helpers are tests/test_adapters.py's."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import LLAMA, QUICKSTART, QWEN2, SHARED_DATA, read_metrics, run_cli
+from tests.conftest import LLAMA, QUICKSTART, QWEN2, TEST_DATA, read_metrics, run_cli
 from tests.test_adapters import linear_weights, logits_of, lora_formula, qlora, recipe_args
 from trainer import adapters
 from trainer.adapters.merge import load_base
@@ -49,7 +49,7 @@ def snapshot_frozen(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def qlora_run(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> dict[str, Any]:
     """8 QLoRA steps on Alpaca in this process, with the model's state before and after."""
     out = tmp_path_factory.mktemp("qlora") / "run"
-    cfg = resolve(QUICKSTART, recipe_args(out, llama_base, SHARED_DATA, steps=8))
+    cfg = resolve(QUICKSTART, recipe_args(out, llama_base, TEST_DATA, steps=8))
     with distributed_context() as dist:
         run = setup(cfg, dist)
         model = run.engine.module
@@ -159,20 +159,20 @@ def cli_args(out: Path, base: Path, data: Path, *extra: str) -> list[str]:
 def single_ref(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> Path:
     """One uninterrupted process, micro-batch 2: the reference of the resume and the DDP tests."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    ok(run_cli(cli_args(out, llama_base, SHARED_DATA)))
+    ok(run_cli(cli_args(out, llama_base, TEST_DATA)))
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sigkill_then_resume_is_exact_on_qlora(tmp_path: Path, llama_base: Path, shared_data: Path,
+def test_sigkill_then_resume_is_exact_on_qlora(tmp_path: Path, llama_base: Path, data_dir: Path,
                                                single_ref: Path) -> None:
     """Adapter, paged_adamw8bit state, LR schedule and mid-epoch data position: all restored bitwise."""
     out = tmp_path / "run"
-    killed = run_cli(cli_args(out, llama_base, shared_data), env={"TRAINER_FAULT": "sigkill@5"})
+    killed = run_cli(cli_args(out, llama_base, data_dir), env={"TRAINER_FAULT": "sigkill@5"})
     assert killed.returncode != 0
     assert [s for s, _ in complete_checkpoints(out)] == [2, 4]
-    resumed = ok(run_cli(cli_args(out, llama_base, shared_data)))
+    resumed = ok(run_cli(cli_args(out, llama_base, data_dir)))
     assert "resume: auto picked step-000004" in resumed.stderr
     assert resumed.stderr.count("paged_adamw8bit: paging needs CUDA") == 1
     assert losses_by_step(out) == losses_by_step(single_ref)  # bitwise: == on floats
@@ -185,11 +185,11 @@ def test_sigkill_then_resume_is_exact_on_qlora(tmp_path: Path, llama_base: Path,
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_ddp_qlora_matches_one_process_with_doubled_micro_batch(tmp_path: Path, llama_base: Path,
-                                                                shared_data: Path, single_ref: Path) -> None:
+                                                                data_dir: Path, single_ref: Path) -> None:
     """2 ranks x micro-batch 1 == 1 rank x micro-batch 2 (the same global batch of 2 sequences). Not bitwise:
     bf16 matmuls over other batch shapes round differently. Measured: losses within 6e-5, LoRA B within 1% after
     6 steps (Adam amplifies tiny gradient differences in near-zero entries); asserted: 5e-4 and 3%."""
-    ok(run_cli(cli_args(tmp_path, llama_base, shared_data, "train.micro_batch_size=1"), nproc=2))
+    ok(run_cli(cli_args(tmp_path, llama_base, data_dir, "train.micro_batch_size=1"), nproc=2))
     two, one = losses_by_step(tmp_path), losses_by_step(single_ref)
     assert sorted(two) == sorted(one) == list(range(1, 7))
     worst = max(abs(two[s] - one[s]) for s in one)
@@ -203,7 +203,7 @@ def test_ddp_qlora_matches_one_process_with_doubled_micro_batch(tmp_path: Path, 
 @pytest.mark.slow
 def test_qdora_on_qwen2_trains(tmp_path: Path, qwen_base: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A second family (Qwen2: GQA, q/k/v biases) with DoRA on 4-bit weights and the 8-bit optimizer."""
-    cfg = resolve(QUICKSTART, recipe_args(tmp_path, qwen_base, SHARED_DATA, "adapter.use_dora=true",
+    cfg = resolve(QUICKSTART, recipe_args(tmp_path, qwen_base, TEST_DATA, "adapter.use_dora=true",
                                               "adapter.target_modules=[q_proj, v_proj]", "optimizer.name=adamw8bit",
                                               "model.tokenizer=byte", steps=5))
     with caplog.at_level(logging.INFO, logger="trainer.model"), distributed_context() as dist:
@@ -220,10 +220,10 @@ def test_qdora_on_qwen2_trains(tmp_path: Path, qwen_base: Path, caplog: pytest.L
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: paging and CUDA 4-bit kernels")
-def test_qlora_on_gpu_pages_the_optimizer(tmp_path: Path, llama_base: Path, shared_data: Path) -> None:
+def test_qlora_on_gpu_pages_the_optimizer(tmp_path: Path, llama_base: Path, data_dir: Path) -> None:
     """GPU only (paged optimizers need CUDA unified memory): the quantized base lives on the GPU, the 8-bit
     optimizer state is paged, and the loss falls."""
-    cfg = resolve(QUICKSTART, recipe_args(tmp_path, llama_base, shared_data, "optimizer.name=paged_adamw8bit",
+    cfg = resolve(QUICKSTART, recipe_args(tmp_path, llama_base, data_dir, "optimizer.name=paged_adamw8bit",
                                               steps=6))
     with distributed_context() as dist:
         run = setup(cfg, dist)

@@ -19,13 +19,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tests.conftest import TEST_DATA
 from trainer.data import Batch, DataPosition, TrainData, read_stdlib
 from trainer.errors import DataError
 from trainer.schema import DataConfig
 from trainer.tokenizer import byte_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA}")
+DATA = TEST_DATA
 EOS = 258
 END = "<|im_end|>"
 
@@ -74,10 +74,9 @@ def cat(batches: list[Batch]) -> Batch:
 
 # ------------------------------------------------------------------------------------------------ text
 
-@needs_data
 def test_txt_packing_is_the_tokenized_stream_cut_into_blocks(tok: Any) -> None:
-    data = make(tok, source=str(DATA / "tinyshakespeare.txt"), seq_len=64, max_documents=300)
-    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    data = make(tok, source=str(DATA / "shakespeare.txt"), seq_len=64, max_documents=300)
+    text = (DATA / "shakespeare.txt").read_text(encoding="utf-8")
     docs = [p.strip("\n") for p in text.split("\n\n") if p.strip()][:300]
     stream = [t for doc in docs for t in [*doc.encode("utf-8"), EOS]]
     n = len(stream) // 64
@@ -106,12 +105,11 @@ def test_a_literal_eos_string_inside_a_document_is_text(tok: Any, tmp_path: Path
     assert data._train.ids[0].tolist() == [*b"a</s>b", EOS, ord("c")]
 
 
-@needs_data
 def test_c4_jsonl_and_a_wrong_text_field(tok: Any) -> None:
-    data = make(tok, source=str(DATA / "c4_demo.jsonl"), seq_len=128, max_documents=20)
+    data = make(tok, source=str(DATA / "docs.jsonl"), seq_len=128, max_documents=20)
     assert data.summary["documents"] == 20 and data.summary["dropped"] == 0
-    with pytest.raises(DataError, match=r"data.text_field = 'body'.*fields: text"):
-        make(tok, source=str(DATA / "c4_demo.jsonl"), seq_len=128, text_field="body")
+    with pytest.raises(DataError, match=r"data.text_field = 'body'.*fields: id, text"):
+        make(tok, source=str(DATA / "docs.jsonl"), seq_len=128, text_field="body")
 
 
 def test_directory_of_files_in_path_order(tok: Any, tmp_path: Path) -> None:
@@ -128,10 +126,9 @@ def test_directory_of_files_in_path_order(tok: Any, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- SFT labels
 
-@needs_data
 def test_alpaca_labels_are_exactly_the_outputs(tok: Any) -> None:
-    rows = json.loads((DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:40]
-    data = make(tok, source=str(DATA / "alpaca_en_demo.json"), format="alpaca", seq_len=4096, packing=False,
+    rows = json.loads((DATA / "alpaca_tasks.json").read_text(encoding="utf-8"))[:40]
+    data = make(tok, source=str(DATA / "alpaca_tasks.json"), format="alpaca", seq_len=4096, packing=False,
                 max_documents=40)
     assert data.summary["dropped"] == 0 and data.num_train_samples == 40
     for row, ids, labels in zip(rows, data._train.ids, data._train.labels):
@@ -142,10 +139,9 @@ def test_alpaca_labels_are_exactly_the_outputs(tok: Any) -> None:
         assert reply_text(tok, ids, labels) == row["output"] + END
 
 
-@needs_data
 def test_sharegpt_tool_chats_train_on_replies_and_calls_only(tok: Any) -> None:
-    rows = json.loads((DATA / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))[:25]
-    data = make(tok, source=str(DATA / "glaive_toolcall_en_demo.json"), format="chat", seq_len=16384,
+    rows = json.loads((DATA / "sharegpt_tools.json").read_text(encoding="utf-8"))[:25]
+    data = make(tok, source=str(DATA / "sharegpt_tools.json"), format="chat", seq_len=16384,
                 packing=False, max_documents=25)
     assert data.summary["dropped"] == 0
     for row, ids, labels in zip(rows, data._train.ids, data._train.labels):

@@ -115,7 +115,7 @@ def test_every_checkpoint_damaged_refuses_then_force_moves_them_aside(tmp_path: 
         damage(ckpt)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".log"}
     refused = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, "checkpoint.every_steps=2", steps=8)])
-    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert refused.returncode == 2, refused.stderr[-3000:]
     for ckpt in ckpts:
         assert f"{ckpt}: file model.safetensors does not match its checksum" in refused.stderr
     assert "--force" in refused.stderr and "Traceback" not in refused.stderr
@@ -130,7 +130,7 @@ def test_every_checkpoint_damaged_refuses_then_force_moves_them_aside(tmp_path: 
 def test_resume_never_over_an_earlier_runs_checkpoints_refuses(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
     proc = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, "checkpoint.resume=never", steps=2)])
-    assert proc.returncode == 1 and "checkpoint.resume=never" in proc.stderr and "--force" in proc.stderr
+    assert proc.returncode == 2 and "checkpoint.resume=never" in proc.stderr and "--force" in proc.stderr
     assert (tmp_path / "checkpoints" / "step-000004").is_dir()
 
 

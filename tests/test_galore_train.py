@@ -235,10 +235,10 @@ def test_resume_8bit_per_layer_between_refreshes_is_bitwise_exact(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_loss_within_10_percent_of_adamw_on_shakespeare(tmp_path: Path, shared_data: Path) -> None:
+def test_loss_within_10_percent_of_adamw_on_shakespeare(tmp_path: Path, data_dir: Path) -> None:
     """Same model, data, steps and learning rate; GaLore at rank hidden/4 (16 of 64). The loss is the mean
     of the last 5 steps."""
-    common = [f"data.source={shared_data / 'tinyshakespeare.txt'}", "data.max_bytes=10000000", "data.seq_len=128",
+    common = [f"data.source={data_dir / 'shakespeare.txt'}", "data.max_bytes=10000000", "data.seq_len=128",
               "train.micro_batch_size=8", "model.config.intermediate_size=176", "optimizer.lr=3e-3",
               "optimizer.warmup_steps=5", "optimizer.galore.update_gap=20"]
     final = {}

@@ -51,7 +51,7 @@ def test_token_loss_sum_ignores_masked_and_shifts() -> None:
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("data", ["text", "alpaca"])
 def test_grad_accumulation_matches_big_batch(tmp_path: Path, data: str, optimizer: str,
-                                             shared_data: Path) -> None:
+                                             data_dir: Path) -> None:
     """micro 1 x accum 4 == micro 4 x accum 1 after one step: the loss is the mean over all tokens of the
     step, not a mean of micro-batch means (which would differ for alpaca rows of different lengths).
     SGD makes the update proportional to the gradient, so a wrong weighting cannot hide behind Adam's
@@ -59,7 +59,7 @@ def test_grad_accumulation_matches_big_batch(tmp_path: Path, data: str, optimize
     lr = "1e-4" if optimizer == "adamw" else "0.5"
     extra = ["precision.dtype=fp32", f"optimizer.name={optimizer}", f"optimizer.lr={lr}", "optimizer.grad_clip=null"]
     if data == "alpaca":
-        extra += [f"data.source={shared_data / 'alpaca_en_demo.json'}", "data.format=alpaca",
+        extra += [f"data.source={data_dir / 'alpaca_tasks.json'}", "data.format=alpaca",
                   "data.packing=false", "data.seq_len=256", "data.max_documents=24"]
     big = params_after(tiny(tmp_path / "big", *extra, "train.micro_batch_size=4", "train.grad_accum_steps=1",
                             steps=1))

@@ -93,9 +93,9 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("combo", list(ADAPTER))
-def test_adapter_states_match_plan(tmp_path: Path, combo: str, base: Path, shared_data: Path) -> None:
+def test_adapter_states_match_plan(tmp_path: Path, combo: str, base: Path, data_dir: Path) -> None:
     cfg = resolve(QUICKSTART, tiny(tmp_path / "run", "model.config=null", f"model.name_or_path={base}",
-                                       "model.tokenizer=null", f"data.source={shared_data / 'alpaca_en_demo.json'}",
+                                       "model.tokenizer=null", f"data.source={data_dir / 'alpaca_tasks.json'}",
                                        "data.format=alpaca", "data.seq_len=256", "data.max_documents=40",
                                        *ADAPTER[combo], "checkpoint.save_final=false", steps=1))
     check(cfg, combo)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,19 +21,10 @@ from trainer.logs import FILE_ONLY, setup_console
 
 log = logging.getLogger("trainer")
 
-USAGE = """python -m trainer VERB ...
-
-verbs:
-  train      train with a recipe (one process, or one of many under torchrun)
-  validate   check a recipe and its overrides without building anything; print the resolved recipe
-  plan       predict the memory per GPU before launch, and what to change if it does not fit
-  export     write a Hugging Face model directory from a run or checkpoint
-  schema     print the recipe's JSON Schema (or, with --markdown, the README's table of keys)
-
-python -m trainer VERB --help shows a verb's arguments. Overrides are dotted keys after the recipe, parsed as YAML
-scalars; `null` clears a value:
+EPILOG = """python -m trainer VERB --help shows a verb's arguments. Overrides are dotted keys after the recipe,
+parsed as YAML scalars; `null` clears a value (back to its default):
   python -m trainer train recipes/quickstart.yaml train.max_steps=50 optimizer.lr=3e-4
-  torchrun --nproc_per_node=2 -m trainer train recipes/quickstart.yaml
+  torchrun --nproc_per_node=2 -m trainer train recipes/quickstart.yaml output_dir=runs/quickstart-2ranks
 """
 
 
@@ -41,9 +34,9 @@ def _recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", usage=USAGE, add_help=True,
-                                description="Memory-efficient LLM training from a YAML recipe.")
-    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    p = argparse.ArgumentParser(prog="python -m trainer", description="Memory-efficient LLM training from a YAML "
+                                "recipe.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", metavar="VERB", title="verbs")
     t = sub.add_parser("train", help="train with a recipe", description="Train with a recipe (one process, or one "
                        "of many under torchrun).")
     _recipe_arguments(t)
@@ -60,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     _recipe_arguments(s)
     s.add_argument("--world-size", type=int, default=None, help="number of GPUs (default: WORLD_SIZE or 1)")
     s.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB (default 24GiB)")
+    s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for the CPU memory an offloaded "
+                   "plan needs per node (default 8, at most the world size)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint",
                        description="Write a Hugging Face directory (config, safetensors, tokenizer) from a run's "
@@ -121,22 +116,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
     p = full_plan(run, parse_size(args.gpu_memory))
-    print(as_json(p) if args.json else render(p, args.recipe))
+    print(as_json(p) if args.json else render(p, args.recipe, args.gpus_per_node))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.distributed import env_rank
-    from trainer.logs import add_run_log
     from trainer.loop import train
     from trainer.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args), make_output=True)
-    add_run_log(run.output_dir, env_rank())
     summary = train(run, force=args.force)
     if env_rank() != 0:
         return 0
-    if summary.preempted:
+    if summary.already_done:
+        print(f"already at step {summary.steps} of {run.recipe.train.max_steps} in {summary.output_dir}: nothing "
+              "to do; raise train.max_steps to continue")
+    elif summary.preempted:
         print(f"stopped at step {summary.steps} (Ctrl-C, SIGTERM or SIGUSR1); checkpoint saved in "
               f"{summary.output_dir}/checkpoints; run the same command to continue")
     else:
@@ -179,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.verb](args)
     except TrainerError as e:
-        return fail(str(e), e.exit_code)
+        return fail(str(e), e.exit_code, on_every_rank=e.on_every_rank)
     except KeyboardInterrupt:
         return fail("interrupted (Ctrl-C) before training started; nothing was saved", EXIT_INTERRUPTED)
     except OSError as e:  # a path, permission, full disk: the user's to fix, with the path in the message
@@ -191,11 +187,21 @@ def main(argv: list[str] | None = None) -> int:
                     "the output directory", EXIT_RUNTIME)
 
 
-def fail(message: str, code: int) -> int:
-    """One screen on the console; the traceback behind it goes to the run's log file (for bug reports)."""
-    print(f"error: {message}", file=sys.stderr)
+def fail(message: str, code: int, on_every_rank: bool = False) -> int:
+    """One screen on the console (under torchrun, an error every rank raised is shown by rank 0 only); the
+    traceback behind it goes to the run's log file, for bug reports; torchrun's own failure summary gets the
+    message (its error file), not a traceback."""
+    from trainer.distributed import elastic_error_file, env_rank
+
+    if env_rank() == 0 or not on_every_rank:
+        print(f"error: {message}", file=sys.stderr)
     if sys.exc_info()[0] is not None:
         log.error("traceback of: %s", message.splitlines()[0], exc_info=True, extra=FILE_ONLY)
+    error_file = elastic_error_file()
+    if error_file:
+        summary = {"message": f"exit {code}: {message}", "extraInfo": {"py_callstack": message,
+                                                                       "timestamp": str(int(time.time()))}}
+        Path(error_file).write_text(json.dumps({"message": summary}), encoding="utf-8")
     return code
 
 

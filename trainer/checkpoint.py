@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from trainer.data import DataPosition
 from trainer.distributed import DistInfo, barrier, broadcast_object, gather_objects
 from trainer.engine.base import Engine
-from trainer.errors import CheckpointError, os_error_message
+from trainer.errors import EXIT_RECIPE, CheckpointError, os_error_message
 from trainer.faults import Faults
 from trainer.recipe import to_yaml
 from trainer.safeio import fsync_dir, fsync_file, load_tensors, save_tensors, sha256, write_json
@@ -55,6 +55,12 @@ class TrainState:
     tokens: int = 0
     position: DataPosition = field(default_factory=DataPosition)
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm (train.max_nonfinite_steps)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def checkpoints_root(output_dir: Path) -> Path:
@@ -105,6 +111,23 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
             continue
         found.append((step, p))
     return found
+
+
+def step_to_resume(output_dir: Path, resume: str) -> int | None:
+    """The step the checkpoint `checkpoint.resume` points at was saved at (its manifest's sizes checked, not its
+    checksums), or None when a run would start from scratch: a cheap look before anything is built."""
+    if resume == "never":
+        return None
+    path = output_dir if resume == "auto" else Path(resume).expanduser()
+    if not (path / MANIFEST).is_file():
+        done = complete_checkpoints(path)
+        if not done:
+            return None
+        path = done[-1][1]
+    try:
+        return int(json.loads((path / STATE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError):
+        return None  # choose() reports what is wrong with it
 
 
 def move_aside(output_dir: Path) -> Path:
@@ -194,7 +217,8 @@ class Checkpointer:
         barrier()
         if not engine.weights_finite():  # every rank: a collective inside, so all refuse together
             raise CheckpointError(f"refusing to save step {state.step}: the model's weights hold NaN or inf values "
-                                  f"(the last good checkpoint, {self.last_good or 'none yet'}, is kept)")
+                                  f"(the last good checkpoint, {self.last_good or 'none yet'}, is kept)",
+                                  on_every_rank=True)
         self._agree(state.step, tmp, self._write_files, engine, tmp, state)
         size = self._agree(state.step, tmp, self._commit_on_main, tmp, final, state.step)
         if self.dist.is_main:
@@ -229,7 +253,7 @@ class Checkpointer:
                 f"could not write the checkpoint of step {step} ({'; '.join(map(str, failures))[:600]}); "
                 f"{free / 1e9:.1f} GB free in {self.output_dir}. The partial checkpoint was removed; the last good "
                 f"one, {self.last_good or 'none yet'}, is intact, and `resume: auto` continues from it once the "
-                "problem is fixed")
+                "problem is fixed", on_every_rank=True)
         return result
 
     def _write_run_files(self, tmp: Path, state: TrainState) -> None:
@@ -244,7 +268,9 @@ class Checkpointer:
         if not self.dist.is_main:
             return 0
         files = {}
+        mode = 0o666 & ~_umask()  # what a plain open() gives: some writers create files readable only by us
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            f.chmod(mode)
             fsync_file(f)
             files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": sha256(f)}
         for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
@@ -289,8 +315,8 @@ class Checkpointer:
             except CheckpointError as e:  # every rank must raise it, not wait in the broadcast below
                 choice = e
         choice = broadcast_object(choice)  # type: ignore[assignment]
-        if isinstance(choice, CheckpointError):
-            raise choice
+        if isinstance(choice, CheckpointError):  # the resume cannot go ahead as configured: a setup problem
+            raise CheckpointError(str(choice), on_every_rank=True, exit_code=EXIT_RECIPE)
         return choice
 
     def _choose_on_main(self) -> Path | None:
@@ -365,6 +391,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot resume from {path}: the run differs from the one that saved it:\n"
                 + "\n".join(f"  - {line}" for line in blocking)
-                + "\nrestore those settings, start a new output_dir, or set checkpoint.resume=never")
+                + "\nrestore those settings, start a new output_dir, or set checkpoint.resume=never",
+                on_every_rank=True, exit_code=EXIT_RECIPE)
         for line in allowed:
             log.warning("resuming with a changed setting: %s", line)

@@ -51,6 +51,11 @@ def job_id() -> str:
     return os.environ.get("TORCHELASTIC_RUN_ID", "")
 
 
+def elastic_error_file() -> str | None:
+    """Where torchrun wants a failing worker to describe its error (TORCHELASTIC_ERROR_FILE), if it does."""
+    return os.environ.get("TORCHELASTIC_ERROR_FILE") or None
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this job (TORCHELASTIC_RESTART_COUNT; 0 for the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -61,15 +61,26 @@ class Problem:
 
 
 class TrainerError(Exception):
-    """An error the user can fix; str() is the whole message."""
+    """An error the user can fix; str() is the whole message. `on_every_rank`: every rank of a job raises the same
+    one (the ranks agreed on it), so under torchrun only rank 0 shows it. `exit_code` may be given per error."""
 
     exit_code = EXIT_RUNTIME
+    on_every_rank = False
+
+    def __init__(self, message: str = "", *, on_every_rank: bool | None = None, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if on_every_rank is not None:
+            self.on_every_rank = on_every_rank
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class ConfigError(TrainerError):
-    """A recipe with problems; str() is the one-screen message shown to the user."""
+    """A recipe with problems; str() is the one-screen message shown to the user. Every rank resolves the same
+    recipe, so every rank finds the same problems."""
 
     exit_code = EXIT_RECIPE
+    on_every_rank = True
 
     def __init__(self, problems: list[Problem], origin: str = "recipe") -> None:
         self.problems = problems
@@ -92,11 +103,15 @@ class UnsafeFileError(TrainerError):
 
 
 class LossScaleCollapsed(TrainerError):
-    """fp16 overflowed on too many consecutive steps."""
+    """fp16 overflowed on too many consecutive steps (the ranks share one loss scale)."""
+
+    on_every_rank = True
 
 
 class TrainingDiverged(TrainerError):
-    """The loss or the gradient norm became NaN or inf (outside fp16's loss scaling)."""
+    """The loss or the gradient norm became NaN or inf (outside fp16's loss scaling); decided on global numbers."""
+
+    on_every_rank = True
 
 
 def os_error_message(e: OSError) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.merge import write_adapter_export
@@ -22,6 +23,7 @@ from trainer.checkpoint import MANIFEST, complete_checkpoints, read_manifest
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE
 from trainer.errors import CheckpointError
+from trainer.inference import for_inference
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +93,12 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
         write_adapter_export(ckpt, tmp, merge=merge, dtype=torch_dtype(dtype))
     else:
         config = AutoConfig.from_pretrained(ckpt / "hf")
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with no_init_weights():  # every weight comes from the checkpoint
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.tie_weights()
         load_model(model, str(ckpt / MODEL_FILE))
         model.to(torch_dtype(dtype))
-        model.save_pretrained(tmp, safe_serialization=True)
+        for_inference(model).save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     (tmp / EXPORT_MARKER).write_text(f"exported from {ckpt}\n", encoding="utf-8")
     if out.exists():

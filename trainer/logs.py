@@ -37,7 +37,7 @@ def log_file(output_dir: Path, rank: int) -> Path:
 def add_run_log(output_dir: Path, rank: int) -> Path:
     """Append this rank's messages to its file in output_dir, at the console's level."""
     path = log_file(output_dir, rank)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # no file until there is something to say
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     logging.getLogger().addHandler(handler)
     return path

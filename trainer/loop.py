@@ -8,28 +8,30 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpoint import Checkpointer, TrainState, step_to_resume
 from trainer.data import Batch, TrainData
-from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, distributed_context, job_id,
-                                 restart_count)
+from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
+                                 distributed_context, job_id, restart_count)
 from trainer.engine.base import Engine, StepResult
 from trainer.engine.build import build_engine, model_init_context
 from trainer.faults import Faults
+from trainer.logs import add_run_log
 from trainer.loss import token_loss_sum
 from trainer.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
-from trainer.model import build_model
+from trainer.model import build_model, save_model_files
 from trainer.precision import NonFiniteSteps
 from trainer.preemption import PreemptionFlag
 from trainer.preflight import check_disk, check_memory
 from trainer.recipe import to_yaml
 from trainer.resolve import ResolvedRun
 from trainer.run_lock import output_dir_lock
-from trainer.tokenizer import build_tokenizer
+from trainer.tokenizer import build_tokenizer, settle_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Summary:
     seconds: float
     output_dir: str
     preempted: bool = False
+    already_done: bool = False  # the run had reached train.max_steps before this start: nothing was touched
 
 
 def seed_everything(seed: int) -> None:
@@ -79,12 +82,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _asset_writer(model: nn.Module, tokenizer: object):  # type: ignore[no-untyped-def]
-    """What a checkpoint needs to be exported without the recipe's sources: model config and tokenizer."""
-    def write(path: Path) -> None:
-        model.config.save_pretrained(path)
-        tokenizer.save_pretrained(path)  # type: ignore[attr-defined]
-    return write
+def _asset_writer(model: nn.Module, tokenizer: Any) -> Callable[[Path], None]:
+    """What a checkpoint needs to be exported without the recipe's sources (model.save_model_files)."""
+    return lambda path: save_model_files(model, tokenizer, path)
 
 
 def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Training:
@@ -96,6 +96,9 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     faults = Faults.from_environment(dist.rank, restart_count())
     wandb_run = start_wandb(r.logging, out, r.model_dump()) if dist.is_main else None  # before the heavy work
     tokenizer = build_tokenizer(r.model)
+    template = settle_chat_template(tokenizer, r.data)
+    if template:
+        log.info("chat template: %s", template)
     data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps)
     with model_init_context(run) as gathered:
@@ -214,14 +217,14 @@ def train(run: ResolvedRun, *, force: bool = False) -> Summary:
     the memory plan against the GPU (rank 0 decides for all), build, resume, train."""
     d = run.recipe.distributed
     with distributed_context(d.backend, d.timeout_s) as dist, output_dir_lock(run.output_dir, dist, job_id()):
+        done = step_to_resume(run.output_dir, run.recipe.checkpoint.resume) if dist.is_main else None
+        done = broadcast_object(done)  # type: ignore[assignment]
+        if done is not None and done >= run.recipe.train.max_steps:
+            return Summary(done, math.nan, math.nan, 0, 0.0, run.recipe.output_dir, already_done=True)
+        add_run_log(run.output_dir, dist.rank)
         check_memory(run, dist, force)
         check_disk(run, dist)
         t = setup(run, dist, start_over=force)
-        max_steps = run.recipe.train.max_steps
-        if t.state.step >= max_steps:
-            log.warning("nothing to train: the run in %s is already at step %d (train.max_steps=%d); raise "
-                        "train.max_steps to continue it, or use a new output_dir", run.output_dir, t.state.step,
-                        max_steps)
         try:
             with t.preemption:
                 summary = run_loop(t)

@@ -23,11 +23,12 @@ import contextlib
 import copy
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from trainer import adapters
@@ -73,6 +74,18 @@ def initialize_by_name(model: nn.Module, seed: int, gathered: Gather = _no_gathe
             for p, target in zip(own, storage):
                 target.copy_(p.data)  # cast to the parameter's own dtype and device, in its own tensor
                 p.data = target
+
+
+def save_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """What a checkpoint needs to be exported or used without the recipe's sources (its `hf/`): the model's config
+    and generation config with inference defaults, and the tokenizer (with the chat template the run used)."""
+    config = copy.deepcopy(model.config)
+    config.use_cache = True
+    config.save_pretrained(path)
+    generation = copy.deepcopy(getattr(model, "generation_config", None)) or GenerationConfig.from_model_config(config)
+    generation.use_cache = True
+    generation.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None,

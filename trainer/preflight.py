@@ -21,13 +21,16 @@ GiB = 2**30
 
 
 class DoesNotFit(TrainerError):
-    """The memory plan predicts more than the GPU has free."""
+    """The memory plan predicts more than the GPU has free (rank 0 decides for every rank)."""
 
     exit_code = EXIT_RECIPE
+    on_every_rank = True
 
 
 class DiskTooSmall(TrainerError):
-    """The output directory has less free space than one checkpoint needs."""
+    """The output directory has less free space than one checkpoint needs (rank 0 decides for every rank)."""
+
+    on_every_rank = True
 
 
 def _verdict(run: ResolvedRun, dist: DistInfo, force: bool) -> str | None:

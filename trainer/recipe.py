@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from trainer.errors import CheckpointError, Problem, show_value
-from trainer.schema import Recipe, Section
+from trainer.schema import Recipe, Section, field_at
 
 MAX_RECIPE_BYTES = 4 * 2**20
 MAX_ALIASES = 100
@@ -138,8 +138,15 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]
     return parsed, problems
 
 
+def _takes_null(key: str) -> bool:
+    """Whether the schema's key accepts null (unknown keys are left for typing to report)."""
+    info = field_at(key)
+    return info is None or type(None) in typing.get_args(info.annotation)
+
+
 def apply_overrides(raw: dict[str, Any], parsed: dict[str, Any]) -> list[Problem]:
-    """Set each dotted key in `raw` (in place), creating sections as needed."""
+    """Set each dotted key in `raw` (in place), creating sections as needed. `key=null` on a key that takes no null
+    clears it: the schema's default applies."""
     problems = []
     for key, value in parsed.items():
         parts = key.split(".")
@@ -153,7 +160,10 @@ def apply_overrides(raw: dict[str, Any], parsed: dict[str, Any]) -> list[Problem
                 break
             node = child
         else:
-            node[parts[-1]] = value
+            if value is None and not _takes_null(key):
+                node.pop(parts[-1], None)
+            else:
+                node[parts[-1]] = value
     return problems
 
 

@@ -199,7 +199,8 @@ def _scaled(config: Any, rope_scaling: dict[str, Any] | None) -> Any:
     return arch.with_rope_scaling(config, rope_scaling) if rope_scaling else config
 
 
-def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, src: Sources) -> list[Problem]:
+def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, src: Sources,
+                           meta_model: Any = None) -> list[Problem]:
     """Rules that need the model's shapes."""
     out = []
     limit = arch.max_positions(config)
@@ -220,16 +221,16 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
         out += [Problem("adapter.target_modules", r.adapter.target_modules, why, src("adapter.target_modules"))
                 for why in target_problems(r.adapter, config)]
     if r.optimizer.name.startswith("galore"):
-        out += _galore_target_problems(r, config, src)
+        out += _galore_target_problems(r, config, src, meta_model)
     return out
 
 
-def _galore_target_problems(r: Recipe, config: Any, src: Sources) -> list[Problem]:
+def _galore_target_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
     from trainer.adapters.targets import meta_model
     from trainer.optim.galore_groups import select_targets
 
     g = r.optimizer.galore
-    model = meta_model(config)
+    model = model if model is not None else meta_model(config)
     try:
         targets, small = select_targets(model, g.target_modules, g.rank)
     except ValueError as e:
@@ -247,9 +248,10 @@ def _galore_target_problems(r: Recipe, config: Any, src: Sources) -> list[Proble
 
 def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Sources(),
                    problems: list[Problem] | None = None, origin: str = "recipe", architecture_config: Any = None,
-                   make_output: bool = False, recipe_path: str | None = None) -> ResolvedRun:
+                   meta_model: Any = None, make_output: bool = False, recipe_path: str | None = None) -> ResolvedRun:
     """Resolve a typed recipe; ConfigError listing every problem (including `problems` found before). A plan's
-    suggestions pass the architecture they already have (`architecture_config`): they never change the model."""
+    suggestions pass the architecture, and its model on the meta device, that they already have: they never change
+    the model."""
     problems = list(problems or [])
     reported = {p.key for p in problems}
 
@@ -268,7 +270,7 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
         config, where, tokenizer_size, found = _architecture(recipe, sources)
         add(found)
     if config is not None:
-        add(_architecture_problems(recipe, config, tokenizer_size, sources))
+        add(_architecture_problems(recipe, config, tokenizer_size, sources, meta_model))
     if problems:
         raise ConfigError(problems, origin)
     return ResolvedRun(recipe=recipe, world_size=world_size, grad_accum_steps=accum,

@@ -35,7 +35,9 @@ STALE_AFTER_S = 300.0
 
 
 class OutputDirBusy(TrainerError):
-    """Another job holds the output directory."""
+    """Another job holds the output directory (rank 0 finds out and tells every rank)."""
+
+    on_every_rank = True
 
 
 def _alive(pid: int) -> bool:

@@ -12,7 +12,7 @@ import logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from trainer.schema import ModelConfig
+from trainer.schema import DataConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,23 @@ def resolve_chat_template(chat_template: str | None, tok: PreTrainedTokenizerBas
     if chat_template:
         return chat_template
     return None if getattr(tok, "chat_template", None) else CHATML
+
+
+def settle_chat_template(tok: PreTrainedTokenizerBase, data: DataConfig) -> str:
+    """Give the tokenizer the chat template the run trains with, so the checkpoints' and exports' tokenizers render a
+    conversation exactly as training did. Returns which template it is, for the log ('' for plain text)."""
+    if data.format == "text":
+        return ""
+    if data.chat_template == "chatml":
+        tok.chat_template = CHATML
+        return "ChatML (data.chat_template: chatml)"
+    if data.chat_template:
+        tok.chat_template = data.chat_template
+        return "the recipe's (data.chat_template)"
+    if getattr(tok, "chat_template", None):
+        return "the tokenizer's own"
+    tok.chat_template = CHATML
+    return "ChatML: the tokenizer has none and data.chat_template is not set (set it to choose another)"
 
 
 class ChatRenderer:

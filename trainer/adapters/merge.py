@@ -18,6 +18,7 @@ from torch import nn
 from trainer.adapters import ADAPTER_DIR, load_kwargs
 from trainer.dtypes import torch_dtype
 from trainer.errors import CheckpointError
+from trainer.inference import for_inference
 from trainer.paths import looks_local
 from trainer.recipe import saved_recipe
 from trainer.schema import AdapterConfig, ModelConfig
@@ -46,7 +47,7 @@ def merged_model(adapter_dir: Path, model: ModelConfig, adapter: AdapterConfig, 
     base = base.to(dtype)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
     merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse to write a NaN weight
-    merged.config.use_cache = True
+    for_inference(merged)
     log.info("merged the adapter of %s into %s (%s)", adapter_dir, model.name_or_path, dtype)
     return merged
 
