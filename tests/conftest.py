@@ -107,3 +107,10 @@ def qwen_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_base(tmp_path_factory.mktemp("qwen2"), QWEN2)
 
 
+
+
+def prerequisite_overrides(recipe: Path, base: Path) -> list[str]:
+    """A recipe whose header says `# needs: DIR` trains on a model an earlier command makes (the quickstart's
+    export): checked here on a saved tiny model in its place."""
+    needs = [line for line in recipe.read_text(encoding="utf-8").splitlines() if line.startswith("# needs: ")]
+    return [f"model.name_or_path={base}"] if needs else []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import prerequisite_overrides
 from trainer.__main__ import main
 from trainer.errors import ConfigError
 from trainer.recipe import load_recipe
@@ -24,8 +25,8 @@ def test_recipes_are_found() -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
-def test_every_recipe_validates(recipe: Path) -> None:
-    run = resolve(recipe)
+def test_every_recipe_validates(recipe: Path, llama_base: Path) -> None:
+    run = resolve(recipe, prerequisite_overrides(recipe, llama_base))
     assert isinstance(run.recipe, Recipe)
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("#"), "each recipe starts with a comment giving its launch command"

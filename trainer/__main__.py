@@ -65,11 +65,38 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter-only", action="store_true", help="adapter runs: write only the peft adapter")
     e.add_argument("--merge", action="store_true", help="adapter runs: merge the adapter into the base model")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    d = sub.add_parser("data", help="show what a recipe trains on", description="Build the recipe's tokenizer and "
+                       "data as training would, and print samples with the tokens that carry the loss marked, with the "
+                       "token counts and how full the samples are.")
+    _recipe_arguments(d)
+    d.add_argument("--show", type=int, default=3, metavar="N", help="samples to print (default 3)")
+    g = sub.add_parser("generate", help="continue a text with a trained model", description="Continue a prompt with "
+                       "a run's newest checkpoint, a checkpoint folder or an export (adapter runs: base + adapter).")
+    g.add_argument("source", help="OUTPUT_DIR of a run, a checkpoint folder, or an export directory")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    _generation_arguments(g, temperature=0.0, tokens=128)
+    c = sub.add_parser("chat", help="chat with a trained model", description="Chat with a run's newest checkpoint, a "
+                       "checkpoint folder or an export, using the chat template the run trained with.")
+    c.add_argument("source", help="OUTPUT_DIR of a run, a checkpoint folder, or an export directory")
+    c.add_argument("--system", default=None, help="a system prompt")
+    _generation_arguments(c, temperature=0.7, tokens=256)
+    rc = sub.add_parser("recipes", help="list the shipped recipes, or copy one", description="List the shipped "
+                        "recipes with their GPUs and planned peak, or copy one to edit: recipes copy NAME DEST.")
+    rc.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
+    rc.add_argument("name", nargs="?", help="copy: the recipe, e.g. quickstart or 24gb/llama3-8b-qlora")
+    rc.add_argument("dest", nargs="?", help="copy: a file or folder to copy it to")
+    rc.add_argument("--force", action="store_true", help="copy: replace an existing file")
     r = sub.add_parser("schema", help="print the recipe's JSON Schema", description="Print the JSON Schema of a "
                        "recipe (save it and point your editor's YAML language server at it), or the README's "
                        "table of every key.")
     r.add_argument("--markdown", action="store_true", help="print the table of keys (type, default, doc)")
     return p
+
+
+def _generation_arguments(p: argparse.ArgumentParser, temperature: float, tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=tokens, help=f"tokens to generate (default {tokens})")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy; above 0 samples with top-p "
+                   f"0.9 (default {temperature})")
 
 
 def _world_size(args: argparse.Namespace) -> int:
@@ -152,6 +179,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from trainer.preview import show
+    from trainer.resolve import resolve
+
+    run = resolve(args.recipe, args.overrides, 1)
+    show(run, args.show, sys.stdout, colour=sys.stdout.isatty())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from trainer.chat import generate, load
+
+    loaded = load(Path(args.source))
+    print(args.prompt + generate(loaded, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from trainer.chat import chat_loop, load
+
+    chat_loop(load(Path(args.source)), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              system=args.system)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from trainer import catalog
+
+    if args.action == "list":
+        print(catalog.table())
+        return 0
+    if not args.name or not args.dest:
+        print("error: usage: python -m trainer recipes copy NAME DEST", file=sys.stderr)
+        return EXIT_RECIPE
+    target = catalog.copy(args.name, Path(args.dest), force=args.force)
+    print(f"copied to {target}; edit it, then: python -m trainer validate {target}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from trainer.reference import json_schema, markdown
 
@@ -160,11 +226,24 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "export": cmd_export, "schema": cmd_schema}
+    "train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "export": cmd_export, "data": cmd_data,
+    "generate": cmd_generate, "chat": cmd_chat, "recipes": cmd_recipes, "schema": cmd_schema}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; overrides may also come after options (`data RECIPE --show 2 key=value`), which argparse alone
+    does not take."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     if args.verb is None:
         parser().print_help()
         return EXIT_RECIPE

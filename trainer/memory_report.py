@@ -36,7 +36,7 @@ class Change:
     cost: int
 
 
-def _apply(run: ResolvedRun, overrides: list[str], sh: Shapes) -> ResolvedRun | None:
+def apply_overrides(run: ResolvedRun, overrides: list[str], sh: Shapes) -> ResolvedRun | None:
     """The run with dotted overrides applied and resolved again at the same world size (the architecture is kept:
     no suggestion changes the model); None when the result would be refused."""
     recipe, problems = with_overrides(run.recipe, overrides)
@@ -86,7 +86,7 @@ def changes(run: ResolvedRun) -> list[Change]:
     return out
 
 
-def _consistent(combo: tuple[Change, ...]) -> list[str] | None:
+def combined(combo: tuple[Change, ...]) -> list[str] | None:
     """The overrides of a combination, or None when two of its changes set one key to different values."""
     merged: dict[str, str] = {}
     for change in combo:
@@ -111,8 +111,8 @@ def suggest(run: ResolvedRun, gpu_bytes: int, sh: Shapes) -> list[dict[str, Any]
     fitting: list[dict[str, Any]] = []
     closest: dict[str, Any] | None = None
     for combo in combos:
-        overrides = _consistent(combo)
-        candidate = _apply(run, overrides, sh) if overrides else None
+        overrides = combined(combo)
+        candidate = apply_overrides(run, overrides, sh) if overrides else None
         if candidate is None:
             continue
         assert candidate.global_batch_size == run.global_batch_size, overrides
