@@ -11,6 +11,8 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from trainer.errors import EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerE
 from trainer.logs import FILE_ONLY, setup_console
 
 log = logging.getLogger("trainer")
+RANK0_GRACE_S = 20.0  # how long another rank waits for rank 0 to report an error every rank met
 
 EPILOG = """python -m trainer VERB --help shows a verb's arguments. Overrides are dotted keys after the recipe,
 parsed as YAML scalars; `null` clears a value (back to its default):
@@ -281,7 +284,16 @@ def fail(message: str, code: int, on_every_rank: bool = False) -> int:
         summary = {"message": f"exit {code}: {message}", "extraInfo": {"py_callstack": message,
                                                                        "timestamp": str(int(time.time()))}}
         Path(error_file).write_text(json.dumps({"message": summary}), encoding="utf-8")
+        if on_every_rank and env_rank() != 0:
+            let_rank0_report_first(code)
     return code
+
+
+def let_rank0_report_first(code: int) -> None:
+    """Under torchrun the agent stops every other worker (SIGTERM) as soon as one exits. When all ranks fail with
+    the same error, the others wait for rank 0 to print it and exit, and leave with the same code when stopped."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
+    time.sleep(RANK0_GRACE_S)
 
 
 def enable_faulthandler() -> None:

@@ -36,17 +36,23 @@ def lora_config(adapter: AdapterConfig) -> Any:
                       target_modules=targets, use_dora=adapter.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
+def no_cpu_repacking(model: nn.Module) -> None:
+    """bitsandbytes' CPU backend repacks a 4-bit weight for an inference-only kernel at the first forward in eval
+    mode without grad. After an evaluation every later training step would use that kernel, whose backward is wrong
+    (gradients measured off by 100%, loss shifted), and for some shapes (hidden 128) it fails outright in
+    generation. The plain dequantizing path is used instead, in training and inference alike."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def prepare_frozen(model: nn.Module, gradient_checkpointing: bool) -> None:
     """Freeze every base weight, keep norm scales in fp32, and let checkpointed blocks see an input that needs
     grad (with the embeddings frozen nothing upstream of block 0 would otherwise require one)."""
     for p in model.parameters():
         p.requires_grad_(False)
+    no_cpu_repacking(model)
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            # bitsandbytes' CPU backend repacks a 4-bit weight for an inference-only kernel at the first forward in
-            # eval mode without grad; after an evaluation every later training step would then use that kernel,
-            # whose backward is wrong (gradients measured off by 100%, loss shifted). Never repack in training.
-            module.support_avx512bf16_for_cpu = False
         if "norm" in type(module).__name__.lower():
             for p in module.parameters(recurse=False):
                 if p.is_floating_point():

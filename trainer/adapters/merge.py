@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from trainer.adapters import ADAPTER_DIR, load_kwargs
+from trainer.adapters.lora import no_cpu_repacking
 from trainer.dtypes import torch_dtype
 from trainer.errors import CheckpointError
 from trainer.inference import for_inference
@@ -31,9 +32,11 @@ def load_base(model: ModelConfig, adapter: AdapterConfig, precision: str, device
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(model.name_or_path, revision=model.revision,
+    base = AutoModelForCausalLM.from_pretrained(model.name_or_path, revision=model.revision,
                                                 trust_remote_code=model.trust_remote_code,
                                                 **load_kwargs(adapter, precision, device), **extra)
+    no_cpu_repacking(base)
+    return base
 
 
 def merged_model(adapter_dir: Path, model: ModelConfig, adapter: AdapterConfig, precision: str,

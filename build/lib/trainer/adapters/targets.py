@@ -1,0 +1,104 @@
+"""Which modules LoRA adapts, found without loading any weight.
+
+The architecture is built on the meta device from its config (shapes only, no memory, well under a second),
+so validation can say "q_projj matches nothing; the linear layers are q_proj, k_proj, ..." before a
+multi-gigabyte model is read. Matching uses peft's own rule (`check_target_module_exists`: a module matches a
+name when its dotted path equals it or ends with '.' + it), so what we report is what peft will adapt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.schema import AdapterConfig
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module LoRA will wrap: its dotted name, kind and the shape that sizes the adapter."""
+
+    name: str
+    kind: str  # "linear" | "embedding" | the class name of a module LoRA cannot wrap
+    in_features: int
+    out_features: int
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The causal LM of a transformers config, with parameters on the meta device (no storage)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _describe(module: nn.Module) -> tuple[str, int, int]:
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return "embedding", module.num_embeddings, module.embedding_dim
+    return type(module).__name__, 0, 0
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA could adapt (the output head excluded), e.g. ['q_proj', ...]."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[Target]:
+    """The modules peft adapts for `target_modules` (a list of names, or 'all-linear'), in model order."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    names = linear_names(model) if target_modules == ALL_LINEAR else list(target_modules)
+    probe = LoraConfig(target_modules=names)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = []
+    for name, module in model.named_modules():
+        if not name or (target_modules == ALL_LINEAR and module is head):
+            continue
+        if check_target_module_exists(probe, name):
+            out.append(Target(name, *_describe(module)))
+    return out
+
+
+def lora_param_count(targets: list[Target], rank: int, use_dora: bool = False) -> int:
+    """Trainable parameters of LoRA: r*(in+out) per adapted module (A is r x in, B is out x r); DoRA adds a
+    magnitude vector of `out` per linear module."""
+    total = 0
+    for t in targets:
+        total += rank * (t.in_features + t.out_features)
+        if use_dora and t.kind == "linear":
+            total += t.out_features
+    return total
+
+
+def target_problems(adapter: AdapterConfig, config: Any) -> list[str]:
+    """Why `adapter.target_modules` cannot work on this architecture (empty when it can)."""
+    model = meta_model(config)
+    wanted = adapter.target_modules
+    if wanted == ALL_LINEAR:
+        return []
+    targets = find_targets(model, wanted)
+    available = ", ".join(linear_names(model))
+    problems = []
+    for name in wanted:
+        matched = [t for t in targets if t.name == name or t.name.endswith("." + name)]
+        unsupported = sorted({t.kind for t in matched} - {"linear", "embedding"})
+        if not matched:
+            problems.append(f"'{name}' matches no module of this {config.model_type} model; its linear layers "
+                            f"are: {available}")
+        elif unsupported:
+            problems.append(f"'{name}' matches {len(matched)} module(s) of type {', '.join(unsupported)}, which "
+                            f"LoRA cannot adapt (e.g. {matched[0].name}); name linear layers: {available}")
+    return problems

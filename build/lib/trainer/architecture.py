@@ -1,0 +1,101 @@
+"""The architecture of a recipe's model (a transformers config), found without downloading weights.
+
+From scratch (`model.config`): the recipe's dict, with the vocabulary the tokenizer needs. Pretrained
+(`model.name_or_path`): a local directory, the hub cache, the table of well-known models (trainer/known_models.py,
+so the shipped recipes plan offline), and only then the network (config.json, a few kB). Errors are
+`ArchitectureError`s about the arguments; resolve.py turns them into recipe problems.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.known_models import KNOWN
+from trainer.schema import ModelConfig
+
+
+class ArchitectureError(ValueError):
+    """The architecture cannot be built or found; `field` is the model key at fault ('config', 'name_or_path',
+    'trust_remote_code')."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _custom_code(e: Exception) -> bool:
+    text = str(e)
+    return "trust_remote_code" in text or "does not recognize this architecture" in text
+
+
+def from_recipe(arch: dict[str, Any], vocab_size: int) -> Any:
+    """A from-scratch model's config: the recipe's dict, vocab_size defaulting to the tokenizer's size."""
+    from transformers import AutoConfig
+
+    values = dict(arch)
+    model_type = values.pop("model_type")
+    values.setdefault("vocab_size", vocab_size)
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArchitectureError("config", str(e).splitlines()[0]) from None
+
+
+def pretrained(model: ModelConfig) -> tuple[Any, str]:
+    """(config, where it was found) for model.name_or_path, trying the local places before the network."""
+    from transformers import AutoConfig
+
+    name = model.name_or_path or ""
+    kwargs = {"trust_remote_code": model.trust_remote_code, "revision": model.revision}
+    try:  # a local directory, or the hub cache: no network
+        return AutoConfig.from_pretrained(name, local_files_only=True, **kwargs), "local"
+    except (OSError, ValueError) as e:
+        if _custom_code(e):
+            raise _needs_remote_code(name) from None
+    if name in KNOWN:
+        arch = dict(KNOWN[name])
+        return AutoConfig.for_model(arch.pop("model_type"), **arch), "known models table"
+    try:  # last resort: fetch config.json
+        return AutoConfig.from_pretrained(name, **kwargs), "hub"
+    except (OSError, ValueError) as e:
+        if _custom_code(e):
+            raise _needs_remote_code(name) from None
+        raise ArchitectureError("name_or_path", "cannot read this model's config.json (not a local directory, not "
+                                "in the hub cache, not a known model, and the hub is unreachable); download it once "
+                                "or give model.config") from None
+
+
+def _needs_remote_code(name: str) -> ArchitectureError:
+    return ArchitectureError("trust_remote_code", f"{name}'s architecture is not part of transformers: its code "
+                             "comes with the model. Set model.trust_remote_code=true if you trust that code (it "
+                             "runs on your machine)")
+
+
+def with_rope_scaling(config: Any, scaling: dict[str, Any]) -> Any:
+    """`config` with a RoPE scaling merged into its own RoPE settings (rope_theta and the rest are kept)."""
+    text = text_config(config)
+    if hasattr(text, "rope_parameters"):  # transformers 5
+        text.rope_parameters = {**(text.rope_parameters or {}), **scaling}
+    else:
+        text.rope_scaling = {**(getattr(text, "rope_scaling", None) or {}), **scaling}
+    return config
+
+
+def text_config(config: Any) -> Any:
+    """The language model's part of a config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the positions support: max_position_embeddings (n_positions for GPT-2), times the
+    factor of a RoPE scaling set on top of it. A scaling that names its own original_max_position_embeddings
+    (Llama 3.1's llama3 type, YaRN as shipped) was already counted in max_position_embeddings by the model."""
+    text = text_config(config)
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if limit is None:
+        return None
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") == "default" \
+            or "original_max_position_embeddings" in rope:
+        return int(limit)
+    return int(limit * float(rope.get("factor", 1.0)))

@@ -1,0 +1,158 @@
+"""The only reader of RANK / LOCAL_RANK / WORLD_SIZE: process-group init, teardown, and small collectives.
+
+Teardown always runs `barrier()` then `destroy_process_group()`, on error paths too: a gloo process that exits
+without them aborts at exit in about half the runs (SIGABRT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 outside torchrun); for validation before init."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def job_id() -> str:
+    """torchrun's id of this job, the same on every node and across elastic restarts ('' outside torchrun)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+def elastic_error_file() -> str | None:
+    """Where torchrun wants a failing worker to describe its error (TORCHELASTIC_ERROR_FILE), if it does."""
+    return os.environ.get("TORCHELASTIC_ERROR_FILE") or None
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job (TORCHELASTIC_RESTART_COUNT; 0 for the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def distributed_context(backend: str = "auto", timeout_s: int = 1800) -> Iterator[DistInfo]:
+    """Init the process group when launched by torchrun (even with one process); always tear it down."""
+    world_size = env_world_size()
+    rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(local_rank)
+    started = False
+    launched = world_size > 1 or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
+    if launched and not dist.is_initialized():
+        chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        kwargs = {"device_id": device} if chosen == "nccl" else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(chosen, timeout=timeout, store=_attempt_store(rank, world_size, timeout),
+                                rank=rank, world_size=world_size, **kwargs)
+        started = True
+        log.info("process group up: backend %s, world size %d", chosen, world_size)
+    try:
+        yield DistInfo(rank, local_rank, world_size, device)
+    finally:
+        if started:
+            teardown()
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, namespaced by torchrun's restart count.
+
+    After `torchrun --max-restarts` brings a job back, the agent's store still holds the previous attempt's
+    keys; a rank that reads a peer's address before the peer republishes it connects to a dead process
+    ("Connection refused", seen in about half of the restarts here). A prefix per attempt avoids the race.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_hosts_store and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"trainer/attempt-{restart_count()}", store)
+
+
+def teardown() -> None:
+    """barrier + destroy; never raises (we may already be unwinding an error)."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except Exception as e:  # a peer died: still destroy our side
+        log.debug("barrier at teardown failed: %s", e)
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    """Sum a number over ranks (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum several numbers over ranks in one collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's small picklable object, on every rank (in-memory only, never from a file)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a small picklable object from src to every rank (in-memory only, never from a file)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,68 @@
+"""The seam between the loop and the machinery that runs a step (DDP, DeepSpeed ZeRO, per-layer GaLore).
+
+Contract for the loop:
+- `forward(input_ids, attention_mask)` returns logits, under the engine's autocast.
+- `accumulate(is_last)` wraps each micro-step; engines skip gradient sync until the last one.
+- `backward(loss)` takes this rank's share of the global loss (its token-loss sum divided by the number of
+  loss tokens in the whole global batch); the engine makes the summed gradient come out right whatever its
+  backend averages (DDP and ZeRO average over ranks, so they multiply by the world size).
+- `step()` does the optimizer step at the accumulation boundary: unscale (fp16), clip, step (or skip on
+  overflow; outside fp16 a NaN/inf gradient norm is never applied either), advance the LR schedule once, zero
+  the gradients, and reports what happened.
+- `updates_in_backward` is true when weights change during backward (per-layer updates): the loop then checks
+  the loss before backward, since no step can be skipped afterwards.
+- `weights_finite()` is a collective (every rank calls it): whether every trainable weight is finite, checked
+  before a checkpoint is written.
+- `save(directory)` is called on every rank inside a checkpoint's temporary folder; each rank writes the
+  state it owns (weights, optimizer, LR schedule position, loss scaler), in files that load with
+  `weights_only=True` or safetensors. `load(directory)` restores it on every rank. The checkpoint module adds
+  the manifest, RNG states and counters, and commits the folder atomically.
+- `module` is the plain model (for export and inspection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Protocol
+
+import torch
+from torch import nn
+
+MODEL_FILE = "model.safetensors"  # a full model's weights in a checkpoint, whatever the engine (export reads it)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did."""
+
+    grad_norm: float | None
+    skipped: bool
+    loss_scale: float | None
+    lr: float
+    skipped_steps: int = 0
+
+
+class Engine(Protocol):
+    module: nn.Module
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def accumulate(self, is_last: bool) -> ContextManager[Any]: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> StepResult: ...
+
+    @property
+    def updates_in_backward(self) -> bool: ...
+
+    def weights_finite(self) -> bool: ...
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def lr(self) -> float: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...

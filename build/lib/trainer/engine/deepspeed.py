@@ -1,0 +1,330 @@
+"""The DeepSpeed engine: ZeRO stages 1-3, optimizer/parameter offload to CPU, behind the loop's Engine contract.
+
+How the loop's contract maps onto DeepSpeed (base.py states the contract):
+- Accumulation: the loop owns it. The config sets `managed_gradient_accumulation: false`, DeepSpeed's mode in
+  which `backward()` only accumulates (ZeRO-2/3 still reduce-scatter each micro-batch into the partitions) and
+  `step()` is the accumulation boundary. So our `step()`, called once per optimizer step after the last
+  micro-batch, is exactly DeepSpeed's boundary; `accumulate(is_last)` only checks that the loop keeps to it.
+- Loss: the loop hands over this rank's share of the global mean loss. DeepSpeed divides by its accumulation
+  count (we pass `scale_wrt_gas=False`, the loop already weighted every token) and averages gradients over the
+  ranks (we multiply by the world size, like DDP in the native engine). The update is then the native
+  engine's for the same recipe (tests/test_deepspeed.py compares the trajectories).
+- LR: our schedule (trainer.optim.build_scheduler) drives the LR of DeepSpeed's optimizer, advanced once per
+  optimizer step, also when fp16 skips one (as in the native engine). DeepSpeed gets no scheduler.
+- fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
+  and halves the scale; `precision.max_consecutive_skips` stops a run whose scale has collapsed.
+- Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
+  checkpoint's temporary folder, plus `model.safetensors`, the full fp32 weights gathered from the master
+  partitions, which export reads. Loading never unpickles code (see `safe_load`).
+
+Stage 0 never reaches this module: engine/__init__.py runs it on the native engine (why: see there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any, ContextManager, Iterator
+
+import torch
+import torch.distributed as tdist
+from safetensors.torch import save_file
+from torch import nn
+
+from trainer.distributed import DistInfo, all_reduce_sum, teardown
+from trainer.dtypes import torch_dtype
+from trainer.engine.base import MODEL_FILE, StepResult
+from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
+from trainer.engine.op_builds import prepare_builds
+from trainer.errors import CheckpointError, ConfigError, Problem, UnsafeFileError
+from trainer.model import Gather
+from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
+from trainer.precision import SkipCounter
+from trainer.resolve import ResolvedRun
+from trainer.safeio import fsync_file
+
+log = logging.getLogger(__name__)
+
+DS_DIR = "deepspeed"  # DeepSpeed's checkpoint, inside our checkpoint folder
+TAG = "state"  # DeepSpeed's checkpoint tag: one per folder, since each of our checkpoints is its own folder
+CPU_ADAM = "cpu_adam"
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed compiles its C++ ops: TORCH_EXTENSIONS_DIR, defaulting to our own cache folder, not the
+    `~/.cache/torch_extensions` that every virtualenv on the machine shares (a build made against another
+    torch would be picked up there)."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / "trainer" / "torch_extensions")
+        log.info("TORCH_EXTENSIONS_DIR not set: DeepSpeed's compiled ops go to %s", os.environ["TORCH_EXTENSIONS_DIR"])
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def import_deepspeed() -> Any:
+    """deepspeed, imported after TORCH_EXTENSIONS_DIR is settled and its stale build locks cleared, with its INFO
+    chatter quieted; builds of its C++ ops are reported while they run (engine/op_builds.py)."""
+    prepare_builds(extensions_dir())
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    shm = extensions_dir() / "deepspeed_shm_comm"
+    if deepspeed.accelerator.get_accelerator().device_name() == "cpu" and not shm.is_dir():
+        log.info("DeepSpeed's CPU backend compiles its shm comm op on first use (half a minute to a few, once; "
+                 "cached in TORCH_EXTENSIONS_DIR=%s)", extensions_dir())
+    return deepspeed
+
+
+def _ensure_process_group(backend: str) -> None:
+    """DeepSpeed needs a process group. Under torchrun distributed.py made one; a plain `python -m trainer` run
+    gets a one-rank group on an in-memory store (DeepSpeed's own init would try MPI discovery and fail)."""
+    if tdist.is_initialized():
+        return
+    chosen = backend if backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    tdist.init_process_group(chosen, store=tdist.HashStore(), rank=0, world_size=1)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # what torchrun would set; DeepSpeed reads them itself
+        os.environ.setdefault(name, "1" if name == "WORLD_SIZE" else "0")
+    import atexit
+
+    atexit.register(teardown)
+    log.info("one process without torchrun: DeepSpeed runs on a one-rank %s group", chosen)
+
+
+def _warm_cpu_adam(deepspeed: Any) -> None:
+    """Build DeepSpeedCPUAdam's C++ op now, with a log line, instead of silently inside deepspeed.initialize."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    cached = extensions_dir() / CPU_ADAM / f"{CPU_ADAM}.so"
+    if not cached.exists():
+        log.info("compiling DeepSpeed's cpu_adam op (first use, about a minute, longer on a busy machine; cached "
+                 "in TORCH_EXTENSIONS_DIR=%s)", extensions_dir())
+    CPUAdamBuilder().load(verbose=False)
+
+
+@contextlib.contextmanager
+def config_errors_as_recipe_errors() -> Iterator[None]:
+    """DeepSpeed validates its config with pydantic; a bad key or value can only come from
+    distributed.deepspeed_overrides (the rest is generated), so it is reported as a recipe problem."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as e:
+        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError([Problem("distributed.deepspeed_overrides", {}, f"DeepSpeed rejects the config "
+                                   f"({e.title}): {detail}; fix or remove that override")]) from None
+
+
+@contextlib.contextmanager
+def zero3_init_context(run: ResolvedRun) -> Iterator[Gather]:
+    """Model construction under ZeRO-3: transformers sees a live `HfDeepSpeedConfig` and builds the model
+    inside `deepspeed.zero.Init`, so each parameter is partitioned as soon as its module is built (from_config),
+    or gathered one at a time while the checkpoint is read (from_pretrained). The full model never exists on
+    one rank. Partitions are made in the training dtype (bf16/fp16 per the recipe): DeepSpeed does not cast a
+    ZeRO-3 model later, and fp32 partitions under a bf16 config would silently train in fp32.
+
+    It yields how to make a module's parameters whole for a moment: from scratch, model.initialize_by_name
+    initializes each module on rank 0 from a generator seeded by its name, so the weights equal those a native or
+    ZeRO-1/2 run with the same seed starts from."""
+    import_deepspeed()
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    distributed = run.recipe.distributed
+    _ensure_process_group(distributed.backend)
+    overrides = {k: v for k, v in distributed.deepspeed_overrides.items() if k == "zero_optimization"}
+    config = merge_overrides({"zero_optimization": zero_section(distributed),
+                              **precision_section(run.recipe.precision)}, overrides)[0]
+    # DeepSpeed's config parser requires a batch size; zero.Init reads only the ZeRO section and the dtype.
+    with config_errors_as_recipe_errors():  # zero.Init parses the ZeRO section while the model is built
+        keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, **config})  # transformers: weakref
+        try:
+            yield _gathered_on_rank0
+        finally:
+            unset_hf_deepspeed_config()
+            del keep_alive
+
+
+def _gathered_on_rank0(params: list[nn.Parameter]) -> ContextManager[Any]:
+    """A partitioned module's parameters made whole on every rank; what rank 0 writes into them is kept."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+class ZeroEngine:
+    """A `deepspeed.DeepSpeedEngine` (ZeRO 1-3) behind the loop's Engine contract."""
+
+    def __init__(self, run: ResolvedRun, model: nn.Module, dist: DistInfo) -> None:
+        optimizer, precision, distributed = run.recipe.optimizer, run.recipe.precision, run.recipe.distributed
+        deepspeed = import_deepspeed()
+        _ensure_process_group(distributed.backend)
+        self.dist = dist
+        self.skips = SkipCounter(precision.max_consecutive_skips)
+        self.fp16 = precision.dtype == "fp16"
+        config, changes = final_ds_config(run)
+        for line in changes:
+            log.warning("distributed.deepspeed_overrides changes the generated DeepSpeed config: %s", line)
+        offload = distributed.offload_optimizer == "cpu"
+        if offload and optimizer.name in DEEPSPEED_BUILT:
+            _warm_cpu_adam(deepspeed)
+        # adamw: DeepSpeed builds it from the config over our weight-decay groups; others: our torch optimizer.
+        client = None if "optimizer" in config else build_optimizer(model, optimizer)
+        groups = param_groups(model, optimizer.weight_decay) if client is None else None
+        with config_errors_as_recipe_errors():
+            self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=client,
+                                                    config=config, dist_init_required=False)
+        self.module: nn.Module = self.ds.module
+        if distributed.zero_stage == 3:
+            expected = torch_dtype(precision.dtype)
+            dtypes = {p.ds_tensor.dtype for p in self.module.parameters() if hasattr(p, "ds_tensor")}
+            assert dtypes <= {expected}, f"ZeRO-3 partitions are {dtypes}, not {expected}: build the model inside " \
+                                         "model_init_context(distributed, precision)"
+        self.scheduler = build_scheduler(self.ds.basic_optimizer, optimizer, run.recipe.train.max_steps)
+        self.ds.checkpoint_engine.load = safe_load  # every DeepSpeed read of a checkpoint file goes through it
+        self._last_was_boundary = False
+        log.info("DeepSpeed ZeRO-%d: %s, optimizer %s%s", distributed.zero_stage, precision.dtype,
+                 type(self.ds.basic_optimizer).__name__,
+                 ", optimizer state in CPU memory" if offload else "")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.ds(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def accumulate(self, is_last: bool) -> ContextManager[Any]:
+        self._last_was_boundary = is_last
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # x world size: DeepSpeed averages over ranks; no division by its accumulation count (scale_wrt_gas).
+        self.ds.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+
+    def step(self) -> StepResult:
+        assert self._last_was_boundary, "step() must follow the micro-batch the loop marked is_last"
+        self._last_was_boundary = False
+        scale = self.loss_scale()
+        lr = self.lr()
+        self.ds.step()
+        skipped = not self.ds.was_step_applied()
+        norm = self.ds.get_global_grad_norm()
+        self.scheduler.step()
+        self.skips.record(skipped, self.loss_scale() or 0.0)
+        return StepResult(grad_norm=None if norm is None else float(norm), skipped=skipped, loss_scale=scale,
+                          lr=lr, skipped_steps=self.skips.skipped_steps)
+
+    def loss_scale(self) -> float | None:
+        return float(self.ds._get_optimizer_loss_scale()) if self.fp16 else None
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        return False
+
+    def weights_finite(self) -> bool:
+        """This rank's share of every trainable weight (ZeRO-3: its partition), then summed over ranks."""
+        local = [getattr(p, "ds_tensor", p) for p in self.module.parameters() if p.requires_grad]
+        bad = sum(int(not torch.isfinite(t).all()) for t in local if t.numel())
+        return all_reduce_sum(bad, self.dist.device) == 0
+
+    def lr(self) -> float:
+        return float(self.ds.basic_optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: Path) -> None:
+        """Every rank: DeepSpeed's sharded checkpoint (each rank its partitions, rank 0 the module file with our
+        counters), then the full fp32 weights, gathered from the master partitions, as safetensors on rank 0."""
+        target = directory / DS_DIR
+        extra = {"schedule_step": self.scheduler.last_epoch, **self.skips.state_dict()}
+        self.ds.save_checkpoint(str(target), tag=TAG, client_state={"trainer": extra}, save_latest=False)
+        if self.dist.is_main:
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's recovery scripts unpickle
+                (target / script).unlink(missing_ok=True)
+        weights = full_fp32_state_dict(self.module)
+        if self.dist.is_main:
+            save_file(weights, str(directory / MODEL_FILE), metadata={"format": "pt"})
+            fsync_file(directory / MODEL_FILE)
+
+    def load(self, directory: Path) -> None:
+        target = directory / DS_DIR
+        check_files(target)  # every rank checks every file: all refuse together, none waits in a collective
+        path, client = self.ds.load_checkpoint(str(target), tag=TAG, load_lr_scheduler_states=False)
+        if path is None or "trainer" not in (client or {}):
+            raise CheckpointError(f"{directory}: no DeepSpeed checkpoint in {DS_DIR}/ (was it saved by the "
+                                  "native engine? distributed.engine must match the run that saved it)")
+        extra = client["trainer"]
+        self.skips.load_state_dict(extra)
+        restore_schedule(self.scheduler, int(extra["schedule_step"]))
+
+
+def full_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of every parameter, whole, plus persistent buffers (on rank 0; empty
+    elsewhere). A collective: every rank calls it. Under ZeRO-3 each parameter is gathered one at a time, so
+    only rank 0 ever holds the full set, in CPU memory (4 bytes per parameter during the save)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():  # tied weights appear once; safetensors' loader re-ties them
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # a frozen parameter: ZeRO keeps no master copy
+            full = param.detach()
+        if tdist.get_rank() == 0:
+            out[name] = full.detach().to("cpu", torch.float32).contiguous().clone()
+    persistent = set(module.state_dict().keys())
+    for name, buf in module.named_buffers():
+        if name in persistent and tdist.get_rank() == 0:
+            out[name] = buf.detach().cpu().contiguous().clone()
+    return out
+
+
+# What DeepSpeed 0.19.8's checkpoint files hold besides tensors and plain containers, found with
+# torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 1-3 x fp32/bf16/fp16, with and without offload:
+# the loss scaler (numbers), the ZeRO stage (an int enum) and fragment addresses (a dataclass of two ints).
+# Allowlisting a class lets the restricted unpickler rebuild an instance from plain fields, or an enum member
+# from its value; it never calls a function named by the file.
+SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _safe_classes() -> list[type]:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    classes = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    assert [f"{c.__module__}.{c.__qualname__}" for c in classes] == list(SAFE_GLOBALS)
+    return classes
+
+
+def check_files(folder: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose files name anything beyond plain data and SAFE_GLOBALS, reading
+    only each file's pickle (no tensor data, nothing executed)."""
+    files = sorted(folder.rglob("*.pt"))
+    for f in files:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:  # not a torch zip file: nothing we would load
+            raise UnsafeFileError(f"cannot read {f}: not a valid torch file ({str(e).splitlines()[0]})") from None
+        refused = sorted(set(unsafe) - set(SAFE_GLOBALS))
+        if refused:
+            raise UnsafeFileError(
+                f"refusing to load {f}: it names {', '.join(refused)}, which is not plain data (pickled code "
+                "would run on load). If you did not create this file, delete it.")
+
+
+def safe_load(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's checkpoint reader, restricted: torch.load with weights_only=True (tensors, plain containers
+    and SAFE_GLOBALS only), where DeepSpeed's own TorchCheckpointEngine uses weights_only=False."""
+    try:
+        with torch.serialization.safe_globals(_safe_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(f"refusing to load {path}: it contains objects other than tensors and plain data "
+                              f"(pickled code would run on load). Detail: {str(e).splitlines()[0]}") from None

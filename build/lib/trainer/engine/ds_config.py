@@ -1,0 +1,110 @@
+"""The DeepSpeed config, generated from the recipe: one source of truth, no "auto" values to mismatch.
+
+Every value DeepSpeed needs comes from a recipe key (the mapping is the table in `build_ds_config`):
+batch sizes and accumulation from the resolved run, clipping and the optimizer from `optimizer`, bf16/fp16 and the loss
+scaling from `precision`, the ZeRO section and offload from `distributed`. `distributed.deepspeed_overrides` is
+merged last (an expert escape hatch; every changed key is logged). Keys that would contradict the recipe or the
+loop (the batch sizes, the stage, the dtype, the LR schedule, who owns accumulation) cannot be overridden:
+rules.py rejects them at validation (schema.DEEPSPEED_OWNED), naming the recipe key to use instead.
+
+Nothing here imports torch or DeepSpeed: `python -m trainer validate` prints this config on a login node.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from trainer.resolve import ResolvedRun
+from trainer.schema import DistributedConfig, OptimizerConfig, PrecisionConfig
+
+# Optimizers DeepSpeed builds itself from its config (torch AdamW, or DeepSpeedCPUAdam when offloading); the
+# others are our torch optimizers handed to DeepSpeed, which wraps them in ZeRO.
+DEEPSPEED_BUILT = ("adamw",)
+
+
+def precision_section(p: PrecisionConfig) -> dict[str, Any]:
+    """bf16: DeepSpeed's bf16 params and grads, fp32 master weights in the ZeRO optimizer. fp16: dynamic loss
+    scaling with our settings; hysteresis 1 halves the scale on every overflow, as our native GradScaler does."""
+    if p.dtype == "bf16":
+        return {"bf16": {"enabled": True}}
+    if p.dtype == "fp16":
+        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": int(math.log2(p.initial_loss_scale)),
+                         "loss_scale_window": p.loss_scale_growth_interval, "hysteresis": 1,
+                         "consecutive_hysteresis": False, "min_loss_scale": 1}}
+    return {}
+
+
+def _optimizer(o: OptimizerConfig, offload: bool) -> dict[str, Any]:
+    """adamw maps to DeepSpeed's AdamW: torch.optim.AdamW on the partitions, or DeepSpeedCPUAdam (a C++ op, same
+    update) when the optimizer state lives in CPU memory. Weight-decay groups come with the parameters."""
+    if o.name not in DEEPSPEED_BUILT:
+        return {"zero_allow_untested_optimizer": True}
+    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if not offload:
+        params["torch_adam"] = True  # torch's AdamW, not FusedAdam (a CUDA op that would compile on first use)
+    return {"optimizer": {"type": "AdamW", "params": params}}
+
+
+def zero_section(d: DistributedConfig) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
+    """The generated config before overrides.
+
+    | DeepSpeed key                        | from                                            |
+    |--------------------------------------|-------------------------------------------------|
+    | train_micro_batch_size_per_gpu       | train.micro_batch_size                          |
+    | gradient_accumulation_steps          | train.grad_accum_steps / global_batch_size      |
+    | train_batch_size                     | micro x accumulation x world size               |
+    | managed_gradient_accumulation: false | the loop's accumulate(is_last)/step() own it    |
+    | gradient_clipping                    | optimizer.grad_clip (0 = off)                   |
+    | bf16 / fp16 (+ loss scaling)         | precision.*                                     |
+    | optimizer                            | optimizer.* (adamw; others are passed in)       |
+    | zero_optimization                    | distributed.zero_stage, offload_*               |
+    """
+    optimizer, distributed = run.recipe.optimizer, run.recipe.distributed
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": run.micro_batch_size,
+        "gradient_accumulation_steps": run.grad_accum_steps,
+        "train_batch_size": run.global_batch_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": optimizer.grad_clip or 0.0,
+        "steps_per_print": None,  # our metrics log the steps; DeepSpeed's own progress lines would duplicate them
+        "wall_clock_breakdown": False,
+        "zero_optimization": zero_section(distributed),
+    }
+    config.update(precision_section(run.recipe.precision))
+    config.update(_optimizer(optimizer, distributed.offload_optimizer == "cpu"))
+    return config
+
+
+def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`config` with `overrides` merged in (dicts recursively, other values replaced), and one line per changed
+    key ('key: old -> new') for the log."""
+    merged = copy.deepcopy(config)
+    changes: list[str] = []
+
+    def merge(into: dict[str, Any], new: dict[str, Any], prefix: str) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v, f"{prefix}{k}.")
+                continue
+            if into.get(k, object()) != v:
+                changes.append(f"{prefix}{k}: {into.get(k)!r} -> {v!r}")
+            into[k] = copy.deepcopy(v)
+
+    merge(merged, overrides, "")
+    return merged, changes
+
+
+def final_ds_config(run: ResolvedRun) -> tuple[dict[str, Any], list[str]]:
+    """The config DeepSpeed gets (generated, then overrides) and the override changes to log."""
+    return merge_overrides(build_ds_config(run), run.recipe.distributed.deepspeed_overrides)

@@ -1,0 +1,144 @@
+"""The native engine: one process, or DDP under torchrun (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer import adapters
+from trainer.distributed import DistInfo, all_reduce_sum
+from trainer.engine.base import MODEL_FILE, StepResult
+from trainer.optim import restore_schedule
+from trainer.optim.per_layer import PerLayerUpdates
+from trainer.optim.sharded import ShardedOptimizer
+from trainer.precision import Precision
+from trainer.safeio import fsync_file, load_tensors, save_tensors
+
+STATE_FILE = "engine-state.pt"
+
+
+def optimizer_shard_file(rank: int) -> str:
+    """distributed.zero_stage 1: each rank writes the optimizer state of the parameters it owns."""
+    return f"optimizer-rank{rank:05d}.pt"
+
+
+class NativeEngine:
+    """Plain PyTorch: autocast + GradScaler, DDP with no_sync on accumulation micro-steps, clip, step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, dist: DistInfo,
+                 grad_clip: float | None, per_layer: PerLayerUpdates | None = None) -> None:
+        self.module = model.to(dist.device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.precision = precision
+        self.dist = dist
+        self.grad_clip = grad_clip
+        self.per_layer = per_layer  # updates run inside backward (optim/per_layer.py), which also syncs ranks
+        self.sharded = isinstance(optimizer, ShardedOptimizer)  # distributed.zero_stage 1
+        self.wrapped: nn.Module = self.module
+        if dist.is_distributed and per_layer is None:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            # gradient_as_bucket_view: the .grad tensors are views into DDP's reduction buckets, so the
+            # gradients exist once (by default DDP keeps the buckets besides the .grad tensors: twice)
+            self.wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast():
+            out = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits
+
+    def accumulate(self, is_last: bool) -> ContextManager[Any]:
+        if self.per_layer is not None:
+            return self.per_layer.micro_step(is_last)
+        if isinstance(self.wrapped, DDP) and not is_last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DDP averages gradients over ranks; our loss is already this rank's share of the global mean.
+        self.precision.scale(loss * self.dist.world_size).backward()
+
+    def step(self) -> StepResult:
+        if self.per_layer is not None:
+            return self._per_layer_step()
+        self.precision.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        # max_norm=inf measures the global norm without clipping, so grad_norm is logged either way.
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf")))
+        scale = self.precision.loss_scale
+        lr = self.lr()
+        if self.precision.scaler is None and not math.isfinite(norm):
+            skipped = True  # never applied; the loop stops the run or counts the step (train.max_nonfinite_steps)
+        else:
+            skipped = self.precision.step(self.optimizer)
+        self.scheduler.step()
+        # under DDP the gradients are bucket views: zeroing them in place keeps them views (freeing them would
+        # make the next accumulation micro-steps build fresh tensors beside the buckets)
+        self.optimizer.zero_grad(set_to_none=not isinstance(self.wrapped, DDP))
+        return StepResult(grad_norm=norm, skipped=skipped, loss_scale=scale, lr=lr,
+                          skipped_steps=self.precision.skips.skipped_steps)
+
+    def _per_layer_step(self) -> StepResult:
+        """Each parameter was updated inside backward (clipped by per_layer.py's rule); finish the last
+        updates, then advance the LR schedule once. fp16 is refused with per-layer updates (checks.py)."""
+        lr = self.lr()
+        norm = self.per_layer.finish()  # type: ignore[union-attr]
+        with warnings.catch_warnings():  # torch warns when optimizer.step() was never called: here it never is
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
+        return StepResult(grad_norm=norm, skipped=False, loss_scale=None, lr=lr)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        return self.per_layer is not None
+
+    def weights_finite(self) -> bool:
+        bad = sum(int(not torch.isfinite(p).all()) for p in self.module.parameters() if p.requires_grad)
+        return all_reduce_sum(bad, self.dist.device) == 0
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: Path) -> None:
+        """Rank 0 writes weights and optimizer state: under DDP every rank holds the same copy. An adapter run
+        writes only the adapter (a peft directory): the frozen base is re-read from its source on resume.
+        With sharded optimizer state every rank writes its own shard first."""
+        if self.sharded:
+            save_tensors(self.optimizer.optim.state_dict(), directory / optimizer_shard_file(self.dist.rank))
+        if not self.dist.is_main:
+            return
+        if adapters.is_adapted(self.module):
+            adapters.save_adapter(self.module, directory / adapters.ADAPTER_DIR)
+        else:
+            save_model(self.module, str(directory / MODEL_FILE))
+            fsync_file(directory / MODEL_FILE)
+        save_tensors({"optimizer": {} if self.sharded else self.optimizer.state_dict(),
+                      "schedule_step": self.scheduler.last_epoch, "precision": self.precision.state_dict(),
+                      "per_layer": self.per_layer.state_dict() if self.per_layer else {}}, directory / STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        if adapters.is_adapted(self.module):
+            adapters.load_adapter(self.module, directory / adapters.ADAPTER_DIR)
+        else:
+            load_model(self.module, str(directory / MODEL_FILE), device=str(self.dist.device))
+        state = load_tensors(directory / STATE_FILE)
+        if self.sharded:
+            self.optimizer.optim.load_state_dict(load_tensors(directory / optimizer_shard_file(self.dist.rank)))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.per_layer is not None:
+            self.per_layer.load_state_dict(state.get("per_layer", {}))
+        self.precision.load_state_dict(state["precision"])
+        restore_schedule(self.scheduler, int(state["schedule_step"]))

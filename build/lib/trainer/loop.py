@@ -1,0 +1,237 @@
+"""train(run): the one training loop. It talks to an Engine and never branches on the backend."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.checkpoint import Checkpointer, TrainState, step_to_resume
+from trainer.data import Batch, TrainData
+from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
+                                 distributed_context, job_id, restart_count)
+from trainer.engine.base import Engine, StepResult
+from trainer.engine.build import build_engine, model_init_context
+from trainer.faults import Faults
+from trainer.logs import add_run_log
+from trainer.loss import token_loss_sum
+from trainer.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
+from trainer.model import build_model, save_model_files
+from trainer.precision import NonFiniteSteps
+from trainer.preemption import PreemptionFlag
+from trainer.preflight import check_disk, check_memory
+from trainer.recipe import to_yaml
+from trainer.resolve import ResolvedRun
+from trainer.run_lock import output_dir_lock
+from trainer.tokenizer import build_tokenizer, settle_chat_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Training:
+    """Everything the loop needs, built once by `setup`."""
+
+    run: ResolvedRun
+    dist: DistInfo
+    engine: Engine
+    data: TrainData
+    metrics: Metrics
+    checkpointer: Checkpointer
+    state: TrainState
+    preemption: PreemptionFlag
+    faults: Faults
+    nonfinite: NonFiniteSteps
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One optimizer step as every rank agrees on it."""
+
+    loss: float  # mean token loss over the global batch
+    tokens: int  # tokens in the global batch (padding excluded)
+    stop_requested: bool  # some rank received a preemption signal
+    result: StepResult
+
+
+@dataclass(frozen=True)
+class Summary:
+    """How a run ended (returned by `train`, printed by the CLI)."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    tokens: int
+    seconds: float
+    output_dir: str
+    preempted: bool = False
+    already_done: bool = False  # the run had reached train.max_steps before this start: nothing was touched
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _asset_writer(model: nn.Module, tokenizer: Any) -> Callable[[Path], None]:
+    """What a checkpoint needs to be exported without the recipe's sources (model.save_model_files)."""
+    return lambda path: save_model_files(model, tokenizer, path)
+
+
+def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Training:
+    """Build tokenizer, data, model and engine for this rank, and resume if a checkpoint says so. `start_over`
+    (train --force) moves unusable or foreign checkpoints aside instead of refusing."""
+    r = run.recipe
+    out = run.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    faults = Faults.from_environment(dist.rank, restart_count())
+    wandb_run = start_wandb(r.logging, out, r.model_dump()) if dist.is_main else None  # before the heavy work
+    tokenizer = build_tokenizer(r.model)
+    template = settle_chat_template(tokenizer, r.data)
+    if template:
+        log.info("chat template: %s", template)
+    data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
+                     micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps)
+    with model_init_context(run) as gathered:
+        model = build_model(run, tokenizer, device=dist.device, gathered=gathered)
+    seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
+    engine = build_engine(run, model, dist)
+    fingerprint = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps,
+                   "data": {k: data.summary[k] for k in ("train_samples", "tokens")}}
+    ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults,
+                        start_over=start_over)
+    path = ckpt.choose()
+    state = ckpt.restore(engine, path) if path else TrainState()
+    if dist.is_main:
+        (out / "config.yaml").write_text(to_yaml(r), encoding="utf-8")
+        truncate_rows(out / "metrics.jsonl", state.step)  # rows a crashed attempt logged after its checkpoint
+    log.info("world size %d, micro-batch %d x %d accumulation = global batch %d sequences of %d tokens; "
+             "%s, %s, %d steps", dist.world_size, r.train.micro_batch_size, run.grad_accum_steps,
+             run.global_batch_size, r.data.seq_len, r.precision.dtype, r.optimizer.name, r.train.max_steps)
+    for warning in run.warnings:
+        log.warning("%s", warning)
+    metrics = Metrics(r.logging, out, enabled=dist.is_main, max_steps=r.train.max_steps, start_step=state.step,
+                      wandb_run=wandb_run)
+    nonfinite = NonFiniteSteps(r.train.max_nonfinite_steps, state.nonfinite_steps)
+    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite)
+
+
+def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
+    """Forward/backward over this rank's micro-batches and one optimizer step. The global loss, token count and
+    whether any rank was asked to stop come back in one collective, before the update: a NaN/inf loss (outside
+    fp16's loss scaling) stops the run, or skips the step, before anything is applied."""
+    dev, step = t.dist.device, t.state.step + 1
+    loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev)
+    local_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    for i, b in enumerate(batches):
+        with t.engine.accumulate(is_last=i == len(batches) - 1):
+            # the logits die inside the loss, which keeps only their gradient (trainer/loss.py)
+            loss_sum = token_loss_sum(t.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev)),
+                                      b.labels.to(dev))
+            if t.engine.updates_in_backward:  # weights change inside backward: check before it, on every rank
+                _check_before_backward(t, step, loss_sum)
+            t.engine.backward(loss_sum / max(loss_tokens, 1.0))
+        local_sum += loss_sum.detach()
+    t.faults.after_backward(step, t.engine.module)
+    tokens = sum(b.num_tokens() for b in batches)
+    total, tokens, stop = all_reduce_sums([local_sum.item(), tokens, float(t.preemption.requested)], dev)
+    loss = total / max(loss_tokens, 1.0)
+    guarded = t.run.recipe.precision.dtype != "fp16"  # fp16 has its own rule: skip the step, halve the scale
+    if guarded and not math.isfinite(loss):
+        t.nonfinite.record(step, loss, None, t.checkpointer.last_good)  # raises unless steps may be skipped
+    result = t.engine.step()
+    if guarded and math.isfinite(loss) and result.grad_norm is not None and not math.isfinite(result.grad_norm):
+        t.nonfinite.record(step, loss, result.grad_norm, t.checkpointer.last_good)
+    t.state.nonfinite_steps = t.nonfinite.skipped
+    return StepOutcome(loss, int(tokens), stop > 0, result)
+
+
+def _check_before_backward(t: Training, step: int, loss_sum: torch.Tensor) -> None:
+    """Per-layer updates: a non-finite micro-batch loss on any rank stops the run before its backward applies
+    anything (train.max_nonfinite_steps must be 0 with them: rules.py)."""
+    bad = all_reduce_sum(0.0 if bool(torch.isfinite(loss_sum)) else 1.0, t.dist.device)
+    if bad:
+        t.nonfinite.record(step, float("nan"), None, t.checkpointer.last_good)
+
+
+@torch.no_grad()
+def evaluate(t: Training) -> dict[str, float]:
+    """Mean token loss and perplexity over the eval split (all ranks)."""
+    t.engine.train(False)
+    dev, loss, count = t.dist.device, 0.0, 0
+    for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
+        logits = t.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+        loss += token_loss_sum(logits, b.labels.to(dev)).item()
+        count += b.num_loss_tokens()
+    t.engine.train(True)
+    loss, count = all_reduce_sums([loss, count], dev)
+    mean = loss / max(count, 1.0)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def run_loop(t: Training, until_step: int | None = None) -> Summary:
+    """Optimizer steps until train.max_steps (or a preemption signal), with logging, eval and checkpoints.
+    `until_step` stops earlier (tests and benchmarks run a loop in pieces)."""
+    r, m, s = t.run.recipe, t.metrics, t.state
+    end = min(until_step or r.train.max_steps, r.train.max_steps)
+    t.engine.train(True)
+    start, first_loss, loss, stop = time.perf_counter(), math.nan, math.nan, False
+    window_t, window_tokens = time.perf_counter(), 0
+    while s.step < end and not stop:
+        batches, s.position = t.data.step_batches(s.position)
+        outcome = train_step(t, batches)
+        loss, stop, result = outcome.loss, outcome.stop_requested, outcome.result
+        s.step += 1
+        s.tokens += outcome.tokens
+        window_tokens += outcome.tokens
+        first_loss = loss if math.isnan(first_loss) else first_loss
+        t.faults.after_step(s.step)
+        now = time.perf_counter()
+        tok_s = window_tokens / max(now - window_t, 1e-9)
+        if s.step % r.logging.every_steps == 0 or s.step == r.train.max_steps or stop:
+            m.log({"step": s.step, "split": "train", "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                   "tokens": s.tokens, "tokens_per_s": round(tok_s, 1), "epoch": s.position.epoch,
+                   "peak_mem_bytes": peak_memory_bytes(t.dist.device), "loss_scale": result.loss_scale,
+                   "skipped_steps": result.skipped_steps if result.loss_scale is not None else None})
+            window_t, window_tokens = now, 0
+        m.advance(s.step, loss, result.lr, tok_s)
+        if r.train.eval_every_steps and s.step % r.train.eval_every_steps == 0:
+            m.log({"step": s.step, "split": "eval", **evaluate(t)})
+        if stop or t.checkpointer.due(s.step, r.train.max_steps):
+            t.checkpointer.save(t.engine, s)
+    barrier()
+    return Summary(s.step, first_loss, loss, s.tokens, time.perf_counter() - start, r.output_dir, stop)
+
+
+def train(run: ResolvedRun, *, force: bool = False) -> Summary:
+    """Run the resolved recipe on this process (one of WORLD_SIZE under torchrun): join the process group, check
+    the memory plan against the GPU (rank 0 decides for all), build, resume, train."""
+    d = run.recipe.distributed
+    with distributed_context(d.backend, d.timeout_s) as dist, output_dir_lock(run.output_dir, dist, job_id()):
+        done = step_to_resume(run.output_dir, run.recipe.checkpoint.resume) if dist.is_main else None
+        done = broadcast_object(done)  # type: ignore[assignment]
+        if done is not None and done >= run.recipe.train.max_steps:
+            return Summary(done, math.nan, math.nan, 0, 0.0, run.recipe.output_dir, already_done=True)
+        add_run_log(run.output_dir, dist.rank)
+        check_memory(run, dist, force)
+        check_disk(run, dist)
+        t = setup(run, dist, start_over=force)
+        try:
+            with t.preemption:
+                summary = run_loop(t)
+        finally:
+            t.metrics.close()
+        if dist.is_main:
+            how = "preempted after" if summary.preempted else "done:"
+            log.info("%s %d steps, loss %.4f -> %.4f, %d tokens in %.1f s; outputs in %s", how, summary.steps,
+                     summary.first_loss, summary.last_loss, summary.tokens, summary.seconds, summary.output_dir)
+        return summary

@@ -1,0 +1,129 @@
+"""Build the model the recipe asks for.
+
+Order of the transforms (each needs the one before):
+1. load: `from_pretrained` (hub id or directory) or `from_config` (architecture dict, from scratch), weights
+   in fp32 (the master copy; autocast gives bf16/fp16 compute). For qlora the linear layers are quantized
+   while loading (bitsandbytes through transformers' BitsAndBytesConfig): quantization has to see the
+   original weights, so it cannot come later, and loading an 8B model unquantized first would not fit;
+2. match the vocabulary to the tokenizer (a from-scratch config takes the tokenizer's size);
+3. adapter runs: prepare for k-bit training (freeze the base, norms in fp32, inputs that require grad so
+   checkpointed blocks have something to differentiate), then attach LoRA (peft). Preparing comes first
+   because it freezes every parameter: done after attaching it would freeze the adapter too;
+4. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
+
+From scratch, the initial weights are a function of train.seed and each module's name only: every module is
+initialized by the model's own rule (`_init_weights`) in fp32 on the CPU from a generator seeded by (seed, module
+name), then cast to its dtype and device. So the native engine, DeepSpeed ZeRO-1/2 and ZeRO-3 (which builds the
+model already partitioned, one module gathered at a time for this) start from the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from trainer import adapters
+from trainer.dtypes import torch_dtype
+from trainer.resolve import ResolvedRun
+
+log = logging.getLogger(__name__)
+Gather = Callable[[list[nn.Parameter]], ContextManager[Any]]
+
+
+def _from_scratch_config(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The resolved architecture with the tokenizer's special token ids (generation reads them from config.json)."""
+    config = copy.deepcopy(run.architecture)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if run.recipe.model.config.get(name) is None:  # type: ignore[union-attr]
+            setattr(config, name, getattr(tokenizer, name))
+    return config
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one module, from the run's seed and the module's dotted name."""
+    digest = hashlib.sha256(f"trainer.init:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _no_gather(params: list[nn.Parameter]) -> ContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def initialize_by_name(model: nn.Module, seed: int, gathered: Gather = _no_gather) -> None:
+    """Initialize every module with the model's own rule, from a generator seeded by (seed, module name), in fp32
+    on the CPU; `gathered` makes a partitioned module's parameters whole while it is initialized (ZeRO-3)."""
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        with gathered(own), torch.random.fork_rng(devices=[]), torch.no_grad():
+            storage = [p.data for p in own]  # (ZeRO-3: the gathered buffers DeepSpeed partitions again on exit)
+            for p in own:
+                p.data = torch.empty(p.shape, dtype=torch.float32)
+            torch.manual_seed(name_seed(seed, name))
+            model._init_weights(module)
+            for p, target in zip(own, storage):
+                target.copy_(p.data)  # cast to the parameter's own dtype and device, in its own tensor
+                p.data = target
+
+
+def save_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """What a checkpoint needs to be exported or used without the recipe's sources (its `hf/`): the model's config
+    and generation config with inference defaults, and the tokenizer (with the chat template the run used)."""
+    config = copy.deepcopy(model.config)
+    config.use_cache = True
+    config.save_pretrained(path)
+    generation = copy.deepcopy(getattr(model, "generation_config", None)) or GenerationConfig.from_model_config(config)
+    generation.use_cache = True
+    generation.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None,
+                gathered: Gather = _no_gather) -> nn.Module:
+    """The causal LM in fp32 on the CPU (a qlora base: quantized on `device`), vocabulary matched, adapters
+    attached, checkpointing applied; the engine moves it."""
+    m, adapter, precision = run.recipe.model, run.recipe.adapter, run.recipe.precision
+    extra: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        extra["attn_implementation"] = m.attn_implementation
+    if m.config is None:
+        load = adapters.load_kwargs(adapter, precision.dtype, device or torch.device("cpu"))
+        if not precision.master_weights and adapter.type == "none":
+            load["dtype"] = torch_dtype(precision.dtype)  # the model itself in bf16: no fp32 master copy
+        if m.rope_scaling:  # the resolved architecture carries it, merged into the model's own RoPE settings
+            extra["config"] = copy.deepcopy(run.architecture)
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, **load, **extra)
+    else:
+        dtype = torch.float32 if precision.master_weights else torch_dtype(precision.dtype)
+        with no_init_weights():  # initialized below, by name
+            model = AutoModelForCausalLM.from_config(_from_scratch_config(run, tokenizer), dtype=dtype, **extra)
+        model.tie_weights()  # no_init_weights also skips the tying of a tie_word_embeddings model
+        initialize_by_name(model, run.recipe.train.seed, gathered)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        if adapter.type != "none":  # resolve.py refuses this before loading; a tokenizer changed since then
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the base model's embeddings have {rows} "
+                             "rows, and adapters freeze the embeddings")
+        log.info("resizing embeddings %d -> %d to fit the tokenizer", rows, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    if adapter.type != "none":
+        model = adapters.apply(model, adapter, seed=run.recipe.train.seed,
+                               gradient_checkpointing=m.gradient_checkpointing)
+        log.info("adapter: %s", adapters.describe(model, adapter))
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    _, n = adapters.parameter_counts(model)  # a packed 4-bit weight counts the elements it stands for
+    log.info("model: %s, %.2fM parameters%s", type(model).__name__, n / 1e6,
+             ", gradient checkpointing" if m.gradient_checkpointing else "")
+    return model

@@ -1,0 +1,61 @@
+"""`python -m trainer data RECIPE --show N`: what the model will be trained on, before training. It builds the
+tokenizer and the data as a training run would, then prints N samples as text with the tokens that carry the loss
+marked, and the counts: documents, dropped rows, tokens, loss tokens, samples, and how full the samples are."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from trainer.data import DataPosition, TrainData
+from trainer.loss import IGNORE
+from trainer.resolve import ResolvedRun
+from trainer.tokenizer import build_tokenizer, settle_chat_template
+
+OPEN, CLOSE = "\x1b[42m\x1b[30m", "\x1b[0m"  # loss tokens on a green background, in a terminal
+PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"  # elsewhere
+
+
+def _marked(tokenizer: object, ids: list[int], labels: list[int], colour: bool) -> str:
+    """The sample's text, with every run of loss-carrying tokens wrapped in markers."""
+    start, end = (OPEN, CLOSE) if colour else (PLAIN_OPEN, PLAIN_CLOSE)
+    pieces, run, learned = [], [], None
+    for token, label in zip(ids, labels):
+        is_learned = label != IGNORE
+        if learned is not None and is_learned != learned:
+            text = tokenizer.decode(run)  # type: ignore[attr-defined]
+            pieces.append(f"{start}{text}{end}" if learned else text)
+            run = []
+        run.append(token)
+        learned = is_learned
+    if run:
+        text = tokenizer.decode(run)  # type: ignore[attr-defined]
+        pieces.append(f"{start}{text}{end}" if learned else text)
+    return "".join(pieces)
+
+
+def show(run: ResolvedRun, count: int, out: TextIO, colour: bool) -> None:
+    r = run.recipe
+    tokenizer = build_tokenizer(r.model)
+    template = settle_chat_template(tokenizer, r.data)
+    data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=0, world_size=1,
+                     micro_batch_size=r.train.micro_batch_size, grad_accum_steps=1)
+    marker = "highlighted" if colour else f"between {PLAIN_OPEN} and {PLAIN_CLOSE}"
+    out.write(f"data of {run.recipe_path or 'the recipe'}: {r.data.source} ({r.data.format}"
+              f"{', chat template: ' + template if template else ''}); tokens that carry the loss are {marker}\n")
+    position, shown = DataPosition(), 0
+    while shown < count and shown < data.num_train_samples:
+        (batch,), position = data.step_batches(position)
+        for ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels):
+            if shown == count:
+                break
+            real = int(mask.sum())
+            # the loss of token t is predicted at t-1: mark the tokens whose own label is learned
+            out.write(f"\n--- sample {shown + 1} ({real} tokens, {int((labels[1:real] != IGNORE).sum())} carry the "
+                      f"loss) ---\n{_marked(tokenizer, ids[:real].tolist(), labels[:real].tolist(), colour)}\n")
+            shown += 1
+    s = data.summary
+    fill = s["tokens"] / max(1, data.num_train_samples * r.data.seq_len)
+    out.write(f"\n{s['documents']} rows, {s['dropped']} dropped; {s['tokens']:,} tokens; {data.num_train_samples} "
+              f"training samples of <= {r.data.seq_len} tokens, {min(fill, 1.0):.1%} of their positions hold tokens "
+              f"(the rest is padding); {data.num_eval_samples} eval samples; one epoch = "
+              f"{data.num_train_samples // run.global_batch_size} steps of {run.global_batch_size} samples\n")

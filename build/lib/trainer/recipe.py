@@ -1,0 +1,342 @@
+"""Reading a recipe: a YAML file plus `dotted.key=value` overrides -> a typed `Recipe` (trainer/schema.py), with
+every problem collected as a `Problem` naming the key, the value, where it came from and what to do.
+
+Nothing here looks at the world size, the environment or a model: resolve.py does that, after this. A recipe
+is read defensively: it must be UTF-8, at most MAX_RECIPE_BYTES, and use at most MAX_ALIASES YAML aliases (a
+"billion laughs" recipe would otherwise expand to gigabytes once validated or printed).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from trainer.errors import CheckpointError, Problem, show_value
+from trainer.schema import Recipe, Section, field_at
+
+MAX_RECIPE_BYTES = 4 * 2**20
+MAX_ALIASES = 100
+COMMAND_LINE = "command line"
+RECIPE_FILE = "recipe"
+DEFAULT = "default"
+
+
+def _related(key: str, keys: frozenset[str]) -> bool:
+    """A key given at, above or below `key`."""
+    return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in keys)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each value came from: the command line (an override at, above or below the key), the recipe file,
+    or the schema's default."""
+
+    overridden: frozenset[str] = field(default_factory=frozenset)
+    in_file: frozenset[str] | None = None  # dotted keys the file gives; None: unknown, say "recipe"
+
+    def __call__(self, key: str) -> str:
+        if _related(key, self.overridden):
+            return COMMAND_LINE
+        if self.in_file is None or any(k == key or k.startswith(key + ".") for k in self.in_file):
+            return RECIPE_FILE
+        return DEFAULT
+
+
+def dotted_keys(raw: dict[str, Any], prefix: str = "") -> frozenset[str]:
+    """Every dotted key of a nested mapping, sections included."""
+    keys: set[str] = set()
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        keys.add(key)
+        if isinstance(v, dict):
+            keys |= dotted_keys(v, key + ".")
+    return frozenset(keys)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def _file_problem(path: str | Path, message: str, source: str = RECIPE_FILE) -> list[Problem]:
+    return [Problem("recipe", str(path), message, source)]
+
+
+def read_text(path: str | Path) -> tuple[str, list[Problem]]:
+    """The recipe file's text, or the reason it cannot be read (missing, a directory, unreadable, too big, not
+    UTF-8)."""
+    p = Path(path)
+    if not p.exists():
+        return "", _file_problem(path, "file not found; give the path of a YAML recipe (e.g. recipes/quickstart.yaml)",
+                                 COMMAND_LINE)
+    if p.is_dir():
+        return "", _file_problem(path, "is a directory; give the path of a YAML recipe file", COMMAND_LINE)
+    try:
+        size = p.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            return "", _file_problem(path, f"is {size / 2**20:.1f} MiB; a recipe is a few kB of YAML (limit "
+                                     f"{MAX_RECIPE_BYTES // 2**20} MiB): is this the right file?")
+        raw = p.read_bytes()
+    except OSError as e:
+        return "", _file_problem(path, f"cannot be read ({e.strerror or e}); check its permissions")
+    try:
+        return raw.decode("utf-8"), []
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return "", _file_problem(path, f"is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+                                 "UTF-8")
+
+
+def _alias_count(text: str) -> int:
+    """YAML aliases (`*name`) in the text, counted from the event stream (no document is built)."""
+    return sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+
+
+def parse_yaml(text: str, path: str | Path) -> tuple[dict[str, Any], list[Problem]]:
+    """The recipe's mapping of sections, or why the text is not one."""
+    try:
+        aliases = _alias_count(text)
+        if aliases > MAX_ALIASES:
+            return {}, _file_problem(path, f"uses {aliases} YAML aliases (limit {MAX_ALIASES}); expanding them "
+                                     "could take gigabytes: write the values out")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return {}, _file_problem(path, f"not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+    if data is None:
+        return {}, []
+    if not isinstance(data, dict):
+        return {}, _file_problem(path, "the top level must be a mapping of sections (output_dir:, model:, ...)")
+    return data, []
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], list[Problem]]:
+    text, problems = read_text(path)
+    return (({}, problems) if problems else parse_yaml(text, path))
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]]:
+    """`a.b=value` strings to {dotted key: YAML value}."""
+    parsed: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(Problem(item, None, "an override must look like section.key=value (e.g. "
+                                    "train.max_steps=50)", COMMAND_LINE))
+            continue
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            parsed[key] = raw
+    return parsed, problems
+
+
+def _takes_null(key: str) -> bool:
+    """Whether the schema's key accepts null (unknown keys are left for typing to report)."""
+    info = field_at(key)
+    return info is None or type(None) in typing.get_args(info.annotation)
+
+
+def apply_overrides(raw: dict[str, Any], parsed: dict[str, Any]) -> list[Problem]:
+    """Set each dotted key in `raw` (in place), creating sections as needed. `key=null` on a key that takes no null
+    clears it: the schema's default applies."""
+    problems = []
+    for key, value in parsed.items():
+        parts = key.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(Problem(key, value, f"'{'.'.join(parts[:i + 1])}' is not a section", COMMAND_LINE))
+                break
+            node = child
+        else:
+            if value is None and not _takes_null(key):
+                node.pop(parts[-1], None)
+            else:
+                node[parts[-1]] = value
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- typing
+
+def did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    """A did-you-mean hint for a typo, or the list of valid names when nothing is close."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{prefix}{close[0]}'?"
+    return f"valid keys here: {', '.join(sorted(choices))}"
+
+
+def type_name(tp: Any) -> str:
+    """How a message names a type: 'an integer', 'fp32 | bf16 | fp16', 'a list of string or null'."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return type_name(typing.get_args(tp)[0])
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_plural(type_name(arg))}"
+    if origin is dict:
+        return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a section (a mapping of keys)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _plural(name: str) -> str:
+    """'an integer' -> 'integers', 'a string' -> 'strings' (other names stay as they are)."""
+    for article in ("an ", "a "):
+        if name.startswith(article) and " " not in name[len(article):]:
+            return name[len(article):] + "s"
+    return name
+
+
+def _locate(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None, Any, bool]:
+    """(path of schema keys the error is at, the section holding the last key, that key's annotation, whether the
+    last part of the path is a key the schema does not have)."""
+    cls: type[BaseModel] | None = Recipe
+    path: list[str] = []
+    annotation: Any = Recipe
+    for part in loc:
+        if not isinstance(part, str) or cls is None:
+            break  # a list index or a union member's tag: the error belongs to the field reached so far
+        if part not in cls.model_fields:
+            return path + [part], cls, None, True
+        path.append(part)
+        annotation = cls.model_fields[part].annotation
+        holder, cls = cls, annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+        if cls is None:
+            return path, holder, annotation, False
+    return path, None, annotation, False
+
+
+def _value_at(raw: dict[str, Any], path: list[str]) -> Any:
+    node: Any = raw
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _message(error: Any, holder: type[BaseModel] | None, annotation: Any, unknown: bool, path: list[str],
+             value: Any) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if unknown:
+        names = list(holder.model_fields) if holder else []
+        prefix = ".".join(path[:-1]) + "." if len(path) > 1 else ""
+        return f"unknown key; {did_you_mean(path[-1], names, prefix)}"
+    bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit}"
+    if kind == "literal_error" and isinstance(value, (str, int)):
+        choices = [str(c) for c in typing.get_args(_literal_of(annotation))]
+        hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""
+        text = f"must be one of: {', '.join(choices)}"
+        return f"{text}; {hint}" if hint.startswith("did") else text
+    if kind in ("model_type", "model_attributes_type", "dict_type") and isinstance(annotation, type) \
+            and issubclass(annotation, BaseModel):
+        return f"must be a section (a mapping of keys), not {type(value).__name__}"
+    if kind == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    index = next((part for part in error["loc"][len(path):] if isinstance(part, int)), None)
+    if index is not None and isinstance(value, list) and index < len(value):
+        return f"must be {type_name(annotation)}; item {index} is {show_value(value[index])} " \
+               f"({type(value[index]).__name__})"
+    return f"must be {type_name(annotation)}, got {type(value).__name__}"
+
+
+def _literal_of(annotation: Any) -> Any:
+    """The Literal inside an annotation (`Literal[...] | None` included)."""
+    if typing.get_origin(annotation) is Literal:
+        return annotation
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is Literal:
+            return arg
+    return annotation
+
+
+def _remove(raw: dict[str, Any], path: list[str]) -> None:
+    node: Any = raw
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
+def to_recipe(raw: dict[str, Any], sources: Sources = Sources()) -> tuple[Recipe, list[Problem]]:
+    """The typed recipe and every type problem, one per key. A key with a problem falls back to its default, so
+    the recipe returned can still be cross-checked (resolve.py skips rules on keys already reported)."""
+    data = copy.deepcopy(raw)
+    problems: list[Problem] = []
+    for _ in range(50):  # each round removes at least one bad key
+        try:
+            return Recipe.model_validate(data), problems
+        except ValidationError as e:
+            errors = e.errors()
+        seen: set[str] = set()
+        for error in errors:
+            path, holder, annotation, unknown = _locate(error["loc"])
+            key = ".".join(path)
+            if key in seen or not path:
+                continue
+            seen.add(key)
+            value = _value_at(data, path)
+            problems.append(Problem(key, value, _message(error, holder, annotation, unknown, path, value),
+                                    sources(key)))
+            _remove(data, path)
+    raise AssertionError("a recipe whose problems could not be isolated")  # each round removes a key: unreachable
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None
+                ) -> tuple[Recipe, Sources, list[Problem]]:
+    """The recipe file with its overrides applied and typed; problems listed, not raised (resolve.py raises them
+    together with its own)."""
+    raw, problems = read_yaml(path) if path is not None else ({}, [])
+    if problems:  # the file itself is the problem: checking the defaults would only add noise
+        return Recipe(), Sources(), problems
+    in_file = dotted_keys(raw)
+    parsed, problems = parse_overrides(overrides or [])
+    problems += apply_overrides(raw, parsed)
+    sources = Sources(frozenset(parsed), in_file)
+    recipe, typed = to_recipe(raw, sources)
+    return recipe, sources, problems + typed
+
+
+def with_overrides(recipe: Recipe, overrides: list[str]) -> tuple[Recipe, list[Problem]]:
+    """`recipe` with dotted overrides applied (what a memory-plan suggestion proposes), and any type problems."""
+    raw = recipe.model_dump()
+    parsed, problems = parse_overrides(overrides)
+    problems += apply_overrides(raw, parsed)
+    new, typed = to_recipe(raw, Sources(frozenset(parsed)))
+    return new, problems + typed
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The recipe as YAML, every key written out (output_dir/config.yaml, checkpoints, `validate`)."""
+    return yaml.safe_dump(recipe.model_dump(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def saved_recipe(path: Path) -> Recipe:
+    """The recipe a checkpoint was saved under (its config.yaml); CheckpointError when it no longer reads."""
+    data, problems = read_yaml(path)
+    recipe, typed = to_recipe(data) if not problems else (Recipe(), [])
+    problems += typed
+    if problems:
+        raise CheckpointError(f"{path}: the saved recipe cannot be read by this version: "
+                              + "; ".join(p.render() for p in problems[:3]))
+    return recipe

@@ -1,0 +1,293 @@
+"""Recipe + world size + environment -> one frozen `ResolvedRun`: every derived value computed once, here.
+
+What is derived: gradient accumulation from `train.global_batch_size` and the world size (or the global batch
+from `train.grad_accum_steps`), the architecture (trainer/architecture.py: the recipe's dict, a local directory,
+the hub cache, the table of known models), the vocabulary size, and the output directory (checked, and for
+training created and probed for writing). The plan, the DeepSpeed config, the data, the engines and the loop read
+the `ResolvedRun`; none of them recomputes these.
+
+What is checked, all at once with the type problems of recipe.py: the cross-field rules (rules.py), the paths the
+recipe names, the batch sizes at this world size, and the rules that need the architecture (sequence length vs
+positions, vocabulary vs tokenizer, adapter and GaLore target names). Lower rooms raise ValueError about their
+own arguments; here they become problems naming the recipe key, its value, where it came from, and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer import architecture as arch
+from trainer.errors import ConfigError, Problem
+from trainer.paths import looks_local
+from trainer.recipe import COMMAND_LINE, Sources, load_recipe
+from trainer.rules import cross_check, warnings_of
+from trainer.schema import Recipe, TrainConfig
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A recipe made concrete for one launch."""
+
+    recipe: Recipe
+    world_size: int
+    grad_accum_steps: int  # micro-batches per optimizer step on each rank
+    global_batch_size: int  # sequences per optimizer step over all ranks
+    architecture: Any  # the model's transformers config (vocab_size resolved)
+    architecture_source: str  # recipe | local | known models table | hub
+    output_dir: Path
+    warnings: tuple[str, ...] = ()  # allowed but probably not meant: printed by validate and train
+    sources: Sources = Sources()
+    recipe_path: str | None = None
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.recipe.train.micro_batch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.recipe.data.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return int(arch.text_config(self.architecture).vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------- batch
+
+def accumulation(train: TrainConfig, world_size: int, src: Sources = Sources()) -> tuple[int, list[Problem]]:
+    """Micro-batches per optimizer step on each rank at this world size, and the problems when the sizes do not
+    divide or contradict each other."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size is None:
+        return train.grad_accum_steps or 1, []
+    if train.global_batch_size % per_step:
+        nearest = per_step * max(1, round(train.global_batch_size / per_step))
+        return 1, [Problem("train.global_batch_size", train.global_batch_size, f"must be a multiple of "
+                           f"micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}; "
+                           f"e.g. {nearest}", src("train.global_batch_size"))]
+    accum = train.global_batch_size // per_step
+    if train.grad_accum_steps is not None and train.grad_accum_steps != accum:
+        return accum, [Problem("train.grad_accum_steps", train.grad_accum_steps, f"contradicts "
+                               f"train.global_batch_size={train.global_batch_size} (which gives {accum} at "
+                               f"micro_batch_size {train.micro_batch_size} x {world_size} ranks); give only one of "
+                               "them", src("train.grad_accum_steps"))]
+    return accum, []
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def output_dir_problems(value: str, src: Sources) -> list[Problem]:
+    """Whether output_dir is (or can become) a writable directory, without creating it."""
+    path = Path(value).expanduser()
+    where = src("output_dir")
+    if path.exists() and not path.is_dir():
+        return [Problem("output_dir", value, "exists and is not a directory; choose another output_dir", where)]
+    if path.exists() and not os.access(path, os.W_OK | os.X_OK):
+        return [Problem("output_dir", value, "is not writable by this user; choose another output_dir or fix its "
+                        "permissions", where)]
+    ancestor = _nearest_existing(path)
+    if not path.exists() and not ancestor.is_dir():
+        return [Problem("output_dir", value, f"cannot be created: {ancestor} is a file, not a directory; choose "
+                        "another output_dir", where)]
+    if not path.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
+        return [Problem("output_dir", value, f"cannot be created: no write permission in {ancestor}; choose "
+                        "another output_dir", where)]
+    return []
+
+
+def make_output_dir(value: str, src: Sources) -> list[Problem]:
+    """Create output_dir and prove a file can be written there (a read-only or full filesystem, or a place even
+    root cannot write, such as /proc, fails here rather than at the first checkpoint)."""
+    path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return [Problem("output_dir", value, f"cannot be created or written ({e.strerror or e}); choose another "
+                        "output_dir", src("output_dir"))]
+    return []
+
+
+def _path_problems(r: Recipe, src: Sources) -> list[Problem]:
+    """Local paths the recipe names must exist (hub names are checked when they are loaded)."""
+    m, d, out = r.model, r.data, []
+    if m.name_or_path and looks_local(m.name_or_path) and not Path(m.name_or_path).expanduser().is_dir():
+        out.append(Problem("model.name_or_path", m.name_or_path, "local model directory not found; check the path "
+                           "(or give a hub id like org/name)", src("model.name_or_path")))
+    if m.tokenizer and m.tokenizer != "byte" and looks_local(m.tokenizer) \
+            and not Path(m.tokenizer).expanduser().exists():
+        out.append(Problem("model.tokenizer", m.tokenizer, "tokenizer directory not found; give 'byte', an existing "
+                           "directory or a hub id", src("model.tokenizer")))
+    if d.source and not d.source.startswith("builtin:") and looks_local(d.source) \
+            and not Path(d.source).expanduser().exists():
+        out.append(Problem("data.source", d.source, "file or directory not found; check the path",
+                           src("data.source")))
+    resume = r.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():
+        out.append(Problem("checkpoint.resume", resume, "not auto, never, or an existing checkpoint folder / run "
+                           "directory; check the path", src("checkpoint.resume")))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- architecture
+
+def _tokenizer_size(r: Recipe, src: Sources, *, needed: bool) -> tuple[int | None, list[Problem]]:
+    """len(tokenizer): the byte tokenizer's size, or a tokenizer found locally (a directory or the hub cache). When
+    `needed` (nothing else sizes the vocabulary) the network is tried too, and failing is a problem; otherwise an
+    unavailable tokenizer gives None and the checks that need it wait for the build."""
+    from trainer.tokenizer import BYTE_VOCAB_SIZE, build_tokenizer
+
+    if r.model.tokenizer == "byte":
+        return BYTE_VOCAB_SIZE, []
+    try:
+        return len(build_tokenizer(r.model, local_files_only=True)), []
+    except (OSError, ValueError):
+        if not needed:
+            return None, []
+    try:
+        return len(build_tokenizer(r.model)), []
+    except (OSError, ValueError) as e:
+        return None, [Problem("model.tokenizer", r.model.tokenizer or r.model.name_or_path, f"cannot be loaded "
+                              f"({str(e).splitlines()[0][:160]}); give a local directory, 'byte', or a reachable hub "
+                              "id", src("model.tokenizer"))]
+
+
+def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[Problem]]:
+    """(config, where it came from, tokenizer size if known, problems)."""
+    m = r.model
+    if m.config is not None:
+        given = m.config.get("vocab_size")
+        size, problems = _tokenizer_size(r, src, needed=given is None)
+        if given is None and size is None:
+            return None, "recipe", None, problems + [Problem(
+                "model.config.vocab_size", None, "the tokenizer cannot be loaded to size the vocabulary; set "
+                "model.config.vocab_size", src("model.config"))]
+        if given is not None and size is not None and given < size:
+            return None, "recipe", size, [Problem("model.config.vocab_size", given, f"smaller than the tokenizer's "
+                                                  f"{size} tokens; remove it (it defaults to the tokenizer's size) "
+                                                  f"or set >= {size}", src("model.config"))]
+        try:
+            config = arch.from_recipe(m.config, given or size)  # type: ignore[arg-type]
+            return _scaled(config, m.rope_scaling), "recipe", size, []
+        except arch.ArchitectureError as e:
+            return None, "recipe", size, [Problem("model.config.model_type", m.config.get("model_type"), str(e),
+                                                  src("model.config"))]
+    try:
+        config, where = arch.pretrained(m)
+    except arch.ArchitectureError as e:
+        key = f"model.{e.field}"
+        return None, "", None, [Problem(key, getattr(m, e.field), str(e), src(key))]
+    config = _scaled(config, m.rope_scaling)
+    size = None
+    if r.adapter.type != "none":  # adapters freeze the embeddings: the tokenizer must fit them
+        size, _ = _tokenizer_size(r, src, needed=False)
+    return config, where, size, []
+
+
+def _scaled(config: Any, rope_scaling: dict[str, Any] | None) -> Any:
+    return arch.with_rope_scaling(config, rope_scaling) if rope_scaling else config
+
+
+def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, src: Sources,
+                           meta_model: Any = None) -> list[Problem]:
+    """Rules that need the model's shapes."""
+    out = []
+    limit = arch.max_positions(config)
+    if limit is not None and r.data.seq_len > limit:
+        out.append(Problem("data.seq_len", r.data.seq_len, f"exceeds the model's {limit} positions "
+                           f"(max_position_embeddings); lower data.seq_len to <= {limit}, or extend the positions "
+                           "with a RoPE scaling (model.rope_scaling: {rope_type: linear, factor: "
+                           f"{-(-r.data.seq_len // limit)}.0}})", src("data.seq_len")))
+    rows = arch.text_config(config).vocab_size
+    if r.adapter.type != "none" and tokenizer_size is not None and tokenizer_size > rows:
+        out.append(Problem("model.tokenizer", r.model.tokenizer, f"has {tokenizer_size} tokens but the base model's "
+                           f"embeddings have {rows} rows: adapters freeze the embeddings, so the "
+                           f"{tokenizer_size - rows} new token(s) would keep random vectors; use a tokenizer that "
+                           "fits the model's vocabulary", src("model.tokenizer")))
+    if r.adapter.type != "none" and isinstance(r.adapter.target_modules, list) and r.adapter.target_modules:
+        from trainer.adapters.targets import target_problems
+
+        out += [Problem("adapter.target_modules", r.adapter.target_modules, why, src("adapter.target_modules"))
+                for why in target_problems(r.adapter, config)]
+    if r.optimizer.name.startswith("galore"):
+        out += _galore_target_problems(r, config, src, meta_model)
+    return out
+
+
+def _galore_target_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
+    from trainer.adapters.targets import meta_model
+    from trainer.optim.galore_groups import select_targets
+
+    g = r.optimizer.galore
+    model = model if model is not None else meta_model(config)
+    try:
+        targets, small = select_targets(model, g.target_modules, g.rank)
+    except ValueError as e:
+        return [Problem("optimizer.galore.target_modules", g.target_modules, str(e),
+                        src("optimizer.galore.target_modules"))]
+    if not targets:
+        side = max((min(p.shape) for p in small), default=0)
+        return [Problem("optimizer.galore.rank", g.rank, f"no target matrix has both sides larger than the rank (the "
+                        f"largest smaller side is {side}), so GaLore would project nothing; use a smaller rank, e.g. "
+                        f"{max(1, side // 4)}", src("optimizer.galore.rank"))]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Sources(),
+                   problems: list[Problem] | None = None, origin: str = "recipe", architecture_config: Any = None,
+                   meta_model: Any = None, make_output: bool = False, recipe_path: str | None = None) -> ResolvedRun:
+    """Resolve a typed recipe; ConfigError listing every problem (including `problems` found before). A plan's
+    suggestions pass the architecture, and its model on the meta device, that they already have: they never change
+    the model."""
+    problems = list(problems or [])
+    reported = {p.key for p in problems}
+
+    def add(found: list[Problem]) -> None:
+        problems.extend(p for p in found if p.key not in reported)  # a key with a type problem: no follow-ons
+
+    add(cross_check(recipe, sources))
+    accum, batch = accumulation(recipe.train, world_size, sources)
+    add(batch)
+    add(_path_problems(recipe, sources))
+    add(make_output_dir(recipe.output_dir, sources) if make_output else output_dir_problems(recipe.output_dir,
+                                                                                         sources))
+    config, where, tokenizer_size = architecture_config, "given", None
+    model_reported = any(p.key.startswith(("model.name_or_path", "model.config", "model.tokenizer")) for p in problems)
+    if config is None and not model_reported:
+        config, where, tokenizer_size, found = _architecture(recipe, sources)
+        add(found)
+    if config is not None:
+        add(_architecture_problems(recipe, config, tokenizer_size, sources, meta_model))
+    if problems:
+        raise ConfigError(problems, origin)
+    return ResolvedRun(recipe=recipe, world_size=world_size, grad_accum_steps=accum,
+                       global_batch_size=recipe.train.micro_batch_size * accum * world_size, architecture=config,
+                       architecture_source=where, output_dir=Path(recipe.output_dir).expanduser(),
+                       warnings=tuple(warnings_of(recipe)), sources=sources, recipe_path=recipe_path)
+
+
+def resolve(path: str | Path | None, overrides: list[str] | None = None, world_size: int = 1, *,
+            make_output: bool = False) -> ResolvedRun:
+    """Read, type, check and resolve a recipe file with its overrides for a launch of `world_size` ranks."""
+    recipe, sources, problems = load_recipe(path, overrides)
+    origin = f"recipe {path}" if path is not None else "recipe"
+    if any(p.key == "recipe" for p in problems):  # the file cannot be read: nothing else is worth checking
+        raise ConfigError([p for p in problems if p.key == "recipe"], origin)
+    return resolve_recipe(recipe, world_size, sources=sources, problems=problems, origin=origin,
+                          make_output=make_output, recipe_path=str(path) if path is not None else None)
+
+
+__all__ = ["ResolvedRun", "resolve", "resolve_recipe", "accumulation", "COMMAND_LINE"]

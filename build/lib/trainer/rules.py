@@ -1,0 +1,238 @@
+"""Cross-field rules of a recipe: settings that are each valid but contradict each other.
+
+Pure: each rule reads the typed recipe only (no file, environment or model) and returns Problems naming the key,
+the value and the fix. Rules that need the world size, the filesystem or the architecture live in resolve.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from trainer.errors import Problem
+from trainer.schema import DEEPSPEED_OWNED, QuantConfig, Recipe
+
+Source = Callable[[str], str]
+BUILTIN_SOURCES = ("builtin:python_stdlib",)
+
+
+def _model(r: Recipe, src: Source) -> list[Problem]:
+    m, out = r.model, []
+    if m.name_or_path and m.config:
+        out.append(Problem("model.config", m.config, "give either model.config (from scratch) or "
+                           "model.name_or_path (pretrained), not both; set one to null", src("model.config")))
+    elif not m.name_or_path and not m.config:
+        out.append(Problem("model.name_or_path", None, "no model: give model.name_or_path (hub id or directory) "
+                           "or model.config (an architecture dict with model_type)", src("model.name_or_path")))
+    if m.config is not None and not isinstance(m.config.get("model_type"), str):
+        out.append(Problem("model.config.model_type", m.config.get("model_type"), "model.config needs a "
+                           "model_type string (llama, qwen2, mistral, gpt2, ...)", src("model.config")))
+    if m.config and m.rope_scaling and ({"rope_scaling", "rope_parameters"} & set(m.config)):
+        out.append(Problem("model.rope_scaling", m.rope_scaling, "model.config sets its own RoPE settings too; give "
+                           "the scaling in one place", src("model.rope_scaling")))
+    if m.config and not m.tokenizer:
+        out.append(Problem("model.tokenizer", None, "a from-scratch model needs a tokenizer: 'byte', "
+                           "a directory or a hub id", src("model.tokenizer")))
+    return out
+
+
+def _data(r: Recipe, src: Source) -> list[Problem]:
+    d, out = r.data, []
+    if not d.source:
+        out.append(Problem("data.source", None, "no training data: give a file, directory or hub dataset name "
+                           "(or builtin:python_stdlib)", src("data.source")))
+    elif d.source.startswith("builtin:") and d.source not in BUILTIN_SOURCES:
+        out.append(Problem("data.source", d.source, "unknown built-in dataset; the one built-in is "
+                           "builtin:python_stdlib", src("data.source")))
+    if d.source in BUILTIN_SOURCES and d.format != "text":
+        out.append(Problem("data.format", d.format, "builtin:python_stdlib is plain text: use format: text",
+                           src("data.format")))
+    if r.train.eval_every_steps > 0 and d.eval_fraction == 0:
+        out.append(Problem("train.eval_every_steps", r.train.eval_every_steps, "evaluation needs held-out "
+                           "data: set data.eval_fraction (e.g. 0.05) or train.eval_every_steps=0",
+                           src("train.eval_every_steps")))
+    return out
+
+
+def _optimizer(r: Recipe, src: Source) -> list[Problem]:
+    o, out = r.optimizer, []
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        out.append(Problem("optimizer.betas", o.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]",
+                           src("optimizer.betas")))
+    return out + _galore(r, src)
+
+
+def _galore(r: Recipe, src: Source) -> list[Problem]:
+    o, g, out = r.optimizer, r.optimizer.galore, []
+    if not o.name.startswith("galore"):
+        if g.per_layer:
+            out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates are built for the GaLore "
+                               "optimizers: set optimizer.name: galore_adamw (or galore_adamw8bit), or "
+                               "per_layer: false", src("optimizer.galore.per_layer")))
+        return out
+    if r.distributed.engine == "deepspeed":
+        out.append(Problem("optimizer.name", o.name, "GaLore needs whole weight matrices, and DeepSpeed flattens "
+                           "and partitions parameters, so no rank ever sees a matrix to project; use "
+                           "distributed.engine: native with distributed.zero_stage: 1 (GaLore with its state "
+                           "sharded across ranks by whole parameters)", src("optimizer.name")))
+    if r.adapter.type != "none":
+        out.append(Problem("optimizer.name", o.name, f"GaLore trains full weight matrices, but adapter.type: "
+                           f"{r.adapter.type} trains only small adapter matrices (nothing to project); use "
+                           "optimizer.name: adamw (or adamw8bit), or adapter.type: none", src("optimizer.name")))
+    if g.target_modules is not None and not g.target_modules:
+        out.append(Problem("optimizer.galore.target_modules", [], "empty: give module names or globs (e.g. "
+                           "[q_proj, v_proj]) or null for every attention and MLP projection",
+                           src("optimizer.galore.target_modules")))
+    if g.per_layer and r.precision.dtype == "fp16":
+        out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates change each weight during "
+                           "backward, before an fp16 overflow elsewhere in the model is known, so the step cannot "
+                           "be skipped; use precision.dtype: bf16 (no loss scaling needed) or per_layer: false",
+                           src("optimizer.galore.per_layer")))
+    if g.per_layer and r.distributed.zero_stage == 1:
+        out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates with sharded optimizer state "
+                           "(distributed.zero_stage: 1) are not supported; choose one: per_layer frees gradients "
+                           "during backward, zero_stage 1 splits the GaLore state across ranks",
+                           src("optimizer.galore.per_layer")))
+    return out
+
+
+def _nonfinite(r: Recipe, src: Source) -> list[Problem]:
+    """Skipping a non-finite step needs an update that has not happened yet when it is found."""
+    if r.train.max_nonfinite_steps == 0 or r.precision.dtype == "fp16":
+        return []
+    key, why = "train.max_nonfinite_steps", ""
+    if r.optimizer.name.startswith("galore") and r.optimizer.galore.per_layer:
+        why = ("per-layer updates change each weight during backward, so a step cannot be skipped once its "
+               "gradients exist; set it to 0 (the run stops at the first NaN/inf loss, before its backward)")
+    elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0 and r.precision.dtype == "fp32":
+        why = ("DeepSpeed checks gradients for NaN/inf only in bf16 and fp16, so in fp32 it would apply them; use "
+               "precision.dtype: bf16, or set it to 0")
+    return [Problem(key, r.train.max_nonfinite_steps, why, src(key))] if why else []
+
+
+def _precision(r: Recipe, src: Source) -> list[Problem]:
+    p = r.precision
+    if p.master_weights:
+        return []
+    key, why = "precision.master_weights", ""
+    if p.dtype == "fp16":
+        why = "fp16 weights without an fp32 master copy cannot be loss-scaled safely; use precision.dtype: bf16"
+    elif p.dtype == "fp32":
+        why = "has no effect with precision.dtype: fp32 (the weights are fp32); set dtype: bf16 or remove it"
+    elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0:
+        why = "DeepSpeed keeps its own fp32 master copy in the optimizer; remove it"
+    elif r.adapter.type != "none":
+        why = "adapter runs already keep the frozen base in precision.dtype and the adapters in fp32; remove it"
+    return [Problem(key, False, why, src(key))] if why else []
+
+
+def _distributed(r: Recipe, src: Source) -> list[Problem]:
+    d, out = r.distributed, []
+    if d.engine == "native" and d.zero_stage > 1:
+        out.append(Problem("distributed.zero_stage", d.zero_stage, "the native engine shards optimizer state only "
+                           "(zero_stage 1: each rank keeps the state of the whole parameters it owns); stages 2-3 "
+                           "need distributed.engine: deepspeed", src("distributed.zero_stage")))
+    if d.engine == "native" and (d.offload_optimizer != "none" or d.offload_params != "none"):
+        key = "distributed.offload_optimizer" if d.offload_optimizer != "none" else "distributed.offload_params"
+        out.append(Problem(key, "cpu", "CPU offload needs distributed.engine: deepspeed", src(key)))
+    if d.offload_params != "none" and d.zero_stage != 3:
+        out.append(Problem("distributed.offload_params", d.offload_params, "parameter offload needs "
+                           "distributed.zero_stage: 3", src("distributed.offload_params")))
+    if d.deepspeed_overrides and d.engine != "deepspeed":
+        out.append(Problem("distributed.deepspeed_overrides", d.deepspeed_overrides, "only used with "
+                           "distributed.engine: deepspeed; remove it or switch the engine",
+                           src("distributed.deepspeed_overrides")))
+    return out
+
+
+def owned_override_paths(overrides: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(override key, its value, recipe key to use) for every DeepSpeed override the recipe owns."""
+    out = []
+    for path, recipe_key in DEEPSPEED_OWNED.items():
+        node: Any = overrides
+        for part in path.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            out.append((path, node, recipe_key))
+    return out
+
+
+_MISSING = object()
+
+
+def _deepspeed(r: Recipe, src: Source) -> list[Problem]:
+    """distributed.engine: deepspeed. (GaLore and adapters on it are refused by their own rules.)"""
+    d, out = r.distributed, []
+    if d.engine != "deepspeed":
+        return out
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        out.append(Problem("distributed.offload_optimizer", d.offload_optimizer, "optimizer offload is part of "
+                           "ZeRO: set distributed.zero_stage: 1, 2 or 3", src("distributed.offload_optimizer")))
+    if d.offload_optimizer != "none" and r.optimizer.name != "adamw":
+        out.append(Problem("optimizer.name", r.optimizer.name, "with distributed.offload_optimizer: cpu the "
+                           "update runs on the CPU in DeepSpeedCPUAdam: use optimizer.name: adamw, or "
+                           "offload_optimizer: none", src("optimizer.name")))
+    scale = r.precision.initial_loss_scale
+    if r.precision.dtype == "fp16" and d.zero_stage > 0 and not math.log2(scale).is_integer():
+        out.append(Problem("precision.initial_loss_scale", scale, "DeepSpeed's loss scale starts at a power of "
+                           "two (2**initial_scale_power): use e.g. 65536", src("precision.initial_loss_scale")))
+    if d.deepspeed_overrides and d.zero_stage == 0:
+        out.append(Problem("distributed.deepspeed_overrides", d.deepspeed_overrides, "zero_stage 0 runs on the "
+                           "native engine (DeepSpeed's stage 0 mishandles fp16 and bf16), which reads no DeepSpeed "
+                           "config: remove the overrides or set distributed.zero_stage: 1, 2 or 3",
+                           src("distributed.deepspeed_overrides")))
+    for path, value, recipe_key in owned_override_paths(d.deepspeed_overrides):
+        out.append(Problem(f"distributed.deepspeed_overrides.{path}", value, f"generated from the recipe; set "
+                           f"{recipe_key} instead", src("distributed.deepspeed_overrides")))
+    return out
+
+
+def _adapter(r: Recipe, src: Source) -> list[Problem]:
+    a, out = r.adapter, []
+    if a.type == "none":
+        return []
+    if not r.model.name_or_path:
+        return [Problem("adapter.type", a.type, "adapters train on top of a pretrained model, and model.config "
+                        "builds a randomly initialized one: give model.name_or_path (a directory or hub id) and set "
+                        "model.config=null, or use adapter.type=none to train from scratch", src("adapter.type"))]
+    if a.type == "lora" and a.quant != QuantConfig():
+        out.append(Problem("adapter.quant", a.quant.model_dump(), "quantization settings apply to "
+                           "adapter.type=qlora; use qlora or remove adapter.quant", src("adapter.quant")))
+    q, dtype = a.quant, r.precision.dtype
+    if a.type == "qlora" and q.type != "int8" and dtype != "fp32" and q.compute_dtype != dtype:
+        out.append(Problem("adapter.quant.compute_dtype", q.compute_dtype, f"differs from precision.dtype={dtype}: "
+                           f"the 4-bit matmuls would run in {q.compute_dtype} inside {dtype} autocast; set "
+                           f"adapter.quant.compute_dtype={dtype}", src("adapter.quant.compute_dtype")))
+    if a.type == "qlora" and q.type == "int8" and q.storage_dtype != "uint8":
+        out.append(Problem("adapter.quant.storage_dtype", q.storage_dtype, "applies to 4-bit weights (nf4, fp4); "
+                           "int8 weights are stored as int8: remove it", src("adapter.quant.storage_dtype")))
+    if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
+        out.append(Problem("adapter.target_modules", a.target_modules, "give a list of module names (e.g. "
+                           "[q_proj, v_proj]) or 'all-linear'", src("adapter.target_modules")))
+    if isinstance(a.target_modules, list) and not a.target_modules:
+        out.append(Problem("adapter.target_modules", [], "empty: give module names (e.g. [q_proj, v_proj]) or "
+                           "'all-linear'", src("adapter.target_modules")))
+    if r.distributed.engine == "deepspeed":
+        out.append(Problem("adapter.type", a.type, "adapters are not supported with distributed.engine=deepspeed "
+                           "in this version (ZeRO-3 needs the 4-bit weights in a bf16 storage dtype to shard them, "
+                           "and saving the adapter from partitioned parameters writes an empty file: peft#2016, "
+                           "DeepSpeed#3620); use distributed.engine=native (DDP)", src("distributed.engine")))
+    return out  # GaLore with adapters: refused by the GaLore rules
+
+
+RULES = (_model, _data, _optimizer, _nonfinite, _precision, _distributed, _deepspeed, _adapter)
+
+
+def cross_check(recipe: Recipe, src: Source) -> list[Problem]:
+    """Every cross-field problem of a type-correct recipe."""
+    return [problem for rule in RULES for problem in rule(recipe, src)]
+
+
+def warnings_of(recipe: Recipe) -> list[str]:
+    """Settings that are allowed but probably not meant: `validate` and `train` both print these."""
+    out = []
+    o, t = recipe.optimizer, recipe.train
+    if o.warmup_steps > t.max_steps:
+        out.append(f"optimizer.warmup_steps={o.warmup_steps} > train.max_steps={t.max_steps}: the LR never reaches "
+                   "optimizer.lr")
+    return out

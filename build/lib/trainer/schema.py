@@ -1,0 +1,284 @@
+"""The recipe's schema: pure declarations of every section and key, with types, bounds, defaults, one-line docs and
+resume rules. Nothing here reads a file, the environment or a model; nothing heavy is imported (pydantic only).
+
+Each section is a strict pydantic model: unknown keys are errors, a string is never silently turned into a
+number (except YAML 1.1's `3e-4`, which PyYAML reads as a string: number fields accept it), and every default is
+declared here. `recipe.py` reads YAML and overrides into a `Recipe` and turns pydantic's errors into the
+one-screen problems users see; `resolve.py` adds what needs the world size or the environment.
+
+Resume rules (field metadata `resume`): `must_match` settings change what the run computes, so a checkpoint
+saved under other values cannot be continued; `allowed` changes are logged on resume; `ignored` ones (where
+outputs go, checkpoint policy) are not compared. A section's rule applies to every key inside it that does not
+set its own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Iterator, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+Resume = Literal["must_match", "allowed", "ignored"]
+
+
+def _yaml_number(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads `3e-4` as a string; a number field takes it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_yaml_number)]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+def setting(doc: str, default: Any = None, *, resume: Resume | None = None, **bounds: Any) -> Any:
+    """A key: its default, one-line doc, bounds (ge, le, gt) and, where it differs from its section's, its
+    resume rule."""
+    extra = {"resume": resume} if resume else None
+    return Field(default, description=doc, json_schema_extra=extra, **bounds)
+
+
+def section(cls: type[BaseModel], doc: str, *, resume: Resume | None = None) -> Any:
+    extra = {"resume": resume} if resume else None
+    return Field(default_factory=cls, description=doc, json_schema_extra=extra)
+
+
+class Section(BaseModel):
+    """A recipe section: strict types, no unknown keys, immutable once read."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = setting("hub id or local directory loaded with from_pretrained",
+                                       resume="must_match")
+    config: dict[str, Any] | None = setting("architecture for from-scratch training, e.g. {model_type: llama, ...}",
+                                            resume="must_match")
+    tokenizer: str | None = setting("tokenizer: hub id or directory, or 'byte' (built-in byte-level); default: "
+                                    "name_or_path", resume="must_match")
+    trust_remote_code: bool = setting("allow model code from the hub/directory to run", False)
+    revision: str | None = setting("hub revision (branch, tag or commit)")
+    gradient_checkpointing: bool = setting("recompute activations in backward (non-reentrant) to save memory",
+                                           False)
+    attn_implementation: str | None = setting("transformers attention backend (eager, sdpa, flash_attention_2)")
+    rope_scaling: dict[str, Any] | None = setting("RoPE scaling applied on top of the model's own, to train longer "
+                                                  "sequences than max_position_embeddings, e.g. {rope_type: linear, "
+                                                  "factor: 2.0}", resume="must_match")
+
+
+class DataConfig(Section):
+    source: str | None = setting("local file/dir or hub dataset name; 'builtin:python_stdlib' is the Python "
+                                 "standard library's source (no download)", resume="must_match")
+    format: Literal["text", "alpaca", "chat"] = setting(
+        "text: pretraining on plain text / JSON-lines 'text'; alpaca: instruction/input/output; "
+        "chat: 'messages' or ShareGPT 'conversations'", "text", resume="must_match")
+    text_field: str = setting("field holding the text in JSON rows (format: text)", "text", resume="must_match")
+    split: str = setting("dataset split to read (hub datasets)", "train", resume="must_match")
+    seq_len: int = setting("tokens per training sequence", 512, ge=8, resume="must_match")
+    packing: bool = setting("concatenate examples into full seq_len blocks (always on for format: text)", True,
+                            resume="must_match")
+    chat_template: str | None = setting("chat template: null uses the tokenizer's, or 'chatml', or a Jinja string",
+                                        resume="must_match")
+    eval_fraction: float = setting("fraction of documents held out for evaluation (0 = no eval split)", 0.0,
+                                   ge=0.0, le=0.5, resume="must_match")
+    max_documents: int | None = setting("use at most this many documents (quick experiments)", None, ge=1,
+                                        resume="must_match")
+    max_bytes: int = setting("for builtin:python_stdlib: bytes of source to use", 4_000_000, ge=10_000,
+                             resume="must_match")
+
+
+class TrainConfig(Section):
+    max_steps: int = setting("optimizer steps to run", 100, ge=1)
+    seed: int = setting("seed for weights init, data order and dropout", 0, ge=0, resume="must_match")
+    micro_batch_size: int = setting("sequences per forward/backward on each rank", 8, ge=1, resume="must_match")
+    grad_accum_steps: int | None = setting("micro-batches per optimizer step (or give global_batch_size)", None,
+                                           ge=1)
+    global_batch_size: int | None = setting("sequences per optimizer step over all ranks", None, ge=1)
+    eval_every_steps: int = setting("evaluate every N steps (0 = never)", 0, ge=0)
+    eval_batches: int = setting("micro-batches per evaluation", 8, ge=1)
+    max_nonfinite_steps: int = setting("steps with a NaN/inf loss or gradient norm to skip before the run stops "
+                                       "(0: stop at the first, before its update; fp16 overflows follow "
+                                       "precision.max_consecutive_skips instead)", 0, ge=0)
+
+
+class PrecisionConfig(Section):
+    dtype: Dtype = setting("fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)", "fp32",
+                           resume="must_match")
+    master_weights: bool = setting("keep fp32 weights under bf16 (the default); false stores the model itself in "
+                                   "bf16: half the weight, gradient and optimizer memory, updates rounded to bf16 "
+                                   "(the GaLore paper's 7B setting)", True, resume="must_match")
+    initial_loss_scale: Number = setting("fp16: starting loss scale", 65536.0, gt=0)
+    loss_scale_growth_interval: int = setting("fp16: double the scale after this many clean steps", 2000, ge=1)
+    max_consecutive_skips: int = setting("fp16: stop with an error after this many overflowed steps in a row", 25,
+                                         ge=1)
+
+
+class GaloreConfig(Section):
+    rank: int = setting("rank of the projected gradient", 128, ge=1, resume="must_match")
+    update_gap: int = setting("steps between projector refreshes (SVD)", 200, ge=1)
+    scale: Number = setting("scale applied to the projected-back update", 0.25, gt=0)
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = setting("which side to project", "std",
+                                                                               resume="must_match")
+    target_modules: list[str] | None = setting("module name patterns that get GaLore (default: attention and MLP "
+                                               "projections)", resume="must_match")
+    svd: Literal["full", "randomized"] = setting("projector refresh: exact SVD or torch.svd_lowrank", "full")
+    per_layer: bool = setting("update each weight inside backward and free its gradient at once", False,
+                              resume="must_match")
+
+
+OptimizerName = Literal["adamw", "sgd", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit"]
+
+
+class OptimizerConfig(Section):
+    name: OptimizerName = setting("optimizer", "adamw", resume="must_match")
+    lr: Number = setting("peak learning rate", 3e-4, gt=0)
+    weight_decay: Number = setting("decoupled weight decay (not applied to biases and norms)", 0.0, ge=0)
+    betas: list[Number] = setting("Adam betas", [0.9, 0.95])
+    eps: Number = setting("Adam epsilon", 1e-8, gt=0)
+    momentum: Number = setting("SGD momentum", 0.0, ge=0)
+    grad_clip: Number | None = setting("clip gradients to this global norm (null = no clipping)", 1.0, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = setting("LR schedule after warmup", "cosine")
+    warmup_steps: int = setting("linear warmup steps from 0 to lr", 0, ge=0)
+    min_lr_ratio: Number = setting("final LR as a fraction of lr (linear, cosine)", 0.1, ge=0, le=1)
+    galore: GaloreConfig = section(GaloreConfig, "GaLore settings (optimizer.name: galore_*)")
+
+
+class QuantConfig(Section):
+    type: Literal["nf4", "fp4", "int8"] = setting("base weight quantization", "nf4")
+    double_quant: bool = setting("quantize the quantization constants too (saves ~0.37 bit/param)", True)
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = setting("dtype of the dequantized matmuls", "bf16")
+    storage_dtype: Literal["uint8", "bf16", "fp16", "fp32"] = setting("container dtype of 4-bit weights (bf16 for "
+                                                                      "ZeRO-3)", "uint8")
+
+
+class AdapterConfig(Section):
+    type: Literal["none", "lora", "qlora"] = setting("none: full training; lora; qlora: LoRA over 4-bit base",
+                                                     "none")
+    rank: int = setting("LoRA rank r", 16, ge=1)
+    alpha: Number = setting("LoRA alpha (update scaled by alpha / rank)", 32.0, gt=0)
+    dropout: Number = setting("LoRA dropout", 0.0, ge=0, le=1)
+    target_modules: list[str] | str = setting("module names to adapt, or 'all-linear'", "all-linear")
+    use_dora: bool = setting("weight-decomposed LoRA (DoRA)", False)
+    quant: QuantConfig = section(QuantConfig, "quantization of the base model (qlora)")
+
+
+class DistributedConfig(Section):
+    engine: Literal["native", "deepspeed"] = setting("native: single process / DDP; deepspeed: ZeRO", "native",
+                                                     resume="must_match")
+    zero_stage: int = setting("ZeRO stage 0-3 (native: 0 or 1)", 0, ge=0, le=3, resume="must_match")
+    offload_optimizer: Literal["none", "cpu"] = setting("DeepSpeed: keep optimizer state in CPU memory", "none")
+    offload_params: Literal["none", "cpu"] = setting("DeepSpeed ZeRO-3: keep parameters in CPU memory", "none")
+    deepspeed_overrides: dict[str, Any] = setting("expert: merged last into the generated DeepSpeed config", {})
+    backend: Literal["auto", "gloo", "nccl"] = setting("torch.distributed backend (auto: nccl on GPU, else gloo)",
+                                                       "auto")
+    timeout_s: int = setting("collective timeout in seconds", 1800, ge=10)
+
+
+class CheckpointConfig(Section):
+    every_steps: int = setting("save every N optimizer steps (0 = only at the end)", 0, ge=0)
+    keep_last: int = setting("keep this many newest complete checkpoints", 2, ge=1)
+    resume: str = setting("auto (newest complete checkpoint in output_dir) | never | PATH", "auto")
+    save_final: bool = setting("save a checkpoint when the run ends", True)
+
+
+class WandbConfig(Section):
+    project: str | None = setting("wandb project (null = no wandb)")
+    entity: str | None = setting("wandb entity (team)")
+    name: str | None = setting("run name (default: the output directory's name)")
+    mode: Literal["online", "offline", "disabled"] = setting("wandb mode", "online")
+    tags: list[str] = setting("run tags", [])
+    require_online: bool = setting("fail instead of logging offline when wandb has no API key or cannot reach its "
+                                   "server", False)
+
+
+class LoggingConfig(Section):
+    every_steps: int = setting("write a metrics row every N steps", 1, ge=1)
+    progress_bar: bool = setting("show a progress bar on rank 0", True)
+    plot: bool = setting("write loss.png (loss and LR) in output_dir at the end", True)
+    wandb: WandbConfig = section(WandbConfig, "Weights & Biases")
+
+
+class Recipe(Section):
+    """A whole recipe: what `python -m trainer train RECIPE` runs."""
+
+    output_dir: str = setting("where metrics, checkpoints and the resolved recipe go", "runs/default",
+                              resume="ignored")
+    model: ModelConfig = section(ModelConfig, "the model")
+    data: DataConfig = section(DataConfig, "the training data")
+    train: TrainConfig = section(TrainConfig, "steps, batch sizes, seed, evaluation")
+    precision: PrecisionConfig = section(PrecisionConfig, "numeric precision")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "optimizer and LR schedule")
+    adapter: AdapterConfig = section(AdapterConfig, "LoRA / QLoRA adapters", resume="must_match")
+    distributed: DistributedConfig = section(DistributedConfig, "engine and parallelism")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume", resume="ignored")
+    logging: LoggingConfig = section(LoggingConfig, "progress bar, metrics.jsonl, wandb")
+
+
+# Keys of the generated DeepSpeed config that the recipe owns, and the recipe key to set instead: an override of
+# one of them (distributed.deepspeed_overrides) would contradict the recipe or the loop.
+DEEPSPEED_OWNED: dict[str, str] = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "managed_gradient_accumulation": "(none: the loop owns accumulation)",
+    "gradient_clipping": "optimizer.grad_clip",
+    "scheduler": "optimizer.schedule (our schedule drives the LR)",
+    "bf16.enabled": "precision.dtype",
+    "fp16.enabled": "precision.dtype",
+    "fp16.initial_scale_power": "precision.initial_loss_scale",
+    "fp16.loss_scale_window": "precision.loss_scale_growth_interval",
+    "zero_optimization.stage": "distributed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "distributed.offload_optimizer",
+    "zero_optimization.offload_param.device": "distributed.offload_params",
+}
+
+
+# ------------------------------------------------------------------------------------------- introspection
+
+def _section_class(info: FieldInfo) -> type[Section] | None:
+    annotation = info.annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def _rule(info: FieldInfo) -> Resume | None:
+    extra = info.json_schema_extra
+    return extra.get("resume") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+def walk_keys(cls: type[Section] = Recipe, prefix: str = "", inherited: Resume = "allowed"
+              ) -> Iterator[tuple[str, FieldInfo, Resume]]:
+    """Every leaf key of the schema as (dotted key, field, resume rule), in declaration order."""
+    for name, info in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        rule = _rule(info) or inherited
+        sub = _section_class(info)
+        if sub is None:
+            yield key, info, rule
+        else:
+            yield from walk_keys(sub, key + ".", rule)
+
+
+def resume_rules() -> dict[str, Resume]:
+    """{dotted leaf key: its resume rule}, from the schema."""
+    return {key: rule for key, _, rule in walk_keys()}
+
+
+def field_at(key: str) -> FieldInfo | None:
+    """The field of a dotted key (a leaf or a section), or None when the schema has no such key."""
+    cls: type[Section] | None = Recipe
+    info = None
+    for part in key.split("."):
+        if cls is None or part not in cls.model_fields:
+            return None
+        info = cls.model_fields[part]
+        cls = _section_class(info)
+    return info
+
+
+def section_keys(cls: type[Section]) -> list[str]:
+    return list(cls.model_fields)

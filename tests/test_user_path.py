@@ -1,0 +1,173 @@
+"""The user's path when nothing goes wrong: train, export, generate and chat, the chat template kept, a finished
+run left alone, the shipped recipes listed and copied, the data shown before training, errors under torchrun shown
+once, and the small things (help text, file modes, `null` restoring a default)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from tests.conftest import QUICKSTART, ROOT, TEST_DATA, run_cli, tiny
+from trainer.__main__ import main
+from trainer.checkpoint import complete_checkpoints
+from trainer.tokenizer import CHATML
+
+ALPACA = [f"data.source={TEST_DATA / 'alpaca_tasks.json'}", "data.format=alpaca", "data.packing=false",
+          "data.seq_len=128"]
+CONVERSATION = [{"role": "user", "content": "Reverse the letters of the word.\n\nriver"},
+                {"role": "assistant", "content": "revir"}]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short chat fine-tune from scratch with the byte tokenizer, which has no chat template of its own."""
+    out = tmp_path_factory.mktemp("chat") / "run"
+    proc = run_cli(["train", str(QUICKSTART), *tiny(out, *ALPACA, steps=6)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chat template: ChatML: the tokenizer has none" in proc.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_exports_carry_inference_defaults_and_the_chat_template(chat_run: Path, tmp_path: Path) -> None:
+    """The exported model generates with the KV cache (a saved `use_cache: false` made generate() 45x slower), and
+    its tokenizer renders a conversation exactly as training did (the run fell back to ChatML)."""
+    ckpt = complete_checkpoints(chat_run)[-1][1]
+    export = tmp_path / "export"
+    assert main(["export", str(chat_run), "--out", str(export)]) == 0
+    for folder in (ckpt / "hf", export):
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+        assert GenerationConfig.from_pretrained(folder).use_cache is not False
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert tok.chat_template == CHATML
+        rendered = tok.apply_chat_template(CONVERSATION, tokenize=False)
+        assert rendered == ("<|im_start|>user\nReverse the letters of the word.\n\nriver<|im_end|>\n"
+                            "<|im_start|>assistant\nrevir<|im_end|>\n")
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.use_cache and model.generation_config.use_cache
+
+
+@pytest.mark.slow
+def test_generate_and_chat_on_a_run_and_an_export(chat_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.chat import chat_loop, generate, load
+
+    export = tmp_path / "export"
+    assert main(["export", str(chat_run), "--out", str(export)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(chat_run), "--prompt", "def ", "--max-new-tokens", "12"]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", str(export), "--prompt", "def ", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == from_run and from_run.startswith("def ")  # greedy: the same model, same text
+    loaded = load(export)
+    assert loaded.model.config.use_cache
+    manual = loaded.model.generate(input_ids=torch.tensor([list(b"def ")]), max_new_tokens=12, do_sample=False,
+                                   pad_token_id=loaded.tokenizer.pad_token_id)
+    assert from_run.rstrip("\n") == "def " + loaded.tokenizer.decode(manual[0, 4:], skip_special_tokens=True)
+    assert generate(loaded, "def ", max_new_tokens=12) == from_run.rstrip("\n")[4:]
+    out = io.StringIO()
+    chat_loop(loaded, read=io.StringIO("Reverse the letters of the word.\n/reset\nhello\n/exit\n"), write=out,
+              max_new_tokens=16, temperature=0.0)
+    assert out.getvalue().count("model> ") == 2 and "chatting with export" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_left_alone(tmp_path: Path) -> None:
+    assert run_cli(["train", str(QUICKSTART), *tiny(tmp_path, steps=3)]).returncode == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()}
+    again = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, "train.eval_batches=2", steps=3)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"already at step 3 of 3 in {tmp_path}: nothing to do; raise train.max_steps to continue" in again.stdout
+    assert "nan" not in again.stdout + again.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_under_torchrun_a_recipe_error_is_shown_once_and_every_worker_exits_2(tmp_path: Path) -> None:
+    proc = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, "optimizer.lrr=1", steps=2)], nproc=2)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: recipe") == 1 and proc.stderr.count("optimizer.lrr") >= 1
+    summary = proc.stderr[proc.stderr.index("Failures:"):]  # torchrun's own summary, after its own traceback
+    assert summary.count("exitcode  : 2") == 2, summary  # both workers
+    root = summary[summary.index("Root Cause"):]
+    assert "rank      : 0" in root and "traceback : recipe" in root and 'File "' not in root
+
+
+def test_shipped_recipes_are_listed_and_copied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    assert "24gb/llama3-8b-qlora" in listing and "9.18 GiB per GPU" in listing and "quickstart" in listing
+    assert main(["recipes", "copy", "24gb/llama3-8b-qlora", str(tmp_path)]) == 0
+    copied = tmp_path / "llama3-8b-qlora.yaml"
+    assert copied.read_text() == (ROOT / "recipes" / "24gb" / "llama3-8b-qlora.yaml").read_text()
+    assert main(["recipes", "copy", "llama3-8b-qlora", str(copied)]) == 1  # exists: never overwritten silently
+    assert main(["recipes", "copy", "nope", str(tmp_path)]) == 1 and "lists them" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_recipes(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("trainer-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "trainer/recipes/quickstart.yaml" in names and "trainer/recipes/24gb/llama3-8b-qlora.yaml" in names
+
+
+def test_data_show_marks_the_tokens_that_carry_the_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", str(QUICKSTART), "--show", "2", *ALPACA, "data.eval_fraction=0",
+                 "train.eval_every_steps=0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample ") == 2
+    assert "<|im_start|>assistant\n[[" in out and "<|im_end|>]]" in out  # only the replies are learned
+    assert re.search(r"240 rows, \d+ dropped; [\d,]+ tokens", out) and "of their positions hold tokens" in out
+
+
+def test_small_things(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"], capture_output=True, text=True,
+                               timeout=120, cwd=ROOT).stdout
+    assert help_text.startswith("usage: python -m trainer train [-h] [--force] recipe [key=value ...]")
+    assert main(["validate", str(QUICKSTART), "adapter.type=null", "train.seed=null"]) == 0  # null: the default
+    assert main(["validate", str(QUICKSTART), "optimizer.warmup_steps=500"]) == 0
+    assert "# warning: optimizer.warmup_steps=500 > train.max_steps=150" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_checkpoint_files_are_readable_like_any_other(tmp_path: Path) -> None:
+    assert run_cli(["train", str(QUICKSTART), *tiny(tmp_path, steps=1)]).returncode == 0
+    ckpt = complete_checkpoints(tmp_path)[-1][1]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ckpt.rglob("*") if p.is_file()}
+    assert modes["model.safetensors"] == modes["config.yaml"] == 0o644, modes
+
+
+@pytest.mark.slow
+def test_the_local_chat_example_runs_end_to_end(tmp_path: Path) -> None:
+    """recipes/examples/chat-qlora-local.yaml as its header says (shortened): quickstart, export, QLoRA over the
+    export, chat with it. Nothing is downloaded."""
+    runs = tmp_path / "runs"
+    commands = [["train", "recipes/quickstart.yaml", f"output_dir={runs / 'quickstart'}", "train.max_steps=20",
+                 "train.eval_every_steps=0", "data.eval_fraction=0", "logging.plot=false"],
+                ["export", str(runs / "quickstart"), "--out", str(runs / "quickstart-export")],
+                ["train", "recipes/examples/chat-qlora-local.yaml", f"output_dir={runs / 'chat'}",
+                 f"model.name_or_path={runs / 'quickstart-export'}", "train.max_steps=4", "train.eval_every_steps=2"]]
+    for args in commands:
+        started = time.time()
+        proc = run_cli(args, timeout=900)
+        assert proc.returncode == 0, (args, proc.stderr[-3000:])
+        print(f"{args[0]}: {time.time() - started:.0f} s")
+    chat = subprocess.run([sys.executable, "-m", "trainer", "chat", str(runs / "chat"), "--max-new-tokens", "8"],
+                          input="What is 2 plus 3?\n", capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "model> " in chat.stdout
