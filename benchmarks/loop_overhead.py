@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.data import DataPosition
+from trainer.data.batches import DataPosition
 from trainer.distributed import distributed_context
 from trainer.loop import run_loop, setup, token_loss_sum
 from trainer.model import build_model
@@ -46,7 +46,7 @@ def time_ours(overrides: list[str], warmup: int, steps: int, out: Path) -> float
 
 def time_plain(overrides: list[str], warmup: int, steps: int) -> float:
     """The same step written directly in PyTorch, batches prepared up front."""
-    from trainer.data import TrainData
+    from trainer.data.batches import TrainData
 
     run = resolve(ROOT / "recipes" / "quickstart.yaml", [*SHAPE, *overrides, f"train.max_steps={warmup + steps}"])
     cfg = run.recipe

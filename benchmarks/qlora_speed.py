@@ -92,7 +92,7 @@ def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, f
 
 def blocks(base: Path, args: argparse.Namespace, n: int) -> list[dict[str, torch.Tensor]]:
     """The same packed Alpaca samples our pipeline trains on, one dict per sequence for the HF Trainer."""
-    from trainer.data import DataPosition, TrainData
+    from trainer.data.batches import DataPosition, TrainData
     from trainer.recipe import load_recipe
     from trainer.tokenizer import build_tokenizer
 

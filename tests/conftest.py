@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +25,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# token stores the tests build go to a folder of this session, never the user's ~/.cache (subprocesses inherit it)
+os.environ.setdefault("TRAINER_DATA_CACHE", tempfile.mkdtemp(prefix="trainer-test-stores-"))
 
 
 def tiny(output_dir: Path, *extra: str, steps: int = 5) -> list[str]:

@@ -19,7 +19,7 @@ from tests.test_adapters import linear_weights, logits_of, lora_formula, qlora, 
 from trainer import adapters
 from trainer.adapters.merge import load_base
 from trainer.checkpoint import complete_checkpoints
-from trainer.data import DataPosition
+from trainer.data.batches import DataPosition
 from trainer.distributed import distributed_context
 from trainer.errors import CheckpointError
 from trainer.export import export

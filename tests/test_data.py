@@ -10,6 +10,7 @@ import re
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import TEST_DATA
-from trainer.data import Batch, DataPosition, TrainData, read_stdlib
+from trainer.data.batches import Batch, DataPosition, TrainData, collate
+from trainer.data.order import Permutation, seed_int
+from trainer.data.sources import read_stdlib
 from trainer.errors import DataError
 from trainer.schema import DataConfig
 from trainer.tokenizer import byte_tokenizer
@@ -39,6 +42,29 @@ def make(tok: Any, *, seed: int = 0, rank: int = 0, world: int = 1, mb: int = 2,
          **data: Any) -> TrainData:
     return TrainData(DataConfig(**data), tok, seed=seed, rank=rank, world_size=world, micro_batch_size=mb,
                      grad_accum_steps=accum)
+
+
+@dataclass
+class View:
+    """The train samples of a one-source TrainData in sample-index order: ids and labels, stacked when packed."""
+
+    ids: Any
+    labels: Any
+
+
+def train(data: TrainData) -> View:
+    (samples,) = data.train_sets
+    pairs = [samples.get(i) for i in range(len(samples))]
+    ids, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    if samples.packed:
+        return View(np.stack(ids), np.stack(labels))
+    return View(ids, labels)
+
+
+def epoch_order(data: TrainData, epoch: int) -> torch.Tensor:
+    """Epoch `epoch`'s order: the sample at each position."""
+    n = data.num_train_samples
+    return torch.from_numpy(Permutation(n, seed_int("order", data.seed, epoch))(np.arange(n)))
 
 
 def write_json(path: Path, rows: list[Any], lines: bool = False) -> str:
@@ -81,7 +107,7 @@ def test_txt_packing_is_the_tokenized_stream_cut_into_blocks(tok: Any) -> None:
     stream = [t for doc in docs for t in [*doc.encode("utf-8"), EOS]]
     n = len(stream) // 64
     assert data.num_train_samples == n and n > 100
-    blocks = data._train.ids
+    blocks = train(data).ids
     assert blocks.shape == (n, 64)
     assert blocks.flatten().tolist() == stream[:n * 64]  # the tail shorter than seq_len is dropped
     assert data.summary["documents"] == 300 and data.summary["tokens"] == len(stream)
@@ -92,7 +118,7 @@ def test_text_json_rows_get_eos_between_documents(tok: Any, tmp_path: Path) -> N
                      lines=True)
     data = make(tok, source=src, seq_len=8, mb=1)
     expected = [*b"hello", EOS, *b"wor", *b"ld!", EOS, *b"abc", EOS]
-    assert data._train.ids.flatten().tolist() == expected[:16]
+    assert train(data).ids.flatten().tolist() == expected[:16]
     (batch,), _ = data.step_batches(DataPosition())
     assert batch.input_ids.dtype == torch.long and batch.input_ids.shape == (1, 8)
     assert torch.equal(batch.labels, batch.input_ids) and batch.attention_mask.all()
@@ -102,13 +128,13 @@ def test_text_json_rows_get_eos_between_documents(tok: Any, tmp_path: Path) -> N
 def test_a_literal_eos_string_inside_a_document_is_text(tok: Any, tmp_path: Path) -> None:
     src = write_json(tmp_path / "d.jsonl", [{"text": "a</s>b"}, {"text": "c"}], lines=True)
     data = make(tok, source=src, seq_len=8, mb=1)
-    assert data._train.ids[0].tolist() == [*b"a</s>b", EOS, ord("c")]
+    assert train(data).ids[0].tolist() == [*b"a</s>b", EOS, ord("c")]
 
 
 def test_c4_jsonl_and_a_wrong_text_field(tok: Any) -> None:
     data = make(tok, source=str(DATA / "docs.jsonl"), seq_len=128, max_documents=20)
     assert data.summary["documents"] == 20 and data.summary["dropped"] == 0
-    with pytest.raises(DataError, match=r"data.text_field = 'body'.*fields: id, text"):
+    with pytest.raises(DataError, match=r"no usable rows.*no field 'body' \(fields: id, text; set data.text_field\)"):
         make(tok, source=str(DATA / "docs.jsonl"), seq_len=128, text_field="body")
 
 
@@ -118,7 +144,7 @@ def test_directory_of_files_in_path_order(tok: Any, tmp_path: Path) -> None:
     (tmp_path / ".hidden.txt").write_text("never", encoding="utf-8")
     (tmp_path / "notes.md").write_text("never", encoding="utf-8")
     data = make(tok, source=str(tmp_path), seq_len=8, mb=1)
-    stream = tok.decode(data._train.ids.flatten())
+    stream = tok.decode(train(data).ids.flatten())
     assert data.summary["documents"] == 3
     assert stream == "one</s>two</s>three\nli"  # 20 tokens -> 2 blocks of 8, tail "nes</s>" dropped
     assert make(tok, source=str(tmp_path), seq_len=8, mb=1, max_documents=2).summary["documents"] == 2
@@ -131,7 +157,7 @@ def test_alpaca_labels_are_exactly_the_outputs(tok: Any) -> None:
     data = make(tok, source=str(DATA / "alpaca_tasks.json"), format="alpaca", seq_len=4096, packing=False,
                 max_documents=40)
     assert data.summary["dropped"] == 0 and data.num_train_samples == 40
-    for row, ids, labels in zip(rows, data._train.ids, data._train.labels):
+    for row, ids, labels in zip(rows, train(data).ids, train(data).labels):
         ids, labels = torch.from_numpy(ids), torch.from_numpy(labels)
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
         assert tok.decode(ids) == (f"<|im_start|>user\n{prompt}{END}\n<|im_start|>assistant\n"
@@ -144,7 +170,7 @@ def test_sharegpt_tool_chats_train_on_replies_and_calls_only(tok: Any) -> None:
     data = make(tok, source=str(DATA / "sharegpt_tools.json"), format="chat", seq_len=16384,
                 packing=False, max_documents=25)
     assert data.summary["dropped"] == 0
-    for row, ids, labels in zip(rows, data._train.ids, data._train.labels):
+    for row, ids, labels in zip(rows, train(data).ids, train(data).labels):
         ids, labels = torch.from_numpy(ids), torch.from_numpy(labels)
         turns = row["conversations"]
         learned = "".join(t["value"] + END for t in turns if t["from"] in ("gpt", "function_call"))
@@ -164,7 +190,7 @@ def test_messages_format_with_system_and_multiple_turns(tok: Any, tmp_path: Path
             {"role": "assistant", "content": "A2 é"}, {"role": "user", "content": "dangling"}]
     src = write_json(tmp_path / "c.json", [{"messages": conv}] * 4)
     data = make(tok, source=src, format="chat", seq_len=512, packing=False)
-    ids, labels = (torch.from_numpy(a) for a in (data._train.ids[0], data._train.labels[0]))
+    ids, labels = (torch.from_numpy(a) for a in (train(data).ids[0], train(data).labels[0]))
     assert reply_text(tok, ids, labels) == f"A1{END}A2 é{END}"
     assert "dangling" not in tok.decode(ids)  # a trailing prompt has no reply to learn from
 
@@ -192,7 +218,7 @@ def test_tokenizer_own_template_with_merged_tokens(tmp_path: Path) -> None:
              "output": "The weather at sea answers the fox."}] * 3
     data = make(tok, source=write_json(tmp_path / "a.json", rows), format="alpaca", seq_len=256, packing=False,
                 mb=1)
-    ids, labels = (torch.from_numpy(a) for a in (data._train.ids[0], data._train.labels[0]))
+    ids, labels = (torch.from_numpy(a) for a in (train(data).ids[0], train(data).labels[0]))
     assert len(ids) < len(tok.decode(ids).encode("utf-8")) / 2  # merges happened: far fewer tokens than bytes
     assert reply_text(tok, ids, labels) == "The weather at sea answers the fox.<|eot|>"
     assert tok.decode(ids).startswith("<|begin|><|header|>user<|end_header|>\n\nWhat about the weather?")
@@ -203,26 +229,26 @@ def test_custom_template_string_and_chatml_override(tok: Any, tmp_path: Path) ->
     src = write_json(tmp_path / "a.json", rows)
     template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}[/]{% endfor %}"
     data = make(tok, source=src, format="alpaca", seq_len=64, packing=False, chat_template=template)
-    ids, labels = (torch.from_numpy(a) for a in (data._train.ids[0], data._train.labels[0]))
+    ids, labels = (torch.from_numpy(a) for a in (train(data).ids[0], train(data).labels[0]))
     assert tok.decode(ids) == "[user]hi[/][assistant]hello[/]"
     assert reply_text(tok, ids, labels) == "hello[/]"
     own = bpe_tokenizer("{{ 'unused' }}")
     data = make(own, source=src, format="alpaca", seq_len=64, packing=False, chat_template="chatml")
-    assert own.decode(data._train.ids[0]).startswith("<|im_start|>user\nhi")
+    assert own.decode(train(data).ids[0]).startswith("<|im_start|>user\nhi")
 
 
 def test_no_packing_pads_right_and_masks_padding(tok: Any, tmp_path: Path) -> None:
     rows = [{"instruction": "q" * (i + 1), "input": "", "output": "a" * (3 * i + 1)} for i in range(8)]
     data = make(tok, source=write_json(tmp_path / "a.json", rows), format="alpaca", seq_len=512, packing=False,
                 mb=4)
-    lengths = [len(x) for x in data._train.ids]
-    order = data._order(0)[:4].tolist()
+    lengths = [len(x) for x in train(data).ids]
+    order = epoch_order(data, 0)[:4].tolist()
     (batch,), _ = data.step_batches(DataPosition())
     assert batch.input_ids.shape == (4, max(lengths[i] for i in order))
     for row, i in enumerate(order):
         n = lengths[i]
-        assert batch.input_ids[row, :n].tolist() == data._train.ids[i].tolist()
-        assert batch.labels[row, :n].tolist() == data._train.labels[i].tolist()
+        assert batch.input_ids[row, :n].tolist() == train(data).ids[i].tolist()
+        assert batch.labels[row, :n].tolist() == train(data).labels[i].tolist()
         assert batch.attention_mask[row].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
         assert (batch.input_ids[row, n:] == tok.pad_token_id).all() and (batch.labels[row, n:] == -100).all()
         assert reply_text(tok, batch.input_ids[row], batch.labels[row]) == rows[i]["output"] + END
@@ -235,12 +261,12 @@ def test_packed_sft_concatenates_examples_with_their_masks(tok: Any, tmp_path: P
     src = write_json(tmp_path / "a.json", rows)
     loose = make(tok, source=src, format="alpaca", seq_len=64, packing=False)
     packed = make(tok, source=src, format="alpaca", seq_len=64, packing=True)
-    ids = np.concatenate(loose._train.ids)
-    labels = np.concatenate(loose._train.labels)
+    ids = np.concatenate(train(loose).ids)
+    labels = np.concatenate(train(loose).labels)
     n = len(ids) // 64
     assert packed.num_train_samples == n
-    assert packed._train.ids.flatten().tolist() == ids[:n * 64].tolist()
-    assert packed._train.labels.flatten().tolist() == labels[:n * 64].tolist()
+    assert train(packed).ids.flatten().tolist() == ids[:n * 64].tolist()
+    assert train(packed).labels.flatten().tolist() == labels[:n * 64].tolist()
     (batch,), _ = packed.step_batches(DataPosition())
     assert batch.attention_mask.all() and (batch.labels == -100).any() and (batch.labels != -100).any()
 
@@ -249,7 +275,7 @@ def test_long_examples_are_truncated_and_replies_past_seq_len_dropped(tok: Any, 
     rows = [{"instruction": "q", "input": "", "output": "x" * 100}] * 3 + [
         {"instruction": "q" * 100, "input": "", "output": "late"}, {"instruction": "q"}]
     data = make(tok, source=write_json(tmp_path / "a.json", rows), format="alpaca", seq_len=80, packing=False)
-    assert [len(x) for x in data._train.ids] == [80, 80, 80]  # the 44-byte prompt + part of the reply
+    assert [len(x) for x in train(data).ids] == [80, 80, 80]  # the 44-byte prompt + part of the reply
     assert [(i, why) for _, i, why in data.dropped] == [(4, "no reply within the first data.seq_len=80 tokens"),
                                                         (5, "missing or null 'output'")]  # in row order
 
@@ -331,8 +357,8 @@ def test_order_is_a_pure_function_of_seed_and_epoch(tok: Any, numbered: str) -> 
     other_seed, _ = run(make(tok, source=numbered, seq_len=16, seed=1), 5)
     assert not all(same(a[0], b[0]) for a, b in zip(first, other_seed))
     data = make(tok, source=numbered, seq_len=16)
-    assert not torch.equal(data._order(0), data._order(1))
-    assert sorted(data._order(1).tolist()) == list(range(data.num_train_samples))
+    assert not torch.equal(epoch_order(data, 0), epoch_order(data, 1))
+    assert sorted(epoch_order(data, 1).tolist()) == list(range(data.num_train_samples))
 
 
 def test_two_ranks_consume_exactly_what_one_rank_does(tok: Any, numbered: str) -> None:
@@ -365,7 +391,7 @@ def test_epoch_rollover_skips_the_short_tail(tok: Any, numbered: str) -> None:
     data = make(tok, source=numbered, seq_len=16, mb=4, accum=2)  # G = 8
     n, steps = data.num_train_samples, data.steps_per_epoch
     assert n % 8 != 0 and steps == n // 8
-    order = data._order(0)
+    order = epoch_order(data, 0)
     seen: list[int] = []
     pos = DataPosition()
     for _ in range(steps):
@@ -374,7 +400,7 @@ def test_epoch_rollover_skips_the_short_tail(tok: Any, numbered: str) -> None:
     assert pos == DataPosition(0, steps * 8) and len(set(seen)) == steps * 8
     batches, pos = data.step_batches(pos)
     assert pos == DataPosition(1, 8)
-    first_of_epoch_1 = data._train.batch(data._order(1)[:4].tolist(), 0)
+    first_of_epoch_1 = collate([data.train_sets[0].get(i) for i in epoch_order(data, 1)[:4].tolist()], tok.pad_token_id)
     assert same(batches[0], first_of_epoch_1)
 
 
@@ -385,7 +411,7 @@ def test_eval_split_holds_out_whole_documents(tok: Any, tmp_path: Path) -> None:
     src = write_json(tmp_path / "d.jsonl", rows, lines=True)
     data = make(tok, source=src, seq_len=16, eval_fraction=0.1)
     def docs(d: TrainData) -> set[str]:
-        return set(re.findall(r"<(\d{3})>", tok.decode(d._train.ids.flatten())))
+        return set(re.findall(r"<(\d{3})>", tok.decode(train(d).ids.flatten())))
 
     train_docs = docs(data)
     eval_text = "".join(tok.decode(b.input_ids.flatten()) for b in data.eval_batches(10_000))
@@ -393,10 +419,11 @@ def test_eval_split_holds_out_whole_documents(tok: Any, tmp_path: Path) -> None:
     assert data.summary["eval_documents"] == 20 and len(eval_docs) >= 15
     assert not train_docs & eval_docs
     assert len(train_docs) == 180
+    assert eval_docs == {f"{i:03d}" for i in range(9, 200, 10)}  # every tenth document, evenly spread
     again = make(tok, source=src, seq_len=16, eval_fraction=0.1)
     assert all(same(a, b) for a, b in zip(data.eval_batches(5), again.eval_batches(5)))
     other = make(tok, source=src, seq_len=16, eval_fraction=0.1, seed=7)
-    assert docs(other) != train_docs
+    assert docs(other) == train_docs  # the split needs no seed: one store serves every seed
 
 
 def test_eval_batches_are_shared_evenly_over_ranks(tok: Any, numbered: str) -> None:
@@ -414,12 +441,12 @@ def test_eval_batches_are_shared_evenly_over_ranks(tok: Any, numbered: str) -> N
 # ---------------------------------------------------------------------------------------------- stdlib
 
 def test_stdlib_source_is_sorted_capped_and_skips_tests() -> None:
-    docs = read_stdlib(200_000)
+    docs = list(read_stdlib(200_000))
     assert 0 < sum(len(d.encode("utf-8")) for d in docs) <= 200_000
     root = Path(sysconfig.get_paths()["stdlib"])
     first = sorted(p.relative_to(root).as_posix() for p in root.glob("*.py") if p.read_bytes().strip())[0]
     assert docs[0] == (root / first).read_text(encoding="utf-8")
-    assert docs == read_stdlib(200_000) and len(read_stdlib(200_000, max_documents=3)) == 3
+    assert docs == list(read_stdlib(200_000)) and len(list(read_stdlib(200_000, max_documents=3))) == 3
 
 
 def test_quickstart_corpus_loads_fast_and_deterministically(tok: Any) -> None:
@@ -431,8 +458,8 @@ def test_quickstart_corpus_loads_fast_and_deterministically(tok: Any) -> None:
     assert data.num_train_samples == tokens // 256
     assert elapsed < 20, f"quickstart data took {elapsed:.1f}s"
     again = make(tok, source="builtin:python_stdlib", seq_len=256, mb=8, max_bytes=4_000_000)
-    assert torch.equal(data._train.ids, again._train.ids)
-    assert "def " in tok.decode(data._train.ids[0]) or "import" in tok.decode(data._train.ids[:4].flatten())
+    assert np.array_equal(train(data).ids, train(again).ids)
+    assert "def " in tok.decode(train(data).ids[0]) or "import" in tok.decode(train(data).ids[:4].flatten())
 
 
 def test_json_loading_leaves_no_cache_behind(tok: Any, tmp_path: Path) -> None:
@@ -467,9 +494,9 @@ def test_hub_names_go_to_load_dataset_with_split_and_cap(tok: Any, monkeypatch: 
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     data = make(tok, source="org/corpus", split="validation", text_field="body", max_documents=10, seq_len=16)
-    assert calls[0][0] == "org/corpus" and calls[0][1]["split"] == "validation"
+    assert calls[0][0] == "org/corpus" and calls[0][1]["split"] == "validation" and calls[0][1]["streaming"]
     assert data.summary["documents"] == 10
-    assert tok.decode(data._train.ids.flatten()).startswith("row 0 row 0 ")
+    assert tok.decode(train(data).ids.flatten()).startswith("row 0 row 0 ")
     with pytest.raises(DataError, match=r"'org/missing' \(split 'train'\) could not be loaded.*doesn't exist"):
         make(tok, source="org/missing", seq_len=16)
 

@@ -30,7 +30,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from trainer.data import DataPosition
+from trainer.data.batches import DataPosition
 from trainer.distributed import DistInfo, barrier, broadcast_object, gather_objects
 from trainer.engine.base import Engine
 from trainer.errors import EXIT_RECIPE, CheckpointError, os_error_message

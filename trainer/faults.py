@@ -8,6 +8,7 @@ TRAINER_FAULT holds comma-separated `kind@step` items, e.g. `inf_grad@3,crash@7`
 - `abort@N`: the process aborts (SIGABRT) right after step N, as a crash in native code does.
 - `crash_in_save@N`: the process dies in the middle of writing the checkpoint of step N (after the weights,
   before the manifest).
+- `crash_in_prepare@N`: the process dies while building a token store, after its Nth chunk of rows.
 Kinds are matched on every rank unless written `kind@N:rR` (rank R only). Under `torchrun --max-restarts`
 a fault fires only in the first attempt, so the restarted run can finish.
 
@@ -28,7 +29,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 ENV = "TRAINER_FAULT"
 CRASH_EXIT_CODE = 13
-KINDS = ("inf_grad", "crash", "sigkill", "abort", "crash_in_save")
+KINDS = ("inf_grad", "crash", "sigkill", "abort", "crash_in_save", "crash_in_prepare")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ class Faults:
         if self._fires("abort", step):
             log.error("TRAINER_FAULT: SIGABRT after step %d", step)
             os.abort()
+
+    def during_prepare(self, chunks_done: int) -> None:
+        """While a token store is built, after `chunks_done` chunks of rows."""
+        if self._fires("crash_in_prepare", chunks_done):
+            log.error("TRAINER_FAULT: crashing while building a token store, after chunk %d", chunks_done)
+            os._exit(CRASH_EXIT_CODE)
 
     def during_save(self, step: int) -> None:
         """In the middle of writing the checkpoint of `step`."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from trainer.checkpoint import Checkpointer, TrainState, step_to_resume
-from trainer.data import Batch, TrainData
+from trainer.data.batches import Batch, TrainData
 from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
                                  distributed_context, job_id, restart_count)
 from trainer.engine.base import Engine, StepResult
@@ -100,7 +100,8 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     if template:
         log.info("chat template: %s", template)
     data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
-                     micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps)
+                     micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps, job=job_id(),
+                     progress=dist.is_main and r.logging.progress_bar, on_chunk=faults.during_prepare)
     with model_init_context(run) as gathered:
         model = build_model(run, tokenizer, device=dist.device, gathered=gathered)
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly

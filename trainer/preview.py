@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from trainer.data import DataPosition, TrainData
+from trainer.data.batches import DataPosition, TrainData
 from trainer.loss import IGNORE
 from trainer.resolve import ResolvedRun
 from trainer.tokenizer import build_tokenizer, settle_chat_template

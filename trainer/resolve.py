@@ -129,10 +129,12 @@ def _path_problems(r: Recipe, src: Sources) -> list[Problem]:
             and not Path(m.tokenizer).expanduser().exists():
         out.append(Problem("model.tokenizer", m.tokenizer, "tokenizer directory not found; give 'byte', an existing "
                            "directory or a hub id", src("model.tokenizer")))
-    if d.source and not d.source.startswith("builtin:") and looks_local(d.source) \
-            and not Path(d.source).expanduser().exists():
-        out.append(Problem("data.source", d.source, "file or directory not found; check the path",
-                           src("data.source")))
+    named = [("data.source", d.source)] if d.source else []
+    named += [(f"data.sources[{i}].source", e.source) for i, e in enumerate(d.sources or [])]
+    for key, source in named:
+        if not source.startswith("builtin:") and looks_local(source) and not Path(source).expanduser().exists():
+            out.append(Problem(key, source, "file or directory not found; check the path",
+                               src("data.sources" if "[" in key else key)))
     resume = r.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():
         out.append(Problem("checkpoint.resume", resume, "not auto, never, or an existing checkpoint folder / run "

@@ -38,20 +38,39 @@ def _model(r: Recipe, src: Source) -> list[Problem]:
 
 def _data(r: Recipe, src: Source) -> list[Problem]:
     d, out = r.data, []
+    if d.source and d.sources:
+        out.append(Problem("data.sources", [e.source for e in d.sources], "give data.source (one source) or "
+                           "data.sources (a mixture), not both; set data.source=null", src("data.sources")))
+    elif d.sources is not None and not d.sources:
+        out.append(Problem("data.sources", [], "empty: give at least one {source: ...}, or data.source",
+                           src("data.sources")))
+    elif d.sources:
+        for i, entry in enumerate(d.sources):
+            out += _builtin_problems(entry.source, entry.format or d.format, f"data.sources[{i}]", src)
+        return out + _eval_problems(r, src)
     if not d.source:
         out.append(Problem("data.source", None, "no training data: give a file, directory or hub dataset name "
-                           "(or builtin:python_stdlib)", src("data.source")))
-    elif d.source.startswith("builtin:") and d.source not in BUILTIN_SOURCES:
-        out.append(Problem("data.source", d.source, "unknown built-in dataset; the one built-in is "
-                           "builtin:python_stdlib", src("data.source")))
-    if d.source in BUILTIN_SOURCES and d.format != "text":
-        out.append(Problem("data.format", d.format, "builtin:python_stdlib is plain text: use format: text",
+                           "(or builtin:python_stdlib), or data.sources", src("data.source")))
+        return out + _eval_problems(r, src)
+    return out + _builtin_problems(d.source, d.format, "data.source", src) + _eval_problems(r, src)
+
+
+def _builtin_problems(source: str, fmt: str, key: str, src: Source) -> list[Problem]:
+    out = []
+    if source.startswith("builtin:") and source not in BUILTIN_SOURCES:
+        out.append(Problem(key, source, "unknown built-in dataset; the one built-in is builtin:python_stdlib",
+                           src(key)))
+    if source in BUILTIN_SOURCES and fmt != "text":
+        out.append(Problem("data.format", fmt, "builtin:python_stdlib is plain text: use format: text",
                            src("data.format")))
-    if r.train.eval_every_steps > 0 and d.eval_fraction == 0:
-        out.append(Problem("train.eval_every_steps", r.train.eval_every_steps, "evaluation needs held-out "
-                           "data: set data.eval_fraction (e.g. 0.05) or train.eval_every_steps=0",
-                           src("train.eval_every_steps")))
     return out
+
+
+def _eval_problems(r: Recipe, src: Source) -> list[Problem]:
+    if r.train.eval_every_steps > 0 and r.data.eval_fraction == 0:
+        return [Problem("train.eval_every_steps", r.train.eval_every_steps, "evaluation needs held-out data: set "
+                        "data.eval_fraction (e.g. 0.05) or train.eval_every_steps=0", src("train.eval_every_steps"))]
+    return []
 
 
 def _optimizer(r: Recipe, src: Source) -> list[Problem]:

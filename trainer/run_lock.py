@@ -1,6 +1,7 @@
-"""One job per output directory: an exclusive lock file, `OUTPUT_DIR/.lock`, held by rank 0 of the job that trains
-there. A second job on the same output_dir is refused before it touches anything (two jobs would overwrite each
-other's checkpoints and interleave their metrics).
+"""Exclusive lock files. One job per output directory: `OUTPUT_DIR/.lock`, held by rank 0 of the job that trains
+there; a second job on the same output_dir is refused before it touches anything (two jobs would overwrite each
+other's checkpoints and interleave their metrics). The token store uses the same lock so that one process builds a
+store while the others wait.
 
 The lock is a file created with O_EXCL (atomic on local filesystems and on NFS v3+), holding who took it: host,
 pid, the torchrun job id and the time. The holder refreshes its modification time every HEARTBEAT_S seconds. A
@@ -70,11 +71,12 @@ def _read(path: Path) -> Holder | None:
         return None  # being written, or damaged: judged by its age
 
 
-class RunLock:
-    """The output directory's lock, for one job's rank 0 (a context manager)."""
+class FileLock:
+    """An exclusive lock file with its holder written in it, refreshed by a heartbeat while held, taken over when
+    stale (the rules in the module docstring)."""
 
-    def __init__(self, output_dir: Path, job: str) -> None:
-        self.path = output_dir / LOCK_FILE
+    def __init__(self, path: Path, job: str) -> None:
+        self.path = path
         self.me = Holder(socket.gethostname(), os.getpid(), job, time.time())
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -98,7 +100,8 @@ class RunLock:
             return f"its holder, {holder.describe()}, last refreshed it {age:.0f} s ago"
         return None
 
-    def acquire(self) -> None:
+    def try_acquire(self) -> Holder | None:
+        """Take the lock (None), or return who holds it. A stale lock is taken over, with a log line."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a takeover races at most a few times with another starter
             try:
@@ -106,22 +109,16 @@ class RunLock:
             except FileExistsError:
                 reason = self._stale_reason()
                 if reason is None:
-                    holder = _read(self.path)
-                    who = holder.describe() if holder else "another process"
-                    raise OutputDirBusy(
-                        f"output_dir {self.path.parent} is in use by {who}: two runs on one output_dir would "
-                        f"overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another "
-                        f"output_dir. (If that job is gone and this is wrong, delete {self.path}.)") from None
-                log.warning("taking over the lock of %s: %s", self.path.parent, reason)
+                    return _read(self.path) or Holder("?", 0, "", time.time())
+                log.warning("taking over the lock %s: %s", self.path, reason)
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(vars(self.me), f)
             self._beat = threading.Thread(target=self._heartbeat, name="trainer-lock-heartbeat", daemon=True)
             self._beat.start()
-            return
-        raise OutputDirBusy(f"output_dir {self.path.parent}: could not take its lock ({self.path}); another job is "
-                            "starting there at the same time")
+            return None
+        return _read(self.path) or Holder("?", 0, "", time.time())
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -137,6 +134,21 @@ class RunLock:
         holder = _read(self.path)
         if holder is not None and (holder.host, holder.pid) == (self.me.host, self.me.pid):
             self.path.unlink(missing_ok=True)
+
+
+class RunLock(FileLock):
+    """The output directory's lock, for one job's rank 0 (a context manager): a second job is refused."""
+
+    def __init__(self, output_dir: Path, job: str) -> None:
+        super().__init__(output_dir / LOCK_FILE, job)
+
+    def acquire(self) -> None:
+        holder = self.try_acquire()
+        if holder is not None:
+            raise OutputDirBusy(
+                f"output_dir {self.path.parent} is in use by {holder.describe()}: two runs on one output_dir would "
+                f"overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another output_dir. "
+                f"(If that job is gone and this is wrong, delete {self.path}.)")
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -71,14 +71,30 @@ class ModelConfig(Section):
                                                   "factor: 2.0}", resume="must_match")
 
 
+class SourceEntry(Section):
+    """One source of a mixture (data.sources); unset keys take data's own."""
+
+    source: str = setting("local file/dir, hub dataset name, or builtin:python_stdlib")
+    weight: Number = setting("share of the training samples drawn from this source", 1.0, gt=0)
+    format: Literal["text", "alpaca", "chat"] | None = setting("this source's format (null: data.format)")
+    text_field: str | None = setting("field holding the text (null: data.text_field)")
+    split: str | None = setting("split (null: data.split)")
+    max_documents: int | None = setting("use at most this many rows of it", None, ge=1)
+
+
 class DataConfig(Section):
-    source: str | None = setting("local file/dir or hub dataset name; 'builtin:python_stdlib' is the Python "
-                                 "standard library's source (no download)", resume="must_match")
+    source: str | None = setting("local file/dir (.txt, .json, .jsonl, .parquet, or a datasets save_to_disk folder) "
+                                 "or hub dataset name; 'builtin:python_stdlib' is the Python standard library's "
+                                 "source (no download)", resume="must_match")
+    sources: list[SourceEntry] | None = setting("a mixture instead of data.source: [{source, weight, format, ...}], "
+                                                "sampled by weight within each epoch", resume="must_match")
     format: Literal["text", "alpaca", "chat"] = setting(
         "text: pretraining on plain text / JSON-lines 'text'; alpaca: instruction/input/output; "
         "chat: 'messages' or ShareGPT 'conversations'", "text", resume="must_match")
     text_field: str = setting("field holding the text in JSON rows (format: text)", "text", resume="must_match")
-    split: str = setting("dataset split to read (hub datasets)", "train", resume="must_match")
+    split: str = setting("dataset split to read (hub datasets, save_to_disk folders)", "train", resume="must_match")
+    revision: str | None = setting("hub dataset revision (a branch, tag or commit; pin a commit for a store that "
+                                   "never goes stale silently)", resume="must_match")
     seq_len: int = setting("tokens per training sequence", 512, ge=8, resume="must_match")
     packing: bool = setting("concatenate examples into full seq_len blocks (always on for format: text)", True,
                             resume="must_match")
@@ -90,6 +106,10 @@ class DataConfig(Section):
                                         resume="must_match")
     max_bytes: int = setting("for builtin:python_stdlib: bytes of source to use", 4_000_000, ge=10_000,
                              resume="must_match")
+    cache_dir: str | None = setting("where token stores live (null: $TRAINER_DATA_CACHE, else "
+                                    "~/.cache/trainer/data)", resume="ignored")
+    num_proc: int | None = setting("processes that tokenize when a store is built (null: the CPU count)", None,
+                                   ge=1, resume="ignored")
 
 
 class TrainConfig(Section):

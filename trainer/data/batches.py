@@ -1,0 +1,267 @@
+"""A run's data: token stores -> samples -> this rank's micro-batches, in an order that can be resumed.
+
+Samples: with packing (always for plain text) a sample is a seq_len block cut from the split's token stream (the
+tail shorter than a block is left out); without, a sample is one document, padded per micro-batch. Labels are the
+input ids where a token carries the loss, -100 elsewhere (prompts of chats, padding).
+
+Order: epoch e visits the samples in a permutation that depends on (seed, e) only (order.py). One optimizer step
+takes G = micro_batch_size * grad_accum_steps * world_size consecutive positions of it from `cursor`; micro-step k
+of rank r takes micro_batch_size of them from `cursor + (k * world_size + r) * micro_batch_size`, so what a step
+sees does not depend on how G is split over ranks, and the cursor means the same on any number of ranks. The tail
+of fewer than G positions is skipped: the next epoch starts at 0.
+
+Mixtures (data.sources): an epoch has as many positions as all sources have samples; each source gets a share of
+them by weight (largest remainder), its samples drawn in its own seeded order (repeated if its share is larger
+than it). Where the positions of each source fall is the epoch's permutation, so the sources are interleaved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from trainer.data.order import Permutation, seed_int
+from trainer.data.sources import SourceSpec
+from trainer.data.store import (Part, StoreRequest, TokenStore, default_cache_dir, describe_dropped,
+                                    no_usable_rows, open_or_build)
+from trainer.errors import DataError
+from trainer.loss import IGNORE
+from trainer.schema import DataConfig
+from trainer.tokenizer import resolve_chat_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One micro-batch of CPU tensors; labels are aligned with input_ids (the loss shifts them)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def num_loss_tokens(self) -> int:
+        """Positions that contribute to the shifted next-token loss (for exact loss averaging)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class DataPosition:
+    """Where the run is in the data order: checkpointed so a resumed run sees the same batches."""
+
+    epoch: int = 0
+    cursor: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> DataPosition:
+        return cls(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
+
+
+def source_specs(cfg: DataConfig) -> list[SourceSpec]:
+    """data.source, or every entry of data.sources with data's own keys where it leaves them unset."""
+    if not cfg.sources:
+        return [SourceSpec(cfg.source or "", cfg.format, cfg.text_field, cfg.split, cfg.revision, cfg.max_documents,
+                           cfg.max_bytes)]
+    return [SourceSpec(e.source, e.format or cfg.format, e.text_field or cfg.text_field, e.split or cfg.split,
+                       cfg.revision, e.max_documents, cfg.max_bytes, e.weight) for e in cfg.sources]
+
+
+class Samples:
+    """The samples of one split of one store: packed blocks or whole documents."""
+
+    def __init__(self, part: Part, seq_len: int, packed: bool) -> None:
+        self.part, self.seq_len, self.packed = part, seq_len, packed
+        self.count = part.num_tokens // seq_len if packed else part.documents
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, labels) of sample `index`, int64."""
+        if self.packed:
+            start = index * self.seq_len
+            ids = np.asarray(self.part.tokens[start:start + self.seq_len], dtype=np.int64)
+            mask = None if self.part.mask is None else self.part.mask[start:start + self.seq_len]
+        else:
+            raw, mask = self.part.document(index)
+            ids = np.asarray(raw, dtype=np.int64)
+        labels = ids.copy() if mask is None else np.where(np.asarray(mask, dtype=bool), ids, IGNORE)
+        return ids, labels
+
+
+def collate(samples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> Batch:
+    """A micro-batch, padded to its longest sample (packed samples are all seq_len long)."""
+    length = max(len(ids) for ids, _ in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels, mask = torch.full_like(ids, IGNORE), torch.zeros_like(ids)
+    for row, (sample_ids, sample_labels) in enumerate(samples):
+        n = len(sample_ids)
+        ids[row, :n] = torch.from_numpy(sample_ids)
+        labels[row, :n] = torch.from_numpy(sample_labels)
+        mask[row, :n] = 1
+    return Batch(ids, mask, labels)
+
+
+def apportion(total: int, weights: list[float]) -> list[int]:
+    """`total` positions split by weight, summing exactly to total (largest remainder)."""
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class TrainData:
+    """The run's data for this rank: stores opened (built first when missing or stale), samples cut on demand.
+
+    Every rank opens the same stores (the page cache is shared) and takes only its share of each step, so no
+    communication is needed and every rank agrees on the order. `summary` holds the numbers logged."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, *, seed: int, rank: int, world_size: int,
+                 micro_batch_size: int, grad_accum_steps: int, num_proc: int | None = None, job: str = "",
+                 progress: bool = False, on_chunk: Any = None) -> None:
+        assert 0 <= rank < world_size and micro_batch_size >= 1 and grad_accum_steps >= 1
+        self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.global_batch_size = micro_batch_size * grad_accum_steps * world_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.specs = source_specs(cfg)
+        template = resolve_chat_template(cfg.chat_template, tokenizer)
+        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        self.stores: list[TokenStore] = []
+        for spec in self.specs:
+            request = StoreRequest(spec, tokenizer, template, cfg.seq_len, cfg.eval_fraction)
+            store, built = open_or_build(request, cache, num_proc or cfg.num_proc or os.cpu_count() or 1, job=job,
+                                         progress=progress, on_chunk=on_chunk or (lambda done: None))
+            log.info("data: %s the token store %s (%s)", "built" if built else "opened", store.path, spec.source)
+            self._report(store, spec)
+            self.stores.append(store)
+        packed = cfg.format == "text" or cfg.packing
+        self.train_sets = [Samples(s.train, cfg.seq_len, packed or spec.format == "text")
+                           for s, spec in zip(self.stores, self.specs)]
+        self.eval_sets = [Samples(s.eval, cfg.seq_len, packed or spec.format == "text")
+                          for s, spec in zip(self.stores, self.specs)]
+        self.shares = apportion(sum(len(s) for s in self.train_sets), [spec.weight for spec in self.specs])
+        self._bounds = np.cumsum([0, *self.shares])
+        self.num_train_samples = int(self._bounds[-1])
+        self.num_eval_samples = sum(len(s) for s in self.eval_sets)
+        self.steps_per_epoch = self.num_train_samples // self.global_batch_size
+        self.summary = self._summary()
+        self._check_sizes()
+        self._log(packed)
+
+    # ------------------------------------------------------------------------------------------ reporting
+
+    def _report(self, store: TokenStore, spec: SourceSpec) -> None:
+        """Bad rows are never dropped silently: warn with the first few, fail if nothing is left."""
+        m = store.manifest
+        if m["documents"] == 0:
+            raise no_usable_rows(m, spec)
+        if m["dropped"]:
+            log.warning("data: dropped %d of %d rows of %s (format %s; lines and rows counted from 1): %s%s",
+                        m["dropped"], m["rows"], spec.source, spec.format, describe_dropped(m),
+                        "; ..." if m["dropped"] > 5 else "")
+
+    @property
+    def dropped(self) -> list[tuple[str, int, str]]:
+        """The first dropped rows of every source: (file or dataset, line or row counted from 1, reason)."""
+        return [tuple(d) for s in self.stores for d in s.manifest["first_dropped"]]  # type: ignore[misc]
+
+    def _summary(self) -> dict[str, Any]:
+        ms = [s.manifest for s in self.stores]
+        return {"documents": sum(m["rows"] for m in ms), "dropped": sum(m["dropped"] for m in ms),
+                "train_documents": sum(m["train_documents"] for m in ms),
+                "eval_documents": sum(m["documents"] - m["train_documents"] for m in ms),
+                "tokens": sum(sum(m["tokens"].values()) for m in ms), "train_samples": self.num_train_samples,
+                "eval_samples": self.num_eval_samples, "steps_per_epoch": self.steps_per_epoch,
+                "stores": [str(s.path) for s in self.stores]}
+
+    def _log(self, packed: bool) -> None:
+        s, c = self.summary, self.cfg
+        log.info("data: %d documents (%d dropped), %d tokens -> %d train / %d eval samples of <= %d tokens (%s); "
+                 "one epoch = %d optimizer steps of %d samples", s["documents"], s["dropped"], s["tokens"],
+                 self.num_train_samples, self.num_eval_samples, c.seq_len, "packed" if packed else "padded",
+                 self.steps_per_epoch, self.global_batch_size)
+        if len(self.specs) > 1:
+            parts = [f"{spec.source}: {share} samples ({share / max(1, self.num_train_samples):.1%}), "
+                     f"{store.train.num_tokens:,} tokens" for spec, share, store in zip(self.specs, self.shares,
+                                                                                          self.stores)]
+            log.info("data: mixture per epoch: %s", "; ".join(parts))
+
+    def _check_sizes(self) -> None:
+        g, n, c = self.global_batch_size, self.num_train_samples, self.cfg
+        if n < g:
+            raise DataError(
+                f"the data gives {n} training samples of data.seq_len={c.seq_len} tokens, fewer than one global batch "
+                f"of {g} (micro_batch_size {self.micro_batch_size} x grad_accum_steps {self.grad_accum_steps} x "
+                f"world_size {self.world_size}); lower train.micro_batch_size or grad_accum_steps, lower "
+                "data.seq_len, or use more data")
+        per_round = self.micro_batch_size * self.world_size
+        if c.eval_fraction > 0 and self.num_eval_samples < per_round:
+            raise DataError(
+                f"data.eval_fraction = {c.eval_fraction} holds out {self.num_eval_samples} eval samples, fewer than "
+                f"one micro-batch per rank ({per_round}); raise data.eval_fraction or set it to 0")
+
+    # ---------------------------------------------------------------------------------------------- order
+
+    def train_sample(self, position: np.ndarray, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The samples at these positions of epoch `epoch`'s order."""
+        slots = Permutation(self.num_train_samples, seed_int("order", self.seed, epoch))(position)
+        out = []
+        for slot in slots.tolist():
+            source = int(np.searchsorted(self._bounds, slot, side="right") - 1)
+            j = slot - int(self._bounds[source])
+            samples = self.train_sets[source]
+            if len(self.specs) > 1:  # the source's own order, a new one each time its share wraps around it
+                turn, within = divmod(j, len(samples))
+                order = Permutation(len(samples), seed_int("source", self.seed, epoch, source, turn))
+                j = int(order([within])[0])
+            out.append(samples.get(j))
+        return out
+
+    def step_batches(self, pos: DataPosition) -> tuple[list[Batch], DataPosition]:
+        """This rank's grad_accum_steps micro-batches for one optimizer step, and the position after it."""
+        if pos.epoch < 0 or pos.cursor < 0:
+            raise DataError(f"data position {pos} is invalid (negative); the checkpoint is damaged")
+        epoch, cursor = pos.epoch, pos.cursor
+        if cursor + self.global_batch_size > self.num_train_samples:
+            epoch, cursor = epoch + 1, 0  # the tail shorter than a global batch is skipped
+        mb, batches = self.micro_batch_size, []
+        for k in range(self.grad_accum_steps):
+            start = cursor + k * mb * self.world_size + self.rank * mb
+            batches.append(collate(self.train_sample(np.arange(start, start + mb), epoch), self.pad_id))
+        return batches, DataPosition(epoch, cursor + self.global_batch_size)
+
+    def eval_samples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for samples in self.eval_sets:
+            for i in range(len(samples)):
+                yield samples.get(i)
+
+    def eval_batches(self, max_batches: int) -> Iterator[Batch]:
+        """The eval split in source order; every rank yields the same number of micro-batches (whole rounds of
+        micro_batch_size * world_size), so collectives over them line up."""
+        mb, per_round = self.micro_batch_size, self.micro_batch_size * self.world_size
+        rounds = min(max_batches, self.num_eval_samples // per_round)
+        wanted = {k * per_round + self.rank * mb + i for k in range(rounds) for i in range(mb)}
+        chunk: list[tuple[np.ndarray, np.ndarray]] = []
+        for index, sample in enumerate(self.eval_samples()):
+            if index >= rounds * per_round:
+                break
+            if index in wanted:
+                chunk.append(sample)
+                if len(chunk) == mb:
+                    yield collate(chunk, self.pad_id)
+                    chunk = []
+
