@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter-only", action="store_true", help="adapter runs: write only the peft adapter")
     e.add_argument("--merge", action="store_true", help="adapter runs: merge the adapter into the base model")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pr = sub.add_parser("prepare", help="build a recipe's token stores ahead of time", description="Tokenize the "
+                        "recipe's data into its token stores (data.cache_dir) now, so training starts in seconds.")
+    _recipe_arguments(pr)
     d = sub.add_parser("data", help="show what a recipe trains on", description="Build the recipe's tokenizer and "
                        "data as training would, and print samples with the tokens that carry the loss marked, with the "
                        "token counts and how full the samples are.")
@@ -182,6 +185,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from trainer.prepare import prepare
+    from trainer.resolve import resolve
+
+    prepare(resolve(args.recipe, args.overrides, 1), sys.stdout, progress=sys.stderr.isatty())
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from trainer.preview import show
     from trainer.resolve import resolve
@@ -229,7 +240,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "export": cmd_export, "data": cmd_data,
+    "train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "export": cmd_export, "prepare": cmd_prepare,
+    "data": cmd_data,
     "generate": cmd_generate, "chat": cmd_chat, "recipes": cmd_recipes, "schema": cmd_schema}
 
 

@@ -78,6 +78,28 @@ def source_specs(cfg: DataConfig) -> list[SourceSpec]:
                        cfg.revision, e.max_documents, cfg.max_bytes, e.weight) for e in cfg.sources]
 
 
+@dataclass(frozen=True)
+class OpenedStore:
+    spec: SourceSpec
+    store: TokenStore
+    built: bool  # built by this call (else it was there already)
+
+
+def open_stores(cfg: DataConfig, tokenizer: Any, *, num_proc: int | None = None, job: str = "",
+                progress: bool = False, on_chunk: Any = None) -> list[OpenedStore]:
+    """The token store of every source of the recipe, built first where missing or stale."""
+    # the template actually used (the tokenizer's own when the recipe names none): part of the store's fingerprint
+    template = resolve_chat_template(cfg.chat_template, tokenizer) or getattr(tokenizer, "chat_template", None)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    out = []
+    for spec in source_specs(cfg):
+        request = StoreRequest(spec, tokenizer, template, cfg.seq_len, cfg.eval_fraction)
+        store, built = open_or_build(request, cache, num_proc or cfg.num_proc or os.cpu_count() or 1, job=job,
+                                     progress=progress, on_chunk=on_chunk or (lambda done: None))
+        out.append(OpenedStore(spec, store, built))
+    return out
+
+
 class Samples:
     """The samples of one split of one store: packed blocks or whole documents."""
 
@@ -137,17 +159,12 @@ class TrainData:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.global_batch_size = micro_batch_size * grad_accum_steps * world_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.specs = source_specs(cfg)
-        template = resolve_chat_template(cfg.chat_template, tokenizer)
-        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-        self.stores: list[TokenStore] = []
-        for spec in self.specs:
-            request = StoreRequest(spec, tokenizer, template, cfg.seq_len, cfg.eval_fraction)
-            store, built = open_or_build(request, cache, num_proc or cfg.num_proc or os.cpu_count() or 1, job=job,
-                                         progress=progress, on_chunk=on_chunk or (lambda done: None))
-            log.info("data: %s the token store %s (%s)", "built" if built else "opened", store.path, spec.source)
-            self._report(store, spec)
-            self.stores.append(store)
+        opened = open_stores(cfg, tokenizer, num_proc=num_proc, job=job, progress=progress, on_chunk=on_chunk)
+        self.specs = [o.spec for o in opened]
+        self.stores: list[TokenStore] = [o.store for o in opened]
+        for o in opened:
+            log.info("data: %s the token store %s (%s)", "built" if o.built else "opened", o.store.path, o.spec.source)
+            self._report(o.store, o.spec)
         packed = cfg.format == "text" or cfg.packing
         self.train_sets = [Samples(s.train, cfg.seq_len, packed or spec.format == "text")
                            for s, spec in zip(self.stores, self.specs)]
