@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
-CHUNK_ROWS = 512  # rows tokenized together
+CHUNK_ROWS = 512  # rows tokenized together, at most
+CHUNK_CHARS = 1_000_000  # and at most about this many characters: a chunk's encodings cost ~40 bytes per token
 IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker process: bounds the memory of a parallel build
 PARALLEL_FROM_BYTES = 32 * 2**20  # smaller sources are tokenized in this process (workers cost seconds to start)
 WAIT_REPORT_S = 30.0
@@ -169,13 +170,26 @@ class _PartWriter:
                 f.close()
 
 
-def _chunks(stream: Iterator[Row], size: int) -> Iterator[list[Row]]:
+def _characters(row: Row) -> int:
+    """About how much text a row holds (its string values, one level deep)."""
+    if isinstance(row.value, str):
+        return len(row.value)
+    if isinstance(row.value, dict):
+        return sum(len(v) for v in row.value.values() if isinstance(v, str)) or 100
+    return 100
+
+
+def _chunks(stream: Iterator[Row]) -> Iterator[list[Row]]:
+    """Rows in chunks of at most CHUNK_ROWS rows and about CHUNK_CHARS characters, so memory stays bounded however
+    long the documents are."""
     chunk: list[Row] = []
+    chars = 0
     for row in stream:
         chunk.append(row)
-        if len(chunk) == size:
+        chars += _characters(row)
+        if len(chunk) == CHUNK_ROWS or chars >= CHUNK_CHARS:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk
 
@@ -230,7 +244,7 @@ def build(request: StoreRequest, folder: Path, num_proc: int, progress: bool,
     documents = rows_read = dropped = 0
     first_dropped: list[list[Any]] = []
     bar = _progress(size, progress)
-    for done, encoded in enumerate(_encoded(encoder, _chunks(rows(spec), CHUNK_ROWS), workers), 1):
+    for done, encoded in enumerate(_encoded(encoder, _chunks(rows(spec)), workers), 1):
         masks = encoded.masks or [None] * len(encoded.ids)
         for ids, mask in zip(encoded.ids, masks):
             writers["eval" if held_out(documents, request.eval_fraction) else "train"].add(ids, mask)
