@@ -53,7 +53,7 @@ def backward_of_next_step(run: Training) -> None:
     dev = run.dist.device
     for i, b in enumerate(batches):
         with engine.accumulate(is_last=i == len(batches) - 1):
-            logits = engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+            logits = engine.forward(**b.model_inputs(dev))
             engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
 
 

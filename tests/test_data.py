@@ -56,7 +56,7 @@ def train(data: TrainData) -> View:
     (samples,) = data.train_sets
     pairs = [samples.get(i) for i in range(len(samples))]
     ids, labels = [p[0] for p in pairs], [p[1] for p in pairs]
-    if samples.packed:
+    if samples.mode == "concat":
         return View(np.stack(ids), np.stack(labels))
     return View(ids, labels)
 
@@ -256,11 +256,11 @@ def test_no_packing_pads_right_and_masks_padding(tok: Any, tmp_path: Path) -> No
     assert batch.num_loss_tokens() == sum(len(rows[i]["output"]) + len(END) for i in order)
 
 
-def test_packed_sft_concatenates_examples_with_their_masks(tok: Any, tmp_path: Path) -> None:
+def test_concat_packing_runs_examples_into_each_other_with_their_masks(tok: Any, tmp_path: Path) -> None:
     rows = [{"instruction": f"question {i}", "input": "", "output": f"answer number {i}"} for i in range(30)]
     src = write_json(tmp_path / "a.json", rows)
     loose = make(tok, source=src, format="alpaca", seq_len=64, packing=False)
-    packed = make(tok, source=src, format="alpaca", seq_len=64, packing=True)
+    packed = make(tok, source=src, format="alpaca", seq_len=64, packing="concat")
     ids = np.concatenate(train(loose).ids)
     labels = np.concatenate(train(loose).labels)
     n = len(ids) // 64

@@ -195,7 +195,8 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / LOCK_FILE).exists()
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
                                                   "job": "", "started": time.time()}))
@@ -207,10 +208,32 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, caplog: pyt
     with pytest.raises(OutputDirBusy, match=f"in use by process {os.getppid()}"):
         RunLock(tmp_path, job="").acquire()
     # an elastic restart of the same torchrun job (rank 0 now on another host): not a second job
-    (tmp_path / LOCK_FILE).write_text(json.dumps({**alive, "host": "elsewhere", "job": "job-7"}))
+    (tmp_path / LOCK_FILE).write_text(json.dumps({**alive, "host": "elsewhere", "job": "job-7", "attempt": 0}))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     with RunLock(tmp_path, job="job-7"):
         pass
     assert "an earlier attempt of this torchrun job" in caplog.text
+    # another rank of the same attempt holds it (two ranks building one token store): it waits
+    (tmp_path / LOCK_FILE).write_text(json.dumps({**alive, "host": "elsewhere", "job": "job-7", "attempt": 1}))
+    with pytest.raises(OutputDirBusy):
+        RunLock(tmp_path, job="job-7").acquire()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_an_exception_on_one_rank_ends_the_job_instead_of_hanging(tmp_path: Path) -> None:
+    """Rank 1 raises after step 3 while rank 0 goes on into step 4's collectives. The failing rank waits for its
+    peers a tenth of distributed.timeout_s (20 s here), leaves with os._exit, and torchrun stops rank 0: the job
+    ends well before the collectives' own timeout (200 s here, 30 minutes by default), which is how long it took
+    before; the checkpoint of step 2 is kept."""
+    started = time.monotonic()
+    proc = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, "checkpoint.every_steps=2", "distributed.timeout_s=200",
+                                                     steps=6)], nproc=2, env={"TRAINER_FAULT": "error@3:r1"},
+                   timeout=400)
+    took = time.monotonic() - started
+    assert proc.returncode != 0 and "an exception after step 3" in proc.stderr, proc.stderr[-3000:]
+    assert took < 150, f"the job took {took:.0f} s to end"
+    assert checkpoint_steps(tmp_path) == [2]
 
 
 # --------------------------------------------------------------------------------------- signals and launchers

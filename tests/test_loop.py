@@ -49,7 +49,7 @@ def test_token_loss_sum_ignores_masked_and_shifts() -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("data", ["text", "alpaca"])
+@pytest.mark.parametrize("data", ["text", "alpaca", "alpaca-isolated"])
 def test_grad_accumulation_matches_big_batch(tmp_path: Path, data: str, optimizer: str,
                                              data_dir: Path) -> None:
     """micro 1 x accum 4 == micro 4 x accum 1 after one step: the loss is the mean over all tokens of the
@@ -58,9 +58,10 @@ def test_grad_accumulation_matches_big_batch(tmp_path: Path, data: str, optimize
     normalization; AdamW at lr 1e-4 keeps float noise in near-zero gradients under the tolerance."""
     lr = "1e-4" if optimizer == "adamw" else "0.5"
     extra = ["precision.dtype=fp32", f"optimizer.name={optimizer}", f"optimizer.lr={lr}", "optimizer.grad_clip=null"]
-    if data == "alpaca":
+    if data.startswith("alpaca"):  # padded rows, or packed blocks with attention kept inside each example
+        packing = "isolated" if data.endswith("isolated") else "none"
         extra += [f"data.source={data_dir / 'alpaca_tasks.json'}", "data.format=alpaca",
-                  "data.packing=false", "data.seq_len=256", "data.max_documents=24"]
+                  f"data.packing={packing}", "data.seq_len=256", "data.max_documents=48"]
     big = params_after(tiny(tmp_path / "big", *extra, "train.micro_batch_size=4", "train.grad_accum_steps=1",
                             steps=1))
     small = params_after(tiny(tmp_path / "small", *extra, "train.micro_batch_size=1", "train.grad_accum_steps=4",

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -320,5 +321,27 @@ def enable_faulthandler() -> None:
         pass
 
 
+def entry() -> None:
+    """The console command: main(), then exit with its code. A rank that failed alone while its peers sat in a
+    collective leaves with os._exit after reporting (trainer.distributed.process_group_abandoned); torchrun then
+    stops the others, instead of every rank waiting out the process group's timeout."""
+    from trainer.distributed import process_group_abandoned
+
+    try:
+        code = main()
+    except BaseException as e:
+        if not process_group_abandoned():
+            raise
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else EXIT_RUNTIME
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+    if process_group_abandoned():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -17,6 +17,14 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+ERROR_TEARDOWN_WAIT_S = 60.0  # at most this (and a tenth of the collective timeout) a failing rank waits for peers
+_abandoned = False  # a failing rank left its process group with a barrier unanswered (teardown)
+
+
+def process_group_abandoned() -> bool:
+    """Whether this process left a process group its peers never released: it must end with os._exit, since the
+    interpreter's normal exit would join gloo's threads, which wait for those peers forever."""
+    return _abandoned
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,12 @@ def distributed_context(backend: str = "auto", timeout_s: int = 1800) -> Iterato
         log.info("process group up: backend %s, world size %d", chosen, world_size)
     try:
         yield DistInfo(rank, local_rank, world_size, device)
-    finally:
-        if started:
-            teardown()
+    except BaseException:
+        if started:  # the peers may be inside another collective: wait for them a bounded time, then leave
+            teardown(wait_s=min(ERROR_TEARDOWN_WAIT_S, timeout_s / 10))
+        raise
+    if started:
+        teardown()
 
 
 def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
@@ -105,14 +116,23 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     return dist.PrefixStore(f"trainer/attempt-{restart_count()}", store)
 
 
-def teardown() -> None:
-    """barrier + destroy; never raises (we may already be unwinding an error)."""
+def teardown(wait_s: float | None = None) -> None:
+    """barrier + destroy; never raises (we may already be unwinding an error). With `wait_s`, the barrier gives up
+    after that long: a rank that failed alone must not wait for peers stuck in another collective until the
+    process group's timeout; it exits, and torchrun stops the others."""
     if not dist.is_initialized():
         return
     try:
-        dist.barrier()
-    except Exception as e:  # a peer died: still destroy our side
+        if wait_s is None:
+            dist.barrier()
+        else:
+            dist.barrier(async_op=True).wait(datetime.timedelta(seconds=wait_s))
+    except Exception as e:  # a peer died or never came
         log.debug("barrier at teardown failed: %s", e)
+        if wait_s is not None:  # destroying the group would wait for the unanswered barrier
+            global _abandoned
+            _abandoned = True
+            return
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
 

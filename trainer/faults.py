@@ -6,6 +6,8 @@ TRAINER_FAULT holds comma-separated `kind@step` items, e.g. `inf_grad@3,crash@7`
 - `crash@N`: the process dies (os._exit(13)) right after optimizer step N, before anything is saved.
 - `sigkill@N`: the process sends itself SIGKILL right after step N (no handler, no cleanup).
 - `abort@N`: the process aborts (SIGABRT) right after step N, as a crash in native code does.
+- `error@N`: a Python exception (RuntimeError) right after step N, as an unexpected bug on one rank would raise
+  while the other ranks go on into the next step's collectives.
 - `crash_in_save@N`: the process dies in the middle of writing the checkpoint of step N (after the weights,
   before the manifest).
 - `crash_in_prepare@N`: the process dies while building a token store, after its Nth chunk of rows.
@@ -29,7 +31,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 ENV = "TRAINER_FAULT"
 CRASH_EXIT_CODE = 13
-KINDS = ("inf_grad", "crash", "sigkill", "abort", "crash_in_save", "crash_in_prepare")
+KINDS = ("inf_grad", "crash", "sigkill", "abort", "error", "crash_in_save", "crash_in_prepare")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Faults:
         if self._fires("abort", step):
             log.error("TRAINER_FAULT: SIGABRT after step %d", step)
             os.abort()
+        if self._fires("error", step):
+            raise RuntimeError(f"TRAINER_FAULT: an exception after step {step}")
 
     def during_prepare(self, chunks_done: int) -> None:
         """While a token store is built, after `chunks_done` chunks of rows."""

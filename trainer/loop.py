@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.activation_offload import ActivationOffload
 from trainer.checkpoint import Checkpointer, TrainState, step_to_resume
 from trainer.data.batches import Batch, TrainData
 from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
@@ -50,6 +52,7 @@ class Training:
     preemption: PreemptionFlag
     faults: Faults
     nonfinite: NonFiniteSteps
+    offload: ActivationOffload | None = None  # model.activation_offload
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,8 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     metrics = Metrics(r.logging, out, enabled=dist.is_main, max_steps=r.train.max_steps, start_step=state.step,
                       wandb_run=wandb_run)
     nonfinite = NonFiniteSteps(r.train.max_nonfinite_steps, state.nonfinite_steps)
-    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite)
+    offload = ActivationOffload(engine.module, dist.device) if r.model.activation_offload else None
+    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload)
 
 
 def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
@@ -136,8 +140,7 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     for i, b in enumerate(batches):
         with t.engine.accumulate(is_last=i == len(batches) - 1):
             # the logits die inside the loss, which keeps only their gradient (trainer/loss.py)
-            loss_sum = token_loss_sum(t.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev)),
-                                      b.labels.to(dev))
+            loss_sum = token_loss_sum(_logits(t, b), b.labels.to(dev))
             if t.engine.updates_in_backward:  # weights change inside backward: check before it, on every rank
                 _check_before_backward(t, step, loss_sum)
             t.engine.backward(loss_sum / max(loss_tokens, 1.0))
@@ -156,6 +159,13 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     return StepOutcome(loss, int(tokens), stop > 0, result)
 
 
+def _logits(t: Training, b: Batch) -> torch.Tensor:
+    """One micro-batch's forward; with activation offload, what it saves for backward goes to host memory (the
+    loss's own saved gradient stays: it is consumed first in backward)."""
+    with t.offload.saving() if t.offload else contextlib.nullcontext():
+        return t.engine.forward(**b.model_inputs(t.dist.device))
+
+
 def _check_before_backward(t: Training, step: int, loss_sum: torch.Tensor) -> None:
     """Per-layer updates: a non-finite micro-batch loss on any rank stops the run before its backward applies
     anything (train.max_nonfinite_steps must be 0 with them: rules.py)."""
@@ -170,7 +180,7 @@ def evaluate(t: Training) -> dict[str, float]:
     t.engine.train(False)
     dev, loss, count = t.dist.device, 0.0, 0
     for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
-        logits = t.engine.forward(b.input_ids.to(dev), b.attention_mask.to(dev))
+        logits = t.engine.forward(**b.model_inputs(dev))
         loss += token_loss_sum(logits, b.labels.to(dev)).item()
         count += b.num_loss_tokens()
     t.engine.train(True)

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.adapters.footprint import optimizer_state_bytes, predicted
 from trainer.adapters.targets import find_targets, lora_param_count
+from trainer.data.packing import sample_mode
 from trainer.loss import chunk_rows
 from trainer.optim import param_groups
 from trainer.optim.galore import expected_state_bytes
@@ -97,6 +98,7 @@ class Plan:
     activations_with_checkpointing: int
     parameters: int
     trainable: int
+    offloaded_activations: int = 0  # model.activation_offload: per micro-batch, in pinned CPU memory
     suggestions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -374,23 +376,72 @@ def activation_bytes(run: ResolvedRun, sh: Shapes, checkpointing: bool) -> int:
     """Saved activations of one micro-batch (forward to the start of backward)."""
     tokens = run.recipe.train.micro_batch_size * run.recipe.data.seq_len
     per_layer = layer_bytes_per_token(run, sh)
-    outside = 12 * sh.hidden + 12  # final norm and the LM head's input
+    # the final norm (its fp32 input and scale) and the LM head's input (fp32, or the bf16/fp16 cast)
+    outside = (12 if run.recipe.precision.dtype == "fp32" else 10) * sh.hidden + 12
     if checkpointing:  # each layer's input is kept (fp32 residual stream); one layer is recomputed at a time
         return tokens * (sh.layers * 4 * sh.hidden + per_layer + outside)
     return tokens * (sh.layers * per_layer + outside)
+
+
+def offloaded_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """What model.activation_offload moves to host memory per micro-batch (trainer/activation_offload.py): every
+    saved activation, or with checkpointing each layer's input and what the final norm and the LM head keep (the
+    recomputed layer stays on the GPU)."""
+    if not run.recipe.model.activation_offload:
+        return 0
+    tokens = run.recipe.train.micro_batch_size * run.recipe.data.seq_len
+    if run.recipe.model.gradient_checkpointing:
+        return activation_bytes(run, sh, True) - tokens * layer_bytes_per_token(run, sh)
+    return activation_bytes(run, sh, False)
+
+
+def offload_window_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """What offloading leaves on the GPU at a time: the layer whose saved tensors backward is using and the one
+    prefetched ahead of it (in the forward, at most as much is in flight to the host)."""
+    tokens = run.recipe.train.micro_batch_size * run.recipe.data.seq_len
+    per_layer = 4 * sh.hidden if run.recipe.model.gradient_checkpointing else layer_bytes_per_token(run, sh)
+    return 2 * tokens * per_layer
 
 
 def forward_backward_bytes(run: ResolvedRun, sh: Shapes) -> int:
     """What one micro-batch's forward and backward add at their peak on top of the model states (autocast copies
     apart). Without checkpointing, every saved activation and the logits coexist at the end of the forward. With
     it, the end of the forward holds each layer's input and the logits; the one recomputed layer exists only in
-    backward, after the logits' gradient has been consumed by the head: the larger of the two counts."""
+    backward, after the logits' gradient has been consumed by the head: the larger of the two counts. Offloaded
+    activations are replaced by the two layers' worth in flight."""
     checkpointing = run.recipe.model.gradient_checkpointing
     saved, logits = activation_bytes(run, sh, checkpointing), logits_bytes(run, sh)
+    if run.recipe.model.activation_offload:
+        saved += offload_window_bytes(run, sh) - offloaded_bytes(run, sh)
+    saved += packed_mask_bytes(run)
     if not checkpointing:
         return saved + logits
     recomputed = run.recipe.train.micro_batch_size * run.recipe.data.seq_len * layer_bytes_per_token(run, sh)
     return saved - recomputed + max(recomputed, logits)
+
+
+def packed_mask_bytes(run: ResolvedRun) -> int:
+    """Packed rows whose attention stays inside each example (isolated packing, document_mask): sdpa and eager get
+    a block-diagonal mask of seq_len x seq_len per row (bool for sdpa, the compute dtype for eager);
+    FlashAttention-2 takes the sequence boundaries instead and needs none."""
+    d, attention = run.recipe.data, run.recipe.model.attn_implementation or "sdpa"
+    formats = {e.format or d.format for e in d.sources} if d.sources else {d.format}
+    confined = any(sample_mode(f, d.packing, d.document_mask) in (("isolated", False), ("concat", True))
+                   for f in formats)
+    if not confined or attention.startswith("flash"):
+        return 0
+    per_entry = 1 if attention == "sdpa" else (4 if run.recipe.precision.dtype == "fp32" else 2)
+    return run.recipe.train.micro_batch_size * d.seq_len * d.seq_len * per_entry
+
+
+def packing_label(run: ResolvedRun) -> str:
+    """How the plan's micro-batch of seq_len tokens is filled."""
+    d = run.recipe.data
+    formats = {e.format or d.format for e in d.sources} if d.sources else {d.format}
+    modes = {sample_mode(f, d.packing, d.document_mask)[0] for f in formats}
+    if modes == {"none"}:
+        return "padded rows: at most"
+    return "packed: no padding" if "isolated" in modes else "packed"
 
 
 def logits_bytes(run: ResolvedRun, sh: Shapes) -> int:
@@ -435,9 +486,22 @@ def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) 
     items, trainable = model_states(run, sh)
     states = sum(i.bytes for i in items if i.where == "gpu")
     with_gc, without_gc = activation_bytes(run, sh, True), activation_bytes(run, sh, False)
-    act = with_gc if run.recipe.model.gradient_checkpointing else without_gc
-    items.append(Item(f"activations ({run.recipe.train.micro_batch_size} x {run.recipe.data.seq_len} tokens, "
-                      f"{'with' if run.recipe.model.gradient_checkpointing else 'without'} checkpointing)", act))
+    m = run.recipe.model
+    act = with_gc if m.gradient_checkpointing else without_gc
+    moved = offloaded_bytes(run, sh)
+    tokens = f"{run.recipe.train.micro_batch_size} x {run.recipe.data.seq_len} tokens, {packing_label(run)}"
+    if moved:
+        items.append(Item(f"activations on the GPU ({tokens}, {'with' if m.gradient_checkpointing else 'without'}"
+                          " checkpointing, offloaded)", act - moved + offload_window_bytes(run, sh),
+                          note="two layers' worth in flight"))
+        items.append(Item("activations offloaded to pinned CPU memory", moved, where="cpu"))
+    else:
+        items.append(Item(f"activations ({tokens}, {'with' if m.gradient_checkpointing else 'without'} "
+                          "checkpointing)", act))
+    mask = packed_mask_bytes(run)
+    if mask:
+        items.append(Item("block-diagonal attention masks of packed rows", mask,
+                          note=f"{m.attn_implementation or 'sdpa'}; none with flash_attention_2"))
     items.append(Item("logits and loss (logits, their gradient, one fp32 chunk)", logits_bytes(run, sh)))
     casts = _autocast_copies(run, sh, run.recipe.adapter.type == "none")
     if casts:
@@ -454,4 +518,4 @@ def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) 
     items.append(Item("CUDA context and allocator fragmentation", allowance,
                       note=f"{CUDA_CONTEXT / GiB:.2f} GiB context + {FRAGMENTATION:.0%} of the rest"))
     return Plan(run.world_size, gpu_bytes, items, base + allowance, "forward/backward" if forward >= step else
-                "optimizer step", without_gc, with_gc, sh.total, trainable)
+                "optimizer step", without_gc, with_gc, sh.total, trainable, moved)

@@ -1,12 +1,12 @@
 """Turning a memory plan into advice: what to change when a recipe does not fit, and how to show it.
 
 The changes a user can make, each with what it costs them (speed first, then quality): gradient checkpointing
-(about +30% compute), a smaller micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO
-stages 1-3 (several GPUs), offloading the optimizer state or the parameters to CPU memory, 8-bit GaLore with
-per-layer updates, and QLoRA. Suggestions are combinations of up to three of them, tried cheapest first; the first
-few that fit are shown (or, when none does, the one that comes closest). A combination is kept only if the
-resulting recipe resolves (resolve.py): nothing is proposed that the trainer would refuse, and none changes the
-global batch.
+(about +30% compute), activation offload (copies that overlap with compute, pinned CPU memory), a smaller
+micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO stages 1-3 (several GPUs),
+offloading the optimizer state or the parameters to CPU memory, 8-bit GaLore with per-layer updates, and QLoRA.
+Suggestions are combinations of up to three of them, tried cheapest first; the first few that fit are shown (or,
+when none does, the one that comes closest), each with what it saves. A combination is kept only if the resulting
+recipe resolves (resolve.py): nothing is proposed that the trainer would refuse, and none changes the global batch.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def changes(run: ResolvedRun) -> list[Change]:
     galore = r.optimizer.name.startswith("galore")
     if not r.model.gradient_checkpointing:
         out.append(Change("gradient checkpointing (about 30% more compute)", ("model.gradient_checkpointing=true",), 1))
+    if not r.model.activation_offload:  # the copies overlap with compute on a GPU; needs pinned CPU memory
+        out.append(Change("activation offload to pinned CPU memory", ("model.activation_offload=true",), 1))
     if r.train.micro_batch_size > 1:  # half the micro-batch; the global batch stays what it was
         half = r.train.micro_batch_size // 2
         more = () if r.train.global_batch_size is not None else (f"train.grad_accum_steps={run.grad_accum_steps * 2}",)
@@ -111,6 +113,8 @@ def suggest(run: ResolvedRun, gpu_bytes: int, sh: Shapes) -> list[dict[str, Any]
     fitting: list[dict[str, Any]] = []
     closest: dict[str, Any] | None = None
     for combo in combos:
+        if any(set(found["changes"]) < {c.label for c in combo} for found in fitting):
+            continue  # a fitting combination plus something more: the extra change buys nothing needed
         overrides = combined(combo)
         candidate = apply_overrides(run, overrides, sh) if overrides else None
         if candidate is None:
@@ -118,7 +122,8 @@ def suggest(run: ResolvedRun, gpu_bytes: int, sh: Shapes) -> list[dict[str, Any]
         assert candidate.global_batch_size == run.global_batch_size, overrides
         p = plan(candidate, gpu_bytes, sh)
         found = {"change": " + ".join(c.label for c in combo), "overrides": overrides, "peak_bytes": p.peak_bytes,
-                 "fits": p.fits, "cpu_bytes": cpu_bytes(p)}
+                 "fits": p.fits, "cpu_bytes": cpu_bytes(p),
+                 "changes": [c.label for c in combo]}
         if p.fits:
             fitting.append(found)
             if len(fitting) == MAX_SUGGESTIONS:
@@ -159,6 +164,8 @@ def render(p: Plan, title: str, gpus_per_node: int | None = None) -> str:
     lines.append("")
     lines.append(f"  activations would be {p.activations_without_checkpointing / GiB:.2f} GiB without gradient "
                  f"checkpointing and {p.activations_with_checkpointing / GiB:.2f} GiB with it")
+    if p.offloaded_activations:
+        lines.append(f"  activation offload keeps {p.offloaded_activations / GiB:.2f} GiB of them in pinned CPU memory")
     verdict = "fits" if p.fits else "does NOT fit"
     lines.append(f"  predicted peak: {p.peak_bytes / GiB:.2f} GiB per GPU (during the {p.phase}); {verdict} in "
                  f"{p.gpu_bytes / GiB:.0f} GiB")
@@ -173,7 +180,8 @@ def render(p: Plan, title: str, gpus_per_node: int | None = None) -> str:
             lines.append("  changes that make it fit, cheapest first:")
         for n, s in enumerate(p.suggestions, 1):
             mark = "fits" if s["fits"] else "still too big"
-            lines.append(f"  {n}. {s['change']}: {s['peak_bytes'] / GiB:.2f} GiB ({mark})")
+            saved = (p.peak_bytes - s["peak_bytes"]) / GiB
+            lines.append(f"  {n}. {s['change']}: -{saved:.2f} GiB -> {s['peak_bytes'] / GiB:.2f} GiB ({mark})")
             lines.append(f"     {' '.join(s['overrides'])}")
             lines += host_memory_lines(s["cpu_bytes"], ranks_per_node, indent="     ")
     return "\n".join(lines)
@@ -184,6 +192,7 @@ def as_json(p: Plan) -> str:
                        "trainable_parameters": p.trainable, "peak_bytes": p.peak_bytes, "fits": p.fits,
                        "phase": p.phase, "activations_without_checkpointing": p.activations_without_checkpointing,
                        "activations_with_checkpointing": p.activations_with_checkpointing,
+                       "offloaded_activations": p.offloaded_activations,
                        "items": [vars(i) for i in p.items], "suggestions": p.suggestions}, indent=2)
 
 

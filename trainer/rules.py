@@ -55,6 +55,18 @@ def _data(r: Recipe, src: Source) -> list[Problem]:
     return out + _builtin_problems(d.source, d.format, "data.source", src) + _eval_problems(r, src)
 
 
+def _packing(r: Recipe, src: Source) -> list[Problem]:
+    d = r.data
+    formats = {e.format or d.format for e in d.sources} if d.sources else {d.format}
+    if d.packing == "none" and "text" in formats:
+        return [Problem("data.packing", "none", "plain text is always packed into seq_len blocks: use concat (the "
+                        "default), or data.document_mask: true to keep documents apart", src("data.packing"))]
+    if d.document_mask and "text" not in formats:
+        return [Problem("data.document_mask", True, "applies to plain text; chats and Alpaca rows are kept apart by "
+                        "data.packing: isolated", src("data.document_mask"))]
+    return []
+
+
 def _builtin_problems(source: str, fmt: str, key: str, src: Source) -> list[Problem]:
     out = []
     if source.startswith("builtin:") and source not in BUILTIN_SOURCES:
@@ -239,7 +251,7 @@ def _adapter(r: Recipe, src: Source) -> list[Problem]:
     return out  # GaLore with adapters: refused by the GaLore rules
 
 
-RULES = (_model, _data, _optimizer, _nonfinite, _precision, _distributed, _deepspeed, _adapter)
+RULES = (_model, _data, _packing, _optimizer, _nonfinite, _precision, _distributed, _deepspeed, _adapter)
 
 
 def cross_check(recipe: Recipe, src: Source) -> list[Problem]:

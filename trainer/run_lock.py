@@ -4,11 +4,11 @@ other's checkpoints and interleave their metrics). The token store uses the same
 store while the others wait.
 
 The lock is a file created with O_EXCL (atomic on local filesystems and on NFS v3+), holding who took it: host,
-pid, the torchrun job id and the time. The holder refreshes its modification time every HEARTBEAT_S seconds. A
-lock is stale, and taken over with a log line, when
+pid, the torchrun job id and attempt (restart count), and the time. The holder refreshes its modification time
+every HEARTBEAT_S seconds. A lock is stale, and taken over with a log line, when
 - its holder is on this host and that process no longer exists;
 - it was taken by an earlier attempt of the same torchrun job (an elastic restart: every worker died before the
-  restart, whichever host rank 0 is on now);
+  restart, whichever host rank 0 is on now); the ranks of one attempt wait for each other like any two jobs;
 - its heartbeat is older than STALE_AFTER_S (the holder is on another host and stopped refreshing it).
 Released on exit, also on errors; a process that dies leaves it behind, and the rules above clear it.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from trainer.distributed import DistInfo, broadcast_object
+from trainer.distributed import DistInfo, broadcast_object, restart_count
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Holder:
     pid: int
     job: str
     started: float
+    attempt: int = 0  # torchrun's restart count when it was taken
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -66,7 +67,8 @@ class Holder:
 def _read(path: Path) -> Holder | None:
     try:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        return Holder(str(data["host"]), int(data["pid"]), str(data.get("job", "")), float(data["started"]))
+        return Holder(str(data["host"]), int(data["pid"]), str(data.get("job", "")), float(data["started"]),
+                      int(data.get("attempt", 0)))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # being written, or damaged: judged by its age
 
@@ -77,7 +79,7 @@ class FileLock:
 
     def __init__(self, path: Path, job: str) -> None:
         self.path = path
-        self.me = Holder(socket.gethostname(), os.getpid(), job, time.time())
+        self.me = Holder(socket.gethostname(), os.getpid(), job, time.time(), restart_count())
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -94,7 +96,7 @@ class FileLock:
             return "this process holds it"
         if holder.host == self.me.host and not _alive(holder.pid):
             return f"its holder, {holder.describe()}, has exited"
-        if self.me.job and holder.job == self.me.job:
+        if self.me.job and holder.job == self.me.job and holder.attempt < self.me.attempt:
             return f"it was taken by an earlier attempt of this torchrun job ({holder.describe()})"
         if age > STALE_AFTER_S:
             return f"its holder, {holder.describe()}, last refreshed it {age:.0f} s ago"

@@ -33,6 +33,14 @@ def _yaml_number(value: Any) -> Any:
 
 
 Number = Annotated[float, BeforeValidator(_yaml_number)]
+
+
+def _packing(value: Any) -> Any:
+    """data.packing: true and false, as recipes wrote them before the modes, mean auto and none."""
+    return {True: "auto", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+
+Packing = Annotated[Literal["auto", "isolated", "concat", "none"], BeforeValidator(_packing)]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
 
@@ -65,6 +73,10 @@ class ModelConfig(Section):
     revision: str | None = setting("hub revision (branch, tag or commit)")
     gradient_checkpointing: bool = setting("recompute activations in backward (non-reentrant) to save memory",
                                            False)
+    activation_offload: bool = setting("move the activations saved for backward to pinned CPU memory during the "
+                                       "forward, prefetched back one layer ahead in backward: with gradient "
+                                       "checkpointing each layer's input, without it every saved activation",
+                                       False)
     attn_implementation: str | None = setting("transformers attention backend (eager, sdpa, flash_attention_2)")
     rope_scaling: dict[str, Any] | None = setting("RoPE scaling applied on top of the model's own, to train longer "
                                                   "sequences than max_position_embeddings, e.g. {rope_type: linear, "
@@ -96,8 +108,12 @@ class DataConfig(Section):
     revision: str | None = setting("hub dataset revision (a branch, tag or commit; pin a commit for a store that "
                                    "never goes stale silently)", resume="must_match")
     seq_len: int = setting("tokens per training sequence", 512, ge=8, resume="must_match")
-    packing: bool = setting("concatenate examples into full seq_len blocks (always on for format: text)", True,
-                            resume="must_match")
+    packing: Packing = setting("auto (isolated for alpaca/chat, concat for text) | isolated (whole examples per "
+                               "block, attention and positions confined to each: the loss of one-by-one) | concat "
+                               "(examples run into each other, as plain text) | none (one example per sample, "
+                               "padded); true = auto, false = none", "auto", resume="must_match")
+    document_mask: bool = setting("plain text: confine attention and positions to each document inside a block "
+                                  "(as Llama 3 was trained)", False, resume="must_match")
     chat_template: str | None = setting("chat template: null uses the tokenizer's, or 'chatml', or a Jinja string",
                                         resume="must_match")
     eval_fraction: float = setting("fraction of documents held out for evaluation (0 = no eval split)", 0.0,

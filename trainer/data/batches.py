@@ -1,8 +1,8 @@
 """A run's data: token stores -> samples -> this rank's micro-batches, in an order that can be resumed.
 
-Samples: with packing (always for plain text) a sample is a seq_len block cut from the split's token stream (the
-tail shorter than a block is left out); without, a sample is one document, padded per micro-batch. Labels are the
-input ids where a token carries the loss, -100 elsewhere (prompts of chats, padding).
+Samples (packing.py): a seq_len block of the split's token stream (concat: plain text), whole examples packed into a
+block with attention confined to each (isolated: chats), or one example (none). Labels are the input ids where a
+token carries the loss, -100 elsewhere (prompts of chats, padding).
 
 Order: epoch e visits the samples in a permutation that depends on (seed, e) only (order.py). One optimizer step
 takes G = micro_batch_size * grad_accum_steps * world_size consecutive positions of it from `cursor`; micro-step k
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from trainer.data.order import Permutation, seed_int
+from trainer.data.packing import Sample, Samples, sample_mode
 from trainer.data.sources import SourceSpec
-from trainer.data.store import (Part, StoreRequest, TokenStore, default_cache_dir, describe_dropped,
-                                    no_usable_rows, open_or_build)
+from trainer.data.store import (StoreRequest, TokenStore, default_cache_dir, describe_dropped, no_usable_rows,
+                                    open_or_build)
 from trainer.errors import DataError
 from trainer.loss import IGNORE
 from trainer.schema import DataConfig
@@ -45,6 +46,7 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    position_ids: torch.Tensor | None = None  # set when attention is confined to pieces of each row (packing)
 
     def num_loss_tokens(self) -> int:
         """Positions that contribute to the shifted next-token loss (for exact loss averaging)."""
@@ -52,6 +54,15 @@ class Batch:
 
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """The model's keyword arguments on `device`: packed rows pass their position ids and no attention mask, so
+        that transformers confines attention to each run of increasing positions (padding is a run of its own)."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids.to(device), "attention_mask": None,
+                    "position_ids": self.position_ids.to(device)}
+        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                "position_ids": None}
 
 
 @dataclass
@@ -100,40 +111,25 @@ def open_stores(cfg: DataConfig, tokenizer: Any, *, num_proc: int | None = None,
     return out
 
 
-class Samples:
-    """The samples of one split of one store: packed blocks or whole documents."""
-
-    def __init__(self, part: Part, seq_len: int, packed: bool) -> None:
-        self.part, self.seq_len, self.packed = part, seq_len, packed
-        self.count = part.num_tokens // seq_len if packed else part.documents
-
-    def __len__(self) -> int:
-        return self.count
-
-    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(input ids, labels) of sample `index`, int64."""
-        if self.packed:
-            start = index * self.seq_len
-            ids = np.asarray(self.part.tokens[start:start + self.seq_len], dtype=np.int64)
-            mask = None if self.part.mask is None else self.part.mask[start:start + self.seq_len]
-        else:
-            raw, mask = self.part.document(index)
-            ids = np.asarray(raw, dtype=np.int64)
-        labels = ids.copy() if mask is None else np.where(np.asarray(mask, dtype=bool), ids, IGNORE)
-        return ids, labels
-
-
-def collate(samples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> Batch:
-    """A micro-batch, padded to its longest sample (packed samples are all seq_len long)."""
-    length = max(len(ids) for ids, _ in samples)
+def collate(samples: list[Sample], pad_id: int) -> Batch:
+    """A micro-batch, padded to its longest sample (concat samples are all seq_len long). Samples that confine
+    attention carry position ids; the padding after them is a piece of its own (positions from 0), which no real
+    token attends to and which carries no loss."""
+    length = max(len(ids) for ids, _, _ in samples)
     ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels, mask = torch.full_like(ids, IGNORE), torch.zeros_like(ids)
-    for row, (sample_ids, sample_labels) in enumerate(samples):
+    isolated = any(p is not None for _, _, p in samples)
+    positions = torch.zeros_like(ids) if isolated else None
+    for row, (sample_ids, sample_labels, sample_positions) in enumerate(samples):
         n = len(sample_ids)
         ids[row, :n] = torch.from_numpy(sample_ids)
         labels[row, :n] = torch.from_numpy(sample_labels)
         mask[row, :n] = 1
-    return Batch(ids, mask, labels)
+        if positions is not None:
+            own = torch.from_numpy(sample_positions) if sample_positions is not None else torch.arange(n)
+            positions[row, :n] = own
+            positions[row, n:] = torch.arange(length - n)
+    return Batch(ids, mask, labels, positions)
 
 
 def apportion(total: int, weights: list[float]) -> list[int]:
@@ -165,11 +161,11 @@ class TrainData:
         for o in opened:
             log.info("data: %s the token store %s (%s)", "built" if o.built else "opened", o.store.path, o.spec.source)
             self._report(o.store, o.spec)
-        packed = cfg.format == "text" or cfg.packing
-        self.train_sets = [Samples(s.train, cfg.seq_len, packed or spec.format == "text")
-                           for s, spec in zip(self.stores, self.specs)]
-        self.eval_sets = [Samples(s.eval, cfg.seq_len, packed or spec.format == "text")
-                          for s, spec in zip(self.stores, self.specs)]
+        modes = [sample_mode(spec.format, cfg.packing, cfg.document_mask) for spec in self.specs]
+        self.train_sets = [Samples(s.train, s.path / "train", cfg.seq_len, mode, masked, seed)
+                           for s, (mode, masked) in zip(self.stores, modes)]
+        self.eval_sets = [Samples(s.eval, s.path / "eval", cfg.seq_len, mode, masked, seed)
+                          for s, (mode, masked) in zip(self.stores, modes)]
         self.shares = apportion(sum(len(s) for s in self.train_sets), [spec.weight for spec in self.specs])
         self._bounds = np.cumsum([0, *self.shares])
         self.num_train_samples = int(self._bounds[-1])
@@ -177,7 +173,7 @@ class TrainData:
         self.steps_per_epoch = self.num_train_samples // self.global_batch_size
         self.summary = self._summary()
         self._check_sizes()
-        self._log(packed)
+        self._log()
 
     # ------------------------------------------------------------------------------------------ reporting
 
@@ -205,12 +201,15 @@ class TrainData:
                 "eval_samples": self.num_eval_samples, "steps_per_epoch": self.steps_per_epoch,
                 "stores": [str(s.path) for s in self.stores]}
 
-    def _log(self, packed: bool) -> None:
+    def _log(self) -> None:
         s, c = self.summary, self.cfg
-        log.info("data: %d documents (%d dropped), %d tokens -> %d train / %d eval samples of <= %d tokens (%s); "
-                 "one epoch = %d optimizer steps of %d samples", s["documents"], s["dropped"], s["tokens"],
-                 self.num_train_samples, self.num_eval_samples, c.seq_len, "packed" if packed else "padded",
-                 self.steps_per_epoch, self.global_batch_size)
+        modes = ", ".join(sorted({x.mode + (" with documents kept apart" if x.document_mask else "")
+                                  for x in self.train_sets}))
+        fill = sum(x.fill * len(x) for x in self.train_sets) / max(1, sum(len(x) for x in self.train_sets))
+        log.info("data: %d documents (%d dropped), %d tokens -> %d train / %d eval samples of <= %d tokens (%s; "
+                 "%.1f%% of their positions hold tokens); one epoch = %d optimizer steps of %d samples",
+                 s["documents"], s["dropped"], s["tokens"], self.num_train_samples, self.num_eval_samples, c.seq_len,
+                 modes, 100 * fill, self.steps_per_epoch, self.global_batch_size)
         if len(self.specs) > 1:
             parts = [f"{spec.source}: {share} samples ({share / max(1, self.num_train_samples):.1%}), "
                      f"{store.train.num_tokens:,} tokens" for spec, share, store in zip(self.specs, self.shares,
@@ -233,7 +232,7 @@ class TrainData:
 
     # ---------------------------------------------------------------------------------------------- order
 
-    def train_sample(self, position: np.ndarray, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def train_sample(self, position: np.ndarray, epoch: int) -> list[Sample]:
         """The samples at these positions of epoch `epoch`'s order."""
         slots = Permutation(self.num_train_samples, seed_int("order", self.seed, epoch))(position)
         out = []
@@ -261,7 +260,7 @@ class TrainData:
             batches.append(collate(self.train_sample(np.arange(start, start + mb), epoch), self.pad_id))
         return batches, DataPosition(epoch, cursor + self.global_batch_size)
 
-    def eval_samples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def eval_samples(self) -> Iterator[Sample]:
         for samples in self.eval_sets:
             for i in range(len(samples)):
                 yield samples.get(i)
@@ -272,7 +271,7 @@ class TrainData:
         mb, per_round = self.micro_batch_size, self.micro_batch_size * self.world_size
         rounds = min(max_batches, self.num_eval_samples // per_round)
         wanted = {k * per_round + self.rank * mb + i for k in range(rounds) for i in range(mb)}
-        chunk: list[tuple[np.ndarray, np.ndarray]] = []
+        chunk: list[Sample] = []
         for index, sample in enumerate(self.eval_samples()):
             if index >= rounds * per_round:
                 break

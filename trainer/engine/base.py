@@ -1,7 +1,8 @@
 """The seam between the loop and the machinery that runs a step (DDP, DeepSpeed ZeRO, per-layer GaLore).
 
 Contract for the loop:
-- `forward(input_ids, attention_mask)` returns logits, under the engine's autocast.
+- `forward(input_ids, attention_mask, position_ids)` returns logits, under the engine's autocast. Packed samples
+  come with position ids and no attention mask: attention then stays inside each run of increasing positions.
 - `accumulate(is_last)` wraps each micro-step; engines skip gradient sync until the last one.
 - `backward(loss)` takes this rank's share of the global loss (its token-loss sum divided by the number of
   loss tokens in the whole global batch); the engine makes the summed gradient come out right whatever its
@@ -46,7 +47,8 @@ class StepResult:
 class Engine(Protocol):
     module: nn.Module
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]: ...
 

@@ -191,8 +191,10 @@ class ZeroEngine:
                  type(self.ds.basic_optimizer).__name__,
                  ", optimizer state in CPU memory" if offload else "")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.ds(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ds(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]:
         self._last_was_boundary = is_last

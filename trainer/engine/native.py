@@ -51,9 +51,11 @@ class NativeEngine:
             # gradients exist once (by default DDP keeps the buckets besides the .grad tensors: twice)
             self.wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         with self.precision.autocast():
-            out = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
         return out.logits
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]:
