@@ -101,8 +101,8 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
         log.info("chat template: %s", template)
     data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps)
-    with model_init_context(run) as gathered:
-        model = build_model(run, tokenizer, device=dist.device, gathered=gathered)
+    with model_init_context(run) as placement:
+        model = build_model(run, tokenizer, device=dist.device, placement=placement)
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(run, model, dist)
     fingerprint = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps,
