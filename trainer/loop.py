@@ -31,6 +31,7 @@ from trainer.preflight import check_disk, check_memory
 from trainer.recipe import to_yaml
 from trainer.resolve import ResolvedRun
 from trainer.run_lock import output_dir_lock
+from trainer.sharding_check import check_base_sharded
 from trainer.tokenizer import build_tokenizer, settle_chat_template
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps)
     with model_init_context(run) as placement:
         model = build_model(run, tokenizer, device=dist.device, placement=placement)
+    check_base_sharded(run, model)  # before the engine: a base held whole stops here, with the numbers
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(run, model, dist)
     fingerprint = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps,
