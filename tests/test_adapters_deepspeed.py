@@ -29,6 +29,7 @@ from tests.test_adapters import adapter_run, fixed_ids, logits_of, qlora, recipe
 from tests.test_checkpoint import losses, ok
 from trainer import adapters
 from trainer.adapters.footprint import held_frozen_bytes
+from trainer.adapters.quant import quant_state_bytes
 from trainer.adapters.merge import load_base
 from trainer.checkpoint import complete_checkpoints
 from trainer.export import export
@@ -98,6 +99,7 @@ def test_zero2_and_zero3_match_one_process(zero_runs: dict[str, Any], single: di
         got, want = by_step(base / name), by_step(ref)
         assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)), name
         worst = max(abs(got[s] - want[s]) for s in want)
+        print(f"{name}: max loss difference to one process {worst:.2e}")
         assert worst < 5e-4, (name, worst, got, want)
     qlora_losses = list(by_step(single["qlora"]).values())
     assert qlora_losses[-1] < qlora_losses[0] - 0.3  # it learns
@@ -113,12 +115,14 @@ def test_zero3_holds_half_the_4bit_base_per_rank(zero_runs: dict[str, Any], llam
     the whole base. With everything offloaded the partitions live in CPU memory but are the same bytes."""
     model = build_model(adapter_run(llama_base, qlora(), "bf16"), byte_tokenizer())
     whole = held_frozen_bytes(model)
-    constants = sum(sum(adapters.quant.quant_state_bytes(p.quant_state).values())
+    constants = sum(sum(quant_state_bytes(p.quant_state).values())
                     for p in model.parameters() if type(p).__name__ == "Params4bit")
     tensors = len([p for p in model.parameters() if not p.requires_grad])
     for rank in (0, 1):
         for name in ("z3_qlora", "z3_qlora_offload"):
             held = zero_runs["facts"][rank][name]["base_held"]
+            print(f"rank {rank} {name}: holds {held:,} B of the base; one process {whole:,} B "
+                  f"(of which {constants:,} B quantization constants)")
             partitions = held - constants
             assert (whole - constants) / 2 <= partitions <= (whole - constants) / 2 + 2 * tensors, (rank, name, held)
         assert zero_runs["facts"][rank]["z2_qlora"]["base_held"] == whole  # ZeRO-2: the whole base on each rank
@@ -136,6 +140,7 @@ def test_a_base_loaded_whole_is_stopped_with_the_numbers(zero_runs: dict[str, An
         assert "the plan expects" in error and "1/2 of every tensor" in error and "Likely causes" in error
         assert "loaded whole instead of module by module" in error
         ratio = float(error.split("GiB of it (")[1].split("x)")[0])
+        print(f"rank {rank}: base loaded whole stopped at {ratio}x the planned share")
         assert 1.7 < ratio < 2.1, error  # a whole copy: about twice the planned share
     assert not (zero_runs["base"] / "z3_qlora_whole" / "metrics.jsonl").exists()
 
@@ -200,9 +205,12 @@ def test_export_from_a_zero3_run(zero_runs: dict[str, Any], llama_base: Path, tm
     base = load_base(ModelConfig(name_or_path=str(llama_base)), qlora(), "bf16", torch.device("cpu"))
     adapters.prepare_frozen(base, gradient_checkpointing=False)
     peft_logits = logits_of(PeftModel.from_pretrained(base, str(adapter_dir)))
+    print(f"adapter over the base vs the ZeRO-3 engine: max |logit difference| "
+          f"{(peft_logits - trained).abs().max().item():.2e}")
     assert (peft_logits - trained).abs().max().item() < 1e-5
     merged = AutoModelForCausalLM.from_pretrained(export(run, tmp_path / "merged", merge=True))
     assert getattr(merged.config, "quantization_config", None) is None
     diff = logits_of(merged) - trained
     rms = diff.pow(2).mean().sqrt().item()
+    print(f"merged vs the ZeRO-3 engine: max {diff.abs().max().item():.4f}, rms {rms:.4f}")
     assert diff.abs().max().item() < 0.08 and rms < 0.005 and math.isfinite(rms), (diff.abs().max().item(), rms)

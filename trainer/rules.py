@@ -222,9 +222,9 @@ def _adapter_on_deepspeed(r: Recipe, src: Source) -> list[Problem]:
         return out
     if r.precision.dtype == "fp16":
         out.append(Problem("precision.dtype", "fp16", "adapter runs on DeepSpeed keep fp32 LoRA weights under "
-                           "torch.autocast, which DeepSpeed supports in bf16 only (its fp16 mode would cast the "
-                           "LoRA weights and the norms to fp16); use precision.dtype: bf16, or distributed.engine: "
-                           "native for fp16", src("precision.dtype")))
+                           "torch.autocast (DeepSpeed's torch_autocast), which runs here in bf16 only; DeepSpeed's "
+                           "fp16 mode would cast the LoRA weights and the fp32 norms to fp16; use precision.dtype: "
+                           "bf16, or distributed.engine: native for fp16", src("precision.dtype")))
     if r.adapter.type == "qlora" and q.type == "int8":
         out.append(Problem("adapter.quant.type", "int8", "LLM.int8 layers keep their row scales and outlier state "
                            "outside their parameters, which ZeRO cannot partition or gather (bitsandbytes#1451: wrong "

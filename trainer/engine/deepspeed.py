@@ -177,7 +177,8 @@ def _partitioned_after_loading(run: ResolvedRun) -> Iterator[Placement]:
     config = _zero3_init_config(run)
 
     def partition(module: nn.Module) -> None:
-        deepspeed.zero.Init(module=module, config_dict_or_path=config)
+        # mem_efficient_linear off: with it, zero.Init would replace torch.nn.functional.linear for the process
+        deepspeed.zero.Init(module=module, config_dict_or_path=config, mem_efficient_linear=False)
 
     with config_errors_as_recipe_errors():
         yield Placement(gathered=_gathered_on_rank0, partition=partition)
