@@ -15,6 +15,7 @@ single-process runs are the references (`single`). Tolerances:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,16 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from tests import deepspeed_probe
-from tests.conftest import QUICKSTART, TEST_DATA, read_metrics, run_cli
+from tests.conftest import LLAMA, QUICKSTART, TEST_DATA, read_metrics, run_cli, save_base
 from tests.test_adapters import adapter_run, fixed_ids, logits_of, qlora, recipe_args
 from tests.test_checkpoint import losses, ok
 from trainer import adapters
+from trainer.adapters import streamed
 from trainer.adapters.footprint import held_frozen_bytes
-from trainer.adapters.quant import quant_state_bytes
+from trainer.adapters.quant import bnb_config, quant_state_bytes
 from trainer.adapters.merge import load_base
 from trainer.checkpoint import complete_checkpoints
 from trainer.export import export
@@ -43,6 +46,50 @@ ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage3_p
 LORA = ["adapter.type=lora"]
 OFFLOAD = ["distributed.offload_optimizer=cpu", "distributed.offload_params=cpu"]
 
+
+# ------------------------------------------------------------------------------- loading module by module
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_module_by_module_loading_equals_from_pretrained(tmp_path: Path, tied: bool) -> None:
+    """What ZeRO-3 adapter runs load (one module at a time, no partitioning here) is what from_pretrained loads:
+    the same layers, the same 4-bit codes and quantization constants bit for bit, the same buffers, the same
+    tying, and (both prepared alike) the same logits."""
+    base = save_base(tmp_path / "base", {**LLAMA, "tie_word_embeddings": tied})
+    adapter = qlora()
+    expected = load_base(ModelConfig(name_or_path=str(base)), adapter, "bf16", torch.device("cpu"))
+    model = streamed.skeleton(AutoConfig.from_pretrained(base), torch.bfloat16, bnb_config(adapter.quant), False)
+    streamed.load_streamed(model, streamed.checkpoint_files(base), torch.bfloat16, torch.device("cpu"), None)
+    for m in (expected, model):
+        adapters.prepare_frozen(m, gradient_checkpointing=False)
+    want, got = dict(expected.named_parameters()), dict(model.named_parameters())
+    assert want.keys() == got.keys() and len(want) >= 20
+    for name, p in want.items():
+        q = got[name]
+        assert type(p) is type(q) and p.dtype == q.dtype and p.device == q.device, name
+        assert torch.equal(p.data.view(torch.uint8), q.data.view(torch.uint8)), name
+        if type(p).__name__ == "Params4bit":
+            assert torch.equal(p.quant_state.absmax, q.quant_state.absmax), name
+            assert torch.equal(p.quant_state.state2.absmax, q.quant_state.state2.absmax), name
+    assert [(n, b.dtype) for n, b in expected.named_buffers()] == [(n, b.dtype) for n, b in model.named_buffers()]
+    assert all(torch.equal(a, b) for a, b in zip(expected.buffers(), model.buffers()))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert torch.equal(logits_of(expected), logits_of(model))
+
+
+def test_a_checkpoint_with_other_tensor_names_is_refused(tmp_path: Path, llama_base: Path) -> None:
+    from safetensors.torch import save_file
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    tensors = load_file(str(llama_base / "model.safetensors"))
+    save_file({k.replace("model.layers.", "model.blocks."): v for k, v in tensors.items()},
+              str(renamed / "model.safetensors"))
+    model = streamed.skeleton(AutoConfig.from_pretrained(llama_base), torch.bfloat16, None, False)
+    with pytest.raises(ValueError, match="no tensor named model.layers.0.self_attn.q_proj.weight .* save_pretrained"):
+        streamed.load_streamed(model, streamed.checkpoint_files(renamed), torch.bfloat16, torch.device("cpu"), None)
+
+
+# --------------------------------------------------------------------------------------------- on 2 ranks
 
 def zero(stage: int, *extra: str) -> list[str]:
     """DeepSpeed at a stage; at stage 3 every tensor partitioned (DeepSpeed keeps tensors under 1e5 elements whole,
@@ -202,6 +249,8 @@ def test_export_from_a_zero3_run(zero_runs: dict[str, Any], llama_base: Path, tm
     run = zero_runs["base"] / "z3_qlora"
     trained = torch.tensor(zero_runs["facts"][0]["z3_qlora"]["logits"])
     adapter_dir = export(run, tmp_path / "adapter", adapter_only=True)
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(llama_base)  # what chat/generate load the adapter over
     base = load_base(ModelConfig(name_or_path=str(llama_base)), qlora(), "bf16", torch.device("cpu"))
     adapters.prepare_frozen(base, gradient_checkpointing=False)
     peft_logits = logits_of(PeftModel.from_pretrained(base, str(adapter_dir)))

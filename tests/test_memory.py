@@ -100,7 +100,7 @@ def test_plan_cli_text_and_json() -> None:
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert big.returncode == 0, big.stderr
     assert "does NOT fit in 24 GiB" in big.stdout
-    assert "1. turn on gradient checkpointing" in big.stdout
+    assert "1. gradient checkpointing (about 30% more compute)" in big.stdout
 
 
 SIZES = {

@@ -34,7 +34,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from trainer import adapters
@@ -110,15 +110,24 @@ def save_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path:
 
 
 def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition) -> nn.Module:
-    """An adapter run's base read module by module, each partitioned once loaded (see the module docstring)."""
+    """An adapter run's base read module by module, each partitioned once loaded (see the module docstring), with
+    the config and generation defaults `from_pretrained` would give it (its name too: peft writes it into the
+    adapter's config as the base to load)."""
     m, adapter, precision = run.recipe.model, run.recipe.adapter, run.recipe.precision
-    config = copy.deepcopy(run.architecture)
+    folder = streamed.checkpoint_folder(m.name_or_path, m.revision)  # type: ignore[arg-type]
+    if m.rope_scaling:  # the resolved architecture carries it, merged into the model's own RoPE settings
+        config = copy.deepcopy(run.architecture)
+    else:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=m.trust_remote_code)
+    config.name_or_path = m.name_or_path
     if m.attn_implementation:
         config._attn_implementation = m.attn_implementation
     quantization = adapters.bnb_config(adapter.quant, zero3=True) if adapter.type == "qlora" else None
     dtype = torch_dtype(precision.dtype)
     model = streamed.skeleton(config, dtype, quantization, m.trust_remote_code)
-    streamed.load_streamed(model, streamed.checkpoint_files(m.name_or_path, m.revision), dtype, device, partition)  # type: ignore[arg-type]
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    streamed.load_streamed(model, streamed.checkpoint_files(folder), dtype, device, partition)
     log.info("base loaded module by module and partitioned as it loaded (%s)", m.name_or_path)
     return model
 

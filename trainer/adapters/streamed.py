@@ -7,7 +7,7 @@ Why not `from_pretrained`: under ZeRO-3, transformers builds a non-quantized mod
 model in 4 bits is about 37 GiB: more than a 24 GiB card, on every rank. Here the skeleton is built without storage
 (parameters on the meta device, buffers real), transformers' own quantizer swaps in the 4-bit layers, then for each
 module that owns parameters the tensors are read from the checkpoint's safetensors files, cast and quantized exactly
-as `from_pretrained` does it (tests/test_adapters_zero.py compares the 4-bit codes bit for bit), and the module goes
+as `from_pretrained` does it (tests/test_adapters_deepspeed.py compares the 4-bit codes bit for bit), and the module goes
 to `partition` (the engine's: ZeRO-3 splits each tensor over the ranks and frees the whole copy). At any moment a
 rank holds its partitions plus one module's whole weights.
 
@@ -35,23 +35,27 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-def checkpoint_files(name_or_path: str, revision: str | None) -> dict[str, Path]:
-    """{tensor name: the safetensors file holding it} of a local directory or a hub model (downloaded into, or read
-    from, the hub cache)."""
+def checkpoint_folder(name_or_path: str, revision: str | None) -> Path:
+    """The folder holding a model's config and safetensors: a local directory as given, or a hub model's snapshot
+    (downloaded into the hub cache if it is not there yet)."""
     folder = Path(name_or_path).expanduser()
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(name_or_path, revision=revision,
-                                        allow_patterns=["*.safetensors", INDEX_FILE, "*.json"]))
+    return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it} of a saved model (one file, or shards with an index)."""
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / SINGLE_FILE
     if not single.is_file():
-        raise ValueError(f"{name_or_path} has no {SINGLE_FILE} or {INDEX_FILE}: loading the base one module at a "
-                         "time reads safetensors checkpoints; re-save the model with save_pretrained")
+        raise ValueError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: loading the base one module at a time "
+                         "reads safetensors checkpoints; re-save the model with save_pretrained")
     from safetensors import safe_open
 
     with safe_open(str(single), framework="pt") as f:
@@ -68,6 +72,7 @@ def skeleton(config: Any, dtype: torch.dtype, quantization_config: Any, trust_re
 
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # a tied head is the embedding's tensor (no_init_weights skips the tying), loaded once
     if quantization_config is not None:
         from transformers.quantizers import AutoHfQuantizer
 
