@@ -4,7 +4,9 @@ Nothing heavy is built: the model is instantiated on the meta device (shapes, no
 
 - model states: weights (by dtype; 4-bit weights with their quantization constants), gradients, optimizer state
   (AdamW 8 B/param, 8-bit 2 B/param, GaLore at its rank, ZeRO-sharded over N ranks, or offloaded to CPU),
-  fp32 master copies (DeepSpeed keeps bf16/fp16 weights and fp32 masters), LoRA parameters and their state;
+  fp32 master copies (DeepSpeed keeps bf16/fp16 weights and fp32 masters), LoRA parameters and their state
+  (under DeepSpeed partitioned by stage; at ZeRO-3 the frozen base too, except the tensors DeepSpeed keeps whole
+  and the 4-bit quantization constants, plus the module being computed gathered whole);
 - activations saved for backward, per token and layer, measured for the Llama family (llama, mistral, qwen2)
   with autograd's saved-tensor hooks on CPU: fp32 `32h + 8kv + 16f + 4a + 8` bytes, bf16/fp16 autocast
   `30h + 4kv + 8f + 4a + 8` (h hidden, kv = kv heads x head dim, f intermediate, a heads); with gradient

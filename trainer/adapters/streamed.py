@@ -6,10 +6,10 @@ Why not `from_pretrained`: under ZeRO-3, transformers builds a non-quantized mod
 (partitioned as it loads), but a quantized one it loads whole on every rank (and refuses a device map there). A 70B
 model in 4 bits is about 37 GiB: more than a 24 GiB card, on every rank. Here the skeleton is built without storage
 (parameters on the meta device, buffers real), transformers' own quantizer swaps in the 4-bit layers, then for each
-module that owns parameters the tensors are read from the checkpoint's safetensors files, cast and quantized exactly
-as `from_pretrained` does it (tests/test_adapters_deepspeed.py compares the 4-bit codes bit for bit), and the module goes
-to `partition` (the engine's: ZeRO-3 splits each tensor over the ranks and frees the whole copy). At any moment a
-rank holds its partitions plus one module's whole weights.
+module that owns parameters the tensors are read from the checkpoint's safetensors files, cast and quantized
+exactly as `from_pretrained` does it (tests/test_adapters_deepspeed.py compares the 4-bit codes bit for bit), and
+the module goes to `partition` (the engine's: ZeRO-3 splits each tensor over the ranks and frees the whole copy).
+At any moment a rank holds its partitions plus one module's whole weights.
 
 The dtypes are those of the adapter path after `prepare_frozen` (trainer/adapters/lora.py): quantized linear
 weights as 4-bit codes in `quant.storage_dtype`, norm scales in fp32, every other frozen weight in the precision's

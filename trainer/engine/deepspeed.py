@@ -16,6 +16,10 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
 - Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
   checkpoint's temporary folder, plus `model.safetensors`, the full fp32 weights gathered from the master
   partitions, which export reads. Loading never unpickles code (see `safe_load`).
+- Adapter runs (LoRA/QLoRA): the LoRA weights stay fp32 under DeepSpeed's torch_autocast (ds_config.py); at
+  ZeRO-3 the base was partitioned as it loaded (zero3_init_context). A checkpoint holds DeepSpeed's files for the
+  trainable tensors and their optimizer state only, and `adapter/` (a peft directory, the only weights export
+  reads), never the base.
 
 Stage 0 never reaches this module: engine/__init__.py runs it on the native engine (why: see there).
 """
