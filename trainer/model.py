@@ -39,12 +39,12 @@ from transformers.initialization import no_init_weights
 
 from trainer import adapters
 from trainer.adapters import streamed
+from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.resolve import ResolvedRun
 
 log = logging.getLogger(__name__)
 Gather = Callable[[list[nn.Parameter]], ContextManager[Any]]
-Partition = Callable[[nn.Module], None]
 
 
 def _from_scratch_config(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
