@@ -183,6 +183,8 @@ def _bad(base: Path, data: Path) -> list[tuple[list[str], str, str]]:
           "adapter.quant.compute_dtype=fp16"], "precision.dtype", "use precision.dtype: bf16"),
         (["distributed.engine=deepspeed", "distributed.zero_stage=2", "adapter.quant.type=int8"],
          "adapter.quant.type", "use adapter.quant.type: nf4"),
+        (["distributed.engine=deepspeed", "distributed.zero_stage=3", "adapter.use_dora=true"], "adapter.use_dora",
+         "use distributed.zero_stage: 2"),
         (["model.name_or_path=null", "model.config={model_type: llama}", "model.tokenizer=byte"], "adapter.type",
          "give model.name_or_path"),
     ]

@@ -230,6 +230,10 @@ def _adapter_on_deepspeed(r: Recipe, src: Source) -> list[Problem]:
                            "outside their parameters, which ZeRO cannot partition or gather (bitsandbytes#1451: wrong "
                            "losses under ZeRO-3); use adapter.quant.type: nf4, or distributed.engine: native",
                            src("adapter.quant.type")))
+    if r.adapter.use_dora and d.zero_stage == 3:
+        out.append(Problem("adapter.use_dora", True, "DoRA reads each base weight outside the layer's own forward "
+                           "(its magnitude is the norm of W + BA), where ZeRO-3 holds only a partition of it; use "
+                           "distributed.zero_stage: 2, or adapter.use_dora: false", src("adapter.use_dora")))
     if r.adapter.type == "qlora" and q.type != "int8" and d.zero_stage == 3 and q.storage_dtype == "uint8":
         out.append(Problem("adapter.quant.storage_dtype", "uint8", "ZeRO-3 partitions the packed 4-bit weights as "
                            "tensors of their storage dtype and gathers a layer's tensors together; DeepSpeed before "
