@@ -6,9 +6,12 @@ single-process tests.
     torchrun --standalone --nproc_per_node=2 tests/deepspeed_probe.py SPEC.json OUT_DIR
 
 SPEC.json: {"recipe": PATH, "runs": [{"name", "overrides", "fault" (TRAINER_FAULT for this run, optional),
-"inspect" (count the model-state tensors after training), "logits" (input ids to run through the trained model)}]}.
-Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "logits"}}; losses are in each
-run's metrics.jsonl. A run is set up and trained by the real loop (trainer.loop.setup / run_loop).
+"inspect" (count the model-state tensors after training), "logits" (input ids to run through the trained model),
+"load_whole" (adapter runs under ZeRO-3: load the base whole on every rank, defeating the partitioned loading, to
+see the sharding check stop the run)}]}.
+Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "logits", "base_held", "error"}};
+losses are in each run's metrics.jsonl. A run is set up and trained by the real loop (trainer.loop.setup /
+run_loop); `error` is the message of a TrainerError that stopped it.
 
 Tests launch it with `launch(base, runs, recipe)`, which returns {"facts": {rank: {run: facts}}, "log": stderr}.
 
@@ -19,6 +22,7 @@ ZeRO-3 runs go last in a spec: zero.Init replaces torch.nn.functional.linear for
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -28,12 +32,14 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from trainer.adapters.footprint import held_frozen_bytes, measured
+from trainer.errors import TrainerError
 from trainer.logs import setup_console
-from trainer.adapters.footprint import measured
+from trainer.model import WHOLE
 from trainer.distributed import distributed_context
 from trainer.engine.deepspeed import import_deepspeed
 from trainer.faults import ENV as FAULT_ENV
@@ -65,10 +71,11 @@ def count_bytes(run: Training) -> dict[str, int]:
     ds = engine.ds  # type: ignore[attr-defined]
     backward_of_next_step(run)
     zero = ds.optimizer
-    params = list(engine.module.parameters())
+    params = [p for p in engine.module.parameters() if p.requires_grad]  # an adapter run's frozen base: "frozen"
     out = {
         # ZeRO-3 keeps a partition in ds_tensor and an empty placeholder in .data; stages 1-2 the whole tensor.
         "params": sum(nbytes(getattr(p, "ds_tensor", None)) + nbytes(p.data) for p in params),
+        "frozen": held_frozen_bytes(engine.module),
         # ZeRO-1 keeps whole gradients on the parameters until the step; ZeRO-2 reduces each micro-batch's into
         # its partition (all_grad_tensors, per group), ZeRO-3 into one flat buffer.
         "grads": sum(nbytes(p.grad) for p in params)
@@ -157,18 +164,38 @@ def initial_weights(run: Training) -> dict[str, str]:
             for name, t in weights.items()}
 
 
+@contextlib.contextmanager
+def base_loaded_whole() -> Iterator[None]:
+    """Test-only defeat of ZeRO-3's partitioned loading: model_init_context yields no partition step, so
+    build_model loads the adapter run's base whole on every rank (from_pretrained), as an unsharded loader would."""
+    import trainer.engine.deepspeed as zero
+
+    original = zero._partitioned_after_loading
+    zero._partitioned_after_loading = lambda run: contextlib.nullcontext(WHOLE)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        zero._partitioned_after_loading = original  # type: ignore[assignment]
+
+
 def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
     os.environ.pop(FAULT_ENV, None)
     if spec.get("fault"):
         os.environ[FAULT_ENV] = spec["fault"]
-    run = setup(resolve(recipe, spec["overrides"], world_size=dist.world_size), dist)
+    resolved = resolve(recipe, spec["overrides"], world_size=dist.world_size)
+    try:
+        with base_loaded_whole() if spec.get("load_whole") else contextlib.nullcontext():
+            run = setup(resolved, dist)
+    except TrainerError as e:
+        return {"error": str(e)}
+    base_held = held_frozen_bytes(run.engine.module)  # after the build, before any step gathers a tensor
     initial = initial_weights(run) if spec.get("initial") else None
     try:
         run_loop(run)
     finally:
         run.metrics.close()
         os.environ.pop(FAULT_ENV, None)
-    result: dict[str, Any] = {"engine": type(run.engine).__name__}
+    result: dict[str, Any] = {"engine": type(run.engine).__name__, "base_held": base_held}
     if initial is not None:
         result["initial"] = initial
     if spec.get("logits"):
@@ -207,8 +234,9 @@ def launch(base: Path, runs: list[dict[str, Any]], recipe: Path, timeout: int = 
     SIGABRT); any other failure, and a second abort, fail the test."""
     spec = base / "spec.json"
     spec.write_text(json.dumps({"recipe": str(recipe), "runs": runs}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(spec), str(base)]
+    # -m from the repository root: the trainer package next to these tests is the one imported
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "tests.deepspeed_probe", str(spec), str(base)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     for attempt in (1, 2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1],

@@ -177,7 +177,14 @@ def _bad(base: Path, data: Path) -> list[tuple[list[str], str, str]]:
         (["adapter.quant.type=int8", "adapter.quant.storage_dtype=bf16"], "adapter.quant.storage_dtype",
          "applies to 4-bit weights"),
         (["adapter.type=lora", "adapter.quant.type=fp4"], "adapter.quant", "apply to adapter.type=qlora"),
-        (["distributed.engine=deepspeed"], "adapter.type", "peft#2016"),
+        (["distributed.engine=deepspeed", "distributed.zero_stage=3", "adapter.quant.storage_dtype=uint8"],
+         "adapter.quant.storage_dtype", "set adapter.quant.storage_dtype: bf16 (the compute dtype) or auto"),
+        (["distributed.engine=deepspeed", "distributed.zero_stage=2", "precision.dtype=fp16",
+          "adapter.quant.compute_dtype=fp16"], "precision.dtype", "use precision.dtype: bf16"),
+        (["distributed.engine=deepspeed", "distributed.zero_stage=2", "adapter.quant.type=int8"],
+         "adapter.quant.type", "use adapter.quant.type: nf4"),
+        (["distributed.engine=deepspeed", "distributed.zero_stage=3", "adapter.use_dora=true"], "adapter.use_dora",
+         "use distributed.zero_stage: 2"),
         (["model.name_or_path=null", "model.config={model_type: llama}", "model.tokenizer=byte"], "adapter.type",
          "give model.name_or_path"),
     ]
@@ -193,7 +200,9 @@ def test_validation_rejects_bad_adapter_settings(llama_base: Path, data_dir: Pat
         assert f"  - {key} = " in err and advice in err, (overrides, err)
         assert "Traceback" not in err
     for ok in (["adapter.target_modules=[q_proj, v_proj]"], ["adapter.type=lora", "precision.dtype=fp32"],
-               ["adapter.quant.type=int8"], ["precision.dtype=fp32", "adapter.quant.compute_dtype=fp32"]):
+               ["adapter.quant.type=int8"], ["precision.dtype=fp32", "adapter.quant.compute_dtype=fp32"],
+               ["distributed.engine=deepspeed", "distributed.zero_stage=3"],  # storage auto: bf16 under ZeRO-3
+               ["distributed.engine=deepspeed", "distributed.zero_stage=2", "adapter.quant.storage_dtype=uint8"]):
         assert main(["validate", str(QUICKSTART), *base_args, *ok]) == 0, capsys.readouterr().err
 
 

@@ -425,8 +425,10 @@ BAD = [
     (["distributed.zero_stage=2", "distributed.deepspeed_overrides={scheduler: {type: WarmupLR}}"],
      "distributed.deepspeed_overrides.scheduler", "optimizer.schedule"),
     (["distributed.zero_stage=2", "optimizer.name=galore_adamw"], "optimizer.name", "GaLore"),
-    (["distributed.zero_stage=2", "adapter.type=lora", "model.config=null", f"model.name_or_path={ROOT}"],
-     "adapter.type", "native"),
+    (["distributed.zero_stage=3", "adapter.type=qlora", "adapter.quant.storage_dtype=uint8", "model.config=null",
+      f"model.name_or_path={ROOT}"], "adapter.quant.storage_dtype", "PR #8073"),
+    (["distributed.zero_stage=1", "adapter.type=lora", "precision.dtype=fp16", "model.config=null",
+      f"model.name_or_path={ROOT}"], "precision.dtype", "torch.autocast"),
 ]
 
 

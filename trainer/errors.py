@@ -114,6 +114,13 @@ class TrainingDiverged(TrainerError):
     on_every_rank = True
 
 
+class NotSharded(TrainerError):
+    """A rank holds more of the frozen base than the memory plan's share for it (ZeRO-3 did not partition it);
+    decided on every rank's measurement."""
+
+    on_every_rank = True
+
+
 def os_error_message(e: OSError) -> str:
     """An OSError as a user reads it: what failed, on which path, and what usually fixes it."""
     hints = {errno.ENOSPC: "the disk is full: free space or choose another output_dir",

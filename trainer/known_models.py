@@ -11,6 +11,9 @@ from typing import Any
 _LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
               "max_position_embeddings": 8192, "tie_word_embeddings": False, "rope_theta": 500000.0}
+_LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+               "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+               "max_position_embeddings": 8192, "tie_word_embeddings": False, "rope_theta": 500000.0}
 _LLAMA3_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
               "max_position_embeddings": 131072, "tie_word_embeddings": True, "rope_theta": 500000.0}
@@ -23,6 +26,8 @@ KNOWN: dict[str, dict[str, Any]] = {
     "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
     "meta-llama/Llama-3.1-8B": {**_LLAMA3_8B, "max_position_embeddings": 131072},
     "meta-llama/Llama-3.1-8B-Instruct": {**_LLAMA3_8B, "max_position_embeddings": 131072},
+    "meta-llama/Meta-Llama-3-70B": _LLAMA3_70B,
+    "meta-llama/Meta-Llama-3-70B-Instruct": _LLAMA3_70B,
     "meta-llama/Llama-3.2-1B": _LLAMA3_1B,
     "meta-llama/Llama-3.2-1B-Instruct": _LLAMA3_1B,
     "meta-llama/Llama-2-7b-hf": _LLAMA2_7B,

@@ -33,6 +33,7 @@ from trainer.preflight import check_disk, check_memory
 from trainer.recipe import to_yaml
 from trainer.resolve import ResolvedRun
 from trainer.run_lock import output_dir_lock
+from trainer.sharding_check import check_base_sharded
 from trainer.tokenizer import build_tokenizer, settle_chat_template
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,9 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps, job=job_id(),
                      progress=dist.is_main and r.logging.progress_bar, on_chunk=faults.during_prepare)
-    with model_init_context(run) as gathered:
-        model = build_model(run, tokenizer, device=dist.device, gathered=gathered)
+    with model_init_context(run) as placement:
+        model = build_model(run, tokenizer, device=dist.device, placement=placement)
+    check_base_sharded(run, model)  # before the engine: a base held whole stops here, with the numbers
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(run, model, dist)
     fingerprint = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps,

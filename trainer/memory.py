@@ -4,7 +4,9 @@ Nothing heavy is built: the model is instantiated on the meta device (shapes, no
 
 - model states: weights (by dtype; 4-bit weights with their quantization constants), gradients, optimizer state
   (AdamW 8 B/param, 8-bit 2 B/param, GaLore at its rank, ZeRO-sharded over N ranks, or offloaded to CPU),
-  fp32 master copies (DeepSpeed keeps bf16/fp16 weights and fp32 masters), LoRA parameters and their state;
+  fp32 master copies (DeepSpeed keeps bf16/fp16 weights and fp32 masters), LoRA parameters and their state
+  (under DeepSpeed partitioned by stage; at ZeRO-3 the frozen base too, except the tensors DeepSpeed keeps whole
+  and the 4-bit quantization constants, plus the module being computed gathered whole);
 - activations saved for backward, per token and layer, measured for the Llama family (llama, mistral, qwen2)
   with autograd's saved-tensor hooks on CPU: fp32 `32h + 8kv + 16f + 4a + 8` bytes, bf16/fp16 autocast
   `30h + 4kv + 8f + 4a + 8` (h hidden, kv = kv heads x head dim, f intermediate, a heads); with gradient
@@ -30,8 +32,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.adapters.footprint import optimizer_state_bytes, predicted
-from trainer.adapters.targets import find_targets, lora_param_count
+from trainer.adapters.footprint import FrozenTensor, frozen_tensors, lora_numels, optimizer_state_bytes
+from trainer.adapters.quant import storage_dtype
+from trainer.adapters.targets import find_targets
 from trainer.data.packing import sample_mode
 from trainer.loss import chunk_rows
 from trainer.optim import param_groups
@@ -44,6 +47,8 @@ from trainer.resolve import ResolvedRun
 GiB = 2**30
 CUDA_CONTEXT = int(0.75 * GiB)
 FRAGMENTATION = 0.08
+DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's default stage3_param_persistence_threshold (elements)
+DEEPSPEED_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size (elements)
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral"}
 
 
@@ -308,8 +313,8 @@ def _zero_states(run: ResolvedRun, sh: Shapes) -> list[Item]:
     items.append(Item("optimizer state (Adam moments, partitioned)", 8 * psi // world, where_opt,
                       note=f"ZeRO stage {d.zero_stage} over {world} ranks"))
     if d.zero_stage >= 3:
-        # DeepSpeed keeps tensors under stage3_param_persistence_threshold (1e5 elements) whole on every rank
-        persistent = sum(p.numel for p in sh.params if p.numel < 100_000)
+        # DeepSpeed keeps tensors up to stage3_param_persistence_threshold elements whole on every rank
+        persistent = sum(p.numel for p in sh.params if p.numel <= persistence_threshold(run))
         items.append(Item("weights kept whole on every rank (ZeRO-3 persistence threshold: norms, biases)",
                           wbytes * persistent - wbytes * persistent // world, where_w))
         largest_layer = _largest_layer_params(sh)
@@ -317,31 +322,166 @@ def _zero_states(run: ResolvedRun, sh: Shapes) -> list[Item]:
     return items
 
 
-def _largest_layer_params(sh: Shapes) -> int:
+def persistence_threshold(run: ResolvedRun) -> int:
+    """ZeRO-3 keeps a tensor of at most this many elements whole on every rank once it has been gathered:
+    stage3_param_persistence_threshold, DeepSpeed's default unless distributed.deepspeed_overrides sets it."""
+    zero = run.recipe.distributed.deepspeed_overrides.get("zero_optimization") or {}
+    return int(zero.get("stage3_param_persistence_threshold", DEEPSPEED_PERSISTENCE_THRESHOLD))
+
+
+def _layer_of(name: str) -> str:
+    """The decoder layer a parameter belongs to ('model.layers.3'), or the parameter itself outside the layers."""
+    parts = name.split(".")
+    if "layers" in parts:
+        at = parts.index("layers")
+        return ".".join(parts[:at + 2])
+    return name
+
+
+def _largest_layer(sizes: list[tuple[str, int]]) -> int:
+    """The largest sum of `sizes` over the parameters of one decoder layer."""
     per: dict[str, int] = {}
-    for p in sh.params:
-        parts = p.name.split(".")
-        key = ".".join(parts[:3]) if "layers" in parts else p.name
-        per[key] = per.get(key, 0) + p.numel
+    for name, size in sizes:
+        per[_layer_of(name)] = per.get(_layer_of(name), 0) + size
     return max(per.values())
+
+
+def _largest_layer_params(sh: Shapes) -> int:
+    return _largest_layer([(p.name, p.numel) for p in sh.params])
 
 
 def _adapter_states(run: ResolvedRun, sh: Shapes) -> tuple[list[Item], int]:
     """The adapter package's own accounting (trainer/adapters/footprint.py): quantized or frozen base in the
-    precision dtype (norms fp32), LoRA matrices, their gradients and optimizer state in fp32."""
-    a = run.recipe.adapter
+    precision dtype (norms fp32), LoRA matrices, their gradients and optimizer state in fp32; under DeepSpeed the
+    LoRA state partitioned by stage and, at ZeRO-3, the base partitioned too."""
+    a, d = run.recipe.adapter, run.recipe.distributed
     targets = lora_targets(run, sh)
-    lora = lora_param_count(targets, a.rank, a.use_dora)
-    states = predicted(sh.meta, a, run.recipe.precision.dtype, run.recipe.optimizer.name)
-    if a.type == "qlora" and a.quant.type != "int8":
-        base = "4-bit " + a.quant.type + (" with double quant" if a.quant.double_quant else "")
+    lora = lora_numels(sh.meta, a)
+    zero = d.engine == "deepspeed" and d.zero_stage >= 1
+    frozen = base_tensors(run, sh)
+    items = _base_items(run, frozen)
+    if zero:
+        items += _zero_lora_items(run, lora, len(targets))
     else:
-        base = "int8" if a.type == "qlora" else run.recipe.precision.dtype
-    items = [Item(f"base weights (frozen, {base}; norms fp32)", states["weights"] - 4 * lora),
-             Item(f"LoRA parameters (rank {a.rank}, {len(targets)} matrices, fp32)", 4 * lora),
-             Item("LoRA gradients (fp32)", states["grads"]),
-             Item("LoRA optimizer state", states["optimizer"], note=run.recipe.optimizer.name)]
-    return items, lora
+        items += [Item(f"LoRA parameters (rank {a.rank}, {len(targets)} matrices, fp32)", 4 * sum(lora)),
+                  Item("LoRA gradients (fp32)", 4 * sum(lora)),
+                  Item("LoRA optimizer state", optimizer_state_bytes(run.recipe.optimizer.name, lora),
+                       note=run.recipe.optimizer.name)]
+    if zero and d.zero_stage == 3:
+        items.append(_gathered_adapter_layers(run, frozen, lora, sh.layers))
+    return items, sum(lora)
+
+
+def _zero3(run: ResolvedRun) -> bool:
+    d = run.recipe.distributed
+    return d.engine == "deepspeed" and d.zero_stage == 3
+
+
+def base_tensors(run: ResolvedRun, sh: Shapes) -> list[FrozenTensor]:
+    """The frozen tensors of an adapter run's base as this run stores them (4-bit codes in their storage dtype)."""
+    a = run.recipe.adapter
+    return frozen_tensors(sh.meta, a, run.recipe.precision.dtype, storage_dtype(a.quant, zero3=_zero3(run)))
+
+
+def _share(elements: int, world: int) -> int:
+    """Elements of one rank's ZeRO-3 partition of a tensor (DeepSpeed pads the tensor to a multiple of N)."""
+    return -(-elements // world)
+
+
+def _base_label(run: ResolvedRun) -> str:
+    a = run.recipe.adapter
+    if a.type == "qlora" and a.quant.type != "int8":
+        return "4-bit " + a.quant.type + (" with double quant" if a.quant.double_quant else "")
+    return "int8" if a.type == "qlora" else run.recipe.precision.dtype
+
+
+def _base_items(run: ResolvedRun, frozen: list[FrozenTensor]) -> list[Item]:
+    """The frozen base: whole on every rank, or under ZeRO-3 each rank's partition of every tensor, the tensors
+    DeepSpeed keeps whole once gathered (persistence threshold: norms, small tensors; their partitions stay on the
+    GPU), and the 4-bit layers' quantization constants, which bitsandbytes keeps beside the parameter, whole."""
+    label = _base_label(run)
+    if not _zero3(run):
+        return [Item(f"base weights (frozen, {label}; norms fp32)", sum(t.stored + t.constants for t in frozen))]
+    world, limit = run.world_size, persistence_threshold(run)
+    where = "cpu" if run.recipe.distributed.offload_params == "cpu" else "gpu"
+    split = [t for t in frozen if t.elements > limit]
+    whole = [t for t in frozen if t.elements <= limit]
+    items = [Item(f"base weights (frozen, {label}; norms fp32; partitioned over {world} ranks)",
+                  sum(_share(t.elements, world) * t.itemsize for t in split), where)]
+    if whole:
+        items.append(Item(f"base weights kept whole on every rank (ZeRO-3 persistence threshold: {len(whole)} "
+                          f"tensors of <= {limit:,} elements)",
+                          sum((t.elements + _share(t.elements, world)) * t.itemsize for t in whole)))
+    constants = sum(t.constants for t in frozen)
+    if constants:
+        items.append(Item("quantization constants of the base (absmax, code tables; whole on every rank)",
+                          constants))
+    return items
+
+
+def base_bytes_per_rank(run: ResolvedRun, sh: Shapes) -> int:
+    """What each rank holds of an adapter run's base once the model is built, before the first step: the whole
+    base, or under ZeRO-3 its partition of every tensor plus the quantization constants (a tensor DeepSpeed keeps
+    whole is gathered at its first use, not before). The sharding check (trainer/sharding_check.py) measures it."""
+    frozen = base_tensors(run, sh)
+    if not _zero3(run):
+        return sum(t.stored + t.constants for t in frozen)
+    world = run.world_size
+    return sum(_share(t.elements, world) * t.itemsize + t.constants for t in frozen)
+
+
+def _zero_lora_items(run: ResolvedRun, lora: list[int], matrices: int) -> list[Item]:
+    """The LoRA weights under DeepSpeed: fp32 parameters (torch.autocast computes in bf16), whole on every rank at
+    stages 1-2 and partitioned at stage 3; gradients whole at stage 1, partitioned from stage 2 (straight into the
+    CPU partitions with the optimizer offloaded); DeepSpeed's own fp32 master copy and the optimizer state
+    partitioned at every stage."""
+    d, o = run.recipe.distributed, run.recipe.optimizer
+    world, psi, limit = run.world_size, sum(lora), persistence_threshold(run)
+    where_opt = "cpu" if d.offload_optimizer == "cpu" else "gpu"
+    where_w = "cpu" if d.offload_params == "cpu" else "gpu"
+    rank = run.recipe.adapter.rank
+    if d.zero_stage < 3:
+        items = [Item(f"LoRA parameters (rank {rank}, {matrices} matrices, fp32)", 4 * psi)]
+    else:
+        split, whole = [n for n in lora if n > limit], [n for n in lora if n <= limit]
+        items = [Item(f"LoRA parameters (rank {rank}, {matrices} matrices, fp32, partitioned)",
+                      4 * sum(_share(n, world) for n in split), where_w)]
+        if whole:
+            items.append(Item("LoRA parameters kept whole on every rank (ZeRO-3 persistence threshold)",
+                              4 * sum(n + _share(n, world) for n in whole)))
+    if where_opt == "cpu" and d.zero_stage >= 2:
+        items.append(Item("LoRA gradients (fp32 partition, with the offloaded optimizer)", 4 * psi // world, "cpu"))
+    elif d.zero_stage == 1:
+        items.append(Item("LoRA gradients (fp32)", 4 * psi))
+    else:
+        items.append(Item("LoRA gradients (fp32, partitioned)", 4 * psi // world))
+        if d.zero_stage == 2 and world > 1:
+            items.append(Item("LoRA gradients (whole tensor straddling a partition boundary, worst rank)",
+                              4 * max(lora)))
+    items.append(Item("LoRA fp32 master weights (DeepSpeed's copy, partitioned)", 4 * psi // world, where_opt))
+    items.append(Item("LoRA optimizer state (partitioned)", _optimizer_bytes(o.name, [_share(psi, world)],
+                                                                            o.momentum), where_opt,
+                      note=f"{o.name}, ZeRO stage {d.zero_stage} over {world} ranks"))
+    return items
+
+
+def _gathered_adapter_layers(run: ResolvedRun, frozen: list[FrozenTensor], lora: list[int], layers: int) -> Item:
+    """ZeRO-3 gathers a module's partitioned tensors whole while it computes (a decoder layer, or the embedding or
+    the head alone, each in its stored dtype, LoRA in fp32) and prefetches what comes next, up to
+    stage3_prefetch_bucket_size elements (DeepSpeed's default 5e7; counted in bf16)."""
+    limit = persistence_threshold(run)
+    lora_per_layer = 4 * sum(n for n in lora if n > limit) // max(layers, 1)
+    units: dict[str, int] = {}
+    for t in frozen:
+        if t.elements > limit:
+            units[_layer_of(t.name)] = units.get(_layer_of(t.name), 0) + t.stored
+    layer_units = [size + lora_per_layer for name, size in units.items() if name.split(".")[-1].isdigit()]
+    computed = max([*units.values(), *layer_units], default=0)
+    zero = run.recipe.distributed.deepspeed_overrides.get("zero_optimization") or {}
+    bucket = 2 * int(zero.get("stage3_prefetch_bucket_size", DEEPSPEED_PREFETCH_BUCKET))
+    prefetched = min(max(layer_units, default=0), bucket)
+    return Item("gathered parameters (ZeRO-3: the module computing, whole, and the prefetched next one)",
+                computed + prefetched)
 
 
 def checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
@@ -349,7 +489,7 @@ def checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
     adapter run saves only the adapter) and the optimizer state of every rank; DeepSpeed adds its own shards of the
     weights beside our gathered copy."""
     items, trainable = model_states(run, sh)
-    state = sum(i.bytes for i in items if "optimizer state" in i.name or i.name.startswith("fp32 master"))
+    state = sum(i.bytes for i in items if "optimizer state" in i.name or "fp32 master" in i.name)
     d = run.recipe.distributed
     sharded = (d.engine == "deepspeed" and d.zero_stage >= 1) or (d.zero_stage == 1 and run.world_size > 1)
     weights = 4 * trainable * (2 if d.engine == "deepspeed" and d.zero_stage >= 1 else 1)

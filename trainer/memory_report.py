@@ -2,11 +2,12 @@
 
 The changes a user can make, each with what it costs them (speed first, then quality): gradient checkpointing
 (about +30% compute), activation offload (copies that overlap with compute, pinned CPU memory), a smaller
-micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO stages 1-3 (several GPUs),
-offloading the optimizer state or the parameters to CPU memory, 8-bit GaLore with per-layer updates, and QLoRA.
-Suggestions are combinations of up to three of them, tried cheapest first; the first few that fit are shown (or,
-when none does, the one that comes closest), each with what it saves. A combination is kept only if the resulting
-recipe resolves (resolve.py): nothing is proposed that the trainer would refuse, and none changes the global batch.
+micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO stages 1-3 (several GPUs; for
+adapter runs too, where ZeRO-3 partitions the 4-bit base), offloading the optimizer state or the parameters to CPU
+memory, 8-bit GaLore with per-layer updates, and QLoRA. Suggestions are combinations of up to three of them, tried
+cheapest first; the first few that fit are shown (or, when none does, the one that comes closest), each with what
+it saves. A combination is kept only if the resulting recipe resolves (resolve.py): nothing is proposed that the
+trainer would refuse, and none changes the global batch.
 """
 
 from __future__ import annotations
@@ -64,15 +65,15 @@ def changes(run: ResolvedRun) -> list[Change]:
                           f"{run.global_batch_size} kept)", (f"train.micro_batch_size={half}", *more), 2))
     if r.optimizer.name == "adamw" and full:
         out.append(Change("8-bit AdamW (bitsandbytes)", ("optimizer.name=adamw8bit",), 3))
-    if run.world_size > 1 and full and not galore:
+    if run.world_size > 1 and not galore:  # adapter runs too: ZeRO-3 partitions their (4-bit) base
         for stage in (1, 2, 3):
             if r.distributed.zero_stage < stage or r.distributed.engine != "deepspeed":
                 out.append(Change(f"DeepSpeed ZeRO-{stage} over {run.world_size} GPUs",
                                   ("distributed.engine=deepspeed", f"distributed.zero_stage={stage}"), 3 + stage))
-    if full and not galore and r.distributed.offload_optimizer == "none":
+    if not galore and r.distributed.offload_optimizer == "none":
         out.append(Change("optimizer state in CPU memory (DeepSpeed offload)", (
             "distributed.engine=deepspeed", "distributed.offload_optimizer=cpu", "optimizer.name=adamw"), 7))
-    if full and not galore and r.distributed.offload_params == "none":
+    if not galore and r.distributed.offload_params == "none":
         out.append(Change("parameters in CPU memory (ZeRO-3 offload)", (
             "distributed.engine=deepspeed", "distributed.zero_stage=3", "distributed.offload_params=cpu"), 8))
     if full and not galore:
@@ -81,9 +82,10 @@ def changes(run: ResolvedRun) -> list[Change]:
             "distributed.engine=native", "distributed.zero_stage=0", "distributed.offload_optimizer=none",
             "distributed.offload_params=none"), 9))
     if r.adapter.type != "qlora" and r.model.name_or_path is not None:
+        # on DeepSpeed (alone or combined with a ZeRO change) the update runs in DeepSpeed's AdamW
+        deepspeed = r.distributed.engine == "deepspeed"
         out.append(Change("QLoRA: 4-bit NF4 base with LoRA adapters (rank 16)", (
-            "adapter.type=qlora", "adapter.rank=16", "optimizer.name=paged_adamw8bit", "distributed.engine=native",
-            "distributed.zero_stage=0", "distributed.offload_optimizer=none", "distributed.offload_params=none",
+            "adapter.type=qlora", "adapter.rank=16", f"optimizer.name={'adamw' if deepspeed else 'paged_adamw8bit'}",
             "precision.dtype=bf16"), 10))
     return out
 
@@ -112,11 +114,15 @@ def suggest(run: ResolvedRun, gpu_bytes: int, sh: Shapes) -> list[dict[str, Any]
     combos.sort(key=lambda c: (sum(ch.cost for ch in c), len(c)))
     fitting: list[dict[str, Any]] = []
     closest: dict[str, Any] | None = None
+    tried: set[frozenset[str]] = set()  # two combinations can come to the same overrides (ZeRO-3 + its offload)
     for combo in combos:
         if any(set(found["changes"]) < {c.label for c in combo} for found in fitting):
             continue  # a fitting combination plus something more: the extra change buys nothing needed
         overrides = combined(combo)
-        candidate = apply_overrides(run, overrides, sh) if overrides else None
+        if overrides is None or frozenset(overrides) in tried:
+            continue
+        tried.add(frozenset(overrides))
+        candidate = apply_overrides(run, overrides, sh)
         if candidate is None:
             continue
         assert candidate.global_batch_size == run.global_batch_size, overrides

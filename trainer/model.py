@@ -11,6 +11,11 @@ Order of the transforms (each needs the one before):
    because it freezes every parameter: done after attaching it would freeze the adapter too;
 4. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
 
+Under DeepSpeed ZeRO-3 an adapter run's base is read one module at a time and each module is partitioned as soon as
+its weights are in (adapters/streamed.py; transformers would load a quantized base whole on every rank), and the
+LoRA weights, created whole by peft, are partitioned right after they are attached: `Placement.partition`, given by
+the engine (engine/build.py model_init_context).
+
 From scratch, the initial weights are a function of train.seed and each module's name only: every module is
 initialized by the model's own rule (`_init_weights`) in fp32 on the CPU from a generator seeded by (seed, module
 name), then cast to its dtype and device. So the native engine, DeepSpeed ZeRO-1/2 and ZeRO-3 (which builds the
@@ -23,15 +28,18 @@ import contextlib
 import copy
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from trainer import adapters
+from trainer.adapters import streamed
+from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.resolve import ResolvedRun
 
@@ -56,6 +64,19 @@ def name_seed(seed: int, name: str) -> int:
 
 def _no_gather(params: list[nn.Parameter]) -> ContextManager[Any]:
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the engine places parameters while the model is built. `gathered` makes a partitioned module's parameters
+    whole for a moment (initialize_by_name); `partition`, when the engine partitions parameters that were built
+    whole (ZeRO-3 adapter runs), splits a module's parameters over the ranks and frees the whole copies."""
+
+    gathered: Gather = _no_gather
+    partition: Partition | None = None
+
+
+WHOLE = Placement()  # the native engine, DeepSpeed ZeRO-1/2: every rank holds whole parameters
 
 
 def initialize_by_name(model: nn.Module, seed: int, gathered: Gather = _no_gather) -> None:
@@ -88,15 +109,40 @@ def save_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path:
     tokenizer.save_pretrained(path)
 
 
+def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition) -> nn.Module:
+    """An adapter run's base read module by module, each partitioned once loaded (see the module docstring), with
+    the config and generation defaults `from_pretrained` would give it (its name too: peft writes it into the
+    adapter's config as the base to load)."""
+    m, adapter, precision = run.recipe.model, run.recipe.adapter, run.recipe.precision
+    folder = streamed.checkpoint_folder(m.name_or_path, m.revision)  # type: ignore[arg-type]
+    if m.rope_scaling:  # the resolved architecture carries it, merged into the model's own RoPE settings
+        config = copy.deepcopy(run.architecture)
+    else:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=m.trust_remote_code)
+    config.name_or_path = m.name_or_path
+    if m.attn_implementation:
+        config._attn_implementation = m.attn_implementation
+    quantization = adapters.bnb_config(adapter.quant, zero3=True) if adapter.type == "qlora" else None
+    dtype = torch_dtype(precision.dtype)
+    model = streamed.skeleton(config, dtype, quantization, m.trust_remote_code)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    streamed.load_streamed(model, streamed.checkpoint_files(folder), dtype, device, partition)
+    log.info("base loaded module by module and partitioned as it loaded (%s)", m.name_or_path)
+    return model
+
+
 def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None,
-                gathered: Gather = _no_gather) -> nn.Module:
+                placement: Placement = WHOLE) -> nn.Module:
     """The causal LM in fp32 on the CPU (a qlora base: quantized on `device`), vocabulary matched, adapters
-    attached, checkpointing applied; the engine moves it."""
+    attached, checkpointing applied; the engine moves it (or, `placement.partition` given, partitions it here)."""
     m, adapter, precision = run.recipe.model, run.recipe.adapter, run.recipe.precision
     extra: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
         extra["attn_implementation"] = m.attn_implementation
-    if m.config is None:
+    if m.config is None and adapter.type != "none" and placement.partition is not None:
+        model = _streamed_base(run, device or torch.device("cpu"), placement.partition)
+    elif m.config is None:
         load = adapters.load_kwargs(adapter, precision.dtype, device or torch.device("cpu"))
         if not precision.master_weights and adapter.type == "none":
             load["dtype"] = torch_dtype(precision.dtype)  # the model itself in bf16: no fp32 master copy
@@ -108,7 +154,7 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
         with no_init_weights():  # initialized below, by name
             model = AutoModelForCausalLM.from_config(_from_scratch_config(run, tokenizer), dtype=dtype, **extra)
         model.tie_weights()  # no_init_weights also skips the tying of a tie_word_embeddings model
-        initialize_by_name(model, run.recipe.train.seed, gathered)
+        initialize_by_name(model, run.recipe.train.seed, placement.gathered)
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         if adapter.type != "none":  # resolve.py refuses this before loading; a tokenizer changed since then
@@ -119,6 +165,8 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
     if adapter.type != "none":
         model = adapters.apply(model, adapter, seed=run.recipe.train.seed,
                                gradient_checkpointing=m.gradient_checkpointing)
+        if placement.partition is not None:  # the LoRA weights peft just created, whole on every rank
+            placement.partition(model)
         log.info("adapter: %s", adapters.describe(model, adapter))
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

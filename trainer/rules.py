@@ -234,7 +234,7 @@ def _adapter(r: Recipe, src: Source) -> list[Problem]:
         out.append(Problem("adapter.quant.compute_dtype", q.compute_dtype, f"differs from precision.dtype={dtype}: "
                            f"the 4-bit matmuls would run in {q.compute_dtype} inside {dtype} autocast; set "
                            f"adapter.quant.compute_dtype={dtype}", src("adapter.quant.compute_dtype")))
-    if a.type == "qlora" and q.type == "int8" and q.storage_dtype != "uint8":
+    if a.type == "qlora" and q.type == "int8" and q.storage_dtype not in ("auto", "uint8"):
         out.append(Problem("adapter.quant.storage_dtype", q.storage_dtype, "applies to 4-bit weights (nf4, fp4); "
                            "int8 weights are stored as int8: remove it", src("adapter.quant.storage_dtype")))
     if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
@@ -243,12 +243,36 @@ def _adapter(r: Recipe, src: Source) -> list[Problem]:
     if isinstance(a.target_modules, list) and not a.target_modules:
         out.append(Problem("adapter.target_modules", [], "empty: give module names (e.g. [q_proj, v_proj]) or "
                            "'all-linear'", src("adapter.target_modules")))
-    if r.distributed.engine == "deepspeed":
-        out.append(Problem("adapter.type", a.type, "adapters are not supported with distributed.engine=deepspeed "
-                           "in this version (ZeRO-3 needs the 4-bit weights in a bf16 storage dtype to shard them, "
-                           "and saving the adapter from partitioned parameters writes an empty file: peft#2016, "
-                           "DeepSpeed#3620); use distributed.engine=native (DDP)", src("distributed.engine")))
-    return out  # GaLore with adapters: refused by the GaLore rules
+    return out + _adapter_on_deepspeed(r, src)  # GaLore with adapters: refused by the GaLore rules
+
+
+def _adapter_on_deepspeed(r: Recipe, src: Source) -> list[Problem]:
+    """LoRA/QLoRA under DeepSpeed ZeRO 1-3 (stage 0 runs on the native engine)."""
+    d, q, out = r.distributed, r.adapter.quant, []
+    if d.engine != "deepspeed" or d.zero_stage == 0:
+        return out
+    if r.precision.dtype == "fp16":
+        out.append(Problem("precision.dtype", "fp16", "adapter runs on DeepSpeed keep fp32 LoRA weights under "
+                           "torch.autocast (DeepSpeed's torch_autocast), which runs here in bf16 only; DeepSpeed's "
+                           "fp16 mode would cast the LoRA weights and the fp32 norms to fp16; use precision.dtype: "
+                           "bf16, or distributed.engine: native for fp16", src("precision.dtype")))
+    if r.adapter.type == "qlora" and q.type == "int8":
+        out.append(Problem("adapter.quant.type", "int8", "LLM.int8 layers keep their row scales and outlier state "
+                           "outside their parameters, which ZeRO cannot partition or gather (bitsandbytes#1451: wrong "
+                           "losses under ZeRO-3); use adapter.quant.type: nf4, or distributed.engine: native",
+                           src("adapter.quant.type")))
+    if r.adapter.use_dora and d.zero_stage == 3:
+        out.append(Problem("adapter.use_dora", True, "DoRA reads each base weight outside the layer's own forward "
+                           "(its magnitude is the norm of W + BA), where ZeRO-3 holds only a partition of it; use "
+                           "distributed.zero_stage: 2, or adapter.use_dora: false", src("adapter.use_dora")))
+    if r.adapter.type == "qlora" and q.type != "int8" and d.zero_stage == 3 and q.storage_dtype == "uint8":
+        out.append(Problem("adapter.quant.storage_dtype", "uint8", "ZeRO-3 partitions the packed 4-bit weights as "
+                           "tensors of their storage dtype and gathers a layer's tensors together; DeepSpeed before "
+                           "0.19.2 gathers them in buffers of one dtype (PR #8073), so uint8 codes beside bf16/fp32 "
+                           "tensors come back as garbage (loss 0 or NaN gradients, accelerate#3983); set "
+                           f"adapter.quant.storage_dtype: {q.compute_dtype} (the compute dtype) or auto",
+                           src("adapter.quant.storage_dtype")))
+    return out
 
 
 RULES = (_model, _data, _packing, _optimizer, _nonfinite, _precision, _distributed, _deepspeed, _adapter)

@@ -188,8 +188,9 @@ class QuantConfig(Section):
     type: Literal["nf4", "fp4", "int8"] = setting("base weight quantization", "nf4")
     double_quant: bool = setting("quantize the quantization constants too (saves ~0.37 bit/param)", True)
     compute_dtype: Literal["bf16", "fp16", "fp32"] = setting("dtype of the dequantized matmuls", "bf16")
-    storage_dtype: Literal["uint8", "bf16", "fp16", "fp32"] = setting("container dtype of 4-bit weights (bf16 for "
-                                                                      "ZeRO-3)", "uint8")
+    storage_dtype: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = setting(
+        "container dtype of the packed 4-bit weights (the values are the same in any): auto is compute_dtype under "
+        "DeepSpeed ZeRO-3, which partitions them as tensors of that dtype, else uint8", "auto", resume="allowed")
 
 
 class AdapterConfig(Section):
@@ -268,6 +269,7 @@ DEEPSPEED_OWNED: dict[str, str] = {
     "fp16.enabled": "precision.dtype",
     "fp16.initial_scale_power": "precision.initial_loss_scale",
     "fp16.loss_scale_window": "precision.loss_scale_growth_interval",
+    "torch_autocast": "precision.dtype (adapter runs train under autocast)",
     "zero_optimization.stage": "distributed.zero_stage",
     "zero_optimization.offload_optimizer.device": "distributed.offload_optimizer",
     "zero_optimization.offload_param.device": "distributed.offload_params",

@@ -14,12 +14,14 @@ The rules, as the code in this package and bitsandbytes apply them:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from trainer.adapters.quant import expected_4bit_bytes, quantized_weight_bytes
+from trainer.adapters.lora import is_norm
+from trainer.adapters.quant import expected_4bit_bytes, quant_state_bytes, quantized_weight_bytes
 from trainer.adapters.targets import find_targets
 from trainer.dtypes import torch_dtype
 from trainer.schema import AdapterConfig
@@ -37,29 +39,71 @@ def optimizer_state_bytes(name: str, numels: list[int]) -> int:
     raise ValueError(f"no state formula for optimizer {name!r}")
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
+@dataclass(frozen=True)
+class FrozenTensor:
+    """One frozen tensor of an adapter run's base as it is stored: `elements` of `itemsize` bytes (a 4-bit weight:
+    its packed codes, two per byte, in the storage dtype), plus the quantization constants bitsandbytes keeps
+    beside it (absmax, code tables; 0 for a tensor that is not quantized)."""
+
+    name: str
+    elements: int
+    itemsize: int
+    constants: int = 0
+
+    @property
+    def stored(self) -> int:
+        return self.elements * self.itemsize
 
 
-def _base_weight_bytes(meta: nn.Module, adapter: AdapterConfig, precision: str) -> int:
-    """Frozen base of an adapter run: quantized linear layers (not the head), the rest by dtype."""
+def _fixed_4bit_bytes(double_quant: bool) -> int:
+    """Per-tensor extras of a 4-bit weight: its code table (16 fp32), with double quant also the 256-entry table
+    and the offset of level two."""
+    return 16 * 4 + (256 * 4 + 4 if double_quant else 0)
+
+
+def _quantized(name: str, p: torch.Tensor, adapter: AdapterConfig, storage: str) -> FrozenTensor:
+    """A quantized linear weight: LLM.int8 (one int8 per element and an fp32 scale per output row) or 4-bit codes
+    packed into `storage` elements as bitsandbytes allocates them ((n + 1) // (2 x itemsize))."""
+    numel = p.numel()
+    if adapter.quant.type == "int8":
+        return FrozenTensor(name, numel, 1, 4 * p.shape[0])
+    itemsize = 1 if storage == "uint8" else torch_dtype(storage).itemsize
+    dq = adapter.quant.double_quant
+    constants = expected_4bit_bytes(numel, dq) - math.ceil(numel / 2) + _fixed_4bit_bytes(dq)
+    return FrozenTensor(name, (numel + 1) // (2 * itemsize), itemsize, constants)
+
+
+def frozen_tensors(meta: nn.Module, adapter: AdapterConfig, precision: str,
+                   storage: str = "uint8") -> list[FrozenTensor]:
+    """Every frozen tensor of an adapter run's base (tied ones once), from the shapes of `meta`: quantized linear
+    layers (not the head) in `storage`, norm scales in fp32, the rest in the precision's dtype."""
     head = meta.get_output_embeddings()
     frozen = torch_dtype(precision).itemsize
-    total, seen = 0, set()
-    for module in meta.modules():
-        for p in module.parameters(recurse=False):
+    out, seen = [], set()
+    for module_name, module in meta.named_modules():
+        for key, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # tied embeddings are one tensor
                 continue
             seen.add(id(p))
+            name = f"{module_name}.{key}" if module_name else key
             quantized = adapter.type == "qlora" and isinstance(module, nn.Linear) and module is not head \
                 and p is module.weight
-            if quantized and adapter.quant.type == "int8":
-                total += p.numel() + 4 * p.shape[0]
-            elif quantized:
-                total += expected_4bit_bytes(p.numel(), adapter.quant.double_quant)
+            if quantized:
+                out.append(_quantized(name, p, adapter, storage))
             else:
-                total += p.numel() * (4 if _is_norm(module) else frozen)
-    return total
+                out.append(FrozenTensor(name, p.numel(), 4 if is_norm(module) else frozen))
+    return out
+
+
+def lora_numels(meta: nn.Module, adapter: AdapterConfig) -> list[int]:
+    """Elements of every trainable LoRA tensor: A (r x in) and B (out x r) per adapted module, and DoRA's magnitude
+    vector (out)."""
+    lora = []
+    for t in find_targets(meta, adapter.target_modules):
+        lora += [adapter.rank * t.in_features, t.out_features * adapter.rank]
+        if adapter.use_dora:
+            lora.append(t.out_features)
+    return lora
 
 
 def predicted(meta: nn.Module, adapter: AdapterConfig, precision: str, optimizer: str) -> dict[str, int]:
@@ -68,19 +112,10 @@ def predicted(meta: nn.Module, adapter: AdapterConfig, precision: str, optimizer
         numels = [p.numel() for p in meta.parameters()]
         return {"weights": 4 * sum(numels), "grads": 4 * sum(numels),
                 "optimizer": optimizer_state_bytes(optimizer, numels)}
-    lora = []
-    for t in find_targets(meta, adapter.target_modules):
-        lora += [adapter.rank * t.in_features, t.out_features * adapter.rank]
-        if adapter.use_dora:
-            lora.append(t.out_features)
-    fixed_4bit = 0
-    if adapter.type == "qlora" and adapter.quant.type != "int8":
-        # code table per tensor (16 fp32), with double quant also the 256-entry table and offset of level two
-        per = 16 * 4 + (256 * 4 + 4 if adapter.quant.double_quant else 0)
-        head = meta.get_output_embeddings()
-        fixed_4bit = per * sum(1 for m in meta.modules() if isinstance(m, nn.Linear) and m is not head)
-    return {"weights": _base_weight_bytes(meta, adapter, precision) + fixed_4bit + 4 * sum(lora),
-            "grads": 4 * sum(lora), "optimizer": optimizer_state_bytes(optimizer, lora)}
+    lora = lora_numels(meta, adapter)
+    base = sum(t.stored + t.constants for t in frozen_tensors(meta, adapter, precision))
+    return {"weights": base + 4 * sum(lora), "grads": 4 * sum(lora),
+            "optimizer": optimizer_state_bytes(optimizer, lora)}
 
 
 def _tensor_bytes(t: Any) -> int:
@@ -91,6 +126,22 @@ def _state_bytes(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_state_bytes(v) for v in value.values())
     return _tensor_bytes(value)
+
+
+def held_frozen_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen weights this process holds now, on any device: for a ZeRO-3 parameter its partition
+    (ds_tensor) plus what its .data holds (an empty placeholder once partitioned; the whole tensor while gathered,
+    or if it was never partitioned), and for a 4-bit weight its quantization constants, which bitsandbytes keeps
+    beside the parameter where DeepSpeed does not see them."""
+    total, seen = 0, set()
+    for p in model.parameters():
+        if p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += _tensor_bytes(getattr(p, "ds_tensor", None)) + _tensor_bytes(p.data)
+        if type(p).__name__ == "Params4bit" and p.quant_state is not None:
+            total += sum(quant_state_bytes(p.quant_state).values())
+    return total
 
 
 def measured(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:

@@ -46,6 +46,11 @@ def no_cpu_repacking(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer (LayerNorm, RMSNorm, ...): its scales stay fp32 in an adapter run."""
+    return "norm" in type(module).__name__.lower()
+
+
 def prepare_frozen(model: nn.Module, gradient_checkpointing: bool) -> None:
     """Freeze every base weight, keep norm scales in fp32, and let checkpointed blocks see an input that needs
     grad (with the embeddings frozen nothing upstream of block 0 would otherwise require one)."""
@@ -53,7 +58,7 @@ def prepare_frozen(model: nn.Module, gradient_checkpointing: bool) -> None:
         p.requires_grad_(False)
     no_cpu_repacking(model)
     for module in model.modules():
-        if "norm" in type(module).__name__.lower():
+        if is_norm(module):
             for p in module.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.float()
@@ -92,7 +97,7 @@ def is_adapted(module: nn.Module) -> bool:
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count the elements they stand for."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(logical_numel(p) for p in model.parameters())
     return trainable, total
 

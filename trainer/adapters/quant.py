@@ -23,7 +23,17 @@ BLOCKSIZE = 64  # bitsandbytes' 4-bit block size on CPU and CUDA (ROCm uses 128)
 NESTED_BLOCKSIZE = 256  # double quantization: block size of the 8-bit absmax constants
 
 
-def bnb_config(quant: QuantConfig) -> Any:
+def storage_dtype(quant: QuantConfig, zero3: bool) -> str:
+    """The container dtype of the packed 4-bit codes: `quant.storage_dtype`, or for `auto` the compute dtype under
+    ZeRO-3 (DeepSpeed partitions a parameter as a flat tensor of its dtype, and the 4-bit layers must come back
+    from a gather in the dtype bitsandbytes stored them in) and uint8 elsewhere. The codes are the same bytes in
+    any container, so the choice never changes what is computed."""
+    if quant.storage_dtype != "auto":
+        return quant.storage_dtype
+    return quant.compute_dtype if zero3 else "uint8"
+
+
+def bnb_config(quant: QuantConfig, zero3: bool = False) -> Any:
     """transformers' BitsAndBytesConfig for `adapter.quant` (imported late: bitsandbytes is slow to import)."""
     from transformers import BitsAndBytesConfig
 
@@ -32,7 +42,7 @@ def bnb_config(quant: QuantConfig) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type,
                               bnb_4bit_use_double_quant=quant.double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
-                              bnb_4bit_quant_storage=torch_dtype(quant.storage_dtype))
+                              bnb_4bit_quant_storage=torch_dtype(storage_dtype(quant, zero3)))
 
 
 def bits_per_param(double_quant: bool, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE) -> float:
@@ -71,14 +81,20 @@ def int8_scale(module: nn.Module) -> torch.Tensor | None:
     return scale if scale is not None else getattr(getattr(module, "state", None), "SCB", None)
 
 
+def whole_bytes(p: torch.Tensor) -> int:
+    """Bytes of a parameter's whole value, also when ZeRO-3 has partitioned it (its .data is then a placeholder)."""
+    return int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+
+
 def quantized_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the quantized weights of `model` (codes and every quantization constant); 0 if none."""
+    """Bytes of the quantized weights of `model` (codes and every quantization constant), whole also when ZeRO-3
+    has partitioned the codes; 0 if none."""
     total = 0
     for module in model.modules():
         p = module._parameters.get("weight")  # its own parameter: peft's wrappers only forward `.weight`
         kind = type(p).__name__
         if kind == "Params4bit" and p.quant_state is not None:
-            total += _tensor_bytes(p.data) + sum(quant_state_bytes(p.quant_state).values())
+            total += whole_bytes(p) + sum(quant_state_bytes(p.quant_state).values())
         elif kind == "Int8Params":
             total += _tensor_bytes(p.data) + _tensor_bytes(int8_scale(module))
     return total

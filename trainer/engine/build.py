@@ -12,7 +12,7 @@ from torch import nn
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
 from trainer.engine.native import NativeEngine
-from trainer.model import Gather
+from trainer.model import WHOLE, Placement
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.precision import Precision
@@ -32,15 +32,15 @@ def uses_deepspeed(run: ResolvedRun) -> bool:
 
 
 @contextlib.contextmanager
-def _whole_parameters() -> Iterator[Gather]:
-    yield lambda params: contextlib.nullcontext()
+def _whole_parameters() -> Iterator[Placement]:
+    yield WHOLE
 
 
-def model_init_context(run: ResolvedRun) -> ContextManager[Gather]:
-    """Wraps model construction: an engine that partitions parameters at creation (ZeRO-3) enters its context
-    here, so the full model never materializes on one rank (partitions are made in the training dtype). It yields
-    how to make a module's parameters whole for a moment (model.initialize_by_name); the native engine's already
-    are."""
+def model_init_context(run: ResolvedRun) -> ContextManager[Placement]:
+    """Wraps model construction: an engine that partitions parameters (ZeRO-3) enters its context here, so the full
+    model never materializes on one rank (from scratch and full fine-tuning: partitioned at creation, in the
+    training dtype; adapter runs: the base partitioned module by module as it loads). It yields the Placement that
+    model.build_model follows; the native engine's parameters are whole."""
     if uses_deepspeed(run) and run.recipe.distributed.zero_stage == 3:
         from trainer.engine.deepspeed import zero3_init_context  # imported here: DeepSpeed is slow to import
 

@@ -16,6 +16,10 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
 - Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
   checkpoint's temporary folder, plus `model.safetensors`, the full fp32 weights gathered from the master
   partitions, which export reads. Loading never unpickles code (see `safe_load`).
+- Adapter runs (LoRA/QLoRA): the LoRA weights stay fp32 under DeepSpeed's torch_autocast (ds_config.py); at
+  ZeRO-3 the base was partitioned as it loaded (zero3_init_context). A checkpoint holds DeepSpeed's files for the
+  trainable tensors and their optimizer state only, and `adapter/` (a peft directory, the only weights export
+  reads), never the base.
 
 Stage 0 never reaches this module: engine/__init__.py runs it on the native engine (why: see there).
 """
@@ -34,13 +38,14 @@ import torch.distributed as tdist
 from safetensors.torch import save_file
 from torch import nn
 
+from trainer import adapters
 from trainer.distributed import DistInfo, all_reduce_sum, teardown
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
 from trainer.engine.op_builds import prepare_builds
 from trainer.errors import CheckpointError, ConfigError, Problem, UnsafeFileError
-from trainer.model import Gather
+from trainer.model import Placement
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 from trainer.precision import SkipCounter
 from trainer.resolve import ResolvedRun
@@ -119,34 +124,68 @@ def config_errors_as_recipe_errors() -> Iterator[None]:
                                    f"({e.title}): {detail}; fix or remove that override")]) from None
 
 
+def _zero3_init_config(run: ResolvedRun) -> dict[str, Any]:
+    """What `deepspeed.zero.Init` reads (the ZeRO section, with its overrides, and the dtype); DeepSpeed's config
+    parser also requires a batch size."""
+    distributed = run.recipe.distributed
+    overrides = {k: v for k, v in distributed.deepspeed_overrides.items() if k == "zero_optimization"}
+    precision = precision_section(run.recipe.precision, adapters=run.recipe.adapter.type != "none")
+    config = merge_overrides({"zero_optimization": zero_section(distributed), **precision}, overrides)[0]
+    return {"train_micro_batch_size_per_gpu": 1, **config}
+
+
+def zero3_init_context(run: ResolvedRun) -> ContextManager[Placement]:
+    """Model construction under ZeRO-3. Full fine-tuning and from scratch: transformers builds the model inside
+    `deepspeed.zero.Init` (see _partitioned_at_creation). Adapter runs: the base is read module by module and each
+    module partitioned once loaded (see _partitioned_after_loading)."""
+    import_deepspeed()
+    _ensure_process_group(run.recipe.distributed.backend)
+    if run.recipe.adapter.type != "none":
+        return _partitioned_after_loading(run)
+    return _partitioned_at_creation(run)
+
+
 @contextlib.contextmanager
-def zero3_init_context(run: ResolvedRun) -> Iterator[Gather]:
-    """Model construction under ZeRO-3: transformers sees a live `HfDeepSpeedConfig` and builds the model
-    inside `deepspeed.zero.Init`, so each parameter is partitioned as soon as its module is built (from_config),
-    or gathered one at a time while the checkpoint is read (from_pretrained). The full model never exists on
-    one rank. Partitions are made in the training dtype (bf16/fp16 per the recipe): DeepSpeed does not cast a
-    ZeRO-3 model later, and fp32 partitions under a bf16 config would silently train in fp32.
+def _partitioned_at_creation(run: ResolvedRun) -> Iterator[Placement]:
+    """transformers sees a live `HfDeepSpeedConfig` and builds the model inside `deepspeed.zero.Init`, so each
+    parameter is partitioned as soon as its module is built (from_config), or gathered one at a time while the
+    checkpoint is read (from_pretrained). The full model never exists on one rank. Partitions are made in the
+    training dtype (bf16/fp16 per the recipe): DeepSpeed does not cast a ZeRO-3 model later, and fp32 partitions
+    under a bf16 config would silently train in fp32.
 
     It yields how to make a module's parameters whole for a moment: from scratch, model.initialize_by_name
     initializes each module on rank 0 from a generator seeded by its name, so the weights equal those a native or
     ZeRO-1/2 run with the same seed starts from."""
-    import_deepspeed()
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    distributed = run.recipe.distributed
-    _ensure_process_group(distributed.backend)
-    overrides = {k: v for k, v in distributed.deepspeed_overrides.items() if k == "zero_optimization"}
-    config = merge_overrides({"zero_optimization": zero_section(distributed),
-                              **precision_section(run.recipe.precision)}, overrides)[0]
-    # DeepSpeed's config parser requires a batch size; zero.Init reads only the ZeRO section and the dtype.
     with config_errors_as_recipe_errors():  # zero.Init parses the ZeRO section while the model is built
-        keep_alive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, **config})  # transformers: weakref
+        keep_alive = HfDeepSpeedConfig(_zero3_init_config(run))  # transformers holds only a weak reference
         try:
-            yield _gathered_on_rank0
+            yield Placement(gathered=_gathered_on_rank0)
         finally:
             unset_hf_deepspeed_config()
             del keep_alive
+
+
+@contextlib.contextmanager
+def _partitioned_after_loading(run: ResolvedRun) -> Iterator[Placement]:
+    """An adapter run's base cannot be built inside `zero.Init`: a quantized layer's weight only takes its final
+    form (packed 4-bit codes, a different shape and dtype) once its values are quantized. So model.build_model
+    loads it module by module and hands each loaded module here, and `deepspeed.zero.Init(module=...)` partitions
+    its parameters (each rank keeps its 1/N, in the parameter's own dtype; rank 0's values are broadcast first, so
+    every rank agrees) and frees the whole copies. The LoRA weights peft attaches are partitioned the same way.
+    No `HfDeepSpeedConfig` is live: transformers must build the skeleton as a plain model."""
+    import deepspeed
+
+    config = _zero3_init_config(run)
+
+    def partition(module: nn.Module) -> None:
+        # mem_efficient_linear off: with it, zero.Init would replace torch.nn.functional.linear for the process
+        deepspeed.zero.Init(module=module, config_dict_or_path=config, mem_efficient_linear=False)
+
+    with config_errors_as_recipe_errors():
+        yield Placement(gathered=_gathered_on_rank0, partition=partition)
 
 
 def _gathered_on_rank0(params: list[nn.Parameter]) -> ContextManager[Any]:
@@ -179,13 +218,16 @@ class ZeroEngine:
             self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=client,
                                                     config=config, dist_init_required=False)
         self.module: nn.Module = self.ds.module
-        if distributed.zero_stage == 3:
+        self.adapted = adapters.is_adapted(self.module)
+        if distributed.zero_stage == 3 and not self.adapted:  # adapter runs: fp32 LoRA over a frozen base
             expected = torch_dtype(precision.dtype)
             dtypes = {p.ds_tensor.dtype for p in self.module.parameters() if hasattr(p, "ds_tensor")}
             assert dtypes <= {expected}, f"ZeRO-3 partitions are {dtypes}, not {expected}: build the model inside " \
                                          "model_init_context(distributed, precision)"
         self.scheduler = build_scheduler(self.ds.basic_optimizer, optimizer, run.recipe.train.max_steps)
         self.ds.checkpoint_engine.load = safe_load  # every DeepSpeed read of a checkpoint file goes through it
+        if self.adapted:
+            self.ds.module_state_dict = self._trainable_state_dict
         self._last_was_boundary = False
         log.info("DeepSpeed ZeRO-%d: %s, optimizer %s%s", distributed.zero_stage, precision.dtype,
                  type(self.ds.basic_optimizer).__name__,
@@ -238,22 +280,46 @@ class ZeroEngine:
 
     def save(self, directory: Path) -> None:
         """Every rank: DeepSpeed's sharded checkpoint (each rank its partitions, rank 0 the module file with our
-        counters), then the full fp32 weights, gathered from the master partitions, as safetensors on rank 0."""
+        counters), then on rank 0 the full fp32 weights gathered from the master partitions (safetensors) or, in an
+        adapter run, the adapter alone (a peft directory): the frozen base is read again from its source on resume."""
         target = directory / DS_DIR
         extra = {"schedule_step": self.scheduler.last_epoch, **self.skips.state_dict()}
-        self.ds.save_checkpoint(str(target), tag=TAG, client_state={"trainer": extra}, save_latest=False)
+        self.ds.save_checkpoint(str(target), tag=TAG, client_state={"trainer": extra}, save_latest=False,
+                                exclude_frozen_parameters=self.adapted)
         if self.dist.is_main:
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's recovery scripts unpickle
                 (target / script).unlink(missing_ok=True)
+        if self.adapted:
+            self._save_adapter(directory / adapters.ADAPTER_DIR)
+            return
         weights = full_fp32_state_dict(self.module)
         if self.dist.is_main:
             save_file(weights, str(directory / MODEL_FILE), metadata={"format": "pt"})
             fsync_file(directory / MODEL_FILE)
 
+    def _save_adapter(self, folder: Path) -> None:
+        """The adapter as a peft directory on rank 0, its weights gathered from the ZeRO-3 partitions (a collective:
+        only the trainable tensors are gathered, never the base); ZeRO-1/2 hold them whole already."""
+        import deepspeed
+
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            if self.dist.is_main:
+                adapters.save_adapter(self.module, folder)
+
+    def _trainable_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """What DeepSpeed's module file holds in an adapter run (it replaces DeepSpeedEngine.module_state_dict):
+        the trainable tensors only (under ZeRO-3 their empty placeholders, the values being in the optimizer's
+        partitions). DeepSpeed's own `exclude_frozen_parameters` would still write every 4-bit layer's
+        quantization constants, which bitsandbytes keeps beside the parameters (about 1/32 of the base)."""
+        return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
+
     def load(self, directory: Path) -> None:
         target = directory / DS_DIR
         check_files(target)  # every rank checks every file: all refuse together, none waits in a collective
-        path, client = self.ds.load_checkpoint(str(target), tag=TAG, load_lr_scheduler_states=False)
+        # adapter runs: the module file holds the trainable tensors only; the base came from its source
+        path, client = self.ds.load_checkpoint(str(target), tag=TAG, load_lr_scheduler_states=False,
+                                               load_module_strict=not self.adapted)
         if path is None or "trainer" not in (client or {}):
             raise CheckpointError(f"{directory}: no DeepSpeed checkpoint in {DS_DIR}/ (was it saved by the "
                                   "native engine? distributed.engine must match the run that saved it)")

@@ -24,9 +24,17 @@ from trainer.schema import DistributedConfig, OptimizerConfig, PrecisionConfig
 DEEPSPEED_BUILT = ("adamw",)
 
 
-def precision_section(p: PrecisionConfig) -> dict[str, Any]:
+def precision_section(p: PrecisionConfig, adapters: bool = False) -> dict[str, Any]:
     """bf16: DeepSpeed's bf16 params and grads, fp32 master weights in the ZeRO optimizer. fp16: dynamic loss
-    scaling with our settings; hysteresis 1 halves the scale on every overflow, as our native GradScaler does."""
+    scaling with our settings; hysteresis 1 halves the scale on every overflow, as our native GradScaler does.
+
+    Adapter runs in bf16 keep the native engine's mixed precision instead: fp32 LoRA weights (the optimizer's own
+    master copy), gradients reduced in fp32, and torch.autocast around the forward (DeepSpeed's `torch_autocast`;
+    the empty module list keeps every gradient reduction in fp32). DeepSpeed's bf16 mode would cast every
+    floating-point parameter to bf16: the LoRA weights and the fp32 norm scales, and 4-bit codes stored as fp32
+    into garbage; and without autocast a bf16 head would meet the fp32 residual stream."""
+    if adapters and p.dtype == "bf16":
+        return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
     if p.dtype == "bf16":
         return {"bf16": {"enabled": True}}
     if p.dtype == "fp16":
@@ -66,7 +74,7 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
     | train_batch_size                     | micro x accumulation x world size               |
     | managed_gradient_accumulation: false | the loop's accumulate(is_last)/step() own it    |
     | gradient_clipping                    | optimizer.grad_clip (0 = off)                   |
-    | bf16 / fp16 (+ loss scaling)         | precision.*                                     |
+    | bf16 / fp16 (+ loss scaling)         | precision.* (adapter runs: torch_autocast)      |
     | optimizer                            | optimizer.* (adamw; others are passed in)       |
     | zero_optimization                    | distributed.zero_stage, offload_*               |
     """
@@ -81,7 +89,7 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_optimization": zero_section(distributed),
     }
-    config.update(precision_section(run.recipe.precision))
+    config.update(precision_section(run.recipe.precision, adapters=run.recipe.adapter.type != "none"))
     config.update(_optimizer(optimizer, distributed.offload_optimizer == "cpu"))
     return config
 
