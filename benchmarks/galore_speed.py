@@ -30,7 +30,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.optim.galore import GaLoreAdamW
-from trainer.optim.galore_groups import select_targets
+from trainer.optim.lowrank_groups import select_targets
 
 RANK, SCALE, GAP = 128, 0.25, 200
 

@@ -5,7 +5,9 @@ per output row (absmax / 127), in torchao's quantized-training tensor (`Int8Quan
 torchao.prototype.quantized_training): it is a trainable parameter whose forward and backward dequantize the
 layer on the fly (the dequantized copy lives only inside the matmul), and whose gradient is an ordinary
 tensor of the scale's dtype. torchao runs on this stack on CPU and GPU. What it lacks here is written in this
-module: its own in-place update ops round with the global RNG (different on each rank, moved by every update)
+module. Its linear function ignores autocast (in backward a bf16 input meets an fp32 output gradient and the
+matmul fails), so `Int8Linear` replaces it through torchao's own registration hook: the matmuls run in the
+autocast dtype when autocast is on, and backward casts to the dtype forward used. Its in-place update ops round with the global RNG (different on each rank, moved by every update)
 and have no `mul_` (weight decay), so the low-rank family writes every update itself (`write`): the new value
 W' = (1 - lr * decay) W + update is formed in fp32 and re-quantized with stochastic rounding,
 q = floor(W' / s + u), u ~ U[0, 1) from a generator seeded per parameter and step, so E[q s] = W' exactly and
@@ -33,10 +35,45 @@ def is_int8(t: Any) -> bool:
     return type(t).__name__ == "Int8QuantizedTrainingLinearWeight"
 
 
+class Int8Linear(torch.autograd.Function):
+    """y = x W^T + b for an INT8 weight W = q s, in the autocast dtype when autocast is on: the INT8 values are
+    cast to the compute dtype inside the matmul (one layer at a time) and the row scales applied to its output.
+    Saves the input in the compute dtype, as autocast's own matmul would."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            xc = x.to(dtype)
+            out = (xc @ weight.int_data.T.to(dtype)) * weight.scale.to(dtype)
+            if bias is not None:
+                out = out + bias.to(dtype)
+        ctx.save_for_backward(xc, weight)
+        ctx.input_dtype, ctx.has_bias = x.dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        xc, weight = ctx.saved_tensors
+        grad = grad.to(xc.dtype)
+        rows, cols = weight.shape
+        grad_input = ((grad * weight.scale.to(grad.dtype)) @ weight.int_data.to(grad.dtype)).to(ctx.input_dtype)
+        grad_weight = grad.reshape(-1, rows).T @ xc.reshape(-1, cols)
+        grad_bias = grad.reshape(-1, rows).sum(0) if ctx.has_bias else None
+        return grad_input, grad_weight, grad_bias
+
+
+def _linear(func: Any, types: Any, args: Any, kwargs: Any) -> Tensor:
+    return Int8Linear.apply(*args, **(kwargs or {}))
+
+
 def quantize_weights(model: nn.Module, weights: Iterable[nn.Parameter]) -> int:
     """Replace each given linear weight of `model` by an INT8 training weight (round to nearest, once);
     returns how many were replaced."""
     from torchao.prototype.quantized_training.int8 import Int8QuantizedTrainingLinearWeight
+
+    Int8QuantizedTrainingLinearWeight.implements_torch_function(nn.functional.linear)(_linear)
 
     chosen = {id(w) for w in weights}
     count = 0
@@ -99,12 +136,28 @@ def int8_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if is_int8(p)]
 
 
+def _stored_names(state: dict[str, Tensor]) -> list[str]:
+    """Names of a state dict as safetensors stores them: a tensor shared by two names (tied embeddings) once."""
+    out, seen = [], set()
+    for name, t in state.items():
+        key = id(t) if is_int8(t) else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict with each INT8 weight dequantized to its scale's dtype (what export reads)."""
-    out = {}
-    for name, t in model.state_dict().items():
-        out[name] = dequantize(t).to(t.scale.dtype) if is_int8(t) else t
-    return out
+    state = model.state_dict()
+    return {name: dequantize(state[name]).to(state[name].scale.dtype) if is_int8(state[name])
+            else state[name].contiguous() for name in _stored_names(state)}
+
+
+def shared_names(model: nn.Module) -> set[str]:
+    """Names plain_state_dict leaves out because another name holds the same tensor."""
+    state = model.state_dict()
+    return set(state) - set(_stored_names(state))
 
 
 def int8_tensors(model: nn.Module) -> dict[str, Tensor]:

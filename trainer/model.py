@@ -9,7 +9,11 @@ Order of the transforms (each needs the one before):
 3. adapter runs: prepare for k-bit training (freeze the base, norms in fp32, inputs that require grad so
    checkpointed blocks have something to differentiate), then attach LoRA (peft). Preparing comes first
    because it freezes every parameter: done after attaching it would freeze the adapter too;
-4. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
+4. INT8 weights (precision.weights: int8): the low-rank optimizer's targets become INT8 training weights
+   (trainer/int8_weights.py), after the vocabulary is matched (resizing would replace the head, not a target)
+   and from the initialized fp32 or bf16 values, so a from-scratch INT8 run starts from the same weights
+   rounded once;
+5. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
 
 From scratch, the initial weights are a function of train.seed and each module's name only: every module is
 initialized by the model's own rule (`_init_weights`) in fp32 on the CPU from a generator seeded by (seed, module
@@ -31,8 +35,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from trainer import adapters
+from trainer import adapters, int8_weights
 from trainer.dtypes import torch_dtype
+from trainer.optim.lowrank_groups import member, targets_of
 from trainer.resolve import ResolvedRun
 
 log = logging.getLogger(__name__)
@@ -88,6 +93,14 @@ def save_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path:
     tokenizer.save_pretrained(path)
 
 
+def _quantize_targets(model: nn.Module, run: ResolvedRun) -> None:
+    """INT8 master weights for exactly the matrices GaLore or APOLLO projects (their target rule)."""
+    targets, _ = targets_of(model, run.recipe.optimizer)
+    count = int8_weights.quantize_weights(model, targets)
+    log.info("INT8 weights (per-row scales, stochastic rounding) on the %d %s targets", count,
+             member(run.recipe.optimizer))
+
+
 def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None,
                 gathered: Gather = _no_gather) -> nn.Module:
     """The causal LM in fp32 on the CPU (a qlora base: quantized on `device`), vocabulary matched, adapters
@@ -120,6 +133,8 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
         model = adapters.apply(model, adapter, seed=run.recipe.train.seed,
                                gradient_checkpointing=m.gradient_checkpointing)
         log.info("adapter: %s", adapters.describe(model, adapter))
+    if precision.weights == "int8":
+        _quantize_targets(model, run)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

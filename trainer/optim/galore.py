@@ -35,7 +35,8 @@ The randomized SVD (`torch.svd_lowrank`) is seeded from the step and the shape, 
 same projector and the global RNG stream is untouched.
 
 This module is the SVD strategy of the low-rank family (trainer/optim/lowrank.py), which owns the moments,
-8-bit storage, per-parameter calls, state dict and the weight write. State is tensors only (projectors, float64 step, moments, absmax), so checkpoints load with weights_only=True.
+8-bit storage, per-parameter calls, state dict and the weight write. State is tensors only (projectors, float64
+step, moments, absmax), so checkpoints load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ JITTER = 1e-6  # relative size of the retry perturbation (the gradient is normal
 SUBSPACE_ITERS = 2  # power iterations of a subspace refresh
 SUBSPACE_MIN_OVERLAP = 0.5  # below this overlap with the previous projector a subspace refresh does a full SVD
 
-__all__ = ["BLOCKSIZE", "MIN_8BIT_SIZE", "PROJ_TYPES", "GaLoreAdamW", "adam_step", "moment_bytes", "new_step", "project",
-           "project_back", "projection_side", "state_bytes", "state_shapes"]
+__all__ = ["BLOCKSIZE", "MIN_8BIT_SIZE", "PROJ_TYPES", "GaLoreAdamW", "adam_step", "moment_bytes", "new_step",
+           "project", "project_back", "projection_side", "state_bytes", "state_shapes"]
 
 
 class RefreshFailed(RuntimeError):
