@@ -141,7 +141,7 @@ class ApolloConfig(Section):
                                None, ge=1, resume="must_match")
     scale_type: Literal["channel", "tensor"] | None = setting(
         "learning-rate scale per channel or per tensor (null: channel for apollo_adamw, tensor for apollo_mini)",
-        None, resume="must_match")
+        None)
     update_gap: int = setting("steps between new random projections (a new seed)", 200, ge=1)
     scale: Number | None = setting("alpha, multiplies the update (null: 1 for apollo_adamw, sqrt(128) for "
                                    "apollo_mini; apollo-torch's scale is alpha squared)", None, gt=0)

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.optim import apollo, galore
 from trainer.optim.apollo import ApolloAdamW
+from trainer.optim.apollo import expected_state_bytes as apollo_state_bytes
 from trainer.optim.galore import GaLoreAdamW
+from trainer.optim.galore import expected_state_bytes as galore_state_bytes
 from trainer.optim.lowrank import MIN_8BIT_SIZE, LowRankAdamW
 from trainer.optim.sharded import ShardedOptimizer
 from trainer.schema import OptimizerConfig
@@ -133,10 +134,10 @@ def state_cost(p: torch.Tensor, group: dict[str, Any]) -> int:
     """Bytes of state the family's optimizer will hold for p (what sharding balances across ranks); a group
     with a scale_type is APOLLO's."""
     if "scale_type" in group:
-        return apollo.expected_state_bytes(tuple(p.shape), group["rank"], group["norm_growth_limit"] is not None,
-                                           group["bits"], group["min_8bit_size"])
-    return galore.expected_state_bytes(tuple(p.shape), group["rank"], group["proj_type"], group["bits"],
-                                       group["min_8bit_size"])
+        return apollo_state_bytes(tuple(p.shape), group["rank"], group["norm_growth_limit"] is not None,
+                                  group["bits"], group["min_8bit_size"])
+    return galore_state_bytes(tuple(p.shape), group["rank"], group["proj_type"], group["bits"],
+                              group["min_8bit_size"])
 
 
 def optimizer_class(cfg: OptimizerConfig) -> type[LowRankAdamW]:
