@@ -5,10 +5,12 @@ per output row (absmax / 127), in torchao's quantized-training tensor (`Int8Quan
 torchao.prototype.quantized_training): it is a trainable parameter whose forward and backward dequantize the
 layer on the fly (the dequantized copy lives only inside the matmul), and whose gradient is an ordinary
 tensor of the scale's dtype. torchao runs on this stack on CPU and GPU. What it lacks here is written in this
-module. Its linear function ignores autocast (in backward a bf16 input meets an fp32 output gradient and the
-matmul fails), so `Int8Linear` replaces it through torchao's own registration hook: the matmuls run in the
-autocast dtype when autocast is on, and backward casts to the dtype forward used. Its in-place update ops round with the global RNG (different on each rank, moved by every update)
-and have no `mul_` (weight decay), so the low-rank family writes every update itself (`write`): the new value
+module:
+- its linear function ignores autocast (in backward a bf16 input meets an fp32 output gradient and the matmul
+  fails), so `Int8Linear` replaces it through torchao's own registration hook: the matmuls run in the autocast
+  dtype when autocast is on, and backward casts to the dtype forward used;
+- its in-place update ops round with the global RNG (different on each rank, moved by every update) and it has
+  no `mul_` (weight decay), so the low-rank family writes every update itself (`write`): the new value
 W' = (1 - lr * decay) W + update is formed in fp32 and re-quantized with stochastic rounding,
 q = floor(W' / s + u), u ~ U[0, 1) from a generator seeded per parameter and step, so E[q s] = W' exactly and
 an update smaller than one INT8 step still moves the weight in expectation. The scale s of each row is rounded
@@ -20,6 +22,7 @@ INT8_FILE the INT8 values and scales, which a resume restores exactly.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -68,12 +71,26 @@ def _linear(func: Any, types: Any, args: Any, kwargs: Any) -> Tensor:
     return Int8Linear.apply(*args, **(kwargs or {}))
 
 
+def _int8_weight_class() -> Any:
+    """torchao's INT8 training weight, with our linear registered. Its import logs notices that concern kernels
+    this module does not use (CUDA-only extensions, Triton, torch.compile registrations): silenced."""
+    noisy = [logging.getLogger(n) for n in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.ERROR)
+    try:
+        from torchao.prototype.quantized_training.int8 import Int8QuantizedTrainingLinearWeight
+    finally:
+        for lg, level in zip(noisy, levels):
+            lg.setLevel(level)
+    Int8QuantizedTrainingLinearWeight.implements_torch_function(nn.functional.linear)(_linear)
+    return Int8QuantizedTrainingLinearWeight
+
+
 def quantize_weights(model: nn.Module, weights: Iterable[nn.Parameter]) -> int:
     """Replace each given linear weight of `model` by an INT8 training weight (round to nearest, once);
     returns how many were replaced."""
-    from torchao.prototype.quantized_training.int8 import Int8QuantizedTrainingLinearWeight
-
-    Int8QuantizedTrainingLinearWeight.implements_torch_function(nn.functional.linear)(_linear)
+    Int8QuantizedTrainingLinearWeight = _int8_weight_class()
 
     chosen = {id(w) for w in weights}
     count = 0

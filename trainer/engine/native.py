@@ -36,7 +36,10 @@ class NativeEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, dist: DistInfo,
                  grad_clip: float | None, per_layer: PerLayerUpdates | None = None) -> None:
-        self.module = model.to(dist.device)
+        # build_engine moved the model before creating the optimizer: moving it again would swap the tensors of
+        # INT8 weights (a tensor subclass), which drops the per-layer hooks already registered on them
+        assert all(p.device == dist.device for p in model.parameters()), "move the model before the optimizer"
+        self.module = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.precision = precision
