@@ -4,9 +4,9 @@ The changes a user can make, each with what it costs them (speed first, then qua
 (about +30% compute), a smaller micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO
 stages 1-3 (several GPUs), offloading the optimizer state or the parameters to CPU memory, 8-bit GaLore or
 APOLLO-Mini with per-layer updates, INT8 weights for them (one GPU), and QLoRA. Suggestions are combinations of
-up to three of them, tried cheapest first; the first few that fit are shown (or, when none does, the one that comes closest). A combination is kept only if the
-resulting recipe resolves (resolve.py): nothing is proposed that the trainer would refuse, and none changes the
-global batch.
+up to three of them, tried cheapest first; the first few that fit are shown (or, when none does, the one that
+comes closest). A combination is kept only if the resulting recipe resolves (resolve.py): nothing is proposed that
+the trainer would refuse, and none changes the global batch.
 """
 
 from __future__ import annotations
