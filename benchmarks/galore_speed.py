@@ -23,8 +23,9 @@ The refresh table needs gradients with the structure of training, not random one
 dominant subspace to keep): the model trains with AdamW on tests/data/shakespeare.txt (bytes as tokens) for
 --warm steps, the gradient then gives each target's previous projector (full SVD), and --refresh-gap steps later
 the next gradient is refreshed by every method, matrix by matrix, each timed alone. The subspace column includes
-the full SVDs it falls back to (overlap with the previous projector below the threshold), and "energy" is the
-share of the gradient's energy the new projector captures, relative to the exact SVD's (1 = as good).
+the full SVDs it falls back to (when the previous projector held too little of the gradient's energy), and
+"energy" is the share of the gradient's energy the new projector captures, relative to the exact SVD's (1 = as
+good).
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.optim.galore import (
     SUBSPACE_ITERS,
-    SUBSPACE_MIN_OVERLAP,
+    SUBSPACE_MIN_KEPT,
     GaLoreAdamW,
-    overlap,
     projection_side,
     subspace_iteration,
     top_singular_vectors,
@@ -221,8 +221,8 @@ def refresh_one(old: torch.Tensor, new: torch.Tensor, peer: Any) -> dict[str, tu
     t_full, (exact, _) = clock(lambda: top_singular_vectors(g, RANK, "full", 0))
     best = energy(exact)
     t_rand, (fast, _) = clock(lambda: top_singular_vectors(g, RANK, "randomized", 1))
-    t_sub, warm = clock(lambda: subspace_iteration(g, prev))
-    kept = overlap(prev, warm) >= SUBSPACE_MIN_OVERLAP
+    t_sub, (warm, held) = clock(lambda: subspace_iteration(g, prev))
+    kept = held >= SUBSPACE_MIN_KEPT
     if not kept:  # what the optimizer does then: a full SVD as well
         t_more, (warm, _) = clock(lambda: top_singular_vectors(g, RANK, "full", 0))
         t_sub += t_more
@@ -249,8 +249,8 @@ def refresh_report(args: argparse.Namespace, plain: dict[str, float]) -> None:
     kept = int(sum(r.pop("kept")[0] for r in rows))
     full = sum(r["ours (exact SVD)"][0] for r in rows)
     print(f"\nrefresh of {len(rows)} matrices at rank {RANK} from real gradients {args.refresh_gap} steps apart; "
-          f"subspace iteration ({SUBSPACE_ITERS} power step) kept the warm start for {kept} of {len(rows)} "
-          f"(overlap >= {SUBSPACE_MIN_OVERLAP}), the rest fell back to a full SVD\n")
+          f"subspace iteration ({SUBSPACE_ITERS} power step) kept the warm start for {kept} of {len(rows)} (the "
+          f"previous projector held >= {SUBSPACE_MIN_KEPT:.0%} of the energy), the rest fell back to a full SVD\n")
     print("| method | refresh, all matrices | vs exact SVD | energy vs exact (mean, min) | per step, update_gap 200 |")
     print("|---|---:|---:|---:|---:|")
     for name in rows[0]:

@@ -20,12 +20,14 @@ LM head, matrices whose smaller side is <= rank) gets plain AdamW in the same op
 quantization (blocks of 256, dynamic signed map for the first moment, unsigned for the second, as its 8-bit
 optimizers do): 1 byte per element plus one fp32 absmax per block. The maps are constants, not state.
 
-`svd: subspace` refreshes from the previous projector instead of a fresh SVD: a few steps of subspace (power)
-iteration on G G^T, re-orthonormalized by QR after each, then a Rayleigh-Ritz step (the SVD of the small
-r x n matrix Y^T G) that orders the basis like singular vectors. A full SVD is done on the first refresh and
-whenever the new subspace overlaps the previous one by less than SUBSPACE_MIN_OVERLAP (mean squared cosine of
-the principal angles): from a start that far away a few iterations would not converge. How often that happens
-is counted and logged after each round of refreshes.
+`svd: subspace` refreshes from the previous projector instead of a fresh SVD: SUBSPACE_ITERS steps of subspace
+(power) iteration on G G^T, re-orthonormalized by QR after each, then a Rayleigh-Ritz step (the eigenvectors of
+the r x r matrix B B^T, B = Y^T G) that orders the basis like singular vectors. A full SVD is done on the first
+refresh and whenever the subspace moved too much: when the previous projector held less than SUBSPACE_MIN_KEPT
+of the gradient energy the new basis captures (from a start that far off a few power steps need not converge).
+Energy, not the plain angle between the subspaces, because the directions that carry almost none of the
+gradient move freely between refreshes and do not matter to the update. How often a full SVD was needed is
+counted and logged after each round of refreshes.
 
 The SVD runs on G / max|G| (singular vectors do not depend on scale, and a huge gradient would overflow
 LAPACK). A refresh that fails (LAPACK does not converge, the gradient or the vectors are not finite) never
@@ -74,7 +76,7 @@ GALORE_KEYS = ("update_gap", "scale", "proj_type", "svd")
 JITTER = 1e-6  # relative size of the retry perturbation (the gradient is normalized to max |G| = 1)
 SUBSPACE_ITERS = 1  # power steps per subspace refresh: from the previous projector one already captures 99% of
 # the energy an SVD captures, at a tenth of its time (benchmarks/galore_speed.py)
-SUBSPACE_MIN_OVERLAP = 0.5  # below this overlap with the previous projector a subspace refresh does a full SVD
+SUBSPACE_MIN_KEPT = 0.5  # a subspace refresh does a full SVD when the previous projector held less of the energy
 
 __all__ = ["BLOCKSIZE", "MIN_8BIT_SIZE", "PROJ_TYPES", "GaLoreAdamW", "adam_step", "moment_bytes", "new_step",
            "project", "project_back", "projection_side", "state_bytes", "state_shapes"]
@@ -115,29 +117,34 @@ def top_singular_vectors(matrix: Tensor, rank: int, method: str, seed: int) -> t
     return u, v
 
 
-def subspace_iteration(matrix: Tensor, start: Tensor, iters: int = SUBSPACE_ITERS) -> Tensor:
+def subspace_iteration(matrix: Tensor, start: Tensor, iters: int = SUBSPACE_ITERS) -> tuple[Tensor, float]:
     """The top left singular subspace of `matrix` (m x n), refined from `start` (m x r, orthonormal) by `iters`
     steps of Y <- orth(G G^T Y) (Householder QR), then rotated inside span(Y) onto the singular vectors of
     B = Y^T G (Rayleigh-Ritz, through the eigenvectors of the r x r matrix B B^T), so its columns come ordered by
-    singular value like an SVD's. Costs about (2 iters + 1) m n r, not the O(m n min(m, n)) of an SVD."""
+    singular value like an SVD's. Costs about (2 iters + 1) m n r, not the O(m n min(m, n)) of an SVD.
+
+    Also returns how much the subspace moved, as the share of the energy the new basis captures that `start`
+    already captured, ||start^T G||^2 / ||basis^T G||^2 (both fall out of the products above): near 1 when the
+    gradient's dominant directions stayed where they were, whatever the directions that carry no energy did."""
     normalized = _normalized(matrix)
     y = start
+    held = None
     try:
         for _ in range(iters):
-            y, _ = torch.linalg.qr(normalized @ (normalized.T @ y))
+            z = normalized.T @ y
+            held = float(z.square().sum()) if held is None else held
+            y, _ = torch.linalg.qr(normalized @ z)
         small = y.T @ normalized
-        _, vectors = torch.linalg.eigh(small @ small.T)  # ascending eigenvalues: the largest last
+        gram = small @ small.T
+        _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues: the largest last
     except torch.linalg.LinAlgError as e:
         raise RefreshFailed(str(e).splitlines()[0]) from None
     out = (y @ vectors.flip(1)).contiguous()
     _checked(out)
-    return out
-
-
-def overlap(old: Tensor, new: Tensor) -> float:
-    """Mean squared cosine of the principal angles between two orthonormal bases: 1 for the same subspace,
-    about r / m for unrelated random ones."""
-    return float(torch.linalg.matrix_norm(old.T @ new) ** 2) / old.shape[1]
+    captured = float(gram.diagonal().sum())
+    if held is None:
+        held = captured
+    return out, held / captured if captured > 0 else 1.0
 
 
 def align_signs(new: Tensor, old: Tensor) -> Tensor:
@@ -271,11 +278,9 @@ class SVDProjection:
         """The new singular vectors of the used sides: by subspace iteration from the previous projector when
         svd is `subspace` and it stays close enough, else by SVD (retried once with a tiny jitter)."""
         if group["svd"] == "subspace" and ("proj_left" in state or "proj_right" in state):
-            u = subspace_iteration(grad, state["proj_left"]) if "proj_left" in state else None
-            v = subspace_iteration(grad.T, state["proj_right"]) if "proj_right" in state else None
-            close = all(overlap(state[k], new) >= SUBSPACE_MIN_OVERLAP
-                        for k, new in (("proj_left", u), ("proj_right", v)) if new is not None)
-            if close:
+            u, kept_left = subspace_iteration(grad, state["proj_left"]) if "proj_left" in state else (None, 1.0)
+            v, kept_right = subspace_iteration(grad.T, state["proj_right"]) if "proj_right" in state else (None, 1.0)
+            if min(kept_left, kept_right) >= SUBSPACE_MIN_KEPT:
                 self.subspace_refreshes += 1
                 return u, v
         if group["svd"] == "subspace":
@@ -305,8 +310,8 @@ class SVDProjection:
         self._round = 0
         total = self.subspace_refreshes + self.full_refreshes
         log.info("GaLore subspace refresh: %d of %d refreshes so far by subspace iteration, %d by a full SVD "
-                 "(first refresh, or overlap with the previous projector < %.2f)", self.subspace_refreshes, total,
-                 self.full_refreshes, SUBSPACE_MIN_OVERLAP)
+                 "(first refresh, or the previous projector held < %.0f%% of the energy the new one captures)",
+                 self.subspace_refreshes, total, self.full_refreshes, 100 * SUBSPACE_MIN_KEPT)
 
 
 class GaLoreAdamW(LowRankAdamW):
