@@ -46,8 +46,8 @@ GUARD = 1e-8  # added to norms that divide (a zero gradient channel)
 
 
 def projection_seed(step: int, shape: tuple[int, int] | torch.Size, name: str) -> int:
-    """The seed of a target's projection from `step` on: the same on every rank and after resume, different
-    for two matrices of one shape."""
+    """The seed of a target's projection from `step` on: the same on every rank and after resume, and different
+    for two matrices of one shape when they have names (the builder names every parameter)."""
     m, n = shape
     return (step * 1_000_003 + m * 7_919 + n + zlib.crc32(name.encode()) * 65_537) % (2**62)
 
