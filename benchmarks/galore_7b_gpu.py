@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.optim.galore_groups import build_galore
+from trainer.optim.lowrank_groups import build_lowrank
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.schema import GaloreConfig, OptimizerConfig
 
@@ -68,7 +68,7 @@ def galore_run(args: argparse.Namespace, device: torch.device, ids: torch.Tensor
     model = build(args, device)
     galore = GaloreConfig(rank=args.rank, scale=0.25, update_gap=500, svd=args.svd)
     cfg = OptimizerConfig(name="galore_adamw8bit", lr=1e-5, weight_decay=0.0, galore=galore)
-    opt = build_galore(model, cfg, shard_state=False)
+    opt = build_lowrank(model, cfg, shard_state=False)
     updates = PerLayerUpdates(model, opt, grad_clip=None, world_size=1)  # type: ignore[arg-type]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

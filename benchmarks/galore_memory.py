@@ -23,7 +23,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.optim.galore import MIN_8BIT_SIZE, GaLoreAdamW, expected_state_bytes, moment_bytes, state_bytes
-from trainer.optim.galore_groups import galore_param_groups, select_targets
+from trainer.optim.lowrank_groups import lowrank_param_groups, select_targets
 from trainer.schema import GaloreConfig, OptimizerConfig
 
 GIB = 2**30
@@ -63,7 +63,7 @@ def check_rules_on_real_state() -> None:
     assert counted == adamw8bit_bytes(shapes), "AdamW8bit rule"
     for bits in (32, 8):
         cfg = OptimizerConfig(name="galore_adamw", galore=GaloreConfig(rank=32))
-        groups, _ = galore_param_groups(model, cfg)
+        groups, _ = lowrank_param_groups(model, cfg)
         opt = GaLoreAdamW(groups, lr=1e-3, bits=bits)
         opt.step()
         assert state_bytes(opt) == galore_bytes(model, 32, bits), f"GaLore {bits}-bit rule"

@@ -26,7 +26,7 @@ from trainer.optim.galore import (
     state_bytes,
     top_singular_vectors,
 )
-from trainer.optim.galore_groups import build_galore, galore_param_groups, select_targets, state_cost
+from trainer.optim.lowrank_groups import build_lowrank, lowrank_param_groups, select_targets, state_cost
 from trainer.optim.sharded import partition
 from trainer.resolve import resolve
 from trainer.schema import GaloreConfig, OptimizerConfig
@@ -102,7 +102,7 @@ def test_default_targets_are_attention_and_mlp_projections(caplog: pytest.LogCap
     assert kinds == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert len(targets) == 14 and not small
     with caplog.at_level(logging.INFO):
-        groups, _ = galore_param_groups(model, galore_cfg(rank=8))
+        groups, _ = lowrank_param_groups(model, galore_cfg(rank=8))
     assert "GaLore rank 8 on 14 matrices (q_proj 2, k_proj 2" in caplog.text
     assert "plain AdamW on 7 tensors (embed_tokens 1, input_layernorm 2, post_attention_layernorm 2, norm 1, " \
            "lm_head 1)" in caplog.text
@@ -122,12 +122,12 @@ def test_target_patterns_too_small_matrices_and_unknown_names(caplog: pytest.Log
     targets, small = select_targets(model, None, rank=32)  # k/v are 32 x 64: projecting to 32 saves nothing
     assert len(targets) == 10 and sorted({n.split(".")[-2] for n in small.values()}) == ["k_proj", "v_proj"]
     with caplog.at_level(logging.WARNING):
-        galore_param_groups(model, galore_cfg(rank=32))
+        lowrank_param_groups(model, galore_cfg(rank=32))
     assert "4 matched matrices have a side <= optimizer.galore.rank=32" in caplog.text
     with pytest.raises(ValueError, match=r"qproj matches no module.*q_proj"):
         select_targets(model, ["q_proj", "qproj"], rank=8)
     with pytest.raises(ValueError, match=r"no target matrix.*rank 64.*largest smaller side is 64"):
-        galore_param_groups(model, galore_cfg(rank=64))
+        lowrank_param_groups(model, galore_cfg(rank=64))
 
 
 def test_resolve_names_the_galore_keys() -> None:
@@ -177,7 +177,7 @@ def test_state_bytes_equal_the_formula(rank: int, bits: int) -> None:
         p.grad = torch.randn_like(p)
     for proj_type in PROJ_TYPES:
         for min_8bit in (4096, 256):
-            groups, names = galore_param_groups(model, galore_cfg(rank=rank, proj_type=proj_type))
+            groups, names = lowrank_param_groups(model, galore_cfg(rank=rank, proj_type=proj_type))
             opt = GaLoreAdamW(groups, lr=1e-3, proj_type=proj_type, bits=bits, min_8bit_size=min_8bit)
             opt.step()
             targets = {names[p] for p in groups[0]["params"]}
@@ -285,7 +285,7 @@ def test_state_round_trips_with_weights_only_and_continues_bitwise() -> None:
 
 def test_builder_names_and_sharding_flag() -> None:
     cfg = OptimizerConfig(name="galore_adamw8bit", galore=GaloreConfig(rank=16))
-    opt = build_galore(llama(), cfg, shard_state=False)
+    opt = build_lowrank(llama(), cfg, shard_state=False)
     assert isinstance(opt, GaLoreAdamW) and {g["bits"] for g in opt.param_groups} == {8}
     assert "model.layers.0.mlp.up_proj.weight" in opt.param_names.values()
 
@@ -328,7 +328,7 @@ def test_sharding_partition_balances_state_bytes_not_sizes() -> None:
     balancing bytes splits the real state evenly where balancing element counts would not."""
     assert partition([100, 60, 50, 40, 10], 2) == [0, 1, 1, 0, 1]  # loads 140 / 120
     model = llama(tie=True)
-    groups, _ = galore_param_groups(model, galore_cfg(rank=8))
+    groups, _ = lowrank_param_groups(model, galore_cfg(rank=8))
     flat = [(p, {"rank": None, "proj_type": "std", "bits": 32, "min_8bit_size": 4096, **g})
             for g in groups for p in g["params"]]
     costs = [state_cost(p, g) for p, g in flat]

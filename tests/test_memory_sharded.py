@@ -41,6 +41,9 @@ NATIVE = {
     "z1_galore": ["distributed.zero_stage=1", "optimizer.name=galore_adamw", "optimizer.galore.rank=16"],
     "z1_bf16_galore8bit": ["distributed.zero_stage=1", "precision.dtype=bf16", "optimizer.name=galore_adamw8bit",
                            "optimizer.galore.rank=16"],
+    "z1_apollo": ["distributed.zero_stage=1", "optimizer.name=apollo_adamw", "optimizer.apollo.rank=16"],
+    "per_layer_apollo_mini": ["optimizer.name=apollo_mini", "optimizer.apollo.per_layer=true",
+                              "model.config.tie_word_embeddings=false"],
     # a refresh every step: the reductions carry full-size gradients (the plan's worst case)
     "per_layer_galore": ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "optimizer.galore.per_layer=true",
                          "optimizer.galore.update_gap=1", "model.config.tie_word_embeddings=false"],

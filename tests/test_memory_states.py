@@ -43,6 +43,16 @@ FULL = {
     "fp32-galore-per-layer-accum2-refresh": ["optimizer.name=galore_adamw", "optimizer.galore.rank=16",
                                              "optimizer.galore.per_layer=true", "optimizer.galore.update_gap=1",
                                              "train.grad_accum_steps=2", "model.config.tie_word_embeddings=false"],
+    # APOLLO: seed, limiter norm and projected moments per target (the projection is never stored)
+    "fp32-apollo": ["optimizer.name=apollo_adamw", "optimizer.apollo.rank=16"],
+    "bf16-apollo-mini-per-layer-accum2": ["precision.dtype=bf16", "optimizer.name=apollo_mini",
+                                          "optimizer.apollo.per_layer=true", "train.grad_accum_steps=2",
+                                          "model.config.tie_word_embeddings=false"],
+    # INT8 weights: values and per-row scales (fp32 master: fp32 scales; bf16 without master: bf16 scales)
+    "fp32-galore-int8": ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "precision.weights=int8"],
+    "bf16-nomaster-apollo-mini-per-layer-int8": ["precision.dtype=bf16", "precision.master_weights=false",
+                                                 "optimizer.name=apollo_mini", "optimizer.apollo.per_layer=true",
+                                                 "precision.weights=int8", "model.config.tie_word_embeddings=false"],
 }
 ADAPTER = {
     "lora-fp32-adamw": ["adapter.type=lora", "optimizer.name=adamw"],

@@ -12,6 +12,9 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET = ("datasets", "transformers", "torch.distributed", "bitsandbytes", "urllib3", "filelock", "matplotlib",
          "httpx", "wandb")
+# torchao (INT8 weights; transformers imports it whenever it is installed) reports kernels it cannot load on this
+# machine and deprecated registrations at import: nothing a run uses or a user can act on
+SILENT = ("torchao", "torch.utils._pytree")
 FILE_ONLY = {"file_only": True}  # `extra=` of a record meant for the log file, not the console
 
 
@@ -27,6 +30,8 @@ def setup_console(rank: int, world_size: int) -> None:
     logging.getLogger().handlers[0].addFilter(_not_file_only)
     for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for silent in SILENT:
+        logging.getLogger(silent).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

@@ -3,8 +3,8 @@
 Nothing heavy is built: the model is instantiated on the meta device (shapes, no storage). Per rank we count:
 
 - model states: weights (by dtype; 4-bit weights with their quantization constants), gradients, optimizer state
-  (AdamW 8 B/param, 8-bit 2 B/param, GaLore at its rank, ZeRO-sharded over N ranks, or offloaded to CPU),
-  fp32 master copies (DeepSpeed keeps bf16/fp16 weights and fp32 masters), LoRA parameters and their state
+  (AdamW 8 B/param, 8-bit 2 B/param, GaLore or APOLLO at its rank, ZeRO-sharded over N ranks, or offloaded to
+  CPU), fp32 master copies (DeepSpeed keeps bf16/fp16 weights and fp32 masters), LoRA parameters and their state
   (under DeepSpeed partitioned by stage; at ZeRO-3 the frozen base too, except the tensors DeepSpeed keeps whole
   and the 4-bit quantization constants, plus the module being computed gathered whole);
 - activations saved for backward, per token and layer, measured for the Llama family (llama, mistral, qwen2)
@@ -15,6 +15,8 @@ Nothing heavy is built: the model is instantiated on the meta device (shapes, no
   computes its gradient chunk by chunk in the forward pass, trainer/loss.py);
 - temporary buffers: autocast's cast copies of the linear weights (2 B/param in bf16/fp16, alive from forward
   to backward) and the optimizer step's foreach temporaries (about one fp32 copy of the largest state tensors);
+- INT8 weights (precision.weights: int8): 1 B per element plus a scale per row for the low-rank targets, the
+  one layer dequantized inside a matmul, and the fp32 temporaries of a stochastic-rounding write;
 - an allowance for the CUDA context (0.75 GiB) and allocator fragmentation (8% of the rest).
 
 The peak is the larger of the forward/backward phase (weights, optimizer state, gradients, activations,
@@ -38,8 +40,8 @@ from trainer.adapters.targets import find_targets
 from trainer.data.packing import sample_mode
 from trainer.loss import chunk_rows
 from trainer.optim import param_groups
-from trainer.optim.galore import expected_state_bytes
-from trainer.optim.galore_groups import galore_defaults, galore_param_groups, select_targets, state_cost
+from trainer.int8_weights import expected_bytes as int8_bytes
+from trainer.optim.lowrank_groups import lowrank_defaults, lowrank_param_groups, member, rank_of, state_cost, targets_of
 from trainer.optim.per_layer import MAX_IN_FLIGHT, record_first_use
 from trainer.optim.sharded import numel_cost, partition
 from trainer.resolve import ResolvedRun
@@ -144,21 +146,26 @@ def _optimizer_bytes(name: str, numels: list[int], momentum: float) -> int:
     return optimizer_state_bytes(name, numels)
 
 
-def galore_state(run: ResolvedRun, sh: Shapes) -> tuple[int, int, int]:
-    """(state bytes, target matrices, other tensors) by GaLore's own target rule and state accounting
-    (trainer/optim/galore*.py): fp32 projectors, two moments in the projected space (8-bit: 1 B each plus
-    an fp32 absmax per block), AdamW moments for every other tensor, an int64 step each."""
-    g = run.recipe.optimizer.galore
-    bits = 8 if run.recipe.optimizer.name.endswith("8bit") else 32
-    targets, _ = select_targets(sh.meta, g.target_modules, g.rank)
-    total, others = 0, 0
+def low_rank_state(run: ResolvedRun, sh: Shapes) -> tuple[int, int, int]:
+    """(state bytes, target matrices, other tensors) by the family's own target rule and state accounting
+    (trainer/optim/lowrank_groups.py state_cost): GaLore's fp32 projectors and projected moments (8-bit: 1 B each
+    plus an fp32 absmax per block), APOLLO's seed, limiter norm and projected moments (the projection itself is
+    regenerated, never stored), AdamW moments for every other tensor, a float64 step each."""
+    o = run.recipe.optimizer
+    targets, _ = targets_of(sh.meta, o)
+    defaults = lowrank_defaults(o)
+    total = 0
     for p in sh.meta.parameters():
-        if p in targets:
-            total += expected_state_bytes(tuple(p.shape), g.rank, g.proj_type, bits)
-        else:
-            total += expected_state_bytes(tuple(p.shape), None, bits=bits)
-            others += 1
-    return total, len(targets), others
+        total += state_cost(p, {**defaults, "rank": rank_of(o) if p in targets else None})
+    return total, len(targets), sum(1 for _ in sh.meta.parameters()) - len(targets)
+
+
+def int8_targets(run: ResolvedRun, sh: Shapes) -> set[str]:
+    """Names of the weights stored in INT8 (precision.weights: int8): the low-rank optimizer's targets."""
+    if run.recipe.precision.weights != "int8":
+        return set()
+    targets, _ = targets_of(sh.meta, run.recipe.optimizer)
+    return set(targets.values())
 
 
 def lora_targets(run: ResolvedRun, sh: Shapes) -> list[Any]:
@@ -191,9 +198,9 @@ def sharded_state_loads(run: ResolvedRun, sh: Shapes) -> list[int]:
     from the same parameter groups in the same order on the meta model."""
     world = run.world_size
     o = run.recipe.optimizer
-    if o.name.startswith("galore"):
-        groups, _ = galore_param_groups(sh.meta, o, announce=False)
-        defaults = galore_defaults(o)
+    if o.low_rank is not None:
+        groups, _ = lowrank_param_groups(sh.meta, o, announce=False)
+        defaults = lowrank_defaults(o)
         flat = [(p, {**defaults, **g}) for g in groups for p in g["params"]]
         costs = [state_cost(p, g) for p, g in flat]
         owners = partition(costs, world)
@@ -206,13 +213,15 @@ def sharded_state_loads(run: ResolvedRun, sh: Shapes) -> list[int]:
 def _per_layer_gradients(run: ResolvedRun, sh: Shapes, wb: int) -> Item:
     """Gradient memory with per-layer updates (trainer/optim/per_layer.py). Without accumulation a gradient
     lives from its hook to its update: one tensor in one process; under DDP the reductions in flight (at most
-    MAX_IN_FLIGHT, full size on refresh steps) and the one arriving. With accumulation the gradients of a
+    MAX_IN_FLIGHT, full size on refresh steps) and the one arriving. With accumulation the gradients of a GaLore
     refresh step (1 in update_gap) build up at full size, since the SVD needs the summed gradient: that step
-    is the peak."""
+    is the peak; APOLLO's always do (its update scales the raw summed gradient)."""
     world = run.world_size
+    o = run.recipe.optimizer
     if run.grad_accum_steps > 1:
-        return Item(f"gradients (per-layer updates, accumulated at full size on refresh steps: 1 in "
-                    f"{run.recipe.optimizer.galore.update_gap})", wb * sh.total)
+        when = "on every step (APOLLO scales the raw gradient)" if o.name.startswith("apollo") else \
+            f"on refresh steps: 1 in {o.galore.update_gap}"
+        return Item(f"gradients (per-layer updates, accumulated at full size {when})", wb * sh.total)
     if world == 1:
         return Item("gradients (per-layer updates: one tensor at a time, the largest)",
                     wb * max(p.numel for p in sh.params))
@@ -267,17 +276,23 @@ def _native_states(run: ResolvedRun, sh: Shapes) -> list[Item]:
     wb = 2 if half else 4  # weights, their gradients and torch's AdamW moments share the parameters' dtype
     items = [Item("weights (bf16, no fp32 master)" if half else "weights (fp32 master, the model itself)",
                   wb * sh.total)]
+    int8 = int8_targets(run, sh)
+    if int8:  # INT8 values and one scale (in the weights' dtype) per row
+        stored = sum(p.numel for p in sh.params if p.name in int8)
+        items[0].bytes -= wb * stored
+        items.append(Item(f"weights (INT8 {member(o)} targets, {len(int8)} matrices, per-row scales)",
+                          sum(int8_bytes(p.shape, wb) for p in sh.params if p.name in int8)))
     grads = Item("gradients" + (" (DDP buckets; the .grad tensors are views into them)" if world > 1 else ""),
                  wb * sh.total)
-    if o.name.startswith("galore"):
-        state, n_targets, n_rest = galore_state(run, sh)
-        note = f"GaLore rank {o.galore.rank} on {n_targets} matrices, AdamW on {n_rest} other tensors"
-        if o.galore.per_layer:
+    if o.low_rank is not None:
+        state, n_targets, n_rest = low_rank_state(run, sh)
+        note = f"{member(o)} rank {rank_of(o)} on {n_targets} matrices, AdamW on {n_rest} other tensors"
+        if o.per_layer:
             grads = _per_layer_gradients(run, sh, wb)
     else:
         state, note = _plain_state(run, [p.numel for p in sh.params]), o.name
     items.append(grads)
-    tied = _tied(sh) if o.name.startswith("galore") and o.galore.per_layer and run.grad_accum_steps == 1 else 0
+    tied = _tied(sh) if o.per_layer and run.grad_accum_steps == 1 else 0
     if tied:  # the head's share of a tied embedding's gradient waits in autograd until the embedding's own arrives
         items.append(Item("gradients (the LM head's share of the tied embedding, held through backward)", wb * tied))
     if shard > 1:
@@ -603,7 +618,22 @@ def _step_temporaries(run: ResolvedRun, items: list[Item], sh: Shapes) -> int:
     if run.recipe.optimizer.name == "adamw":
         state = sum(i.bytes for i in items if i.name.endswith("optimizer state") and i.where == "gpu")
         return state // 2
-    return 4 * max(p.numel for p in sh.params)
+    per_tensor = 4 * max(p.numel for p in sh.params)
+    int8 = int8_targets(run, sh)
+    if not int8:
+        return per_tensor
+    # an INT8 write (trainer/int8_weights.py): the new value, its ratio to the scales and the random draws, fp32
+    return max(per_tensor, 3 * 4 * max(p.numel for p in sh.params if p.name in int8))
+
+
+def dequantized_in_flight(run: ResolvedRun, sh: Shapes) -> int:
+    """INT8 weights are dequantized inside each matmul of the forward and backward: one copy of a layer in the
+    compute dtype at a time (the largest target), never saved for backward."""
+    int8 = int8_targets(run, sh)
+    if not int8:
+        return 0
+    compute = 4 if run.recipe.precision.dtype == "fp32" else 2
+    return compute * max(p.numel for p in sh.params if p.name in int8)
 
 
 def _autocast_copies(run: ResolvedRun, sh: Shapes, trainable_full: bool) -> int:
@@ -613,7 +643,8 @@ def _autocast_copies(run: ResolvedRun, sh: Shapes, trainable_full: bool) -> int:
     if run.recipe.precision.dtype == "fp32" or not trainable_full or run.recipe.distributed.engine == "deepspeed" \
             or not run.recipe.precision.master_weights:
         return 0
-    linear = [p for p in sh.params if _module_of(p.name) in sh.linear_names]
+    int8 = int8_targets(run, sh)  # dequantized inside their matmuls instead (dequantized_in_flight)
+    linear = [p for p in sh.params if _module_of(p.name) in sh.linear_names and p.name not in int8]
     if not run.recipe.model.gradient_checkpointing:
         return 2 * sum(p.numel for p in linear)
     outside = sum(p.numel for p in linear if ".layers." not in p.name and ".h." not in p.name)
@@ -646,10 +677,13 @@ def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) 
     casts = _autocast_copies(run, sh, run.recipe.adapter.type == "none")
     if casts:
         items.append(Item(f"{run.recipe.precision.dtype} cast copies of the weights (autocast)", casts))
+    dequantized = dequantized_in_flight(run, sh)
+    if dequantized:
+        items.append(Item("INT8 layer dequantized in flight (inside one matmul)", dequantized))
     temp = _step_temporaries(run, items, sh)
     # per-layer updates run the optimizer inside backward, while the activations are alive
-    inside = run.recipe.optimizer.name.startswith("galore") and run.recipe.optimizer.galore.per_layer
-    forward = states + forward_backward_bytes(run, sh) + casts + (temp if inside else 0)
+    inside = run.recipe.optimizer.per_layer
+    forward = states + forward_backward_bytes(run, sh) + casts + dequantized + (temp if inside else 0)
     step = states + temp
     base = max(forward, step)
     items.append(Item("optimizer step temporaries", temp, note="inside backward (per-layer updates)" if inside

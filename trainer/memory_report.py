@@ -4,10 +4,10 @@ The changes a user can make, each with what it costs them (speed first, then qua
 (about +30% compute), activation offload (copies that overlap with compute, pinned CPU memory), a smaller
 micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO stages 1-3 (several GPUs; for
 adapter runs too, where ZeRO-3 partitions the 4-bit base), offloading the optimizer state or the parameters to CPU
-memory, 8-bit GaLore with per-layer updates, and QLoRA. Suggestions are combinations of up to three of them, tried
-cheapest first; the first few that fit are shown (or, when none does, the one that comes closest), each with what
-it saves. A combination is kept only if the resulting recipe resolves (resolve.py): nothing is proposed that the
-trainer would refuse, and none changes the global batch.
+memory, 8-bit GaLore or APOLLO-Mini with per-layer updates, INT8 weights for them (one GPU), and QLoRA.
+Suggestions are combinations of up to three of them, tried cheapest first; the first few that fit are shown (or,
+when none does, the one that comes closest), each with what it saves. A combination is kept only if the resulting
+recipe resolves (resolve.py): nothing is proposed that the trainer would refuse, and none changes the global batch.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def changes(run: ResolvedRun) -> list[Change]:
     """The changes that apply to this run, cheapest first."""
     r, out = run.recipe, []
     full = r.adapter.type == "none"
-    galore = r.optimizer.name.startswith("galore")
+    low_rank = r.optimizer.low_rank is not None  # GaLore or APOLLO already
     if not r.model.gradient_checkpointing:
         out.append(Change("gradient checkpointing (about 30% more compute)", ("model.gradient_checkpointing=true",), 1))
     if not r.model.activation_offload:  # the copies overlap with compute on a GPU; needs pinned CPU memory
@@ -65,22 +65,27 @@ def changes(run: ResolvedRun) -> list[Change]:
                           f"{run.global_batch_size} kept)", (f"train.micro_batch_size={half}", *more), 2))
     if r.optimizer.name == "adamw" and full:
         out.append(Change("8-bit AdamW (bitsandbytes)", ("optimizer.name=adamw8bit",), 3))
-    if run.world_size > 1 and not galore:  # adapter runs too: ZeRO-3 partitions their (4-bit) base
+    if run.world_size > 1 and not low_rank:  # adapter runs too: ZeRO-3 partitions their (4-bit) base
         for stage in (1, 2, 3):
             if r.distributed.zero_stage < stage or r.distributed.engine != "deepspeed":
                 out.append(Change(f"DeepSpeed ZeRO-{stage} over {run.world_size} GPUs",
                                   ("distributed.engine=deepspeed", f"distributed.zero_stage={stage}"), 3 + stage))
-    if not galore and r.distributed.offload_optimizer == "none":
+    if not low_rank and r.distributed.offload_optimizer == "none":
         out.append(Change("optimizer state in CPU memory (DeepSpeed offload)", (
             "distributed.engine=deepspeed", "distributed.offload_optimizer=cpu", "optimizer.name=adamw"), 7))
-    if not galore and r.distributed.offload_params == "none":
+    if not low_rank and r.distributed.offload_params == "none":
         out.append(Change("parameters in CPU memory (ZeRO-3 offload)", (
             "distributed.engine=deepspeed", "distributed.zero_stage=3", "distributed.offload_params=cpu"), 8))
-    if full and not galore:
+    if full and not low_rank:
         out.append(Change("8-bit GaLore with per-layer updates (rank 256)", (
             "optimizer.name=galore_adamw8bit", "optimizer.galore.rank=256", "optimizer.galore.per_layer=true",
             "distributed.engine=native", "distributed.zero_stage=0", "distributed.offload_optimizer=none",
             "distributed.offload_params=none"), 9))
+        out.append(Change("APOLLO-Mini with per-layer updates (SGD-like optimizer state)", (
+            "optimizer.name=apollo_mini", "optimizer.apollo.per_layer=true", "distributed.engine=native",
+            "distributed.zero_stage=0", "distributed.offload_optimizer=none", "distributed.offload_params=none"), 9))
+    if full and run.world_size == 1 and r.precision.weights == "float":  # with GaLore or APOLLO only (rules.py)
+        out.append(Change("INT8 weights with stochastic rounding", ("precision.weights=int8",), 9))
     if r.adapter.type != "qlora" and r.model.name_or_path is not None:
         # on DeepSpeed (alone or combined with a ZeRO change) the update runs in DeepSpeed's AdamW
         deepspeed = r.distributed.engine == "deepspeed"

@@ -9,7 +9,11 @@ Order of the transforms (each needs the one before):
 3. adapter runs: prepare for k-bit training (freeze the base, norms in fp32, inputs that require grad so
    checkpointed blocks have something to differentiate), then attach LoRA (peft). Preparing comes first
    because it freezes every parameter: done after attaching it would freeze the adapter too;
-4. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
+4. INT8 weights (precision.weights: int8): the low-rank optimizer's targets become INT8 training weights
+   (trainer/int8_weights.py), after the vocabulary is matched (resizing would replace the head, not a target)
+   and from the initialized fp32 or bf16 values, so a from-scratch INT8 run starts from the same weights
+   rounded once;
+5. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
 
 Under DeepSpeed ZeRO-3 an adapter run's base is read one module at a time and each module is partitioned as soon as
 its weights are in (adapters/streamed.py; transformers would load a quantized base whole on every rank), and the
@@ -37,10 +41,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from trainer import adapters
+from trainer import adapters, int8_weights
 from trainer.adapters import streamed
 from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
+from trainer.optim.lowrank_groups import member, targets_of
 from trainer.resolve import ResolvedRun
 
 log = logging.getLogger(__name__)
@@ -132,6 +137,14 @@ def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition)
     return model
 
 
+def _quantize_targets(model: nn.Module, run: ResolvedRun) -> None:
+    """INT8 master weights for exactly the matrices GaLore or APOLLO projects (their target rule)."""
+    targets, _ = targets_of(model, run.recipe.optimizer)
+    count = int8_weights.quantize_weights(model, targets)
+    log.info("INT8 weights (per-row scales, stochastic rounding) on the %d %s targets", count,
+             member(run.recipe.optimizer))
+
+
 def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None,
                 placement: Placement = WHOLE) -> nn.Module:
     """The causal LM in fp32 on the CPU (a qlora base: quantized on `device`), vocabulary matched, adapters
@@ -168,6 +181,8 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
         if placement.partition is not None:  # the LoRA weights peft just created, whole on every rank
             placement.partition(model)
         log.info("adapter: %s", adapters.describe(model, adapter))
+    if precision.weights == "int8":
+        _quantize_targets(model, run)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -222,28 +222,40 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
 
         out += [Problem("adapter.target_modules", r.adapter.target_modules, why, src("adapter.target_modules"))
                 for why in target_problems(r.adapter, config)]
-    if r.optimizer.name.startswith("galore"):
-        out += _galore_target_problems(r, config, src, meta_model)
+    if r.optimizer.low_rank is not None:
+        out += _low_rank_target_problems(r, config, src, meta_model)
     return out
 
 
-def _galore_target_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
+def _low_rank_target_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
+    """The GaLore / APOLLO target rule on the model's shapes: patterns that match nothing, or a rank that leaves
+    no matrix to project."""
     from trainer.adapters.targets import meta_model
-    from trainer.optim.galore_groups import select_targets
+    from trainer.optim.lowrank_groups import member, rank_of, targets_of
 
-    g = r.optimizer.galore
+    o = r.optimizer
+    section, rank = o.low_rank_key, rank_of(o)
     model = model if model is not None else meta_model(config)
     try:
-        targets, small = select_targets(model, g.target_modules, g.rank)
+        targets, small = targets_of(model, o)
     except ValueError as e:
-        return [Problem("optimizer.galore.target_modules", g.target_modules, str(e),
-                        src("optimizer.galore.target_modules"))]
+        return [Problem(f"{section}.target_modules", o.low_rank.target_modules, str(e),  # type: ignore[union-attr]
+                        src(f"{section}.target_modules"))]
     if not targets:
         side = max((min(p.shape) for p in small), default=0)
-        return [Problem("optimizer.galore.rank", g.rank, f"no target matrix has both sides larger than the rank (the "
-                        f"largest smaller side is {side}), so GaLore would project nothing; use a smaller rank, e.g. "
-                        f"{max(1, side // 4)}", src("optimizer.galore.rank"))]
+        return [Problem(f"{section}.rank", rank, f"no target matrix has both sides larger than the rank (the "
+                        f"largest smaller side is {side}), so {member(o)} would project nothing; use a smaller "
+                        f"rank, e.g. {max(1, side // 4)}", src(f"{section}.rank"))]
     return []
+
+
+def _world_problems(r: Recipe, world_size: int, src: Sources) -> list[Problem]:
+    """Rules that need the number of processes."""
+    if r.precision.weights != "int8" or world_size == 1:
+        return []
+    return [Problem("precision.weights", "int8", f"INT8 weights run in one process in this version ({world_size} "
+                    "here): DDP's buckets and broadcasts cannot carry torchao's INT8 weight tensors; train on one "
+                    "GPU (what INT8 weights are for) or use precision.weights: float", src("precision.weights"))]
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -263,6 +275,7 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
     add(cross_check(recipe, sources))
     accum, batch = accumulation(recipe.train, world_size, sources)
     add(batch)
+    add(_world_problems(recipe, world_size, sources))
     add(_path_problems(recipe, sources))
     add(make_output_dir(recipe.output_dir, sources) if make_output else output_dir_problems(recipe.output_dir,
                                                                                          sources))

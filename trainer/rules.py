@@ -10,7 +10,7 @@ import math
 from typing import Any, Callable
 
 from trainer.errors import Problem
-from trainer.schema import DEEPSPEED_OWNED, QuantConfig, Recipe
+from trainer.schema import DEEPSPEED_OWNED, LOW_RANK, QuantConfig, Recipe
 
 Source = Callable[[str], str]
 BUILTIN_SOURCES = ("builtin:python_stdlib",)
@@ -94,37 +94,50 @@ def _optimizer(r: Recipe, src: Source) -> list[Problem]:
 
 
 def _galore(r: Recipe, src: Source) -> list[Problem]:
-    o, g, out = r.optimizer, r.optimizer.galore, []
-    if not o.name.startswith("galore"):
-        if g.per_layer:
-            out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates are built for the GaLore "
-                               "optimizers: set optimizer.name: galore_adamw (or galore_adamw8bit), or "
-                               "per_layer: false", src("optimizer.galore.per_layer")))
+    """Settings of a low-rank-state optimizer's section (optimizer.galore or optimizer.apollo) that need it
+    selected, and what the family cannot run with."""
+    o, out = r.optimizer, []
+    if o.name not in LOW_RANK or o.name.startswith("apollo"):
+        out += _per_layer_without("optimizer.galore.per_layer", r.optimizer.galore.per_layer, src,
+                                  "the GaLore optimizers: set optimizer.name: galore_adamw (or galore_adamw8bit)")
+    if o.name not in LOW_RANK or o.name.startswith("galore"):
+        out += _per_layer_without("optimizer.apollo.per_layer", r.optimizer.apollo.per_layer, src,
+                                  "APOLLO: set optimizer.name: apollo_adamw (or apollo_mini)")
+    if o.low_rank is None:
         return out
+    who, section = ("APOLLO", "optimizer.apollo") if o.name.startswith("apollo") else ("GaLore", "optimizer.galore")
     if r.distributed.engine == "deepspeed":
-        out.append(Problem("optimizer.name", o.name, "GaLore needs whole weight matrices, and DeepSpeed flattens "
+        out.append(Problem("optimizer.name", o.name, f"{who} needs whole weight matrices, and DeepSpeed flattens "
                            "and partitions parameters, so no rank ever sees a matrix to project; use "
-                           "distributed.engine: native with distributed.zero_stage: 1 (GaLore with its state "
-                           "sharded across ranks by whole parameters)", src("optimizer.name")))
+                           "distributed.engine: native with distributed.zero_stage: 1 (its state sharded across "
+                           "ranks by whole parameters)", src("optimizer.name")))
     if r.adapter.type != "none":
-        out.append(Problem("optimizer.name", o.name, f"GaLore trains full weight matrices, but adapter.type: "
+        out.append(Problem("optimizer.name", o.name, f"{who} trains full weight matrices, but adapter.type: "
                            f"{r.adapter.type} trains only small adapter matrices (nothing to project); use "
                            "optimizer.name: adamw (or adamw8bit), or adapter.type: none", src("optimizer.name")))
-    if g.target_modules is not None and not g.target_modules:
-        out.append(Problem("optimizer.galore.target_modules", [], "empty: give module names or globs (e.g. "
+    low = o.low_rank
+    if low.target_modules is not None and not low.target_modules:
+        out.append(Problem(f"{section}.target_modules", [], "empty: give module names or globs (e.g. "
                            "[q_proj, v_proj]) or null for every attention and MLP projection",
-                           src("optimizer.galore.target_modules")))
-    if g.per_layer and r.precision.dtype == "fp16":
-        out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates change each weight during "
+                           src(f"{section}.target_modules")))
+    if low.per_layer and r.precision.dtype == "fp16":
+        out.append(Problem(f"{section}.per_layer", True, "per-layer updates change each weight during "
                            "backward, before an fp16 overflow elsewhere in the model is known, so the step cannot "
                            "be skipped; use precision.dtype: bf16 (no loss scaling needed) or per_layer: false",
-                           src("optimizer.galore.per_layer")))
-    if g.per_layer and r.distributed.zero_stage == 1:
-        out.append(Problem("optimizer.galore.per_layer", True, "per-layer updates with sharded optimizer state "
+                           src(f"{section}.per_layer")))
+    if low.per_layer and r.distributed.zero_stage == 1:
+        out.append(Problem(f"{section}.per_layer", True, "per-layer updates with sharded optimizer state "
                            "(distributed.zero_stage: 1) are not supported; choose one: per_layer frees gradients "
-                           "during backward, zero_stage 1 splits the GaLore state across ranks",
-                           src("optimizer.galore.per_layer")))
+                           f"during backward, zero_stage 1 splits the {who} state across ranks",
+                           src(f"{section}.per_layer")))
     return out
+
+
+def _per_layer_without(key: str, value: bool, src: Source, which: str) -> list[Problem]:
+    """per_layer set in the section of an optimizer the recipe does not use."""
+    if not value:
+        return []
+    return [Problem(key, True, f"per-layer updates are built for {which}, or per_layer: false", src(key))]
 
 
 def _nonfinite(r: Recipe, src: Source) -> list[Problem]:
@@ -132,13 +145,24 @@ def _nonfinite(r: Recipe, src: Source) -> list[Problem]:
     if r.train.max_nonfinite_steps == 0 or r.precision.dtype == "fp16":
         return []
     key, why = "train.max_nonfinite_steps", ""
-    if r.optimizer.name.startswith("galore") and r.optimizer.galore.per_layer:
+    if r.optimizer.per_layer:
         why = ("per-layer updates change each weight during backward, so a step cannot be skipped once its "
                "gradients exist; set it to 0 (the run stops at the first NaN/inf loss, before its backward)")
     elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0 and r.precision.dtype == "fp32":
         why = ("DeepSpeed checks gradients for NaN/inf only in bf16 and fp16, so in fp32 it would apply them; use "
                "precision.dtype: bf16, or set it to 0")
     return [Problem(key, r.train.max_nonfinite_steps, why, src(key))] if why else []
+
+
+def _int8_weights(r: Recipe, src: Source) -> list[Problem]:
+    """INT8 weights are written by the low-rank family's stochastic-rounding update, and only its targets are
+    INT8; other optimizers update weights with in-place ops an INT8 tensor does not have."""
+    if r.precision.weights != "int8" or r.optimizer.low_rank is not None:
+        return []
+    return [Problem("precision.weights", "int8", f"INT8 weights are the targets of GaLore or APOLLO, updated "
+                    f"with stochastic rounding by those optimizers; optimizer.name: {r.optimizer.name} has no "
+                    "such update: use optimizer.name: apollo_mini, apollo_adamw, galore_adamw or "
+                    "galore_adamw8bit, or precision.weights: float", src("precision.weights"))]
 
 
 def _precision(r: Recipe, src: Source) -> list[Problem]:
@@ -275,7 +299,8 @@ def _adapter_on_deepspeed(r: Recipe, src: Source) -> list[Problem]:
     return out
 
 
-RULES = (_model, _data, _packing, _optimizer, _nonfinite, _precision, _distributed, _deepspeed, _adapter)
+RULES = (_model, _data, _packing, _optimizer, _nonfinite, _precision, _int8_weights, _distributed, _deepspeed,
+         _adapter)
 
 
 def cross_check(recipe: Recipe, src: Source) -> list[Problem]:

@@ -152,6 +152,9 @@ class PrecisionConfig(Section):
     loss_scale_growth_interval: int = setting("fp16: double the scale after this many clean steps", 2000, ge=1)
     max_consecutive_skips: int = setting("fp16: stop with an error after this many overflowed steps in a row", 25,
                                          ge=1)
+    weights: Literal["float", "int8"] = setting("storage of the GaLore/APOLLO target weights: float (per dtype and "
+                                                "master_weights) or int8 (per-row scales, updated with stochastic "
+                                                "rounding; Q-GaLore)", "float", resume="must_match")
 
 
 class GaloreConfig(Section):
@@ -162,12 +165,33 @@ class GaloreConfig(Section):
                                                                                resume="must_match")
     target_modules: list[str] | None = setting("module name patterns that get GaLore (default: attention and MLP "
                                                "projections)", resume="must_match")
-    svd: Literal["full", "randomized"] = setting("projector refresh: exact SVD or torch.svd_lowrank", "full")
+    svd: Literal["full", "randomized", "subspace"] = setting(
+        "projector refresh: exact SVD, torch.svd_lowrank, or subspace iteration from the previous projector (full "
+        "SVD first and when the subspace moved too much)", "full")
     per_layer: bool = setting("update each weight inside backward and free its gradient at once", False,
                               resume="must_match")
 
 
-OptimizerName = Literal["adamw", "sgd", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit"]
+class ApolloConfig(Section):
+    rank: int | None = setting("rank of the random projection (null: 256 for apollo_adamw, 1 for apollo_mini)",
+                               None, ge=1, resume="must_match")
+    scale_type: Literal["channel", "tensor"] | None = setting(
+        "learning-rate scale per channel or per tensor (null: channel for apollo_adamw, tensor for apollo_mini)",
+        None)
+    update_gap: int = setting("steps between new random projections (a new seed)", 200, ge=1)
+    scale: Number | None = setting("alpha, multiplies the update (null: 1 for apollo_adamw, sqrt(128) for "
+                                   "apollo_mini; apollo-torch's scale is alpha squared)", None, gt=0)
+    norm_growth_limit: Number | None = setting("the update's norm grows at most this factor per step (Fira's "
+                                               "limiter; null: off)", 1.01, ge=1)
+    target_modules: list[str] | None = setting("module name patterns that get APOLLO (default: attention and MLP "
+                                               "projections)", resume="must_match")
+    per_layer: bool = setting("update each weight inside backward and free its gradient at once", False,
+                              resume="must_match")
+
+
+OptimizerName = Literal["adamw", "sgd", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit",
+                        "apollo_adamw", "apollo_mini"]
+LOW_RANK = ("galore_adamw", "galore_adamw8bit", "apollo_adamw", "apollo_mini")  # the low-rank-state family
 
 
 class OptimizerConfig(Section):
@@ -182,6 +206,24 @@ class OptimizerConfig(Section):
     warmup_steps: int = setting("linear warmup steps from 0 to lr", 0, ge=0)
     min_lr_ratio: Number = setting("final LR as a fraction of lr (linear, cosine)", 0.1, ge=0, le=1)
     galore: GaloreConfig = section(GaloreConfig, "GaLore settings (optimizer.name: galore_*)")
+    apollo: ApolloConfig = section(ApolloConfig, "APOLLO settings (optimizer.name: apollo_adamw, apollo_mini)")
+
+    @property
+    def low_rank(self) -> GaloreConfig | ApolloConfig | None:
+        """The section of the low-rank-state optimizer this recipe names (GaLore or APOLLO), else None."""
+        if self.name not in LOW_RANK:
+            return None
+        return self.apollo if self.name.startswith("apollo") else self.galore
+
+    @property
+    def low_rank_key(self) -> str:
+        """Where that section's keys live: optimizer.galore or optimizer.apollo."""
+        return "optimizer.apollo" if self.name.startswith("apollo") else "optimizer.galore"
+
+    @property
+    def per_layer(self) -> bool:
+        """Per-layer updates (weights updated inside backward) are on."""
+        return self.low_rank is not None and self.low_rank.per_layer
 
 
 class QuantConfig(Section):

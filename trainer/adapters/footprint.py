@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer import int8_weights
 from trainer.adapters.lora import is_norm
 from trainer.adapters.quant import expected_4bit_bytes, quant_state_bytes, quantized_weight_bytes
 from trainer.adapters.targets import find_targets
@@ -149,7 +150,7 @@ def measured(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, in
     weights, seen = quantized_weight_bytes(model), set()
     for p in model.parameters():
         if id(p) not in seen and type(p).__name__ not in ("Params4bit", "Int8Params"):
-            weights += _tensor_bytes(p.data)
+            weights += int8_weights.weight_bytes(p.data)  # an INT8 weight: its values and scales
         seen.add(id(p))
     grads = sum(_tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
     opt = sum(_state_bytes(s) for s in optimizer.state.values())

@@ -61,7 +61,7 @@ def build_engine(run: ResolvedRun, model: nn.Module, dist: DistInfo) -> Engine:
     # zero_stage 1 on the native engine: optimizer state sharded by whole parameters (optim/sharded.py).
     opt = build_optimizer(model, r.optimizer, shard_state=r.distributed.zero_stage == 1 and dist.is_distributed)
     per_layer = None
-    if r.optimizer.name.startswith("galore") and r.optimizer.galore.per_layer:
+    if r.optimizer.per_layer:  # GaLore or APOLLO updating each weight inside backward
         per_layer = PerLayerUpdates(model, opt, r.optimizer.grad_clip, dist.world_size)  # type: ignore[arg-type]
     scheduler = build_scheduler(opt, r.optimizer, r.train.max_steps)
     return NativeEngine(model, opt, scheduler, Precision(r.precision, dist.device), dist, r.optimizer.grad_clip,

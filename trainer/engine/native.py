@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer import adapters
+from trainer import adapters, int8_weights
 from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.optim import restore_schedule
@@ -36,7 +36,10 @@ class NativeEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, dist: DistInfo,
                  grad_clip: float | None, per_layer: PerLayerUpdates | None = None) -> None:
-        self.module = model.to(dist.device)
+        # build_engine moved the model before creating the optimizer: moving it again would swap the tensors of
+        # INT8 weights (a tensor subclass), which drops the per-layer hooks already registered on them
+        assert all(p.device == dist.device for p in model.parameters()), "move the model before the optimizer"
+        self.module = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.precision = precision
@@ -107,7 +110,7 @@ class NativeEngine:
         return self.per_layer is not None
 
     def weights_finite(self) -> bool:
-        bad = sum(int(not torch.isfinite(p).all()) for p in self.module.parameters() if p.requires_grad)
+        bad = sum(int(not int8_weights.all_finite(p)) for p in self.module.parameters() if p.requires_grad)
         return all_reduce_sum(bad, self.dist.device) == 0
 
     def lr(self) -> float:
@@ -124,17 +127,44 @@ class NativeEngine:
         if adapters.is_adapted(self.module):
             adapters.save_adapter(self.module, directory / adapters.ADAPTER_DIR)
         else:
-            save_model(self.module, str(directory / MODEL_FILE))
-            fsync_file(directory / MODEL_FILE)
+            self._save_weights(directory)
         save_tensors({"optimizer": {} if self.sharded else self.optimizer.state_dict(),
                       "schedule_step": self.scheduler.last_epoch, "precision": self.precision.state_dict(),
                       "per_layer": self.per_layer.state_dict() if self.per_layer else {}}, directory / STATE_FILE)
+
+    def _save_weights(self, directory: Path) -> None:
+        """The model's weights in MODEL_FILE (INT8 ones dequantized, for export and inference) and, with INT8
+        weights, their exact values and scales beside it (for resume)."""
+        int8 = int8_weights.int8_tensors(self.module)
+        if not int8:
+            save_model(self.module, str(directory / MODEL_FILE))
+        else:
+            save_file(int8_weights.plain_state_dict(self.module), str(directory / MODEL_FILE))
+            save_file({k: v.contiguous() for k, v in int8.items()}, str(directory / int8_weights.INT8_FILE))
+            fsync_file(directory / int8_weights.INT8_FILE)
+        fsync_file(directory / MODEL_FILE)
+
+    def _load_weights(self, directory: Path) -> None:
+        """MODEL_FILE into the model; INT8 weights from their own file, bit for bit (loading a dequantized value
+        into them would round it again)."""
+        names = set(int8_weights.int8_names(self.module))
+        if not names:
+            load_model(self.module, str(directory / MODEL_FILE), device=str(self.dist.device))
+            return
+        plain = {k: v for k, v in load_file(str(directory / MODEL_FILE), device=str(self.dist.device)).items()
+                 if k not in names}
+        missing, unexpected = self.module.load_state_dict(plain, strict=False)
+        lost = set(missing) - names - int8_weights.shared_names(self.module)
+        if lost or unexpected:
+            raise RuntimeError(f"{directory / MODEL_FILE}: missing {sorted(lost)[:3]}, unexpected {unexpected[:3]}")
+        tensors = load_file(str(directory / int8_weights.INT8_FILE), device=str(self.dist.device))
+        int8_weights.load_int8_tensors(self.module, tensors)
 
     def load(self, directory: Path) -> None:
         if adapters.is_adapted(self.module):
             adapters.load_adapter(self.module, directory / adapters.ADAPTER_DIR)
         else:
-            load_model(self.module, str(directory / MODEL_FILE), device=str(self.dist.device))
+            self._load_weights(directory)
         state = load_tensors(directory / STATE_FILE)
         if self.sharded:
             self.optimizer.optim.load_state_dict(load_tensors(directory / optimizer_shard_file(self.dist.rank)))

@@ -43,11 +43,12 @@ def _construct(cls: type, groups: list[dict], shard_state: bool, **kwargs: objec
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, shard_state: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by optimizer.name over the model's trainable parameters. With shard_state
     (distributed.zero_stage: 1 on the native engine) each rank owns whole parameters and keeps only their state
-    (trainer/optim/sharded.py). GaLore's grouping and target rule: trainer/optim/galore_groups.py."""
-    if cfg.name.startswith("galore"):
-        from trainer.optim.galore_groups import build_galore
+    (trainer/optim/sharded.py). The low-rank family's (GaLore, APOLLO) grouping and target rule:
+    trainer/optim/lowrank_groups.py."""
+    if cfg.low_rank is not None:
+        from trainer.optim.lowrank_groups import build_lowrank
 
-        return build_galore(model, cfg, shard_state)
+        return build_lowrank(model, cfg, shard_state)
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")

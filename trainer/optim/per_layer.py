@@ -1,14 +1,17 @@
-"""Per-layer weight updates (`optimizer.galore.per_layer: true`): each parameter is updated inside backward, as
-soon as its gradient is complete, and the gradient is freed at once, so a full set of gradients never exists.
+"""Per-layer weight updates (`per_layer: true` under optimizer.galore or optimizer.apollo): each parameter is
+updated inside backward, as soon as its gradient is complete, and the gradient is freed at once, so a full set of
+gradients never exists. Any optimizer of the low-rank family (trainer/optim/lowrank.py) works here through its
+per-parameter calls.
 
 How the three usual blockers work here:
 - **Gradient accumulation.** On a micro-step that is not the last of the optimizer step, a GaLore target's
   gradient is projected with its current projector, added to a rank-r buffer, and freed; the update happens
   on the last micro-step only (the engine says which through `micro_step(is_last)`). Projection is linear, so
-  this equals projecting the summed gradient. Two kinds of gradient still accumulate at full size across
-  micro-steps, because nothing smaller can represent their sum: plain-AdamW parameters (embeddings, norms,
-  head), and a target on the step its projector is refreshed (1 in `update_gap`), whose SVD needs the summed
-  gradient. With one micro-step per optimizer step no full-size gradient outlives its own hook.
+  this equals projecting the summed gradient. Some gradients still accumulate at full size across micro-steps,
+  because nothing smaller can represent their sum: plain-AdamW parameters (embeddings, norms, head), a GaLore
+  target on the step its projector is refreshed (1 in `update_gap`), whose SVD needs the summed gradient, and
+  every APOLLO target (its update scales the raw gradient). With one micro-step per optimizer step no full-size
+  gradient outlives its own hook.
 - **DDP.** The model is not wrapped in DDP (its buckets would hold a full gradient copy); on the last
   micro-step each gradient, in its low-rank form where it has one, is all-reduced asynchronously, averaged,
   and applied when the reduction completes. Collectives are issued in one fixed order on every rank (the
@@ -19,8 +22,8 @@ How the three usual blockers work here:
   applied. The rule: the gradient of step t is multiplied by min(1, c / N_{t-1}), N_{t-1} being the previous
   step's global norm (no factor on the first step), and, so that a spike is still caught on the step it
   happens, no parameter's gradient may exceed norm c on its own. Norms are taken of the gradient as the
-  optimizer consumes it: the rank-r projection for GaLore targets, the full gradient otherwise. The reported
-  grad_norm is N_t, this step's norm before clipping, in that sense.
+  optimizer consumes it: the rank-r projection for GaLore targets, the full gradient otherwise (APOLLO's
+  targets too). The reported grad_norm is N_t, this step's norm before clipping, in that sense.
 The LR schedule advances once per optimizer step, in the engine's step(), after the last update.
 """
 
@@ -35,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainer.optim.galore import GaLoreAdamW
+from trainer.optim.lowrank import LowRankAdamW
 
 MAX_IN_FLIGHT = 4  # outstanding all-reduces (each holds one gradient)
 
@@ -57,9 +60,9 @@ def record_first_use(model: nn.Module, used: dict[Tensor, None]) -> list[Any]:
 
 
 class PerLayerUpdates:
-    """Post-accumulate-grad hooks that run GaLoreAdamW's per-parameter update inside backward."""
+    """Post-accumulate-grad hooks that run a low-rank-family optimizer's per-parameter update inside backward."""
 
-    def __init__(self, model: nn.Module, optimizer: GaLoreAdamW, grad_clip: float | None, world_size: int) -> None:
+    def __init__(self, model: nn.Module, optimizer: LowRankAdamW, grad_clip: float | None, world_size: int) -> None:
         params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
         self.optimizer = optimizer
         self.grad_clip = grad_clip
