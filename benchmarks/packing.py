@@ -3,7 +3,8 @@ ShareGPT (tool-call chats) demo data, CPU, in one run.
 
     python benchmarks/packing.py                          # ../shared/data, seq_len 1024, 8 timed steps
     python benchmarks/packing.py --steps 4 --seq-len 512  # a quicker look
-    python benchmarks/packing.py --offload                # also isolated + activation offload (a GPU shows the gain)
+    python benchmarks/packing.py --offload                # also isolated with checkpointing, with and without
+                                                          # activation offload (a GPU shows the gain)
 
 Each configuration trains a small Llama (hidden 256, 4 layers, byte-level tokenizer, fp32, sdpa attention) through
 the real loop (trainer.loop.setup / train_step) in a fresh process, so its peak RSS is its own. Columns:
@@ -33,7 +34,12 @@ DATASETS = {"alpaca": ("alpaca_en_demo.json", "alpaca"), "sharegpt": ("glaive_to
 MODES = ("none", "concat", "isolated")
 
 
-def overrides(dataset: str, mode: str, seq_len: int, steps: int, out: Path, offload: bool) -> list[str]:
+MEMORY = {"plain": [], "checkpointing": ["model.gradient_checkpointing=true"],
+          "offload": ["model.gradient_checkpointing=true", "model.activation_offload=true"]}
+LABELS = {"plain": "", "checkpointing": " + checkpointing", "offload": " + checkpointing + activation offload"}
+
+
+def overrides(dataset: str, mode: str, seq_len: int, steps: int, out: Path, memory: str) -> list[str]:
     file, fmt = DATASETS[dataset]
     return [f"output_dir={out}", f"data.source={SHARED / file}", f"data.format={fmt}", f"data.packing={mode}",
             f"data.seq_len={seq_len}", "data.eval_fraction=0", "model.config.hidden_size=256",
@@ -42,11 +48,10 @@ def overrides(dataset: str, mode: str, seq_len: int, steps: int, out: Path, offl
             f"model.config.max_position_embeddings={seq_len}", "model.attn_implementation=sdpa",
             "train.micro_batch_size=4", f"train.max_steps={steps}", "train.eval_every_steps=0",
             "optimizer.warmup_steps=0", "logging.progress_bar=false", "logging.plot=false",
-            "checkpoint.every_steps=0", "checkpoint.save_final=false",
-            *(["model.activation_offload=true", "model.gradient_checkpointing=true"] if offload else [])]
+            "checkpoint.every_steps=0", "checkpoint.save_final=false", *MEMORY[memory]]
 
 
-def measure(dataset: str, mode: str, seq_len: int, steps: int, offload: bool) -> dict[str, float]:
+def measure(dataset: str, mode: str, seq_len: int, steps: int, memory: str) -> dict[str, float]:
     """One configuration, in this process: fill, real tokens/s over the timed steps, peak RSS."""
     from trainer.distributed import distributed_context
     from trainer.loop import setup, train_step
@@ -54,7 +59,7 @@ def measure(dataset: str, mode: str, seq_len: int, steps: int, offload: bool) ->
 
     with tempfile.TemporaryDirectory() as tmp:
         run = resolve(ROOT / "recipes" / "quickstart.yaml", overrides(dataset, mode, seq_len, steps + 2,
-                                                                      Path(tmp) / "run", offload))
+                                                                      Path(tmp) / "run", memory))
         with distributed_context() as dist:
             t = setup(run, dist)
             position, real, padded, seconds = t.state.position, 0, 0, 0.0
@@ -78,28 +83,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--offload", action="store_true", help="add isolated packing with activation offload")
-    parser.add_argument("--measure", nargs=3, metavar=("DATASET", "MODE", "OFFLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--offload", action="store_true",
+                        help="add isolated packing with checkpointing, with and without activation offload")
+    parser.add_argument("--measure", nargs=3, metavar=("DATASET", "MODE", "MEMORY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        dataset, mode, offload = args.measure
-        print(json.dumps(measure(dataset, mode, args.seq_len, args.steps, offload == "1")))
+        dataset, mode, memory = args.measure
+        print(json.dumps(measure(dataset, mode, args.seq_len, args.steps, memory)))
         return
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: this benchmark reads the shared demo data beside the project")
-    configs = [(d, m, False) for d in DATASETS for m in MODES]
-    configs += [(d, "isolated", True) for d in DATASETS] if args.offload else []
+    configs = [(d, m, "plain") for d in DATASETS for m in MODES]
+    configs += [(d, "isolated", m) for d in DATASETS for m in ("checkpointing", "offload")] if args.offload else []
     print(f"seq_len {args.seq_len}, micro-batch 4, {args.steps} timed steps, hidden 256 x 4 layers, fp32, CPU\n")
     print("| data | packing | padding | real tokens/s | peak RSS MiB | steps/epoch |")
     print("|---|---|---|---|---|---|")
-    for dataset, mode, offload in configs:
-        cmd = [sys.executable, __file__, "--measure", dataset, mode, "1" if offload else "0",
+    for dataset, mode, memory in configs:
+        cmd = [sys.executable, __file__, "--measure", dataset, mode, memory,
                "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             sys.exit(f"{dataset} {mode} failed:\n{done.stderr[-3000:]}")
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        label = mode + (" + activation offload" if offload else "")
+        label = mode + LABELS[memory]
         print(f"| {dataset} | {label} | {r['padding']:.1%} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | "
               f"{r['steps_per_epoch']} |", flush=True)
 
