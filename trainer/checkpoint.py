@@ -373,7 +373,7 @@ class Checkpointer:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
         saved_cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         self._check_compatible(path, state, saved_cfg)
-        engine.load(path)
+        engine.load(path, int(state["world_size"]))
         rng = path / f"rng-rank{self.dist.rank}.pt"
         _set_rng_state(load_tensors(rng))
         log.info("resumed from %s in %.2f s: step %d, %d tokens seen, data epoch %d", path,

@@ -16,8 +16,10 @@ Contract for the loop:
   before a checkpoint is written.
 - `save(directory)` is called on every rank inside a checkpoint's temporary folder; each rank writes the
   state it owns (weights, optimizer, LR schedule position, loss scaler), in files that load with
-  `weights_only=True` or safetensors. `load(directory)` restores it on every rank. The checkpoint module adds
-  the manifest, RNG states and counters, and commits the folder atomically.
+  `weights_only=True` or safetensors. `load(directory, saved_world_size)` restores it on every rank, also when the
+  checkpoint was written by another number of ranks: the engine then reshards what was sharded (optimizer state,
+  ZeRO partitions) for this world size. The checkpoint module adds the manifest, RNG states and counters, and
+  commits the folder atomically.
 - `module` is the plain model (for export and inspection).
 """
 
@@ -67,4 +69,4 @@ class Engine(Protocol):
 
     def save(self, directory: Path) -> None: ...
 
-    def load(self, directory: Path) -> None: ...
+    def load(self, directory: Path, saved_world_size: int) -> None: ...

@@ -314,7 +314,10 @@ class ZeroEngine:
         quantization constants, which bitsandbytes keeps beside the parameters (about 1/32 of the base)."""
         return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, saved_world_size: int) -> None:
+        if saved_world_size != self.dist.world_size:
+            raise CheckpointError(f"{directory} was written by {saved_world_size} ranks; resuming a DeepSpeed run on "
+                                  f"{self.dist.world_size} ranks is not supported yet", on_every_rank=True)
         target = directory / DS_DIR
         check_files(target)  # every rank checks every file: all refuse together, none waits in a collective
         # adapter runs: the module file holds the trainable tensors only; the base came from its source

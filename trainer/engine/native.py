@@ -160,7 +160,7 @@ class NativeEngine:
         tensors = load_file(str(directory / int8_weights.INT8_FILE), device=str(self.dist.device))
         int8_weights.load_int8_tensors(self.module, tensors)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, saved_world_size: int) -> None:
         if adapters.is_adapted(self.module):
             adapters.load_adapter(self.module, directory / adapters.ADAPTER_DIR)
         else:
