@@ -239,12 +239,16 @@ def test_resume_refuses_incompatible_and_logs_allowed_changes(tmp_path: Path) ->
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
-def test_resume_refuses_other_world_size(tmp_path: Path) -> None:
+def test_a_global_batch_that_cannot_be_kept_is_refused_before_building(tmp_path: Path) -> None:
+    """1 rank x micro-batch 2 x accumulation 1 = global batch 2; on 2 ranks the smallest global batch is 4: the
+    resume is refused before the data or the model is built, with the numbers and the ranks that would work."""
     out = tmp_path / "run"
     ok(run_cli(ckpt_args(out, steps=4)))
     proc = run_cli(ckpt_args(out, steps=8), nproc=2)
-    assert proc.returncode != 0
-    assert "world_size: 1 -> 2" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "global batch of 2 sequences (micro-batch 2 x accumulation 1 x 1 ranks)" in proc.stderr
+    assert "2 cannot be kept on 2 ranks" in proc.stderr and "It can be kept on 1 ranks" in proc.stderr
+    assert "trainer.model" not in proc.stderr and "trainer.data" not in proc.stderr  # nothing was built
 
 
 @pytest.mark.slow

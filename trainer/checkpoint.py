@@ -1,19 +1,27 @@
-"""Checkpoints that survive crashes: atomic commit, manifest with checksums, keep-last-N, exact resume.
+"""Checkpoints that survive crashes: atomic commit, manifest with checksums, keep-last-N, exact resume, also on
+another number of ranks.
 
 Layout: OUTPUT_DIR/checkpoints/step-000123/ holds what the engine writes (weights as safetensors, optimizer,
 LR schedule position, loss scaler; per-rank shards where state is per-rank), `rng-rank<R>.pt` for every rank
 (Python, NumPy, torch CPU and CUDA generators), `trainer_state.json` (step, tokens, data position, world size,
-data fingerprint), `config.yaml` (the resolved recipe), `hf/` (model config and tokenizer, for export), and
-`manifest.json`, written last, listing every file with its size and SHA-256.
+accumulation, global batch, data fingerprint), `config.yaml` (the resolved recipe), `hf/` (model config and
+tokenizer, for export), and `manifest.json`, written last, listing every file with its size and SHA-256.
 
-Commit protocol: rank 0 makes `.tmp-step-N`; every rank writes its files there; barrier; rank 0 fsyncs and
-hashes every file, writes the manifest, renames the folder to `step-N`, fsyncs the parent, and only then
-deletes checkpoints beyond keep_last. A folder without a valid manifest is not a checkpoint: `resume: auto`
-never picks it, and the next run deletes leftover `.tmp-*` folders.
+Commit protocol: rank 0 makes `.tmp-step-N`; every rank writes its files there; every rank fsyncs and hashes the
+files it wrote (by name: a file whose name carries `rank<R>` / `rank_<R>` is rank R's, the others rank 0's) and
+the digests are gathered, so rank 0 never reads another rank's files; rank 0 writes the manifest, renames the
+folder to `step-N`, fsyncs the parent, and only then deletes checkpoints beyond keep_last. A folder without a
+valid manifest is not a checkpoint: `resume: auto` never picks it, and the next run deletes leftover `.tmp-*`
+folders. On resume the checksums are verified by all ranks together, each a share of the files.
+
+Resume on another number of ranks: the global batch must stay (accumulation is recomputed), the data position is
+a global sample cursor, engines reshard their state (Engine.load), and every rank's RNG is derived from the seed
+and the step (the saved states belong to ranks that may not exist any more).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -89,6 +97,30 @@ def read_manifest(path: Path, checksums: bool) -> dict[str, Any]:
     return manifest
 
 
+RANK_IN_NAME = re.compile(r"rank_?(\d+)")
+
+
+def writer_of(name: str, world_size: int) -> int:
+    """The rank that writes a checkpoint file, by its name: ours (`rng-rank1.pt`, `optimizer-rank00001.pt`) and
+    DeepSpeed's (`zero_pp_rank_1_mp_rank_00_optim_states.pt`: the first rank in the name is the data-parallel
+    one) carry it; every other file is rank 0's."""
+    found = RANK_IN_NAME.search(Path(name).name)
+    rank = int(found.group(1)) if found else 0
+    return rank if rank < world_size else 0
+
+
+def verification_share(files: dict[str, dict[str, Any]], world_size: int, rank: int) -> list[str]:
+    """The files `rank` checksums when a checkpoint is verified on `world_size` ranks: balanced by bytes,
+    largest first, the same split on every rank."""
+    loads, mine = [0] * world_size, []
+    for name in sorted(files, key=lambda n: (-int(files[n]["size"]), n)):
+        least = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[least] += int(files[name]["size"])
+        if least == rank:
+            mine.append(name)
+    return mine
+
+
 def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every `step-N` folder, complete or not, oldest first."""
     root = checkpoints_root(output_dir)
@@ -113,9 +145,22 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def step_to_resume(output_dir: Path, resume: str) -> int | None:
-    """The step the checkpoint `checkpoint.resume` points at was saved at (its manifest's sizes checked, not its
-    checksums), or None when a run would start from scratch: a cheap look before anything is built."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """A first look at the checkpoint a run would resume from: its counters and the recipe that wrote it."""
+
+    path: Path
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def peek_resume(output_dir: Path, resume: str) -> ResumePoint | None:
+    """The checkpoint `checkpoint.resume` points at (its manifest's sizes checked, not its checksums), or None when
+    a run would start from scratch: a cheap look before anything is built."""
     if resume == "never":
         return None
     path = output_dir if resume == "auto" else Path(resume).expanduser()
@@ -125,9 +170,12 @@ def step_to_resume(output_dir: Path, resume: str) -> int | None:
             return None
         path = done[-1][1]
     try:
-        return int(json.loads((path / STATE).read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError):
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return None  # choose() reports what is wrong with it
+    return ResumePoint(path, state, config)
 
 
 def move_aside(output_dir: Path) -> Path:
@@ -158,6 +206,50 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of `rank` when a run resumes at `step` on another number of ranks than saved it: the saved
+    per-rank generator states belong to ranks that no longer exist, so every rank starts from a seed of its own,
+    the same for any retry of that resume."""
+    digest = hashlib.sha256(f"trainer.resume:{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seed_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def saved_global_batch(state: dict[str, Any], saved_cfg: dict[str, Any]) -> int:
+    """The global batch a checkpoint was trained with (older checkpoints did not record it)."""
+    if "global_batch_size" in state:
+        return int(state["global_batch_size"])
+    return int(saved_cfg["train"]["micro_batch_size"]) * int(state["grad_accum_steps"]) * int(state["world_size"])
+
+
+def batch_change_problem(state: dict[str, Any], saved_cfg: dict[str, Any], micro_batch_size: int, world_size: int,
+                         global_batch_size: int, explicit: bool) -> str | None:
+    """Why resuming with this batch setup is refused, or None. The global batch is what must stay; the world size
+    and the accumulation may change. A global batch changed by an explicit command-line override is the user's
+    choice (the caller warns); otherwise the numbers, and the overrides that keep it, are the answer."""
+    saved = saved_global_batch(state, saved_cfg)
+    if saved == global_batch_size or explicit:
+        return None
+    old_world, old_accum = int(state["world_size"]), int(state["grad_accum_steps"])
+    head = (f"the checkpoint was trained with a global batch of {saved} sequences (micro-batch "
+            f"{saved_cfg['train']['micro_batch_size']} x accumulation {old_accum} x {old_world} ranks); on "
+            f"{world_size} ranks this recipe gives {global_batch_size}")
+    per_step = micro_batch_size * world_size
+    if saved % per_step == 0:
+        return (f"{head}. To keep {saved}, set train.global_batch_size={saved} (accumulation "
+                f"{saved // per_step}), in the recipe or on the command line")
+    fitting = [w for w in range(1, saved // micro_batch_size + 1) if saved % (micro_batch_size * w) == 0]
+    return (f"{head}. {saved} cannot be kept on {world_size} ranks: it is not a multiple of micro-batch "
+            f"{micro_batch_size} x {world_size} ranks = {per_step}. It can be kept on "
+            f"{', '.join(map(str, fitting[:12]))} ranks (train.global_batch_size={saved}); or change the global batch "
+            f"on purpose with an explicit train.global_batch_size=N (a multiple of {per_step}) on the command line")
 
 
 def _tuples_to_lists(obj: Any) -> Any:
@@ -194,11 +286,13 @@ class Checkpointer:
     recipe: Recipe
     output_dir: Path
     dist: DistInfo
-    fingerprint: dict[str, Any]  # world size, accumulation, data summary: must match to resume
+    fingerprint: dict[str, Any]  # global batch, data summary: must match to resume
     write_assets: Callable[[Path], None] = lambda path: None  # rank 0: model config + tokenizer into hf/
     faults: Faults = field(default_factory=Faults)
     start_over: bool = False  # `train --force`: unusable or foreign checkpoints are moved aside, never deleted
     last_good: Path | None = None  # the newest checkpoint this run resumed from or saved
+    layout: dict[str, int] = field(default_factory=dict)  # world size, accumulation: recorded, may change on resume
+    explicit_batch: bool = False  # the command line set the batch (a changed global batch is then allowed)
 
     def due(self, step: int, max_steps: int) -> bool:
         every = self.cfg.every_steps
@@ -220,7 +314,8 @@ class Checkpointer:
                                   f"(the last good checkpoint, {self.last_good or 'none yet'}, is kept)",
                                   on_every_rank=True)
         self._agree(state.step, tmp, self._write_files, engine, tmp, state)
-        size = self._agree(state.step, tmp, self._commit_on_main, tmp, final, state.step)
+        digests = self._agree(state.step, tmp, self._hash_own_files, tmp)
+        size = self._agree(state.step, tmp, self._commit_on_main, tmp, final, state.step, digests)[0]
         if self.dist.is_main:
             log.info("checkpoint saved: %s (%.1f MB in %.2f s)", final, size / 1e6, time.perf_counter() - started)
             self._prune(root)
@@ -238,13 +333,15 @@ class Checkpointer:
 
     def _agree(self, step: int, tmp: Path, write: Callable[..., Any], *args: Any) -> Any:
         """Run `write` on this rank, then learn whether every rank's write worked (one collective); on any failure
-        remove the partial folder and raise the same CheckpointError everywhere."""
+        remove the partial folder and raise the same CheckpointError everywhere. Returns every rank's result, in
+        rank order."""
         failure, result = None, None
         try:
             result = write(*args)
         except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
             failure = f"rank {self.dist.rank}: {os_error_message(e) if isinstance(e, OSError) else e}"
-        failures = [f for f in gather_objects(failure) if f]
+        outcomes = gather_objects((failure, result))
+        failures = [f for f, _ in outcomes if f]  # type: ignore[misc]
         if failures:
             if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -254,29 +351,43 @@ class Checkpointer:
                 f"{free / 1e9:.1f} GB free in {self.output_dir}. The partial checkpoint was removed; the last good "
                 f"one, {self.last_good or 'none yet'}, is intact, and `resume: auto` continues from it once the "
                 "problem is fixed", on_every_rank=True)
-        return result
+        return [r for _, r in outcomes]  # type: ignore[misc]
 
     def _write_run_files(self, tmp: Path, state: TrainState) -> None:
         write_json({"step": state.step, "tokens": state.tokens, "position": state.position.state_dict(),
-                    "nonfinite_steps": state.nonfinite_steps, **self.fingerprint}, tmp / STATE)
+                    "nonfinite_steps": state.nonfinite_steps, **self.layout, **self.fingerprint}, tmp / STATE)
         (tmp / "config.yaml").write_text(to_yaml(self.recipe), encoding="utf-8")
         (tmp / "hf").mkdir()
         self.write_assets(tmp / "hf")
 
-    def _commit_on_main(self, tmp: Path, final: Path, step: int) -> int:
-        """Rank 0: hash, fsync, write the manifest, rename into place; returns the bytes committed (0 elsewhere)."""
-        if not self.dist.is_main:
-            return 0
-        files = {}
-        mode = 0o666 & ~_umask()  # what a plain open() gives: some writers create files readable only by us
+    def _hash_own_files(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        """This rank's files (by name, `writer_of`): readable as a plain open() makes them (some writers create
+        files readable only by us), fsynced, sized and hashed, while they are still in this rank's page cache."""
+        mode = 0o666 & ~_umask()
+        out = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            name = f.relative_to(tmp).as_posix()
+            if name == MANIFEST or writer_of(name, self.dist.world_size) != self.dist.rank:
+                continue
             f.chmod(mode)
             fsync_file(f)
-            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": sha256(f)}
+            out[name] = {"size": f.stat().st_size, "sha256": sha256(f)}
+        return out
+
+    def _commit_on_main(self, tmp: Path, final: Path, step: int, digests: list[dict[str, dict[str, Any]]]) -> int:
+        """Rank 0: the manifest from every rank's digests, then rename into place; returns the bytes committed (0
+        elsewhere). Every file in the folder must have been hashed by some rank."""
+        if not self.dist.is_main:
+            return 0
+        files = {name: meta for per_rank in digests for name, meta in per_rank.items()}
+        present = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()}
+        if present != set(files):
+            raise RuntimeError(f"checkpoint files and digests disagree: unhashed {sorted(present - set(files))[:3]}, "
+                               f"missing {sorted(set(files) - present)[:3]}")
         for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
             fsync_dir(d)
-        write_json({"format": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size, "files": files},
-                   tmp / MANIFEST)
+        write_json({"format": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
+                    "files": dict(sorted(files.items()))}, tmp / MANIFEST)
         fsync_dir(tmp)
         if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
             old = final.with_name(f".old-{final.name}")
@@ -306,24 +417,40 @@ class Checkpointer:
             shutil.rmtree(p, ignore_errors=True)
 
     def choose(self) -> Path | None:
-        """The checkpoint to resume from (decided on rank 0, the same on every rank)."""
-        choice: Path | CheckpointError | None = None
+        """The checkpoint to resume from, the same on every rank: rank 0 lists the candidates (newest first, their
+        manifests and sizes checked), then all ranks verify the checksums of each in turn, every rank a share of
+        the files, until one passes."""
+        found: tuple[list[Path], list[str]] | CheckpointError = ([], [])
         if self.dist.is_main:
             self.clean_partial()
             try:
-                choice = self._choose_on_main()
+                found = self._candidates_on_main()
             except CheckpointError as e:  # every rank must raise it, not wait in the broadcast below
-                choice = e
-        choice = broadcast_object(choice)  # type: ignore[assignment]
-        if isinstance(choice, CheckpointError):  # the resume cannot go ahead as configured: a setup problem
-            raise CheckpointError(str(choice), on_every_rank=True, exit_code=EXIT_RECIPE)
-        return choice
+                found = e
+        found = broadcast_object(found)  # type: ignore[assignment]
+        if isinstance(found, CheckpointError):  # the resume cannot go ahead as configured: a setup problem
+            raise CheckpointError(str(found), on_every_rank=True, exit_code=EXIT_RECIPE)
+        candidates, damaged = found
+        for path in candidates:
+            problems = self._verify_together(path)
+            if not problems:
+                if self.dist.is_main and self.cfg.resume == "auto":
+                    log.info("resume: auto picked %s, the newest complete checkpoint in %s", path.name,
+                             self.output_dir)
+                return path
+            damaged.append(problems[0])
+            if self.dist.is_main:
+                log.warning("%s; trying an older one", problems[0])
+        if damaged:
+            self._after_all_damaged(damaged)
+        return None
 
-    def _choose_on_main(self) -> Path | None:
+    def _candidates_on_main(self) -> tuple[list[Path], list[str]]:
+        """(checkpoints whose manifest and sizes are fine, newest first; why the others are not)."""
         resume = self.cfg.resume
         if resume == "never":
             self._refuse_to_mix()
-            return None
+            return [], []
         if resume != "auto":
             path = Path(resume).expanduser()
             if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
@@ -331,25 +458,45 @@ class Checkpointer:
                 if not done:
                     raise CheckpointError(f"checkpoint.resume = {resume!r}: that run has no complete checkpoint")
                 path = done[-1][1]
-            read_manifest(path, checksums=True)
-            return path
-        damaged = []
+            read_manifest(path, checksums=False)
+            return [path], []
+        candidates, damaged = [], []
         for _, path in reversed(checkpoint_folders(self.output_dir)):
             try:
-                read_manifest(path, checksums=True)
+                read_manifest(path, checksums=False)
             except CheckpointError as e:
-                damaged.append(str(e))
                 log.warning("%s; trying an older one", e)
+                damaged.append(str(e))
                 continue
-            log.info("resume: auto picked %s, the newest complete checkpoint in %s", path.name, self.output_dir)
-            return path
-        if damaged:
-            self._start_over_or_refuse(
-                f"no checkpoint in {checkpoints_root(self.output_dir)} can be resumed; each one failed its check:\n"
-                + "\n".join(f"  - {reason}" for reason in damaged)
-                + "\nnothing was changed. Restore them from a backup, or start over: add --force (moves checkpoints/ "
-                "and metrics.jsonl aside into output_dir/previous-<time>/, deletes nothing), or use a new output_dir")
-        return None
+            candidates.append(path)
+        return candidates, damaged
+
+    def _verify_together(self, path: Path) -> list[str]:
+        """Every rank checksums its share of the checkpoint's files (a collective); the problems found by any."""
+        problems = []
+        try:
+            manifest = read_manifest(path, checksums=False)
+            for name in verification_share(manifest["files"], self.dist.world_size, self.dist.rank):
+                if sha256(path / name) != manifest["files"][name]["sha256"]:
+                    problems.append(f"{path}: file {name} does not match its checksum; the checkpoint is damaged")
+        except CheckpointError as e:
+            problems.append(str(e))
+        return [p for per_rank in gather_objects(problems) for p in per_rank]  # type: ignore[attr-defined]
+
+    def _after_all_damaged(self, damaged: list[str]) -> None:
+        """No checkpoint can be resumed: refuse on every rank, or (train --force) move them aside on rank 0."""
+        if self.cfg.resume != "auto":
+            raise CheckpointError(damaged[0], on_every_rank=True, exit_code=EXIT_RECIPE)
+        why = (f"no checkpoint in {checkpoints_root(self.output_dir)} can be resumed; each one failed its check:\n"
+               + "\n".join(f"  - {reason}" for reason in damaged)
+               + "\nnothing was changed. Restore them from a backup, or start over: add --force (moves checkpoints/ "
+               "and metrics.jsonl aside into output_dir/previous-<time>/, deletes nothing), or use a new output_dir")
+        if not self.start_over:
+            raise CheckpointError(why, on_every_rank=True, exit_code=EXIT_RECIPE)
+        if self.dist.is_main:
+            aside = move_aside(self.output_dir)
+            log.warning("--force: starting over; the earlier checkpoints and metrics are in %s", aside)
+        barrier()
 
     def _refuse_to_mix(self) -> None:
         """checkpoint.resume=never over an earlier run's checkpoints would interleave the two runs, and keep_last
@@ -368,25 +515,47 @@ class Checkpointer:
         log.warning("--force: starting over; the earlier checkpoints and metrics are in %s", aside)
 
     def restore(self, engine: Engine, path: Path) -> TrainState:
-        """Check compatibility, then load engine state, counters and this rank's RNG."""
+        """Check compatibility, then load engine state (resharded when the number of ranks changed), counters and
+        this rank's RNG (derived from the seed and the step when the ranks that saved it are not these)."""
         started = time.perf_counter()
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
         saved_cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         self._check_compatible(path, state, saved_cfg)
-        engine.load(path, int(state["world_size"]))
-        rng = path / f"rng-rank{self.dist.rank}.pt"
-        _set_rng_state(load_tensors(rng))
+        saved_world = int(state["world_size"])
+        engine.load(path, saved_world)
+        if saved_world == self.dist.world_size:
+            _set_rng_state(load_tensors(path / f"rng-rank{self.dist.rank}.pt"))
+        else:
+            _seed_rng(derived_seed(self.recipe.train.seed, int(state["step"]), self.dist.rank))
         log.info("resumed from %s in %.2f s: step %d, %d tokens seen, data epoch %d", path,
                  time.perf_counter() - started, state["step"], state["tokens"], state["position"]["epoch"])
+        self._log_layout_change(state, saved_cfg)
         self.last_good = path
         return TrainState(state["step"], state["tokens"], DataPosition.from_state_dict(state["position"]),
                           int(state.get("nonfinite_steps", 0)))
 
+    def _log_layout_change(self, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
+        saved_world, saved_accum = int(state["world_size"]), int(state["grad_accum_steps"])
+        world, accum = self.layout.get("world_size", saved_world), self.layout.get("grad_accum_steps", saved_accum)
+        if (saved_world, saved_accum) == (world, accum):
+            return
+        old, new = saved_global_batch(state, saved_cfg), self.fingerprint.get("global_batch_size")
+        batch = f"global batch {old} unchanged" if old == new else f"global batch {old} -> {new} (your override)"
+        log.warning("resumed from step %d written by %d ranks, now %d ranks, accumulation %d -> %d, %s%s",
+                    state["step"], saved_world, world, saved_accum, accum, batch,
+                    "; dropout and other random streams are derived from the seed and the step, so they differ "
+                    "from an uninterrupted run" if saved_world != world else "")
+
     def _check_compatible(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         blocking, allowed = compare_recipes(saved_cfg, self.recipe.model_dump())
         for key, value in self.fingerprint.items():
-            if _tuples_to_lists(state.get(key)) != _tuples_to_lists(value):
-                blocking.append(f"{key}: {state.get(key)!r} -> {value!r}")
+            old = saved_global_batch(state, saved_cfg) if key == "global_batch_size" else state.get(key)
+            if _tuples_to_lists(old) == _tuples_to_lists(value):
+                continue
+            if key == "global_batch_size" and self.explicit_batch:
+                allowed.append(f"train.global_batch_size: {old} -> {value} (set on the command line)")
+                continue
+            blocking.append(f"{key}: {old!r} -> {value!r}")
         if blocking:
             raise CheckpointError(
                 f"cannot resume from {path}: the run differs from the one that saved it:\n"

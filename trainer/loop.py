@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from trainer.activation_offload import ActivationOffload
-from trainer.checkpoint import Checkpointer, TrainState, step_to_resume
+from trainer.checkpoint import Checkpointer, ResumePoint, TrainState, batch_change_problem, peek_resume
 from trainer.data.batches import Batch, TrainData
 from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
                                  distributed_context, job_id, restart_count)
 from trainer.engine.base import Engine, StepResult
 from trainer.engine.build import build_engine, model_init_context
+from trainer.errors import EXIT_RECIPE, CheckpointError
 from trainer.faults import Faults
 from trainer.logs import add_run_log
 from trainer.loss import token_loss_sum
@@ -30,7 +31,7 @@ from trainer.model import build_model, save_model_files
 from trainer.precision import NonFiniteSteps
 from trainer.preemption import PreemptionFlag
 from trainer.preflight import check_disk, check_memory
-from trainer.recipe import to_yaml
+from trainer.recipe import COMMAND_LINE, to_yaml
 from trainer.resolve import ResolvedRun
 from trainer.run_lock import output_dir_lock
 from trainer.sharding_check import check_base_sharded
@@ -111,10 +112,11 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     check_base_sharded(run, model)  # before the engine: a base held whole stops here, with the numbers
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(run, model, dist)
-    fingerprint = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps,
+    fingerprint = {"global_batch_size": run.global_batch_size,
                    "data": {k: data.summary[k] for k in ("train_samples", "tokens")}}
+    layout = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps}
     ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults,
-                        start_over=start_over)
+                        start_over=start_over, layout=layout, explicit_batch=explicit_batch(run))
     path = ckpt.choose()
     state = ckpt.restore(engine, path) if path else TrainState()
     if dist.is_main:
@@ -225,15 +227,34 @@ def run_loop(t: Training, until_step: int | None = None) -> Summary:
     return Summary(s.step, first_loss, loss, s.tokens, time.perf_counter() - start, r.output_dir, stop)
 
 
+BATCH_KEYS = ("train.global_batch_size", "train.grad_accum_steps")
+
+
+def explicit_batch(run: ResolvedRun) -> bool:
+    """Whether the command line set the batch: a resume may then change the global batch on purpose."""
+    return any(run.sources(key) == COMMAND_LINE for key in BATCH_KEYS)
+
+
+def check_resume_batch(run: ResolvedRun, point: ResumePoint) -> None:
+    """Before anything is built: a resume on another number of ranks keeps the global batch, or is refused with
+    the numbers and the overrides that would keep it."""
+    why = batch_change_problem(point.state, point.config, run.micro_batch_size, run.world_size,
+                               run.global_batch_size, explicit_batch(run))
+    if why:
+        raise CheckpointError(f"cannot resume from {point.path}: {why}", on_every_rank=True, exit_code=EXIT_RECIPE)
+
+
 def train(run: ResolvedRun, *, force: bool = False) -> Summary:
     """Run the resolved recipe on this process (one of WORLD_SIZE under torchrun): join the process group, check
     the memory plan against the GPU (rank 0 decides for all), build, resume, train."""
     d = run.recipe.distributed
     with distributed_context(d.backend, d.timeout_s) as dist, output_dir_lock(run.output_dir, dist, job_id()):
-        done = step_to_resume(run.output_dir, run.recipe.checkpoint.resume) if dist.is_main else None
-        done = broadcast_object(done)  # type: ignore[assignment]
-        if done is not None and done >= run.recipe.train.max_steps:
-            return Summary(done, math.nan, math.nan, 0, 0.0, run.recipe.output_dir, already_done=True)
+        point = peek_resume(run.output_dir, run.recipe.checkpoint.resume) if dist.is_main else None
+        point = broadcast_object(point)  # type: ignore[assignment]
+        if point is not None and point.step >= run.recipe.train.max_steps:
+            return Summary(point.step, math.nan, math.nan, 0, 0.0, run.recipe.output_dir, already_done=True)
+        if point is not None:
+            check_resume_batch(run, point)
         add_run_log(run.output_dir, dist.rank)
         check_memory(run, dist, force)
         check_disk(run, dist)

@@ -78,6 +78,19 @@ def accumulation(train: TrainConfig, world_size: int, src: Sources = Sources()) 
     return accum, []
 
 
+def command_line_batch_wins(recipe: Recipe, src: Sources) -> Recipe:
+    """`train.global_batch_size` or `train.grad_accum_steps` given on the command line replaces the other one in
+    the recipe file (`train.global_batch_size=64` over a recipe saying `grad_accum_steps: 4`, as a resume on
+    another number of ranks needs), instead of contradicting it."""
+    given = {k for k in ("global_batch_size", "grad_accum_steps") if src(f"train.{k}") == COMMAND_LINE}
+    if len(given) != 1:
+        return recipe
+    other = ({"global_batch_size", "grad_accum_steps"} - given).pop()
+    if getattr(recipe.train, other) is None:
+        return recipe
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={other: None})})
+
+
 # ---------------------------------------------------------------------------------------------- paths
 
 def _nearest_existing(path: Path) -> Path:
@@ -272,6 +285,7 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
     def add(found: list[Problem]) -> None:
         problems.extend(p for p in found if p.key not in reported)  # a key with a type problem: no follow-ons
 
+    recipe = command_line_batch_wins(recipe, sources)
     add(cross_check(recipe, sources))
     accum, batch = accumulation(recipe.train, world_size, sources)
     add(batch)

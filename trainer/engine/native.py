@@ -16,9 +16,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import adapters, int8_weights
 from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.engine.base import MODEL_FILE, StepResult
+from trainer.errors import CheckpointError
 from trainer.optim import restore_schedule
 from trainer.optim.per_layer import PerLayerUpdates
-from trainer.optim.sharded import ShardedOptimizer
+from trainer.optim.sharded import ShardedOptimizer, merge_shards, select_state
 from trainer.precision import Precision
 from trainer.safeio import fsync_file, load_tensors, save_tensors
 
@@ -116,6 +117,31 @@ class NativeEngine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _load_resharded_optimizer(self, directory: Path, state: dict[str, Any], saved_owners: list[int] | None
+                                  ) -> None:
+        """The optimizer state of a checkpoint written by another number of ranks (or with other sharding): each
+        parameter's state (Adam moments, GaLore/APOLLO projectors, 8-bit states) is taken from the shard that held
+        it, and this rank keeps what it owns now (everything, when not sharded). Only the shards holding such
+        parameters are read."""
+        groups = self.optimizer.param_groups
+        sizes = [len(g["params"]) for g in groups]
+        if self.sharded:
+            keep = [owner == self.dist.rank for owner in self.optimizer.owners]
+        else:
+            keep = [True] * sum(sizes)
+        if saved_owners is None:  # one full optimizer state, written by rank 0
+            owners, shards = [0] * sum(sizes), {0: state["optimizer"]}
+        else:
+            owners = [int(r) for r in saved_owners]
+            needed = sorted({r for r, k in zip(owners, keep) if k}) or [0]
+            shards = {r: load_tensors(directory / optimizer_shard_file(r)) for r in needed}
+        if len(owners) != len(keep):
+            raise CheckpointError(f"{directory}: its optimizer state covers {len(owners)} parameters, this model has "
+                                  f"{len(keep)}", on_every_rank=True)
+        per_param, settings = merge_shards(shards, owners)
+        target = self.optimizer.optim if self.sharded else self.optimizer
+        target.load_state_dict(select_state(per_param, settings, sizes, keep))
+
     def save(self, directory: Path) -> None:
         """Rank 0 writes weights and optimizer state: under DDP every rank holds the same copy. An adapter run
         writes only the adapter (a peft directory): the frozen base is re-read from its source on resume.
@@ -129,6 +155,7 @@ class NativeEngine:
         else:
             self._save_weights(directory)
         save_tensors({"optimizer": {} if self.sharded else self.optimizer.state_dict(),
+                      "optimizer_owners": list(self.optimizer.owners) if self.sharded else None,
                       "schedule_step": self.scheduler.last_epoch, "precision": self.precision.state_dict(),
                       "per_layer": self.per_layer.state_dict() if self.per_layer else {}}, directory / STATE_FILE)
 
@@ -166,10 +193,14 @@ class NativeEngine:
         else:
             self._load_weights(directory)
         state = load_tensors(directory / STATE_FILE)
-        if self.sharded:
+        saved_owners = state.get("optimizer_owners")
+        same_layout = saved_world_size == self.dist.world_size and (saved_owners is not None) == self.sharded
+        if same_layout and self.sharded:
             self.optimizer.optim.load_state_dict(load_tensors(directory / optimizer_shard_file(self.dist.rank)))
-        else:
+        elif same_layout or (saved_owners is None and not self.sharded):
             self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self._load_resharded_optimizer(directory, state, saved_owners)
         if self.per_layer is not None:
             self.per_layer.load_state_dict(state.get("per_layer", {}))
         self.precision.load_state_dict(state["precision"])

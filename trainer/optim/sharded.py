@@ -8,8 +8,9 @@ which DeepSpeed's flattened partitions never show it.
 Owners are chosen to balance the *state bytes* of each rank (largest first, each to the rank holding the
 fewest bytes so far), not element counts as torch's ZeroRedundancyOptimizer does: under GaLore a projected
 matrix keeps a small fraction of the state an embedding of the same size keeps, so balancing elements can
-leave one rank with most of the state. The partition depends only on shapes and settings, so a resumed
-run (same world size, which the checkpoint enforces) gives every rank back its own shard.
+leave one rank with most of the state. The partition depends only on shapes and settings; a checkpoint records
+it (the owner of every parameter), so a run resumed on another number of ranks, or without sharding, can gather
+each parameter's state from the shard that held it (`merge_shards`) and keep what it now owns (`select_state`).
 """
 
 from __future__ import annotations
@@ -74,3 +75,39 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for work in works:
             work.wait()
         return loss
+
+
+def merge_shards(shards: dict[int, dict[str, Any]], owners: list[int]) -> tuple[list[dict[str, Any] | None],
+                                                                                 list[dict[str, Any]]]:
+    """(state of every parameter in the global order, or None where it has none yet; the groups' settings) from
+    per-rank optimizer state dicts. `owners[i]` is the rank whose shard held parameter i; torch numbers a shard's
+    parameters in the order they appear in its groups, which is the global order restricted to that rank.
+    `shards` may leave out ranks whose parameters the caller does not need (their entries stay None)."""
+    per_param: list[dict[str, Any] | None] = [None] * len(owners)
+    seen = [0] * (max(owners, default=-1) + 1)
+    for i, rank in enumerate(owners):
+        local, seen[rank] = seen[rank], seen[rank] + 1
+        if rank in shards:
+            per_param[i] = shards[rank]["state"].get(local)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in next(iter(shards.values()))["param_groups"]]
+    return per_param, settings
+
+
+def select_state(per_param: list[dict[str, Any] | None], settings: list[dict[str, Any]], group_sizes: list[int],
+                 keep: list[bool]) -> dict[str, Any]:
+    """A torch optimizer state dict over the parameters marked in `keep` (global order, groups of `group_sizes`):
+    what one rank's optimizer loads after a change in the number of ranks."""
+    assert sum(group_sizes) == len(per_param) == len(keep), "the checkpoint's parameters are not this model's"
+    state: dict[int, dict[str, Any]] = {}
+    groups, index, local = [], 0, 0
+    for size, own in zip(group_sizes, settings):
+        ids = []
+        for _ in range(size):
+            if keep[index]:
+                ids.append(local)
+                if per_param[index] is not None:
+                    state[local] = per_param[index]  # type: ignore[assignment]
+                local += 1
+            index += 1
+        groups.append({**own, "params": ids})
+    return {"state": state, "param_groups": groups}
