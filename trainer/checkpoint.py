@@ -12,7 +12,7 @@ files it wrote (by name: a file whose name carries `rank<R>` / `rank_<R>` is ran
 the digests are gathered, so rank 0 never reads another rank's files; rank 0 writes the manifest, renames the
 folder to `step-N`, fsyncs the parent, and only then deletes checkpoints beyond keep_last. A folder without a
 valid manifest is not a checkpoint: `resume: auto` never picks it, and the next run deletes leftover `.tmp-*`
-folders. On resume the checksums are verified by all ranks together, each a share of the files.
+folders. On resume the checksums are verified by all ranks together, each rank the files its rank wrote.
 
 Resume on another number of ranks: the global batch must stay (accumulation is recomputed), the data position is
 a global sample cursor, engines reshard their state (Engine.load), and every rank's RNG is derived from the seed
@@ -110,15 +110,10 @@ def writer_of(name: str, world_size: int) -> int:
 
 
 def verification_share(files: dict[str, dict[str, Any]], world_size: int, rank: int) -> list[str]:
-    """The files `rank` checksums when a checkpoint is verified on `world_size` ranks: balanced by bytes,
-    largest first, the same split on every rank."""
-    loads, mine = [0] * world_size, []
-    for name in sorted(files, key=lambda n: (-int(files[n]["size"]), n)):
-        least = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[least] += int(files[name]["size"])
-        if least == rank:
-            mine.append(name)
-    return mine
+    """The files `rank` checksums when a checkpoint is verified on `world_size` ranks: each file by the rank that
+    wrote it when the number of ranks is the same (nobody reads another rank's files), else by its writer's rank
+    modulo the new number of ranks."""
+    return [name for name in sorted(files) if writer_of(name, 2**31) % world_size == rank]
 
 
 def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+SETTLE_S = 0.2  # GIL-free pause before destroying a process group (teardown)
 ERROR_TEARDOWN_WAIT_S = 60.0  # at most this (and a tenth of the collective timeout) a failing rank waits for peers
 _abandoned = False  # a failing rank left its process group with a barrier unanswered (teardown)
 
@@ -133,8 +136,18 @@ def teardown(wait_s: float | None = None) -> None:
             global _abandoned
             _abandoned = True
             return
+    _let_collective_threads_settle()
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
+
+
+def _let_collective_threads_settle() -> None:
+    """Give gloo's worker threads the GIL for a moment. A finished barrier is destroyed on a worker thread, and
+    with it the earlier collectives it waited for; freeing their tensors (created in Python) needs the GIL. If the
+    process group is destroyed first, its destructor (run later, e.g. when DDP's reducer is freed, holding the
+    GIL) joins that worker, which waits for the GIL forever: a hang seen at the end of 2-rank runs."""
+    gc.collect()
+    time.sleep(SETTLE_S)
 
 
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
