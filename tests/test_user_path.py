@@ -108,7 +108,7 @@ def test_under_torchrun_a_recipe_error_is_shown_once_and_every_worker_exits_2(tm
 def test_shipped_recipes_are_listed_and_copied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out
-    assert "24gb/llama3-8b-qlora" in listing and "9.18 GiB per GPU" in listing and "quickstart" in listing
+    assert "24gb/llama3-8b-qlora" in listing and "9.17 GiB per GPU" in listing and "quickstart" in listing
     assert main(["recipes", "copy", "24gb/llama3-8b-qlora", str(tmp_path)]) == 0
     copied = tmp_path / "llama3-8b-qlora.yaml"
     assert copied.read_text() == (ROOT / "recipes" / "24gb" / "llama3-8b-qlora.yaml").read_text()
