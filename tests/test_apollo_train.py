@@ -1,6 +1,6 @@
 """APOLLO, APOLLO-Mini and INT8 weights through the real loop: per-layer updates equal standard ones (with
-accumulation, and under 2-process DDP), sharded state per rank (ZeRO-1 style), bitwise resume between two
-projection renewals (also with INT8 weights), and the losses on Shakespeare: APOLLO and APOLLO-Mini against
+accumulation; under 2-process DDP and sharded: tests/test_lowrank_ddp.py), bitwise resume between two projection
+renewals with INT8 weights, and the losses on Shakespeare: APOLLO and APOLLO-Mini against
 AdamW, GaLore with INT8 weights against GaLore in bf16, GaLore's subspace refresh against the full SVD."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
-from tests.test_galore_train import ONE_THREAD, max_diff, tensor_bytes, train_in_process
+from tests.test_galore_train import ONE_THREAD, max_diff, train_in_process
 from trainer.checkpoint import complete_checkpoints
-from trainer.safeio import load_tensors
 
 # rank 16 = hidden 64 / 4; new projections at steps 1, 5, 9 (update_gap 4), so 10 steps cross two renewals.
 APOLLO = ["optimizer.name=apollo_adamw", "optimizer.apollo.rank=16", "optimizer.apollo.update_gap=4",
@@ -41,70 +40,7 @@ def test_per_layer_equals_standard_apollo(tmp_path: Path, batch: list[str], name
     assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(std_rows, per_rows))
 
 
-# --- 2 processes: DDP, sharded state, resume -------------------------------------------------------------
-
-def ddp_args(out: Path, *extra: str) -> list[str]:
-    return ["train", str(QUICKSTART), *tiny(out, *APOLLO, "optimizer.grad_clip=null", "train.micro_batch_size=1",
-                                             "train.grad_accum_steps=2", "checkpoint.every_steps=3", *extra, steps=12)]
-
-
-@pytest.fixture(scope="module")
-def ddp_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Standard APOLLO under DDP, 2 processes, micro-batch 1 x accumulation 2, 12 steps."""
-    out = tmp_path_factory.mktemp("apollo-ddp") / "run"
-    ok(run_cli(ddp_args(out), nproc=2, env=ONE_THREAD))
-    return out
-
-
-@pytest.fixture(scope="module")
-def sharded_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("apollo-zero1") / "run"
-    ok(run_cli(ddp_args(out, "distributed.zero_stage=1"), nproc=2, env=ONE_THREAD))
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_ddp_per_layer_equals_standard(tmp_path: Path, ddp_ref: Path) -> None:
-    out = tmp_path / "run"
-    ok(run_cli(ddp_args(out, "optimizer.apollo.per_layer=true"), nproc=2, env=ONE_THREAD))
-    assert max_diff(final_weights(ddp_ref), final_weights(out)) <= 1e-5
-    assert losses(out, range(1, 13)) == pytest.approx(losses(ddp_ref, range(1, 13)), abs=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_sharded_state_same_trajectory_split_per_rank(ddp_ref: Path, sharded_ref: Path) -> None:
-    """zero_stage 1: the same losses and weights as DDP; each rank's checkpoint shard holds its own part of the
-    same state (the two add up to the unsharded state, each between 30% and 70% of it: the embedding's AdamW
-    moments are a third of the whole, and whole parameters cannot split finer)."""
-    assert losses(sharded_ref, range(1, 13)) == pytest.approx(losses(ddp_ref, range(1, 13)), abs=1e-5)
-    assert max_diff(final_weights(ddp_ref), final_weights(sharded_ref)) <= 1e-5
-    (_, full_ckpt), (_, shard_ckpt) = complete_checkpoints(ddp_ref)[-1], complete_checkpoints(sharded_ref)[-1]
-    total = tensor_bytes(load_tensors(full_ckpt / "engine-state.pt")["optimizer"]["state"])
-    shards = [load_tensors(shard_ckpt / f"optimizer-rank{r:05d}.pt")["state"] for r in (0, 1)]
-    sizes = [tensor_bytes(s) for s in shards]
-    assert sum(sizes) == total
-    assert all(0.3 * total <= s <= 0.7 * total for s in sizes), (sizes, total)
-    seeds = [t for s in shards for st in s.values() for k, t in st.items() if k == "proj_seed"]
-    assert len(seeds) == 14  # every target's seed is on exactly one rank
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_sharded_resume_between_renewals_is_bitwise_exact(tmp_path: Path, sharded_ref: Path) -> None:
-    out = tmp_path / "run"
-    args = ddp_args(out, "distributed.zero_stage=1")
-    assert run_cli(args, nproc=2, env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
-    assert [s for s, _ in complete_checkpoints(out)] == [3, 6]  # step 6: after the renewal of 5, before 9
-    resumed = ok(run_cli(args, nproc=2, env=ONE_THREAD))
-    assert "resume: auto picked step-000006" in resumed.stderr
-    assert losses(out, range(1, 13)) == losses(sharded_ref, range(1, 13))
-    assert_bitwise_equal(final_weights(out), final_weights(sharded_ref))
-
+# --- resume with INT8 weights (the 2-process tests of the family: tests/test_lowrank_ddp.py) ------------------
 
 @pytest.mark.slow
 def test_resume_int8_apollo_mini_per_layer_is_bitwise_exact(tmp_path: Path) -> None:

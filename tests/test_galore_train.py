@@ -1,6 +1,6 @@
-"""GaLore through the real loop: per-layer updates equal standard GaLore (with accumulation, under DDP), the
-per-layer clipping rule, no full set of gradients, sharded state (ZeRO-1 style) on 2 processes, bitwise
-resume between two projector refreshes, and the loss against AdamW on Shakespeare."""
+"""GaLore through the real loop: per-layer updates equal standard GaLore (with accumulation; under DDP and
+sharded on 2 processes: tests/test_lowrank_ddp.py), the per-layer clipping rule, no full set of gradients,
+bitwise resume between two projector refreshes with 8-bit moments, and the loss against AdamW on Shakespeare."""
 
 from __future__ import annotations
 
@@ -142,28 +142,6 @@ def test_per_layer_never_holds_a_full_set_of_gradients(tmp_path: Path, monkeypat
     assert max(t for *_, t in seen) == n_targets  # step 1 refreshes: summed gradients are needed
 
 
-# --- 2 processes: DDP, sharded state, resume -------------------------------------------------------------
-
-def ddp_args(out: Path, *extra: str) -> list[str]:
-    return ["train", str(QUICKSTART), *tiny(out, *GALORE, "optimizer.grad_clip=null", "train.micro_batch_size=1",
-                                             "train.grad_accum_steps=2", "checkpoint.every_steps=3", *extra, steps=12)]
-
-
-@pytest.fixture(scope="module")
-def ddp_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Standard GaLore under DDP, 2 processes, micro-batch 1 x accumulation 2, 12 steps."""
-    out = tmp_path_factory.mktemp("galore-ddp") / "run"
-    ok(run_cli(ddp_args(out), nproc=2, env=ONE_THREAD))
-    return out
-
-
-@pytest.fixture(scope="module")
-def sharded_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("galore-zero1") / "run"
-    ok(run_cli(ddp_args(out, "distributed.zero_stage=1"), nproc=2, env=ONE_THREAD))
-    return out
-
-
 def tensor_bytes(obj: object) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -174,43 +152,8 @@ def tensor_bytes(obj: object) -> int:
     return 0
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_ddp_per_layer_equals_standard(tmp_path: Path, ddp_ref: Path) -> None:
-    out = tmp_path / "run"
-    ok(run_cli(ddp_args(out, "optimizer.galore.per_layer=true"), nproc=2, env=ONE_THREAD))
-    a, b = final_weights(ddp_ref), final_weights(out)
-    assert max_diff(a, b) <= 1e-5
-    assert losses(out, range(1, 13)) == pytest.approx(losses(ddp_ref, range(1, 13)), abs=1e-5)
 
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_sharded_state_same_trajectory_half_the_bytes(ddp_ref: Path, sharded_ref: Path) -> None:
-    assert losses(sharded_ref, range(1, 13)) == pytest.approx(losses(ddp_ref, range(1, 13)), abs=1e-5)
-    assert max_diff(final_weights(ddp_ref), final_weights(sharded_ref)) <= 1e-5
-    (_, full_ckpt), (_, shard_ckpt) = complete_checkpoints(ddp_ref)[-1], complete_checkpoints(sharded_ref)[-1]
-    total = tensor_bytes(load_tensors(full_ckpt / "engine-state.pt")["optimizer"]["state"])
-    shards = [tensor_bytes(load_tensors(shard_ckpt / f"optimizer-rank{r:05d}.pt")["state"]) for r in (0, 1)]
-    assert sum(shards) == total  # the same state tensors, split
-    assert all(0.4 * total <= s <= 0.6 * total for s in shards), (shards, total)
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_sharded_resume_between_refreshes_is_bitwise_exact(tmp_path: Path, sharded_ref: Path) -> None:
-    out = tmp_path / "run"
-    args = ddp_args(out, "distributed.zero_stage=1")
-    assert run_cli(args, nproc=2, env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
-    assert [s for s, _ in complete_checkpoints(out)] == [3, 6]  # step 6: after refresh 5, before refresh 9
-    resumed = ok(run_cli(args, nproc=2, env=ONE_THREAD))
-    assert "resume: auto picked step-000006" in resumed.stderr
-    assert losses(out, range(1, 13)) == losses(sharded_ref, range(1, 13))
-    assert_bitwise_equal(final_weights(out), final_weights(sharded_ref))
-
+# --- resume with 8-bit moments (the 2-process tests of the family: tests/test_lowrank_ddp.py) ---------------
 
 @pytest.mark.slow
 def test_resume_8bit_per_layer_between_refreshes_is_bitwise_exact(tmp_path: Path) -> None:
