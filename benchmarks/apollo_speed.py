@@ -25,20 +25,13 @@ import time
 from typing import Any, Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from llama_shape import add_shape_args, llama_of
 
 from trainer.optim.apollo import ApolloAdamW
 from trainer.optim.galore import GaLoreAdamW
 from trainer.optim.lowrank_groups import select_targets
 
 GALORE_RANK, APOLLO_RANK = 128, 128
-
-
-def build(args: argparse.Namespace) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                        num_attention_heads=args.heads, num_key_value_heads=args.heads))
 
 
 def split(model: torch.nn.Module, rank: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -97,7 +90,7 @@ def set_grads(model: torch.nn.Module, step: int) -> None:
 
 def one_round(args: argparse.Namespace, name: str, make: Callable[[torch.nn.Module], Any]) -> list[float]:
     """Step times of one optimizer on a fresh model, after its first two steps."""
-    model = build(args)
+    model = llama_of(args)
     opt = make(model)
     times = []
     for step in range(args.steps):
@@ -114,11 +107,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1376)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(ap, hidden=512, intermediate=1376, layers=8, heads=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"Llama shape hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "

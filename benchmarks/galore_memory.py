@@ -20,6 +20,7 @@ import argparse
 import math
 
 import torch
+from llama_shape import add_shape_args, llama_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.optim.galore import MIN_8BIT_SIZE, GaLoreAdamW, expected_state_bytes, moment_bytes, state_bytes
@@ -72,18 +73,10 @@ def check_rules_on_real_state() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[128, 256, 512])
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5461)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(ap, hidden=2048, intermediate=5461, layers=24, heads=32)
     args = ap.parse_args()
     check_rules_on_real_state()
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = llama_of(args, meta=True)
     shapes = [tuple(p.shape) for p in model.parameters()]
     params = sum(math.prod(s) for s in shapes)
     targets, _ = select_targets(model, None, min(args.ranks))

@@ -37,6 +37,7 @@ import time
 from typing import Any, Callable
 
 import torch
+from llama_shape import add_shape_args, llama_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.optim.galore import (
@@ -50,13 +51,6 @@ from trainer.optim.galore import (
 from trainer.optim.lowrank_groups import select_targets
 
 RANK, SCALE, GAP = 128, 0.25, 200
-
-
-def build(args: argparse.Namespace) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                        num_attention_heads=args.heads, num_key_value_heads=args.heads))
 
 
 def split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -96,7 +90,7 @@ def timed(opt: torch.optim.Optimizer) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """Per optimizer: times of refresh steps and of plain steps (steps 0 and 1 warm up and are not counted)."""
-    base = build(args)
+    base = llama_of(args)
     gap = args.gap  # refreshes at 0 (warm-up), gap, 2 gap, ...
     names: list[str] = ["ours (exact SVD)", "ours (randomized SVD)"]
     makers: list[Callable[[torch.nn.Module], Any]] = [lambda m: ours(m, "full", gap),
@@ -189,7 +183,7 @@ def shakespeare_batches(args: argparse.Namespace) -> Any:
 
 def training_gradients(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(gradient at step --warm, gradient --refresh-gap steps later) of every GaLore target, from AdamW training."""
-    model = build(args)
+    model = llama_of(args)
     targets, _ = split(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = shakespeare_batches(args)
@@ -267,11 +261,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--gap", type=int, default=6, help="refresh every this many steps while measuring")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1376)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(ap, hidden=512, intermediate=1376, layers=8, heads=8)
     ap.add_argument("--warm", type=int, default=10, help="AdamW steps before the first gradient (refresh table)")
     ap.add_argument("--refresh-gap", type=int, default=10, help="steps between the two gradients (refresh table)")
     ap.add_argument("--batch", type=int, default=4, help="sequences of 128 tokens per step (refresh table)")

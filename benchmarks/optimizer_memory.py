@@ -20,6 +20,7 @@ import argparse
 import math
 
 import torch
+from llama_shape import add_shape_args, llama_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer import int8_weights
@@ -126,18 +127,10 @@ def peer_state(rank: int) -> tuple[int, int] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(ap, hidden=4096, intermediate=11008, layers=32, heads=32)
     args = ap.parse_args()
     check_rules_on_real_state()
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = llama_of(args, meta=True)
     params = sum(math.prod(p.shape) for p in model.parameters())
     bf16, int8 = weight_bytes(model, False), weight_bytes(model, True)
     print(f"LLaMA-7B shape (hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
