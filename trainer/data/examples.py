@@ -130,6 +130,11 @@ class Encoded:
     chars: int = 0  # characters tokenized (the progress bar's measure of how far through the source it is)
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every token id of the vocabulary (what the store writes)."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
 @dataclass
 class Encoder:
     """Rows of one source to examples (picklable: each worker of a parallel build makes its own)."""
@@ -142,6 +147,7 @@ class Encoder:
 
     def __post_init__(self) -> None:
         self.renderer = ChatRenderer(self.tokenizer, self.template) if self.format != "text" else None
+        self.id_dtype = token_dtype(len(self.tokenizer))  # ids cross from the workers in the store's own type
 
     def __call__(self, rows: list[Row]) -> Encoded:
         out = self._text(rows) if self.format == "text" else self._sft(rows)
@@ -161,7 +167,9 @@ class Encoder:
         eos = self.tokenizer.eos_token_id
         out.chars = sum(len(t) for t in texts)
         for enc in encode_batch(self.tokenizer, texts, chat=False):
-            out.ids.append(np.append(np.asarray(enc.ids, dtype=np.int64), eos))
+            ids = np.empty(len(enc.ids) + 1, dtype=self.id_dtype)
+            ids[:-1], ids[-1] = enc.ids, eos
+            out.ids.append(ids)
         return out
 
     def _sft(self, rows: list[Row]) -> Encoded:
@@ -183,7 +191,7 @@ class Encoder:
             where.append(row)
         out.chars = sum(len(t) for t in texts)
         for row, enc, found in zip(where, encode_batch(self.tokenizer, texts, chat=True), spans):
-            ids = np.asarray(enc.ids, dtype=np.int64)[:self.seq_len]
+            ids = np.asarray(enc.ids[:self.seq_len], dtype=self.id_dtype)
             mask = _reply_mask(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), found)[:self.seq_len]
             if not mask[1:].any():  # the first token is never a target
                 out.dropped.append((row.where, row.number, f"no reply within the first data.seq_len={self.seq_len} "

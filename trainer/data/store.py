@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from trainer.data.examples import Encoded, Encoder
+from trainer.data.examples import Encoded, Encoder, token_dtype
 from trainer.data.sources import Row, SourceSpec, fingerprint, rows, size_in_bytes, unit_of
 from trainer.errors import DataError
 from trainer.run_lock import FileLock
@@ -70,10 +70,6 @@ def tokenizer_hash(tokenizer: Any) -> str:
 def held_out(index: int, fraction: float) -> bool:
     """Whether usable document `index` (0-based, source order) is in the eval split: every 1/fraction-th one."""
     return fraction > 0 and int((index + 1) * fraction) > int(index * fraction)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 @dataclass(frozen=True)
@@ -156,7 +152,7 @@ class _PartWriter:
         self.offsets.write(np.zeros(1, dtype=np.uint64).tobytes())
 
     def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
-        self.tokens.write(ids.astype(self.dtype).tobytes())
+        self.tokens.write(ids.astype(self.dtype, copy=False).tobytes())
         if self.mask is not None:
             self.mask.write(mask.astype(np.uint8).tobytes())  # type: ignore[union-attr]
         self.count += len(ids)
