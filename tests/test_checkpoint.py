@@ -245,7 +245,8 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_before_building(tmp_path:
     out = tmp_path / "run"
     ok(run_cli(ckpt_args(out, steps=4)))
     proc = run_cli(ckpt_args(out, steps=8), nproc=2)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0  # torchrun itself exits 1 when a rank fails; each rank's own code is in its report
+    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert "global batch of 2 sequences (micro-batch 2 x accumulation 1 x 1 ranks)" in proc.stderr
     assert "2 cannot be kept on 2 ranks" in proc.stderr and "It can be kept on 1 ranks" in proc.stderr
     assert "trainer.model" not in proc.stderr and "trainer.data" not in proc.stderr  # nothing was built

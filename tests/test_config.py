@@ -65,7 +65,7 @@ BAD = [
     (["optimizer.schedule=cosin"], "optimizer.schedule", "did you mean 'cosine'"),
     (["data.packing=maybe"], "data.packing", "isolated"),
     (["train.global_batch_size=12"], "train.global_batch_size", "multiple of micro_batch_size"),
-    (["train.global_batch_size=16"], "train.grad_accum_steps", "give only one"),
+    (["train.global_batch_size=16", "train.grad_accum_steps=4"], "train.grad_accum_steps", "give only one"),
     (["checkpoint.resume=/no/such/run"], "checkpoint.resume", "existing checkpoint folder"),
     (["distributed.deepspeed_overrides={a: 1}"], "distributed.deepspeed_overrides", "only used with"),
 ]

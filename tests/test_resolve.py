@@ -62,6 +62,18 @@ def test_accumulation_is_resolved_once_for_every_consumer() -> None:
     assert (config["gradient_accumulation_steps"], config["train_batch_size"]) == (2, 64)
 
 
+def test_a_batch_size_on_the_command_line_replaces_the_other_one_in_the_recipe() -> None:
+    """The quickstart says grad_accum_steps: 1; a global batch given on the command line (as a resume on another
+    number of ranks needs) takes its place instead of contradicting it. Both given on the command line still
+    contradict."""
+    run = resolve(QUICKSTART, ["train.global_batch_size=32"], world_size=2)
+    assert (run.grad_accum_steps, run.global_batch_size) == (2, 32)
+    accum_only = resolve(QUICKSTART, ["train.grad_accum_steps=3"], world_size=2)
+    assert (accum_only.grad_accum_steps, accum_only.global_batch_size) == (3, 48)
+    with pytest.raises(ConfigError, match="give only one"):
+        resolve(QUICKSTART, ["train.global_batch_size=32", "train.grad_accum_steps=4"], world_size=2)
+
+
 def _run_for(micro: int, accum: int | None, global_batch: int | None, world: int) -> ResolvedRun:
     return resolve(QUICKSTART, [f"train.micro_batch_size={micro}", "model.config.hidden_size=256", "data.seq_len=256",
                                 f"train.grad_accum_steps={accum if accum else 'null'}",
