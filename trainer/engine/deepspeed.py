@@ -14,8 +14,10 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
 - fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
   and halves the scale; `precision.max_consecutive_skips` stops a run whose scale has collapsed.
 - Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
-  checkpoint's temporary folder, plus `model.safetensors`, the full fp32 weights gathered from the master
-  partitions, which export reads. Loading never unpickles code (see `safe_load`).
+  checkpoint's temporary folder, plus, with `checkpoint.full_weights` (auto: not at ZeRO-3), `model.safetensors`,
+  the full fp32 weights gathered from the master partitions on rank 0 (export consolidates them from the shards
+  when it is absent). Resume on the world size that saved it uses DeepSpeed's loader; on another one each rank
+  builds its new partitions from the saved shards (ds_reshard.py). Loading never unpickles code (ds_files.py).
 - Adapter runs (LoRA/QLoRA): the LoRA weights stay fp32 under DeepSpeed's torch_autocast (ds_config.py); at
   ZeRO-3 the base was partitioned as it loaded (zero3_init_context). A checkpoint holds DeepSpeed's files for the
   trainable tensors and their optimizer state only, and `adapter/` (a peft directory, the only weights export
