@@ -41,7 +41,7 @@ PARAM_SHAPES = "param_shapes"
 BUFFER_NAMES = "buffer_names"
 FP32 = "fp32"  # the key this module uses for the master weights beside the optimizer's own keys
 
-OPTIM_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # bf16 runs: bf16_ prefix
 MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
 
 
