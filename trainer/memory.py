@@ -507,7 +507,7 @@ def checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
     if d.engine == "deepspeed" and d.zero_stage >= 1:
         return zero_checkpoint_bytes(run, sh)
     items, trainable = model_states(run, sh)
-    state = sum(i.bytes for i in items if "optimizer state" in i.name or "fp32 master" in i.name)
+    state = sum(i.bytes for i in items if "optimizer state" in i.name)  # the weights item is the model itself
     sharded = d.zero_stage == 1 and run.world_size > 1
     return 4 * trainable + state * (run.world_size if sharded else 1)
 
