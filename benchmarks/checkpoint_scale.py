@@ -5,10 +5,9 @@ Llama-style models of about 25M, 100M and 200M parameters, 2 ranks on CPU.
     python benchmarks/checkpoint_scale.py                  # 25M, 100M, 200M (a few minutes; ~10 GB of disk)
     python benchmarks/checkpoint_scale.py --sizes 25M      # a quick look
 
-Each variant trains one step of the quickstart recipe reshaped to the model size (so the optimizer state exists),
-then, in the same processes, saves a checkpoint (timed on every rank) and resumes from it in a freshly built run
-on the same 2 ranks; a second launch resumes it on 1 rank (the native engine reloads its replicated state;
-DeepSpeed reshards its partitions, ds_reshard.py). Columns:
+Each variant trains one step of the quickstart recipe reshaped to the model size (so the optimizer state exists)
+and saves a checkpoint (timed on every rank); a second launch resumes from it on the same 2 ranks, a third on 1
+rank (the native engine reloads its replicated state; DeepSpeed reshards its partitions, ds_reshard.py). Columns:
 - checkpoint MB: the manifest's bytes, and the memory plan's estimate (trainer.memory.checkpoint_bytes);
 - written by rank 0 / 1: the bytes each rank wrote (and fsynced and hashed: checkpoint.writer_of);
 - save s, rank 0 / 1: each rank's own part (writing its files, fsync, hashing them); the save's wall time on rank 0
@@ -22,7 +21,6 @@ Timings read files from the page cache (just written); on a cold cache the reads
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -93,8 +91,8 @@ def _instrument(times: dict[str, float]) -> None:
 
 
 def worker(spec_path: str) -> None:
-    """Under torchrun. phase "save": train one step, save (timed), resume in a fresh run (timed); phase "resume":
-    resume only. Writes this rank's timings next to the spec."""
+    """Under torchrun. phase "save": train one step and save (timed); phase "resume": build the run and resume
+    (timed). Writes this rank's timings next to the spec."""
     from trainer.distributed import barrier, distributed_context
     from trainer.loop import run_loop, setup
     from trainer.resolve import resolve
@@ -103,19 +101,14 @@ def worker(spec_path: str) -> None:
     times: dict[str, float] = {}
     _instrument(times)
     with distributed_context() as dist:
-        if spec["phase"] == "save":
-            run = resolve(RECIPE, [*spec["overrides"], "checkpoint.resume=never"], world_size=dist.world_size)
-            t = setup(run, dist)
+        saving = spec["phase"] == "save"
+        run = resolve(RECIPE, [*spec["overrides"], f"checkpoint.resume={'never' if saving else 'auto'}"],
+                      world_size=dist.world_size)
+        t = setup(run, dist)
+        if saving:
             run_loop(t, until_step=1)
             barrier()
             t.checkpointer.save(t.engine, t.state)
-            t.metrics.close()
-            del t
-            gc.collect()
-            times.pop("resume", None)  # choose() of the fresh run (nothing to resume) is not a resume
-            times.pop("load", None)
-        run = resolve(RECIPE, [*spec["overrides"], "checkpoint.resume=auto"], world_size=dist.world_size)
-        t = setup(run, dist)
         t.metrics.close()
         Path(spec_path).with_name(f"times-{spec['phase']}-rank{dist.rank}.json").write_text(json.dumps(times))
 
@@ -123,7 +116,7 @@ def worker(spec_path: str) -> None:
 # ---------------------------------------------------------------------------------------------- parent side
 
 def launch(spec: dict[str, Any], folder: Path, nproc: int) -> list[dict[str, float]]:
-    path = folder / f"spec-{spec['phase']}.json"
+    path = folder / f"spec-{spec['phase']}-{nproc}.json"
     path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).resolve()), "--worker", str(path)]
@@ -162,9 +155,10 @@ def parameters(overrides: list[str]) -> int:
 def row(size: str, name: str, overrides: list[str], full: str, out: Path) -> str:
     root = out.parent
     given = [f"output_dir={out}", *COMMON, *SIZES[size], *overrides]
-    on2 = launch({"phase": "save", "overrides": given}, root, nproc=2)
+    saved = launch({"phase": "save", "overrides": given}, root, nproc=2)
     checkpoint = next((out / "checkpoints").glob("step-*"))
     written = bytes_by_rank(checkpoint, 2)
+    on2 = launch({"phase": "resume", "overrides": given}, root, nproc=2)
     on1 = launch({"phase": "resume", "overrides": given}, root, nproc=1)[0]
     shutil.rmtree(out)
     mb = 1e6
@@ -174,7 +168,7 @@ def row(size: str, name: str, overrides: list[str], full: str, out: Path) -> str
 
     return (f"| {size} ({parameters(given) / 1e6:.0f}M) | {name} | {full} | {sum(written) / mb:,.0f} "
             f"({planned_bytes(given) / mb:,.0f}) | {written[0] / mb:,.0f} / {written[1] / mb:,.0f} | "
-            f"{pair('save_own')} ({on2[0]['save_wall']:.2f}) | {pair('resume')} ({pair('load')}) | "
+            f"{pair('save_own', saved)} ({saved[0]['save_wall']:.2f}) | {pair('resume')} ({pair('load')}) | "
             f"{on1['resume']:.2f} ({on1['load']:.2f}) |")
 
 
