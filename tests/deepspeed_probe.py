@@ -3,7 +3,7 @@ write what each rank saw, so one launch (6-9 s of torchrun and DeepSpeed start-u
 Native-engine runs can share a launch with DeepSpeed ones (go first); `count_native_bytes` also serves
 single-process tests.
 
-    torchrun --standalone --nproc_per_node=2 tests/deepspeed_probe.py SPEC.json OUT_DIR
+    torchrun --standalone --nproc_per_node=N tests/deepspeed_probe.py SPEC.json OUT_DIR
 
 SPEC.json: {"recipe": PATH, "runs": [{"name", "overrides", "fault" (TRAINER_FAULT for this run, optional),
 "inspect" (count the model-state tensors after training), "logits" (input ids to run through the trained model),
@@ -13,7 +13,8 @@ Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "lo
 losses are in each run's metrics.jsonl. A run is set up and trained by the real loop (trainer.loop.setup /
 run_loop); `error` is the message of a TrainerError that stopped it.
 
-Tests launch it with `launch(base, runs, recipe)`, which returns {"facts": {rank: {run: facts}}, "log": stderr}.
+Tests launch it with `launch(base, runs, recipe)` (2 ranks; `nproc=N` for another number), which returns
+{"facts": {rank: {run: facts}}, "log": stderr}.
 
 Test-only: DeepSpeed's CPU accelerator is made to claim fp16 support, because DeepSpeed refuses fp16 on CPUs
 without AVX512-FP16 and its loss scaling could otherwise not be exercised here. The product never does this.
@@ -227,15 +228,16 @@ def main(spec_path: str, out_dir: str) -> None:
 NATIVE_ABORT = "terminate called without an active exception"
 
 
-def launch(base: Path, runs: list[dict[str, Any]], recipe: Path, timeout: int = 900) -> dict[str, Any]:
-    """Run this probe on 2 ranks over `runs` (their output_dir overrides under `base`) and return what each rank
-    wrote plus rank 0's log. A launch that dies of NATIVE_ABORT is run once more from clean output folders,
-    with a warning that carries the first attempt's stacks (faulthandler prints every thread's Python stack on
-    SIGABRT); any other failure, and a second abort, fail the test."""
+def launch(base: Path, runs: list[dict[str, Any]], recipe: Path, timeout: int = 900, nproc: int = 2
+           ) -> dict[str, Any]:
+    """Run this probe on `nproc` ranks (2 unless told) over `runs` (their output_dir overrides under `base`) and
+    return what each rank wrote plus rank 0's log. A launch that dies of NATIVE_ABORT is run once more from clean
+    output folders, with a warning that carries the first attempt's stacks (faulthandler prints every thread's
+    Python stack on SIGABRT); any other failure, and a second abort, fail the test."""
     spec = base / "spec.json"
     spec.write_text(json.dumps({"recipe": str(recipe), "runs": runs}))
     # -m from the repository root: the trainer package next to these tests is the one imported
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "tests.deepspeed_probe", str(spec), str(base)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     for attempt in (1, 2):
@@ -252,7 +254,7 @@ def launch(base: Path, runs: list[dict[str, Any]], recipe: Path, timeout: int = 
         for rank_file in base.glob("rank*.json"):
             rank_file.unlink()
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return {"facts": {r: json.loads((base / f"rank{r}.json").read_text()) for r in (0, 1)}, "log": proc.stderr}
+    return {"facts": {r: json.loads((base / f"rank{r}.json").read_text()) for r in range(nproc)}, "log": proc.stderr}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import QUICKSTART, ROOT, free_port, read_metrics, run_cli, tiny
 from trainer.checkpoint import complete_checkpoints
 from trainer.distributed import distributed_context
+from trainer.engine.ds_shards import consolidated_weights
 from trainer.errors import UnsafeFileError
 from trainer.export import export
 from trainer.loop import run_loop, setup
@@ -33,7 +34,11 @@ def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's fp32 weights: model.safetensors, or (DeepSpeed ZeRO-3 by default writes none)
+    consolidated from DeepSpeed's shards, as export does."""
     (step, path), *_ = reversed(complete_checkpoints(out))
+    if not (path / "model.safetensors").is_file():
+        return dict(consolidated_weights(path))
     return load_file(str(path / "model.safetensors"))
 
 

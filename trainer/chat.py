@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.merge import load_base
 from trainer.checkpoint import read_manifest
-from trainer.engine.base import MODEL_FILE
 from trainer.errors import TrainerError
-from trainer.export import resolve_checkpoint
+from trainer.export import load_full_weights, resolve_checkpoint
 from trainer.inference import for_inference
 from trainer.recipe import saved_recipe
 
@@ -57,7 +55,7 @@ def _from_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype) -> An
     with no_init_weights():  # every weight comes from the checkpoint
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "hf"), dtype=torch.float32)
     model.tie_weights()
-    load_model(model, str(ckpt / MODEL_FILE))
+    load_full_weights(model, ckpt)  # model.safetensors, or consolidated from DeepSpeed's shards
     return model.to(device=device, dtype=dtype)
 
 

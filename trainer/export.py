@@ -3,7 +3,9 @@
 The output (config.json, model.safetensors, tokenizer files) loads with `AutoModelForCausalLM.from_pretrained`
 and gives the trained model's logits. Everything comes from the checkpoint itself (its `hf/` folder holds the
 model config and tokenizer), so export works without the recipe's data or tokenizer source. The checkpoint is
-verified against its manifest first, and nothing is unpickled.
+verified against its manifest first, and nothing is unpickled. A DeepSpeed checkpoint without the gathered
+weights (`checkpoint.full_weights`, off by default at ZeRO-3) has them consolidated from its shards here, in one
+process, whatever number of ranks wrote it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from trainer.adapters.merge import write_adapter_export
 from trainer.checkpoint import MANIFEST, complete_checkpoints, read_manifest
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE
+from trainer.engine.ds_shards import consolidated_weights, has_zero_checkpoint
 from trainer.errors import CheckpointError
 from trainer.inference import for_inference
 
@@ -40,6 +43,29 @@ def resolve_checkpoint(source: Path) -> Path:
                               "valid manifest)")
     raise CheckpointError(f"{source} is neither a checkpoint (no {MANIFEST}) nor a run directory (no "
                           "checkpoints/); give OUTPUT_DIR or OUTPUT_DIR/checkpoints/step-N")
+
+
+def load_full_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """A full model's weights from a checkpoint: `model.safetensors`, or, in a DeepSpeed checkpoint written without
+    it (checkpoint.full_weights off, the ZeRO-3 default), consolidated in this process from every rank's fp32
+    master partitions, one tensor at a time (restricted loading, nothing written). Every weight must be found."""
+    if (ckpt / MODEL_FILE).is_file():
+        load_model(model, str(ckpt / MODEL_FILE))
+        return
+    if not has_zero_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} holds no {MODEL_FILE} and no DeepSpeed shards to consolidate the weights from")
+    targets = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    missing = set(dict(model.named_parameters()))
+    with torch.no_grad():
+        for name, tensor in consolidated_weights(ckpt):
+            if name not in targets or targets[name].numel() != tensor.numel():
+                raise CheckpointError(f"{ckpt}: DeepSpeed's shards hold {name} {tuple(tensor.shape)}, which this "
+                                      f"model ({type(model).__name__} from hf/config.json) does not have")
+            targets[name].copy_(tensor.view_as(targets[name]))
+            missing.discard(name)
+    if missing:
+        raise CheckpointError(f"{ckpt}: DeepSpeed's shards hold no values for {sorted(missing)[:3]}")
+    log.info("consolidated the weights of %s from DeepSpeed's shards (it has no %s)", ckpt, MODEL_FILE)
 
 
 EXPORT_MARKER = ".trainer-export"  # in every export: `--force` replaces only a folder that has it
@@ -96,7 +122,7 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
         with no_init_weights():  # every weight comes from the checkpoint
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.tie_weights()
-        load_model(model, str(ckpt / MODEL_FILE))
+        load_full_weights(model, ckpt)
         model.to(torch_dtype(dtype))
         for_inference(model).save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)

@@ -500,15 +500,31 @@ def _gathered_adapter_layers(run: ResolvedRun, frozen: list[FrozenTensor], lora:
 
 
 def checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
-    """About what one checkpoint of this run takes on disk, all ranks together: the trainable weights in fp32 (an
-    adapter run saves only the adapter) and the optimizer state of every rank; DeepSpeed adds its own shards of the
-    weights beside our gathered copy."""
-    items, trainable = model_states(run, sh)
-    state = sum(i.bytes for i in items if "optimizer state" in i.name or "fp32 master" in i.name)
+    """About what one checkpoint of this run takes on disk, all ranks together. The native engine: the trainable
+    weights in fp32 (an adapter run saves only the adapter) and the optimizer state of every rank. DeepSpeed
+    (zero_checkpoint_bytes): its own shards, plus the gathered fp32 copy when checkpoint.full_weights is on."""
     d = run.recipe.distributed
-    sharded = (d.engine == "deepspeed" and d.zero_stage >= 1) or (d.zero_stage == 1 and run.world_size > 1)
-    weights = 4 * trainable * (2 if d.engine == "deepspeed" and d.zero_stage >= 1 else 1)
-    return weights + state * (run.world_size if sharded else 1)
+    if d.engine == "deepspeed" and d.zero_stage >= 1:
+        return zero_checkpoint_bytes(run, sh)
+    items, trainable = model_states(run, sh)
+    state = sum(i.bytes for i in items if "optimizer state" in i.name)  # the weights item is the model itself
+    sharded = d.zero_stage == 1 and run.world_size > 1
+    return 4 * trainable + state * (run.world_size if sharded else 1)
+
+
+def zero_checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """A DeepSpeed checkpoint: every rank's fp32 master partition and optimizer state (together the whole of
+    both), DeepSpeed's module file (ZeRO-1/2: the trainable weights in the training dtype; ZeRO-3: empty
+    placeholders, the weights being the master partitions), and the gathered fp32 weights with
+    checkpoint.full_weights (an adapter run: the adapter, always)."""
+    _, trainable = model_states(run, sh)
+    o = run.recipe.optimizer
+    state = _optimizer_bytes(o.name, [trainable], o.momentum)
+    adapted = run.recipe.adapter.type != "none"
+    module = 4 if adapted or run.recipe.precision.dtype == "fp32" else 2  # LoRA weights stay fp32
+    module_file = 0 if run.recipe.distributed.zero_stage == 3 else module * trainable
+    gathered = 4 * trainable if adapted or run.full_weights else 0
+    return 4 * trainable + state + module_file + gathered
 
 
 # ------------------------------------------------------------------------------------------- activations

@@ -55,6 +55,17 @@ class ResolvedRun:
     def vocab_size(self) -> int:
         return int(arch.text_config(self.architecture).vocab_size)
 
+    @property
+    def full_weights(self) -> bool:
+        """checkpoint.full_weights resolved: whether a DeepSpeed checkpoint also holds the whole fp32 weights
+        gathered on rank 0. Auto: not at ZeRO-3, whose point is that no rank holds the whole model (export
+        consolidates them from the shards instead); at ZeRO-1/2 every rank holds the weights anyway."""
+        chosen = self.recipe.checkpoint.full_weights
+        if chosen is not None:
+            return chosen
+        d = self.recipe.distributed
+        return not (d.engine == "deepspeed" and d.zero_stage == 3)
+
 
 # ---------------------------------------------------------------------------------------------- batch
 

@@ -299,8 +299,22 @@ def _adapter_on_deepspeed(r: Recipe, src: Source) -> list[Problem]:
     return out
 
 
+def _full_weights(r: Recipe, src: Source) -> list[Problem]:
+    """checkpoint.full_weights chooses whether a DeepSpeed checkpoint carries a gathered copy of the weights beside
+    its shards; elsewhere the weights file is the checkpoint's only copy of the weights."""
+    chosen, key = r.checkpoint.full_weights, "checkpoint.full_weights"
+    deepspeed = r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0
+    if chosen is False and not deepspeed and r.adapter.type == "none":
+        return [Problem(key, False, "the native engine's checkpoint holds the weights only in model.safetensors, "
+                        "which resume needs; remove it (it applies to distributed.engine: deepspeed)", src(key))]
+    if chosen is not None and r.adapter.type != "none":
+        return [Problem(key, chosen, "an adapter run's checkpoint holds the adapter (adapter/), never the base's "
+                        "weights, whatever the engine; remove it", src(key))]
+    return []
+
+
 RULES = (_model, _data, _packing, _optimizer, _nonfinite, _precision, _int8_weights, _distributed, _deepspeed,
-         _adapter)
+         _adapter, _full_weights)
 
 
 def cross_check(recipe: Recipe, src: Source) -> list[Problem]:

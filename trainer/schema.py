@@ -263,6 +263,10 @@ class CheckpointConfig(Section):
     keep_last: int = setting("keep this many newest complete checkpoints", 2, ge=1)
     resume: str = setting("auto (newest complete checkpoint in output_dir) | never | PATH", "auto")
     save_final: bool = setting("save a checkpoint when the run ends", True)
+    full_weights: bool | None = setting("DeepSpeed: also write the whole fp32 weights gathered on rank 0 "
+                                        "(model.safetensors; export can consolidate them from the shards without "
+                                        "it); null = auto: on for ZeRO-1/2, off for ZeRO-3; the native engine "
+                                        "always writes them", None, resume="allowed")
 
 
 class WandbConfig(Section):

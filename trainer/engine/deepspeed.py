@@ -14,8 +14,10 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
 - fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
   and halves the scale; `precision.max_consecutive_skips` stops a run whose scale has collapsed.
 - Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
-  checkpoint's temporary folder, plus `model.safetensors`, the full fp32 weights gathered from the master
-  partitions, which export reads. Loading never unpickles code (see `safe_load`).
+  checkpoint's temporary folder, plus, with `checkpoint.full_weights` (auto: not at ZeRO-3), `model.safetensors`,
+  the full fp32 weights gathered from the master partitions on rank 0 (export consolidates them from the shards
+  when it is absent). Resume on the world size that saved it uses DeepSpeed's loader; on another one each rank
+  builds its new partitions from the saved shards (ds_reshard.py). Loading never unpickles code (ds_files.py).
 - Adapter runs (LoRA/QLoRA): the LoRA weights stay fp32 under DeepSpeed's torch_autocast (ds_config.py); at
   ZeRO-3 the base was partitioned as it loaded (zero3_init_context). A checkpoint holds DeepSpeed's files for the
   trainable tensors and their optimizer state only, and `adapter/` (a peft directory, the only weights export
@@ -29,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
@@ -43,8 +44,10 @@ from trainer.distributed import DistInfo, all_reduce_sum, teardown
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
+from trainer.engine.ds_files import DS_DIR, TAG, check_files, safe_load
+from trainer.engine.ds_reshard import load_resharded
 from trainer.engine.op_builds import prepare_builds
-from trainer.errors import CheckpointError, ConfigError, Problem, UnsafeFileError
+from trainer.errors import CheckpointError, ConfigError, Problem
 from trainer.model import Placement
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 from trainer.precision import SkipCounter
@@ -53,8 +56,6 @@ from trainer.safeio import fsync_file
 
 log = logging.getLogger(__name__)
 
-DS_DIR = "deepspeed"  # DeepSpeed's checkpoint, inside our checkpoint folder
-TAG = "state"  # DeepSpeed's checkpoint tag: one per folder, since each of our checkpoints is its own folder
 CPU_ADAM = "cpu_adam"
 
 
@@ -205,6 +206,7 @@ class ZeroEngine:
         self.dist = dist
         self.skips = SkipCounter(precision.max_consecutive_skips)
         self.fp16 = precision.dtype == "fp16"
+        self.full_weights = run.full_weights
         config, changes = final_ds_config(run)
         for line in changes:
             log.warning("distributed.deepspeed_overrides changes the generated DeepSpeed config: %s", line)
@@ -280,8 +282,9 @@ class ZeroEngine:
 
     def save(self, directory: Path) -> None:
         """Every rank: DeepSpeed's sharded checkpoint (each rank its partitions, rank 0 the module file with our
-        counters), then on rank 0 the full fp32 weights gathered from the master partitions (safetensors) or, in an
-        adapter run, the adapter alone (a peft directory): the frozen base is read again from its source on resume."""
+        counters), then, with checkpoint.full_weights, on rank 0 the full fp32 weights gathered from the master
+        partitions (safetensors: a convenience for export and inference, never read on resume) or, in an adapter
+        run, the adapter alone (a peft directory): the frozen base is read again from its source on resume."""
         target = directory / DS_DIR
         extra = {"schedule_step": self.scheduler.last_epoch, **self.skips.state_dict()}
         self.ds.save_checkpoint(str(target), tag=TAG, client_state={"trainer": extra}, save_latest=False,
@@ -291,6 +294,8 @@ class ZeroEngine:
                 (target / script).unlink(missing_ok=True)
         if self.adapted:
             self._save_adapter(directory / adapters.ADAPTER_DIR)
+            return
+        if not self.full_weights:  # export consolidates them from DeepSpeed's shards (ds_shards.py)
             return
         weights = full_fp32_state_dict(self.module)
         if self.dist.is_main:
@@ -315,18 +320,22 @@ class ZeroEngine:
         return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
 
     def load(self, directory: Path, saved_world_size: int) -> None:
-        if saved_world_size != self.dist.world_size:
-            raise CheckpointError(f"{directory} was written by {saved_world_size} ranks; resuming a DeepSpeed run on "
-                                  f"{self.dist.world_size} ranks is not supported yet", on_every_rank=True)
+        """DeepSpeed's own loader on the world size that saved the checkpoint; on another one, each rank builds its
+        new partitions from the saved shards (ds_reshard.py). Either way no file is unpickled beyond plain data."""
         target = directory / DS_DIR
         check_files(target)  # every rank checks every file: all refuse together, none waits in a collective
-        # adapter runs: the module file holds the trainable tensors only; the base came from its source
-        path, client = self.ds.load_checkpoint(str(target), tag=TAG, load_lr_scheduler_states=False,
-                                               load_module_strict=not self.adapted)
-        if path is None or "trainer" not in (client or {}):
+        if saved_world_size != self.dist.world_size:
+            client = load_resharded(self.ds, directory, self.dist.rank, self.dist.world_size)
+        else:
+            # adapter runs: the module file holds the trainable tensors only; the base came from its source
+            path, client = self.ds.load_checkpoint(str(target), tag=TAG, load_lr_scheduler_states=False,
+                                                   load_module_strict=not self.adapted)
+            if path is None:
+                client = None
+        if "trainer" not in (client or {}):
             raise CheckpointError(f"{directory}: no DeepSpeed checkpoint in {DS_DIR}/ (was it saved by the "
                                   "native engine? distributed.engine must match the run that saved it)")
-        extra = client["trainer"]
+        extra = client["trainer"]  # type: ignore[index]
         self.skips.load_state_dict(extra)
         restore_schedule(self.scheduler, int(extra["schedule_step"]))
 
@@ -349,53 +358,3 @@ def full_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         if name in persistent and tdist.get_rank() == 0:
             out[name] = buf.detach().cpu().contiguous().clone()
     return out
-
-
-# What DeepSpeed 0.19.8's checkpoint files hold besides tensors and plain containers, found with
-# torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 1-3 x fp32/bf16/fp16, with and without offload:
-# the loss scaler (numbers), the ZeRO stage (an int enum) and fragment addresses (a dataclass of two ints).
-# Allowlisting a class lets the restricted unpickler rebuild an instance from plain fields, or an enum member
-# from its value; it never calls a function named by the file.
-SAFE_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-
-def _safe_classes() -> list[type]:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    classes = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    assert [f"{c.__module__}.{c.__qualname__}" for c in classes] == list(SAFE_GLOBALS)
-    return classes
-
-
-def check_files(folder: Path) -> None:
-    """Refuse a DeepSpeed checkpoint whose files name anything beyond plain data and SAFE_GLOBALS, reading
-    only each file's pickle (no tensor data, nothing executed)."""
-    files = sorted(folder.rglob("*.pt"))
-    for f in files:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-        except Exception as e:  # not a torch zip file: nothing we would load
-            raise UnsafeFileError(f"cannot read {f}: not a valid torch file ({str(e).splitlines()[0]})") from None
-        refused = sorted(set(unsafe) - set(SAFE_GLOBALS))
-        if refused:
-            raise UnsafeFileError(
-                f"refusing to load {f}: it names {', '.join(refused)}, which is not plain data (pickled code "
-                "would run on load). If you did not create this file, delete it.")
-
-
-def safe_load(path: str, map_location: Any = None) -> Any:
-    """DeepSpeed's checkpoint reader, restricted: torch.load with weights_only=True (tensors, plain containers
-    and SAFE_GLOBALS only), where DeepSpeed's own TorchCheckpointEngine uses weights_only=False."""
-    try:
-        with torch.serialization.safe_globals(_safe_classes()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeFileError(f"refusing to load {path}: it contains objects other than tensors and plain data "
-                              f"(pickled code would run on load). Detail: {str(e).splitlines()[0]}") from None
