@@ -106,6 +106,8 @@ class Plan:
     parameters: int
     trainable: int
     offloaded_activations: int = 0  # model.activation_offload: per micro-batch, in pinned CPU memory
+    checkpoint_bytes: int = 0  # one checkpoint on disk, all ranks together
+    checkpoint_rank0_bytes: int = 0  # the part of it rank 0 writes
     suggestions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -512,6 +514,21 @@ def checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
     return 4 * trainable + state * (run.world_size if sharded else 1)
 
 
+def checkpoint_bytes_of_rank0(run: ResolvedRun, sh: Shapes) -> int:
+    """The part of one checkpoint that rank 0 writes (and fsyncs and hashes): under the native engine the weights
+    and its optimizer state (DDP: all of it); under DeepSpeed its share of the shards, the module file and the
+    gathered fp32 weights when they are written."""
+    d = run.recipe.distributed
+    _, trainable = model_states(run, sh)
+    if d.engine == "deepspeed" and d.zero_stage >= 1:
+        o = run.recipe.optimizer
+        shards = 4 * trainable + _optimizer_bytes(o.name, [trainable], o.momentum)
+        return checkpoint_bytes(run, sh) - shards + shards // run.world_size
+    sharded = d.zero_stage == 1 and run.world_size > 1
+    total = checkpoint_bytes(run, sh)
+    return total - (total - 4 * trainable) * (run.world_size - 1) // run.world_size if sharded else total
+
+
 def zero_checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
     """A DeepSpeed checkpoint: every rank's fp32 master partition and optimizer state (together the whole of
     both), DeepSpeed's module file (ZeRO-1/2: the trainable weights in the training dtype; ZeRO-3: empty
@@ -708,4 +725,5 @@ def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) 
     items.append(Item("CUDA context and allocator fragmentation", allowance,
                       note=f"{CUDA_CONTEXT / GiB:.2f} GiB context + {FRAGMENTATION:.0%} of the rest"))
     return Plan(run.world_size, gpu_bytes, items, base + allowance, "forward/backward" if forward >= step else
-                "optimizer step", without_gc, with_gc, sh.total, trainable, moved)
+                "optimizer step", without_gc, with_gc, sh.total, trainable, moved,
+                checkpoint_bytes=checkpoint_bytes(run, sh), checkpoint_rank0_bytes=checkpoint_bytes_of_rank0(run, sh))

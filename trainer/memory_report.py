@@ -162,6 +162,18 @@ def host_memory_lines(cpu_per_rank: int, ranks_per_node: int, indent: str = "  "
     return lines
 
 
+def checkpoint_line(p: Plan) -> str:
+    """What one checkpoint takes on disk and how much of it rank 0 writes."""
+    line = f"  one checkpoint: {_disk_size(p.checkpoint_bytes)} on disk"
+    if p.world_size > 1:
+        line += f", {_disk_size(p.checkpoint_rank0_bytes)} of it written by rank 0"
+    return line
+
+
+def _disk_size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 def render(p: Plan, title: str, gpus_per_node: int | None = None) -> str:
     """The one-screen table `python -m trainer plan` prints."""
     ranks_per_node = min(p.world_size, gpus_per_node or p.world_size)
@@ -181,6 +193,7 @@ def render(p: Plan, title: str, gpus_per_node: int | None = None) -> str:
     lines.append(f"  predicted peak: {p.peak_bytes / GiB:.2f} GiB per GPU (during the {p.phase}); {verdict} in "
                  f"{p.gpu_bytes / GiB:.0f} GiB")
     lines += host_memory_lines(cpu_bytes(p), ranks_per_node)
+    lines.append(checkpoint_line(p))
     if not p.fits:
         lines.append("")
         if not p.suggestions:
@@ -204,6 +217,7 @@ def as_json(p: Plan) -> str:
                        "phase": p.phase, "activations_without_checkpointing": p.activations_without_checkpointing,
                        "activations_with_checkpointing": p.activations_with_checkpointing,
                        "offloaded_activations": p.offloaded_activations,
+                       "checkpoint_bytes": p.checkpoint_bytes, "checkpoint_rank0_bytes": p.checkpoint_rank0_bytes,
                        "items": [vars(i) for i in p.items], "suggestions": p.suggestions}, indent=2)
 
 
