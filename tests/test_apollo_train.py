@@ -13,9 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
-from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
-from tests.test_galore_train import ONE_THREAD, max_diff, train_in_process
+from tests.test_galore_train import killed_at_8_resumes_bitwise, max_diff, train_in_process
 from trainer.checkpoint import complete_checkpoints
 
 # rank 16 = hidden 64 / 4; new projections at steps 1, 5, 9 (update_gap 4), so 10 steps cross two renewals.
@@ -47,21 +45,9 @@ def test_resume_int8_apollo_mini_per_layer_is_bitwise_exact(tmp_path: Path) -> N
     """APOLLO-Mini with per-layer updates, accumulation, clipping and INT8 weights in bf16: killed after step
     8, resumed from step 6 (between the renewals of steps 5 and 9), the same losses, norms and weights bit
     for bit; the checkpoint holds the INT8 values and the dequantized weights."""
-    steps = range(1, 11)
     extra = ["optimizer.name=apollo_mini", "optimizer.apollo.per_layer=true", "optimizer.grad_clip=0.5",
              "precision.dtype=bf16", "precision.weights=int8", "train.micro_batch_size=2", "train.grad_accum_steps=2"]
-
-    def args(out: Path) -> list[str]:
-        return ["train", str(QUICKSTART), *tiny(out, *APOLLO, *extra, "checkpoint.every_steps=3", steps=10)]
-
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    ok(run_cli(args(ref), env=ONE_THREAD))
-    assert run_cli(args(out), env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
-    resumed = ok(run_cli(args(out), env=ONE_THREAD))
-    assert "resume: auto picked step-000006" in resumed.stderr
-    assert losses(out, steps) == losses(ref, steps)
-    assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(ref)]
-    assert_bitwise_equal(final_weights(out), final_weights(ref))
+    out = killed_at_8_resumes_bitwise(tmp_path, [*APOLLO, *extra])
     int8 = load_file(str(complete_checkpoints(out)[-1][1] / "int8-weights.safetensors"))
     assert len(int8) == 2 * 14
     assert all(t.dtype == torch.int8 for k, t in int8.items() if k.endswith(".int_data"))

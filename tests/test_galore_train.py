@@ -31,6 +31,23 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def killed_at_8_resumes_bitwise(tmp_path: Path, overrides: list[str]) -> Path:
+    """A 10-step run with checkpoints every 3 steps, and the same run killed after step 8 and resumed from step 6:
+    losses, gradient norms and final weights bitwise equal. Returns the resumed run's output_dir."""
+    def args(out: Path) -> list[str]:
+        return ["train", str(QUICKSTART), *tiny(out, *overrides, "checkpoint.every_steps=3", steps=10)]
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    ok(run_cli(args(ref), env=ONE_THREAD))
+    assert run_cli(args(out), env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
+    resumed = ok(run_cli(args(out), env=ONE_THREAD))
+    assert "resume: auto picked step-000006" in resumed.stderr
+    assert losses(out, range(1, 11)) == losses(ref, range(1, 11))
+    assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(ref)]
+    assert_bitwise_equal(final_weights(out), final_weights(ref))
+    return out
+
+
 def snapshot(run: Training) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
 
@@ -159,20 +176,9 @@ def tensor_bytes(obj: object) -> int:
 def test_resume_8bit_per_layer_between_refreshes_is_bitwise_exact(tmp_path: Path) -> None:
     """8-bit moments, per-layer updates with accumulation and clipping (its previous-step norm is state),
     randomized SVD: killed after step 8, resumed from step 6, between the refreshes of steps 5 and 9."""
-    steps = range(1, 11)
     extra = ["optimizer.name=galore_adamw8bit", "optimizer.galore.per_layer=true", "optimizer.galore.svd=randomized",
              "optimizer.grad_clip=0.5", "train.micro_batch_size=2", "train.grad_accum_steps=2"]
-    def args(out: Path) -> list[str]:
-        return ["train", str(QUICKSTART), *tiny(out, *GALORE, *extra, "checkpoint.every_steps=3", steps=10)]
-
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    ok(run_cli(args(ref), env=ONE_THREAD))
-    assert run_cli(args(out), env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
-    resumed = ok(run_cli(args(out), env=ONE_THREAD))
-    assert "resume: auto picked step-000006" in resumed.stderr
-    assert losses(out, steps) == losses(ref, steps)
-    assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(ref)]
-    assert_bitwise_equal(final_weights(out), final_weights(ref))
+    out = killed_at_8_resumes_bitwise(tmp_path, [*GALORE, *extra])
     state = load_tensors(complete_checkpoints(out)[-1][1] / "engine-state.pt")
     assert any(t.dtype == torch.uint8 for s in state["optimizer"]["state"].values() for t in s.values())
 
