@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -345,17 +346,24 @@ def test_wandb_without_a_key_logs_offline_or_fails_when_online_is_required(tmp_p
 
 # ------------------------------------------------------------------------------------------ DeepSpeed op builds
 
-def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stale_build_lock_is_removed_and_live_ones_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     stale = tmp_path / "cpu_adam" / "lock"
     stale.parent.mkdir()
     stale.write_text("")
     live = tmp_path / "shm_comm" / "lock"
     live.parent.mkdir()
     live.write_text("")
+    before_this_process = psutil.Process().create_time() - 1
+    for lock in (stale, live):
+        os.utime(lock, (before_this_process, before_this_process))
+    just_made = tmp_path / "fused_adam" / "lock"  # a rank of this launch holds it while ninja is not running
+    just_made.parent.mkdir()
+    just_made.write_text("")
     builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=live.parent)
     try:
         time.sleep(0.3)
         assert op_builds.clear_stale_locks(tmp_path) == [stale]
+        assert just_made.exists()
     finally:
         builder.kill()
         builder.wait()

@@ -3,9 +3,11 @@ guarded by a `lock` file that torch's builder creates and removes. A run killed 
 an OOM kill, a preemption) leaves the lock behind, and every later run that needs the op then waits for it forever,
 silently, at 0% CPU. Here:
 
-- `clear_stale_locks` removes a lock that no live process holds (on Linux: no process runs in, or names, that op's
-  folder, which a compiler or ninja building it always does) or that is older than STALE_AFTER_S, saying so in one
-  line;
+- `clear_stale_locks` removes a lock that was left before this process started and that no live process holds
+  (on Linux: no process runs in, or names, that op's folder, which a compiler or ninja building it always does), or
+  that is older than STALE_AFTER_S, saying so in one line. A lock younger than this process is always kept: the
+  builder holds its lock for a moment before ninja starts and after it ends (with a built op, ninja only checks and
+  exits), and the other ranks of the same launch, started at the same time, must not take it for a stale one;
 - `BuildWatch` logs, every REPORT_EVERY_S seconds while a lock exists, which op is being built or waited for, so a
   long wait is never silent.
 """
@@ -17,6 +19,8 @@ import os
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 log = logging.getLogger(__name__)
 LOCK = "lock"
@@ -48,14 +52,19 @@ def locks(extensions_dir: Path) -> list[Path]:
     return sorted(extensions_dir.glob(f"*/{LOCK}")) if extensions_dir.is_dir() else []
 
 
-def clear_stale_locks(extensions_dir: Path) -> list[Path]:
-    """Remove the build locks nobody holds; returns those removed."""
+def clear_stale_locks(extensions_dir: Path, started_at: float | None = None) -> list[Path]:
+    """Remove the build locks left before `started_at` (default: when this process started) that nobody holds, and
+    those older than STALE_AFTER_S; returns those removed."""
+    started_at = psutil.Process().create_time() if started_at is None else started_at
     removed = []
     for lock in locks(extensions_dir):
         try:
-            age = time.time() - lock.stat().st_mtime
+            made = lock.stat().st_mtime
         except FileNotFoundError:
             continue
+        age = time.time() - made
+        if age < STALE_AFTER_S and made >= started_at:
+            continue  # made while this process runs: by another rank of this launch, or another live run
         builders = _processes_using(lock.parent)
         if builders and age < STALE_AFTER_S:
             continue
