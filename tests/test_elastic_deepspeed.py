@@ -46,7 +46,7 @@ from trainer import adapters
 from trainer.checkpoint import MANIFEST, complete_checkpoints, step_name, writer_of
 from trainer.engine.ds_shards import consolidated_weights
 from trainer.export import export
-from trainer.memory import checkpoint_bytes, checkpoint_bytes_of_rank0, shapes
+from trainer.memory import checkpoint_size, shapes
 from trainer.resolve import resolve
 
 ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"
@@ -187,7 +187,7 @@ def test_export_consolidates_a_zero3_checkpoint_without_full_weights(elastic: di
         <= CASES["z3_fp32"][4]
     run = resolve(QUICKSTART, overrides("z3_fp32", plain, Path()), world_size=2)
     with_copy = resolve(QUICKSTART, overrides("z3_fp32", full, Path(), FULL_WEIGHTS), world_size=2)
-    planned = checkpoint_bytes(with_copy, shapes(with_copy)) - checkpoint_bytes(run, shapes(run))
+    planned = checkpoint_size(with_copy, shapes(with_copy)).total - checkpoint_size(run, shapes(run)).total
     assert abs(copy.stat().st_size - planned) <= 0.01 * planned, (copy.stat().st_size, planned)
 
 
@@ -206,7 +206,8 @@ def test_the_plan_says_what_a_checkpoint_takes_and_what_rank_0_writes(name: str,
     for file, meta in files.items():
         written[writer_of(file, 2)] += int(meta["size"])
     run = resolve(QUICKSTART, overrides(case, out, Path(), *extra), world_size=2)
-    planned = (checkpoint_bytes(run, shapes(run)), checkpoint_bytes_of_rank0(run, shapes(run)))
+    size = checkpoint_size(run, shapes(run))
+    planned = (size.total, size.rank0)
     for actual, plan in zip((sum(written), written[0]), planned):
         assert 0 <= actual - plan <= 150_000, (written, planned)
 
@@ -221,7 +222,8 @@ def test_full_weights_is_off_by_default_only_at_zero3(tmp_path: Path) -> None:
     assert not resolved(*zero(2), "checkpoint.full_weights=false").full_weights
     without, with_copy = resolved(*zero(3)), resolved(*zero(3), FULL_WEIGHTS)
     params = sum(p.numel for p in shapes(without).params)
-    assert checkpoint_bytes(with_copy, shapes(with_copy)) - checkpoint_bytes(without, shapes(without)) == 4 * params
+    assert checkpoint_size(with_copy, shapes(with_copy)).total - checkpoint_size(without, shapes(without)).total \
+        == 4 * params
 
 
 def test_full_weights_off_is_refused_where_the_weights_file_is_the_checkpoint(tmp_path: Path) -> None:

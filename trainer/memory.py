@@ -94,6 +94,12 @@ class Item:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class CheckpointSize:
+    total: int  # one checkpoint on disk, all ranks together
+    rank0: int  # the part of it rank 0 writes (and fsyncs and hashes)
+
+
 @dataclass
 class Plan:
     world_size: int
@@ -106,8 +112,7 @@ class Plan:
     parameters: int
     trainable: int
     offloaded_activations: int = 0  # model.activation_offload: per micro-batch, in pinned CPU memory
-    checkpoint_bytes: int = 0  # one checkpoint on disk, all ranks together
-    checkpoint_rank0_bytes: int = 0  # the part of it rank 0 writes
+    checkpoint: CheckpointSize = CheckpointSize(total=0, rank0=0)
     suggestions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -501,47 +506,34 @@ def _gathered_adapter_layers(run: ResolvedRun, frozen: list[FrozenTensor], lora:
                 computed + prefetched)
 
 
-def checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
-    """About what one checkpoint of this run takes on disk, all ranks together. The native engine: the trainable
-    weights in fp32 (an adapter run saves only the adapter) and the optimizer state of every rank. DeepSpeed
-    (zero_checkpoint_bytes): its own shards, plus the gathered fp32 copy when checkpoint.full_weights is on."""
+def checkpoint_size(run: ResolvedRun, sh: Shapes) -> CheckpointSize:
+    """About what one checkpoint of this run takes on disk. The native engine: the trainable weights in fp32 (an
+    adapter run saves only the adapter), written by rank 0, and the optimizer state of every rank (DDP: rank 0's
+    only; zero_stage 1: each rank's own partition). DeepSpeed: see zero_checkpoint_size."""
     d = run.recipe.distributed
     if d.engine == "deepspeed" and d.zero_stage >= 1:
-        return zero_checkpoint_bytes(run, sh)
+        return zero_checkpoint_size(run, sh)
     items, trainable = model_states(run, sh)
     state = sum(i.bytes for i in items if "optimizer state" in i.name)  # the weights item is the model itself
     sharded = d.zero_stage == 1 and run.world_size > 1
-    return 4 * trainable + state * (run.world_size if sharded else 1)
+    return CheckpointSize(total=4 * trainable + state * (run.world_size if sharded else 1),
+                          rank0=4 * trainable + state)
 
 
-def checkpoint_bytes_of_rank0(run: ResolvedRun, sh: Shapes) -> int:
-    """The part of one checkpoint that rank 0 writes (and fsyncs and hashes): under the native engine the weights
-    and its optimizer state (DDP: all of it); under DeepSpeed its share of the shards, the module file and the
-    gathered fp32 weights when they are written."""
-    d = run.recipe.distributed
-    _, trainable = model_states(run, sh)
-    if d.engine == "deepspeed" and d.zero_stage >= 1:
-        o = run.recipe.optimizer
-        shards = 4 * trainable + _optimizer_bytes(o.name, [trainable], o.momentum)
-        return checkpoint_bytes(run, sh) - shards + shards // run.world_size
-    sharded = d.zero_stage == 1 and run.world_size > 1
-    total = checkpoint_bytes(run, sh)
-    return total - (total - 4 * trainable) * (run.world_size - 1) // run.world_size if sharded else total
-
-
-def zero_checkpoint_bytes(run: ResolvedRun, sh: Shapes) -> int:
+def zero_checkpoint_size(run: ResolvedRun, sh: Shapes) -> CheckpointSize:
     """A DeepSpeed checkpoint: every rank's fp32 master partition and optimizer state (together the whole of
-    both), DeepSpeed's module file (ZeRO-1/2: the trainable weights in the training dtype; ZeRO-3: empty
-    placeholders, the weights being the master partitions), and the gathered fp32 weights with
-    checkpoint.full_weights (an adapter run: the adapter, always)."""
+    both, an equal share per rank), DeepSpeed's module file (ZeRO-1/2: the trainable weights in the training dtype;
+    ZeRO-3: empty placeholders, the weights being the master partitions), and the gathered fp32 weights with
+    checkpoint.full_weights (an adapter run: the adapter, always); rank 0 writes the last two."""
     _, trainable = model_states(run, sh)
     o = run.recipe.optimizer
-    state = _optimizer_bytes(o.name, [trainable], o.momentum)
+    shards = 4 * trainable + _optimizer_bytes(o.name, [trainable], o.momentum)
     adapted = run.recipe.adapter.type != "none"
     module = 4 if adapted or run.recipe.precision.dtype == "fp32" else 2  # LoRA weights stay fp32
     module_file = 0 if run.recipe.distributed.zero_stage == 3 else module * trainable
     gathered = 4 * trainable if adapted or run.full_weights else 0
-    return 4 * trainable + state + module_file + gathered
+    return CheckpointSize(total=shards + module_file + gathered,
+                          rank0=shards // run.world_size + module_file + gathered)
 
 
 # ------------------------------------------------------------------------------------------- activations
@@ -726,4 +718,4 @@ def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) 
                       note=f"{CUDA_CONTEXT / GiB:.2f} GiB context + {FRAGMENTATION:.0%} of the rest"))
     return Plan(run.world_size, gpu_bytes, items, base + allowance, "forward/backward" if forward >= step else
                 "optimizer step", without_gc, with_gc, sh.total, trainable, moved,
-                checkpoint_bytes=checkpoint_bytes(run, sh), checkpoint_rank0_bytes=checkpoint_bytes_of_rank0(run, sh))
+                checkpoint=checkpoint_size(run, sh))

@@ -164,9 +164,9 @@ def host_memory_lines(cpu_per_rank: int, ranks_per_node: int, indent: str = "  "
 
 def checkpoint_line(p: Plan) -> str:
     """What one checkpoint takes on disk and how much of it rank 0 writes."""
-    line = f"  one checkpoint: {_disk_size(p.checkpoint_bytes)} on disk"
+    line = f"  one checkpoint: {_disk_size(p.checkpoint.total)} on disk"
     if p.world_size > 1:
-        line += f", {_disk_size(p.checkpoint_rank0_bytes)} of it written by rank 0"
+        line += f", {_disk_size(p.checkpoint.rank0)} of it written by rank 0"
     return line
 
 
@@ -217,7 +217,7 @@ def as_json(p: Plan) -> str:
                        "phase": p.phase, "activations_without_checkpointing": p.activations_without_checkpointing,
                        "activations_with_checkpointing": p.activations_with_checkpointing,
                        "offloaded_activations": p.offloaded_activations,
-                       "checkpoint_bytes": p.checkpoint_bytes, "checkpoint_rank0_bytes": p.checkpoint_rank0_bytes,
+                       "checkpoint_bytes": p.checkpoint.total, "checkpoint_rank0_bytes": p.checkpoint.rank0,
                        "items": [vars(i) for i in p.items], "suggestions": p.suggestions}, indent=2)
 
 

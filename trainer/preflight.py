@@ -12,7 +12,7 @@ import torch
 
 from trainer.distributed import DistInfo, broadcast_object
 from trainer.errors import EXIT_RECIPE, TrainerError
-from trainer.memory import checkpoint_bytes, shapes
+from trainer.memory import checkpoint_size, shapes
 from trainer.memory_report import full_plan, render
 from trainer.resolve import ResolvedRun
 
@@ -58,7 +58,7 @@ def check_memory(run: ResolvedRun, dist: DistInfo, force: bool) -> None:
 
 
 def _disk_verdict(run: ResolvedRun) -> str | None:
-    needed = checkpoint_bytes(run, shapes(run))
+    needed = checkpoint_size(run, shapes(run)).total
     free = shutil.disk_usage(run.output_dir).free
     if free >= needed:
         return None
