@@ -33,13 +33,17 @@ def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
                                              steps=steps)]
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    """The newest checkpoint's fp32 weights: model.safetensors, or (DeepSpeed ZeRO-3 by default writes none)
-    consolidated from DeepSpeed's shards, as export does."""
-    (step, path), *_ = reversed(complete_checkpoints(out))
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's fp32 weights: model.safetensors, or (DeepSpeed ZeRO-3 by default writes none) consolidated
+    from DeepSpeed's shards, as export does."""
     if not (path / "model.safetensors").is_file():
         return dict(consolidated_weights(path))
     return load_file(str(path / "model.safetensors"))
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's fp32 weights."""
+    return checkpoint_weights(complete_checkpoints(out)[-1][1])
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

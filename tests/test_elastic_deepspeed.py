@@ -42,9 +42,9 @@ from safetensors.torch import load_file
 from tests import deepspeed_probe
 from tests.conftest import QUICKSTART, TEST_DATA, read_metrics, tiny
 from tests.test_adapters import recipe_args
+from tests.test_checkpoint import checkpoint_weights
 from trainer import adapters
 from trainer.checkpoint import MANIFEST, complete_checkpoints, step_name, writer_of
-from trainer.engine.ds_shards import consolidated_weights
 from trainer.export import export
 from trainer.memory import checkpoint_size, shapes
 from trainer.resolve import resolve
@@ -118,9 +118,7 @@ def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
     path = dict(complete_checkpoints(out))[step]
     if (path / adapters.ADAPTER_DIR).is_dir():
         return load_file(str(path / adapters.ADAPTER_DIR / "adapter_model.safetensors"))
-    if (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
-    return dict(consolidated_weights(path))
+    return checkpoint_weights(path)
 
 
 def weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
