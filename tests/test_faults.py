@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -252,6 +254,53 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path: Path) -> None:
     assert f"stopped at step {saved[0]}" in out
     again = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, steps=saved[0] + 2)])
     assert again.returncode == 0 and f"resumed from {tmp_path}/checkpoints/step-" in again.stderr
+
+
+class PipeReader:
+    """The reading end of a pipe a run writes its console to, read in a thread until `close` (as `| tee log` reads
+    until the same Ctrl-C ends it)."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            if select.select([self.read_end], [], [], 0.1)[0] and not os.read(self.read_end, 1 << 16):
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        os.close(self.read_end)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_the_console_piped_into_a_reader_that_died(tmp_path: Path) -> None:
+    """`train ... 2>&1 | tee log`, then Ctrl-C in the terminal: the same SIGINT ends `tee`, so every later console
+    write (log lines, the progress bar, the final summary, the interpreter's last flush) meets a closed pipe. The
+    run still finishes its step, saves, exits 0, and train.log has everything (a BrokenPipeError exited 1)."""
+    pipe = PipeReader()
+    args = ["train", str(QUICKSTART), *tiny(tmp_path, "logging.progress_bar=true", steps=400)]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=pipe.write_end,
+                            stderr=pipe.write_end, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+    os.close(pipe.write_end)
+    try:
+        wait_for_rows(tmp_path, 3, proc)
+    finally:
+        pipe.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 0
+    saved = checkpoint_steps(tmp_path)
+    assert len(saved) == 1 and saved[0] == read_metrics(tmp_path)[-1]["step"]
+    log = (tmp_path / "train.log").read_text()
+    for line in ("received Ctrl-C", f"checkpoint saved: {tmp_path}/checkpoints/step-", f"preempted after {saved[0]} "
+                 "steps", "the console is gone"):
+        assert line in log
+    assert "Traceback" not in log and "Logging error" not in log
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.errors import EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, os_error_message
-from trainer.logs import FILE_ONLY, setup_console
+from trainer.logs import FILE_ONLY, keep_going_without_console, setup_console
 
 log = logging.getLogger("trainer")
 RANK0_GRACE_S = 20.0  # how long another rank waits for rank 0 to report an error every rank met
@@ -259,6 +259,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_going_without_console()  # before anything takes sys.stderr: a closed pipe or terminal never ends a run
     args = parse(argv)
     if args.verb is None:
         parser().print_help()
