@@ -5,6 +5,7 @@ on the tiny quickstart model."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -376,6 +377,57 @@ def test_a_model_with_custom_code_needs_trust_remote_code(tmp_path: Path, capsys
                  "model.tokenizer=byte"]) == 2
     err = capsys.readouterr().err
     assert "model.trust_remote_code = false" in err and "Set model.trust_remote_code=true if you trust" in err
+
+
+# ------------------------------------------------------------------------------- the hub, OS errors' advice
+
+def test_a_hub_model_not_downloaded_while_offline_says_how_to_download_it(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1 (the tests' setting) and a hub id that is not in the cache: the recipe check and a run that
+    loads the model name it and the download command, not transformers' "check your connection" with our "check
+    the path and the disk" appended."""
+    check = run_cli(["validate", str(QUICKSTART), "model.config=null", "model.tokenizer=byte",
+                     "model.name_or_path=some-org/some-model"])
+    assert check.returncode == 2 and "hf download some-org/some-model" in check.stderr, check.stderr[-3000:]
+    adapter = tmp_path / "adapter"  # an --adapter-only export over a base on the hub
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some-org/some-model"}))
+    chat = run_cli(["generate", str(adapter), "--prompt", "hi"])
+    assert chat.returncode == 1, chat.stderr[-3000:]
+    assert "'some-org/some-model' is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1" in chat.stderr
+    assert "hf download some-org/some-model" in chat.stderr
+    assert "the disk" not in chat.stderr and "Traceback" not in chat.stderr
+
+
+def test_a_hub_that_cannot_be_reached_is_named_and_its_retries_shown_once(capfd: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network (the hub at a closed local port): huggingface_hub's client raises its own ConnectError (no
+    OSError: a traceback) after retries it logged through its own handler and ours (each line twice)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import http_backoff
+
+    from trainer.errors import HubError, fetching_from_hub
+    from trainer.logs import setup_console
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    setup_console(rank=0, world_size=1)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/some-org/some-model/resolve/main/config.json"
+    with pytest.raises(HubError) as raised, fetching_from_hub("some-org/some-model"):
+        http_backoff("HEAD", url, max_retries=1, base_wait_time=0.01)
+    assert "the hub cannot be reached: download it first" in str(raised.value)
+    assert "hf download some-org/some-model" in str(raised.value)
+    assert capfd.readouterr().err.count("Retrying in") == 1
+
+
+@pytest.mark.parametrize(("code", "advice"), [(errno.EPIPE, "the program at the other end of a pipe has exited"),
+                                              (errno.ECONNREFUSED, "nothing is listening at that address"),
+                                              (errno.EMFILE, "ulimit -n"), (errno.ENOSPC, "the disk is full")])
+def test_each_os_error_gets_its_own_advice(code: int, advice: str) -> None:
+    from trainer.errors import os_error_message
+
+    message = os_error_message(OSError(code, os.strerror(code)))
+    assert advice in message and (code == errno.ENOSPC or "disk" not in message)
 
 
 @pytest.mark.slow

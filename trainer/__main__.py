@@ -19,7 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from trainer.errors import EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, os_error_message
+from trainer.errors import (EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, library_error_message,
+                            os_error_message)
 from trainer.logs import FILE_ONLY, keep_going_without_console, setup_console
 
 log = logging.getLogger("trainer")
@@ -277,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path, permission, full disk: the user's to fix, with the path in the message
         return fail(os_error_message(e), EXIT_RUNTIME)
     except Exception as e:
-        if type(e).__name__ != "SafetensorError":  # safetensors' I/O errors ("File too large", a full disk)
+        message = library_error_message(e)  # a full disk seen by safetensors, a hub that cannot be reached
+        if message is None:
             raise
-        return fail(f"writing or reading a safetensors file failed: {e}; check the free space and permissions of "
-                    "the output directory", EXIT_RUNTIME)
+        return fail(message, EXIT_RUNTIME)
 
 
 def fail(message: str, code: int, on_every_rank: bool = False) -> int:

@@ -22,7 +22,7 @@ from transformers.initialization import no_init_weights
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.merge import load_base
 from trainer.checkpoint import read_manifest
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, fetching_from_hub
 from trainer.export import load_full_weights, resolve_checkpoint
 from trainer.inference import for_inference
 from trainer.recipe import saved_recipe
@@ -67,7 +67,8 @@ def _from_export(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
         base_name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
         if not base_name:
             raise TrainerError(f"{adapter_config} does not name its base model (base_model_name_or_path)")
-        base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype).to(device)
+        with fetching_from_hub(base_name):
+            base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype).to(device)
         return PeftModel.from_pretrained(base, str(folder))
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
 

@@ -91,6 +91,21 @@ def setup_console(rank: int, world_size: int) -> None:
     for silent in SILENT:
         logging.getLogger(silent).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _one_copy_of_hub_messages()
+
+
+def _one_copy_of_hub_messages() -> None:
+    """huggingface_hub prints its warnings (each retry of a download that fails) through a console handler of its
+    own and passes them on to ours as well: every line came twice. Its handler goes; ours prints each once, in our
+    format, and puts it in the log file."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging  # adds its handler at import: import it first
+    except ImportError:
+        return
+    hub = hub_logging.get_logger()
+    for handler in list(hub.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub.removeHandler(handler)
 
 
 def log_file(output_dir: Path, rank: int) -> Path:
