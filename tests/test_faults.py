@@ -5,7 +5,9 @@ on the tiny quickstart model."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import http.server
 import json
 import os
 import resource
@@ -13,6 +15,7 @@ import select
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -445,6 +448,67 @@ def test_wandb_without_a_key_logs_offline_or_fails_when_online_is_required(tmp_p
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert strict.returncode == 1 and "require_online is set" in strict.stderr and "Traceback" not in strict.stderr
     assert not (tmp_path / "strict" / "metrics.jsonl").exists()  # refused before any training
+
+
+class WandbServer:
+    """A local stand-in for a wandb server that is down: it accepts connections and never answers ("silent"), or
+    answers every request with HTTP 500 ("500")."""
+
+    def __init__(self, behaviour: str) -> None:
+        if behaviour == "silent":
+            self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), SilentHandler)
+        else:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer500)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SilentHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(120)
+        with contextlib.suppress(OSError):
+            while self.request.recv(1 << 16):  # read whatever comes, answer nothing, until the client gives up
+                pass
+
+
+class Answer500(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = do_HEAD = do_POST
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("behaviour", ["silent", "500"])
+def test_a_wandb_server_that_does_not_answer_means_offline_logging(tmp_path: Path, behaviour: str) -> None:
+    """wandb logged in (a key), its server never answering or failing: the run logs offline after one warning, in a
+    bounded time (it was a ServerResponseError traceback after 68 s: the failed online attempt kept the run id in
+    use, so the offline fallback failed too). About 25 s: wandb's own look-ups take 15 s before it gives up."""
+    server = WandbServer(behaviour)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_BASE_URL=server.url, WANDB_API_KEY="x" * 40, OMP_NUM_THREADS="1")
+    base = ["train", str(QUICKSTART), *tiny(tmp_path / "run", "logging.wandb.project=p", "logging.wandb.mode=online",
+                                            "logging.wandb.init_timeout_s=3", steps=2)]
+    try:
+        offline = subprocess.run([sys.executable, "-m", "trainer", *base], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=240, env=env)
+        assert offline.returncode == 0, offline.stderr[-3000:]
+        assert offline.stderr.count("wandb could not start online") == 1, offline.stderr[-3000:]
+        assert "Traceback" not in offline.stderr and "opentelemetry" not in offline.stderr
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*")) and read_metrics(tmp_path / "run")
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed op builds

@@ -21,6 +21,9 @@ QUIET = ("datasets", "transformers", "torch.distributed", "bitsandbytes", "urlli
 # torchao (INT8 weights; transformers imports it whenever it is installed) reports kernels it cannot load on this
 # machine and deprecated registrations at import: nothing a run uses or a user can act on
 SILENT = ("torchao", "torch.utils._pytree")
+# wandb's usage analytics export to the wandb server through opentelemetry, which logs each failed export as an
+# error: a server that fails already got one warning (trainer/metrics.py), the run goes on
+MUTED = ("opentelemetry",)
 FILE_ONLY = {"file_only": True}  # `extra=` of a record meant for the log file, not the console
 
 
@@ -90,6 +93,8 @@ def setup_console(rank: int, world_size: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for silent in SILENT:
         logging.getLogger(silent).setLevel(logging.ERROR)
+    for muted in MUTED:
+        logging.getLogger(muted).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=FutureWarning)
     _one_copy_of_hub_messages()
 

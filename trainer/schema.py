@@ -277,6 +277,8 @@ class WandbConfig(Section):
     tags: list[str] = setting("run tags", [])
     require_online: bool = setting("fail instead of logging offline when wandb has no API key or cannot reach its "
                                    "server", False)
+    init_timeout_s: int = setting("seconds wandb may take to start a run online (a server that does not answer) "
+                                  "before the run logs offline instead", 30, ge=1, le=3600)
 
 
 class LoggingConfig(Section):
