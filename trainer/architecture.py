@@ -38,8 +38,10 @@ def from_recipe(arch: dict[str, Any], vocab_size: int) -> Any:
     values.setdefault("vocab_size", vocab_size)
     try:
         return AutoConfig.for_model(model_type, **values)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArchitectureError("config", str(e).splitlines()[0]) from None
+    except Exception as e:  # transformers' ValueError, KeyError, TypeError; huggingface_hub's StrictDataclassError
+        if not isinstance(e, (ValueError, KeyError, TypeError)) and "StrictDataclass" not in type(e).__name__:
+            raise
+        raise ArchitectureError("config", " ".join(str(e).split())[:300]) from None
 
 
 def pretrained(model: ModelConfig) -> tuple[Any, str]:

@@ -307,7 +307,9 @@ def _message(error: Any, holder: type[BaseModel] | None, annotation: Any, unknow
     bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {limit}"
+        return f"must be {bounds[kind]} {limit:,}" if isinstance(limit, int) else f"must be {bounds[kind]} {limit}"
+    if kind == "finite_number" or (kind == "float_type" and isinstance(value, int) and not isinstance(value, bool)):
+        return "must be a finite number (not inf or nan; at most about 1.8e308)"
     if kind == "literal_error" and isinstance(value, (str, int)):
         choices = [str(c) for c in typing.get_args(_literal_of(annotation))]
         hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""
