@@ -282,21 +282,26 @@ class PipeReader:
 
 
 @pytest.mark.slow
-def test_ctrl_c_with_the_console_piped_into_a_reader_that_died(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["python -m trainer",
+                                      pytest.param("launch/local.sh", marks=pytest.mark.multiprocess)])
+def test_ctrl_c_with_the_console_piped_into_a_reader_that_died(tmp_path: Path, launcher: str) -> None:
     """`train ... 2>&1 | tee log`, then Ctrl-C in the terminal: the same SIGINT ends `tee`, so every later console
     write (log lines, the progress bar, the final summary, the interpreter's last flush) meets a closed pipe. The
-    run still finishes its step, saves, exits 0, and train.log has everything (a BrokenPipeError exited 1)."""
+    run still finishes its step, saves, exits 0, and train.log has everything (a BrokenPipeError exited 1; the
+    launch script, killed by SIGPIPE on its own message, never passed the signal on)."""
     pipe = PipeReader()
-    args = ["train", str(QUICKSTART), *tiny(tmp_path, "logging.progress_bar=true", steps=400)]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=pipe.write_end,
-                            stderr=pipe.write_end, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    args = [str(QUICKSTART), *tiny(tmp_path, "logging.progress_bar=true", steps=400)]
+    command = [sys.executable, "-m", "trainer", "train", *args] if launcher.startswith("python") else \
+        ["bash", "launch/local.sh", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", "PYTHON": sys.executable}
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=pipe.write_end, stderr=pipe.write_end, env=env,
                             start_new_session=True)
     os.close(pipe.write_end)
     try:
-        wait_for_rows(tmp_path, 3, proc)
+        wait_for_rows(tmp_path, 3, proc, timeout=300)
     finally:
         pipe.close()
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground process group
     assert proc.wait(timeout=300) == 0
     saved = checkpoint_steps(tmp_path)
     assert len(saved) == 1 and saved[0] == read_metrics(tmp_path)[-1]["step"]
@@ -323,17 +328,67 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path: Path) -> No
     assert "interrupted again: exiting now" in err and "Traceback" not in err
 
 
+def launch_local(out: Path, *extra: str, nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
+    """launch/local.sh on the tiny quickstart, in a session of its own (its process group is the one a terminal
+    would signal)."""
+    env = {"NPROC_PER_NODE": str(nproc), "MAX_RESTARTS": str(restarts), "PYTHON": sys.executable}
+    return start([], env=env, command=["bash", "launch/local.sh", str(QUICKSTART), *tiny(out, *extra, steps=400)])
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sigterm_to_the_launch_script_checkpoints_and_exits_0(tmp_path: Path) -> None:
-    """launch/local.sh passes SIGTERM to the training processes, not to torchrun's agent (which would exit 1)."""
-    proc = start([], env={"NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", "PYTHON": sys.executable},
-                 command=["bash", "launch/local.sh", str(QUICKSTART), *tiny(tmp_path, steps=400)])
+@pytest.mark.parametrize("how", ["SIGTERM to the script", "Ctrl-C at the terminal"])
+def test_a_signal_to_the_launch_script_checkpoints_and_exits_0(tmp_path: Path, how: str) -> None:
+    """launch/local.sh passes SIGTERM or Ctrl-C to the training processes, once, not to torchrun's agent (which
+    would exit 1). A terminal's Ctrl-C goes to the whole foreground process group: the agent got it too (exit 1
+    with a SignalException) and the ranks got it three times (the third stopped them at once, without a
+    checkpoint); the agent now runs in a process group of its own."""
+    proc = launch_local(tmp_path)
+    wait_for_rows(tmp_path, 2, proc, timeout=300)
+    if how == "SIGTERM to the script":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "launch: " in err and "received: asking every training process" in err
+    assert "SignalException" not in err and "interrupted again" not in err
+    assert checkpoint_steps(tmp_path)[-1] == read_metrics(tmp_path)[-1]["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_second_ctrl_c_to_the_launch_script_stops_at_once_without_a_restart(tmp_path: Path) -> None:
+    """The second Ctrl-C ends the ranks at once (exit 130) and torchrun's agent first, so that it does not bring
+    them back (MAX_RESTARTS=3 here)."""
+    slow_steps = ["model.config.hidden_size=256", "model.config.num_hidden_layers=6", "data.seq_len=256",
+                  "train.micro_batch_size=32"]  # steps of about a second: both Ctrl-Cs land in one (see above)
+    proc = launch_local(tmp_path, *slow_steps, nproc=1, restarts=3)
+    wait_for_rows(tmp_path, 1, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "launch: Ctrl-C again: stopping now" in err and "interrupted again: exiting now" in err
+    rows = len(read_metrics(tmp_path))
+    time.sleep(5)  # a restarted rank would resume and log again
+    assert len(read_metrics(tmp_path)) == rows and checkpoint_steps(tmp_path) == []
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_plain_torchrun_under_sigterm_saves_but_exits_1(tmp_path: Path) -> None:
+    """What the README says plain torchrun returns: its agent stops the workers (they still checkpoint), then exits
+    1 with a SignalException traceback. The launch scripts are the way to exit 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "trainer",
+               "train", str(QUICKSTART), *tiny(tmp_path, steps=400)]
+    proc = start([], command=command)
     wait_for_rows(tmp_path, 2, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "launch: TERM received" in err and "SignalException" not in err
+    assert proc.returncode == 1 and "SignalException" in err, err[-3000:]
     assert checkpoint_steps(tmp_path)[-1] == read_metrics(tmp_path)[-1]["step"]
 
 
