@@ -3,9 +3,10 @@
 # job back up to MAX_RESTARTS times, and `checkpoint.resume: auto` continues from the newest complete
 # checkpoint: no user action needed.
 #
-# Preemption: SIGTERM or SIGINT (Ctrl-C) to this script is passed to the training processes, not to torchrun's
-# agent: every rank finishes its step, they save a checkpoint together and exit 0, and so does this script. (Sent
-# to plain torchrun instead, the ranks still save, but the agent itself exits 1 with a SignalException.)
+# Preemption: SIGTERM or SIGINT (Ctrl-C in the terminal, also with the output piped into `tee`) to this script is
+# passed to the training processes, not to torchrun's agent: every rank finishes its step, they save a checkpoint
+# together and exit 0, and so does this script; a second Ctrl-C stops at once (exit 130). (Sent to plain torchrun
+# instead, the ranks still save, but the agent itself exits 1 with a SignalException traceback.)
 #
 #   launch/local.sh recipes/quickstart.yaml train.max_steps=200
 #   NPROC_PER_NODE=2 MAX_RESTARTS=3 launch/local.sh RECIPE [key=value ...]

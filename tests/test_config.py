@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +16,7 @@ from trainer.__main__ import main
 from trainer.errors import ConfigError
 from trainer.recipe import load_recipe
 from trainer.resolve import accumulation, resolve
-from trainer.schema import Recipe
+from trainer.schema import Recipe, SourceEntry, walk_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -161,3 +164,108 @@ def test_help_lists_verbs() -> None:
 def test_master_weights_rules(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         resolve(QUICKSTART, overrides)
+
+
+# ------------------------------------------------------------------------------------------- numeric ranges
+
+def _number_kind(annotation: Any) -> str | None:
+    """'int', 'float', 'list of float' (or of int) for a numeric schema annotation; None for anything else."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _number_kind(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_number_kind(a) for a in typing.get_args(annotation) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is list:
+        inner = _number_kind(typing.get_args(annotation)[0])
+        return f"list of {inner}" if inner in ("int", "float") else None
+    return {int: "int", float: "float"}.get(annotation)
+
+
+def numeric_keys() -> list[tuple[str, str]]:
+    """(override prefix, kind) for every numeric key of the schema, data.sources' entries included."""
+    keys = [(key, kind) for key, info, _ in walk_keys() if (kind := _number_kind(info.annotation))]
+    keys += [(f"data.sources.{name}", kind) for name, info in SourceEntry.model_fields.items()
+             if (kind := _number_kind(info.annotation))]
+    return keys
+
+
+def numeric_override(key: str, kind: str, value: str) -> tuple[str, str]:
+    """(the override that sets `key` to `value`, the key the problem is reported at)."""
+    if key.startswith("data.sources."):
+        return f"data.sources=[{{source: builtin:python_stdlib, {key.split('.')[-1]}: {value}}}]", "data.sources"
+    if kind.startswith("list"):
+        return f"{key}=[{value}, {value}]", key
+    return f"{key}={value}", key
+
+
+UNUSABLE = [".inf", "-.inf", ".nan", "nan", "1e999", "9" * 5000]  # for every numeric key
+TOO_BIG_INTS = [str(2**64), str(10**30)]  # beyond what torch, numpy and C code hold
+TOO_BIG_FOR_A_FLOAT = [str(10**400)]
+
+
+def test_the_walk_finds_the_numeric_keys() -> None:
+    kinds = dict(numeric_keys())
+    assert kinds["train.seed"] == "int" and kinds["optimizer.lr"] == "float"
+    assert kinds["optimizer.betas"] == "list of float" and kinds["data.sources.weight"] == "float"
+    assert len(kinds) > 30
+
+
+@pytest.mark.parametrize(("key", "kind"), numeric_keys(), ids=[k for k, _ in numeric_keys()])
+def test_every_numeric_key_refuses_inf_nan_and_huge_numbers(key: str, kind: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """inf, nan, an int beyond 64 bits (train.seed=2**64 validated, then failed after the model was built), a
+    number of 5000 digits (a ValueError traceback): one screen naming the key, exit 2, before anything is built."""
+    values = UNUSABLE + (TOO_BIG_INTS if kind.endswith("int") else TOO_BIG_FOR_A_FLOAT)
+    for value in values:
+        override, reported_at = numeric_override(key, kind, value)
+        code = main(["validate", str(QUICKSTART), override])
+        err = capsys.readouterr().err
+        assert code == 2, f"{override[:80]}: exit {code}\n{err[-2000:]}"
+        assert f"  - {reported_at} = " in err and "Traceback" not in err, err[-2000:]
+        assert len(err.splitlines()) <= 25 and len(err) < 3000
+
+
+@pytest.mark.parametrize("free", ["model.config.rope_theta", "model.rope_scaling.factor",
+                                  "distributed.deepspeed_overrides.gradient_predivide_factor"])
+def test_free_mappings_hold_no_inf_nan_or_huge_numbers(free: str, capsys: pytest.CaptureFixture[str]) -> None:
+    section = ".".join(free.split(".")[:2])
+    for value in (".inf", ".nan", str(2**64)):
+        assert main(["validate", str(QUICKSTART), f"{free}={value}"]) == 2
+        err = capsys.readouterr().err
+        assert f"  - {section} = " in err and f"{free.split('.')[-1]} is" in err and "Traceback" not in err, err
+
+
+def test_a_wrong_value_inside_model_config_is_a_problem_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(QUICKSTART), "model.config.num_hidden_layers=1e999"]) == 2  # a string to YAML 1.1
+    err = capsys.readouterr().err
+    assert "  - model.config" in err and "num_hidden_layers" in err and "Traceback" not in err, err
+
+
+BAD_OPTIONS = [
+    (["generate", "RUN", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens: must be between 1 and"),
+    (["generate", "RUN", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens: must be between 1 and"),
+    (["chat", "RUN", "--max-new-tokens", str(10**30)], "--max-new-tokens: must be between 1 and"),
+    (["chat", "RUN", "--temperature", "-0.5"], "--temperature: must be a finite number >= 0"),
+    (["generate", "RUN", "--prompt", "x", "--temperature", "nan"], "--temperature: must be a finite number >= 0"),
+    (["chat", "RUN", "--temperature", "inf"], "--temperature: must be a finite number >= 0"),
+    (["validate", str(QUICKSTART), "--world-size", "0"], "--world-size: must be between 1 and"),
+    (["plan", str(QUICKSTART), "--world-size", "-2"], "--world-size: must be between 1 and"),
+    (["plan", str(QUICKSTART), "--gpus-per-node", "0"], "--gpus-per-node: must be between 1 and"),
+    (["plan", str(QUICKSTART), "--gpu-memory", "nanGiB"], "--gpu-memory: 'nanGiB' is not a size"),
+    (["plan", str(QUICKSTART), "--gpu-memory", "infGiB"], "--gpu-memory: 'infGiB' is not a size"),
+    (["plan", str(QUICKSTART), "--gpu-memory=-5GiB"], "--gpu-memory: must be more than 0 bytes"),
+    (["data", str(QUICKSTART), "--show", "0"], "--show: must be at least 1"),
+    (["data", str(QUICKSTART), "--show", "many"], "--show: 'many' is not a whole number"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_OPTIONS, ids=[" ".join(a[2:])[:40] for a, _ in BAD_OPTIONS])
+def test_numeric_options_are_checked_by_argparse(argv: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`generate --max-new-tokens 0` reached transformers (a traceback after the model loaded); a negative world
+    size validated ("-16 sequences per step"); --gpu-memory nanGiB was a ValueError traceback."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"argument {message}" in err and "Traceback" not in err, err

@@ -5,14 +5,20 @@ on the tiny quickstart model."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import http.server
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -254,6 +260,58 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0 and f"resumed from {tmp_path}/checkpoints/step-" in again.stderr
 
 
+class PipeReader:
+    """The reading end of a pipe a run writes its console to, read in a thread until `close` (as `| tee log` reads
+    until the same Ctrl-C ends it)."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            if select.select([self.read_end], [], [], 0.1)[0] and not os.read(self.read_end, 1 << 16):
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        os.close(self.read_end)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python -m trainer",
+                                      pytest.param("launch/local.sh", marks=pytest.mark.multiprocess)])
+def test_ctrl_c_with_the_console_piped_into_a_reader_that_died(tmp_path: Path, launcher: str) -> None:
+    """`train ... 2>&1 | tee log`, then Ctrl-C in the terminal: the same SIGINT ends `tee`, so every later console
+    write (log lines, the progress bar, the final summary, the interpreter's last flush) meets a closed pipe. The
+    run still finishes its step, saves, exits 0, and train.log has everything (a BrokenPipeError exited 1; the
+    launch script, killed by SIGPIPE on its own message, never passed the signal on)."""
+    pipe = PipeReader()
+    args = [str(QUICKSTART), *tiny(tmp_path, "logging.progress_bar=true", steps=400)]
+    command = [sys.executable, "-m", "trainer", "train", *args] if launcher.startswith("python") else \
+        ["bash", "launch/local.sh", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", "PYTHON": sys.executable}
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=pipe.write_end, stderr=pipe.write_end, env=env,
+                            start_new_session=True)
+    os.close(pipe.write_end)
+    try:
+        wait_for_rows(tmp_path, 3, proc, timeout=300)
+    finally:
+        pipe.close()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground process group
+    assert proc.wait(timeout=300) == 0
+    saved = checkpoint_steps(tmp_path)
+    assert len(saved) == 1 and saved[0] == read_metrics(tmp_path)[-1]["step"]
+    log = (tmp_path / "train.log").read_text()
+    for line in ("received Ctrl-C", f"checkpoint saved: {tmp_path}/checkpoints/step-", f"preempted after {saved[0]} "
+                 "steps", "the console is gone"):
+        assert line in log
+    assert "Traceback" not in log and "Logging error" not in log
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path: Path) -> None:
     # a step of about a second: both signals land inside it even on a loaded machine (at micro-batch 8, a step of
@@ -270,17 +328,67 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path: Path) -> No
     assert "interrupted again: exiting now" in err and "Traceback" not in err
 
 
+def launch_local(out: Path, *extra: str, nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
+    """launch/local.sh on the tiny quickstart, in a session of its own (its process group is the one a terminal
+    would signal)."""
+    env = {"NPROC_PER_NODE": str(nproc), "MAX_RESTARTS": str(restarts), "PYTHON": sys.executable}
+    return start([], env=env, command=["bash", "launch/local.sh", str(QUICKSTART), *tiny(out, *extra, steps=400)])
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sigterm_to_the_launch_script_checkpoints_and_exits_0(tmp_path: Path) -> None:
-    """launch/local.sh passes SIGTERM to the training processes, not to torchrun's agent (which would exit 1)."""
-    proc = start([], env={"NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", "PYTHON": sys.executable},
-                 command=["bash", "launch/local.sh", str(QUICKSTART), *tiny(tmp_path, steps=400)])
+@pytest.mark.parametrize("how", ["SIGTERM to the script", "Ctrl-C at the terminal"])
+def test_a_signal_to_the_launch_script_checkpoints_and_exits_0(tmp_path: Path, how: str) -> None:
+    """launch/local.sh passes SIGTERM or Ctrl-C to the training processes, once, not to torchrun's agent (which
+    would exit 1). A terminal's Ctrl-C goes to the whole foreground process group: the agent got it too (exit 1
+    with a SignalException) and the ranks got it three times (the third stopped them at once, without a
+    checkpoint); the agent now runs in a process group of its own."""
+    proc = launch_local(tmp_path)
+    wait_for_rows(tmp_path, 2, proc, timeout=300)
+    if how == "SIGTERM to the script":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "launch: " in err and "received: asking every training process" in err
+    assert "SignalException" not in err and "interrupted again" not in err
+    assert checkpoint_steps(tmp_path)[-1] == read_metrics(tmp_path)[-1]["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_second_ctrl_c_to_the_launch_script_stops_at_once_without_a_restart(tmp_path: Path) -> None:
+    """The second Ctrl-C ends the ranks at once (exit 130) and torchrun's agent first, so that it does not bring
+    them back (MAX_RESTARTS=3 here)."""
+    slow_steps = ["model.config.hidden_size=256", "model.config.num_hidden_layers=6", "data.seq_len=256",
+                  "train.micro_batch_size=32"]  # steps of about a second: both Ctrl-Cs land in one (see above)
+    proc = launch_local(tmp_path, *slow_steps, nproc=1, restarts=3)
+    wait_for_rows(tmp_path, 1, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "launch: Ctrl-C again: stopping now" in err and "interrupted again: exiting now" in err
+    rows = len(read_metrics(tmp_path))
+    time.sleep(5)  # a restarted rank would resume and log again
+    assert len(read_metrics(tmp_path)) == rows and checkpoint_steps(tmp_path) == []
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_plain_torchrun_under_sigterm_saves_but_exits_1(tmp_path: Path) -> None:
+    """What the README says plain torchrun returns: its agent stops the workers (they still checkpoint), then exits
+    1 with a SignalException traceback. The launch scripts are the way to exit 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "trainer",
+               "train", str(QUICKSTART), *tiny(tmp_path, steps=400)]
+    proc = start([], command=command)
     wait_for_rows(tmp_path, 2, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "launch: TERM received" in err and "SignalException" not in err
+    assert proc.returncode == 1 and "SignalException" in err, err[-3000:]
     assert checkpoint_steps(tmp_path)[-1] == read_metrics(tmp_path)[-1]["step"]
 
 
@@ -329,6 +437,57 @@ def test_a_model_with_custom_code_needs_trust_remote_code(tmp_path: Path, capsys
     assert "model.trust_remote_code = false" in err and "Set model.trust_remote_code=true if you trust" in err
 
 
+# ------------------------------------------------------------------------------- the hub, OS errors' advice
+
+def test_a_hub_model_not_downloaded_while_offline_says_how_to_download_it(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1 (the tests' setting) and a hub id that is not in the cache: the recipe check and a run that
+    loads the model name it and the download command, not transformers' "check your connection" with our "check
+    the path and the disk" appended."""
+    check = run_cli(["validate", str(QUICKSTART), "model.config=null", "model.tokenizer=byte",
+                     "model.name_or_path=some-org/some-model"])
+    assert check.returncode == 2 and "hf download some-org/some-model" in check.stderr, check.stderr[-3000:]
+    adapter = tmp_path / "adapter"  # an --adapter-only export over a base on the hub
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some-org/some-model"}))
+    chat = run_cli(["generate", str(adapter), "--prompt", "hi"])
+    assert chat.returncode == 1, chat.stderr[-3000:]
+    assert "'some-org/some-model' is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1" in chat.stderr
+    assert "hf download some-org/some-model" in chat.stderr
+    assert "the disk" not in chat.stderr and "Traceback" not in chat.stderr
+
+
+def test_a_hub_that_cannot_be_reached_is_named_and_its_retries_shown_once(capfd: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network (the hub at a closed local port): huggingface_hub's client raises its own ConnectError (no
+    OSError: a traceback) after retries it logged through its own handler and ours (each line twice)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import http_backoff
+
+    from trainer.errors import HubError, fetching_from_hub
+    from trainer.logs import setup_console
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    setup_console(rank=0, world_size=1)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/some-org/some-model/resolve/main/config.json"
+    with pytest.raises(HubError) as raised, fetching_from_hub("some-org/some-model"):
+        http_backoff("HEAD", url, max_retries=1, base_wait_time=0.01)
+    assert "the hub cannot be reached: download it first" in str(raised.value)
+    assert "hf download some-org/some-model" in str(raised.value)
+    assert capfd.readouterr().err.count("Retrying in") == 1
+
+
+@pytest.mark.parametrize(("code", "advice"), [(errno.EPIPE, "the program at the other end of a pipe has exited"),
+                                              (errno.ECONNREFUSED, "nothing is listening at that address"),
+                                              (errno.EMFILE, "ulimit -n"), (errno.ENOSPC, "the disk is full")])
+def test_each_os_error_gets_its_own_advice(code: int, advice: str) -> None:
+    from trainer.errors import os_error_message
+
+    message = os_error_message(OSError(code, os.strerror(code)))
+    assert advice in message and (code == errno.ENOSPC or "disk" not in message)
+
+
 @pytest.mark.slow
 def test_wandb_without_a_key_logs_offline_or_fails_when_online_is_required(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -344,6 +503,67 @@ def test_wandb_without_a_key_logs_offline_or_fails_when_online_is_required(tmp_p
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert strict.returncode == 1 and "require_online is set" in strict.stderr and "Traceback" not in strict.stderr
     assert not (tmp_path / "strict" / "metrics.jsonl").exists()  # refused before any training
+
+
+class WandbServer:
+    """A local stand-in for a wandb server that is down: it accepts connections and never answers ("silent"), or
+    answers every request with HTTP 500 ("500")."""
+
+    def __init__(self, behaviour: str) -> None:
+        if behaviour == "silent":
+            self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), SilentHandler)
+        else:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer500)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SilentHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(120)
+        with contextlib.suppress(OSError):
+            while self.request.recv(1 << 16):  # read whatever comes, answer nothing, until the client gives up
+                pass
+
+
+class Answer500(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = do_HEAD = do_POST
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("behaviour", ["silent", "500"])
+def test_a_wandb_server_that_does_not_answer_means_offline_logging(tmp_path: Path, behaviour: str) -> None:
+    """wandb logged in (a key), its server never answering or failing: the run logs offline after one warning, in a
+    bounded time (it was a ServerResponseError traceback after 68 s: the failed online attempt kept the run id in
+    use, so the offline fallback failed too). About 25 s: wandb's own look-ups take 15 s before it gives up."""
+    server = WandbServer(behaviour)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_BASE_URL=server.url, WANDB_API_KEY="x" * 40, OMP_NUM_THREADS="1")
+    base = ["train", str(QUICKSTART), *tiny(tmp_path / "run", "logging.wandb.project=p", "logging.wandb.mode=online",
+                                            "logging.wandb.init_timeout_s=3", steps=2)]
+    try:
+        offline = subprocess.run([sys.executable, "-m", "trainer", *base], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=240, env=env)
+        assert offline.returncode == 0, offline.stderr[-3000:]
+        assert offline.stderr.count("wandb could not start online") == 1, offline.stderr[-3000:]
+        assert "Traceback" not in offline.stderr and "opentelemetry" not in offline.stderr
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*")) and read_metrics(tmp_path / "run")
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed op builds

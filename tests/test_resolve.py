@@ -6,6 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,47 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path, capsys: pytest.Captu
     assert main(["validate", str(bomb)]) == 2
     err = capsys.readouterr().err
     assert "YAML aliases" in err and len(err) < 2000
+
+
+def _nested_bomb(levels: int, width: int) -> list[str]:
+    """Lines of a YAML alias bomb under model.config: `levels` lists, each holding the previous one `width` times
+    (levels x width aliases, width**levels values once expanded)."""
+    lines = [f"    l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return lines
+
+
+def validate_limited(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`validate` in a child limited to 2 GiB of address space (validate needs about 0.4) and 120 s."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+    return subprocess.run([sys.executable, "-m", "trainer", "validate", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, preexec_fn=limit)
+
+
+def test_an_alias_bomb_with_few_aliases_nested_in_a_valid_key_is_refused(tmp_path: Path) -> None:
+    """72 aliases (under MAX_ALIASES) under model.config, which takes any mapping: 9**9 values once expanded.
+    It validated, then dumping the recipe ran past 60 s and 3.6 GB; the same in an override."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(QUICKSTART.read_text().replace("    model_type: llama\n", "    model_type: llama\n"
+                                                   + "\n".join(_nested_bomb(9, 9)) + "\n"))
+    in_file = validate_limited([str(bomb)])
+    assert in_file.returncode == 2, in_file.stderr[-3000:]
+    assert "its YAML aliases expand the" in in_file.stderr and "Traceback" not in in_file.stderr
+    flow = "{" + ", ".join(line.strip() for line in _nested_bomb(8, 9)) + "}"
+    override = validate_limited([str(QUICKSTART), f"model.config.extra={flow}"])
+    assert override.returncode == 2, override.stderr[-3000:]
+    assert "model.config.extra = " in override.stderr and "its YAML aliases expand the" in override.stderr
+    endless = validate_limited([str(QUICKSTART), "model.config.extra=&a [1, *a]"])
+    assert endless.returncode == 2 and "refers to a value that contains it" in endless.stderr, endless.stderr
+
+
+def test_aliases_that_repeat_a_few_values_are_fine() -> None:
+    from trainer.recipe import load_yaml
+
+    data = load_yaml("a: &src {source: x.jsonl, weight: 1.0}\nb: [*src, *src, *src]\n")
+    assert data["b"] == [{"source": "x.jsonl", "weight": 1.0}] * 3
 
 
 def test_a_huge_value_is_cut_before_it_is_shown(capsys: pytest.CaptureFixture[str]) -> None:

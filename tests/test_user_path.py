@@ -82,6 +82,78 @@ def test_generate_and_chat_on_a_run_and_an_export(chat_run: Path, tmp_path: Path
     assert out.getvalue().count("model> ") == 2 and "chatting with export" in out.getvalue()
 
 
+class RecordingGenerate:
+    """The model's own generate(), with the arguments of each call kept (what the chat asked for)."""
+
+    def __init__(self, model: object) -> None:
+        self.real = model.generate  # type: ignore[attr-defined]
+        self.calls: list[dict] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def __call__(self, **kwargs: object) -> torch.Tensor:
+        self.calls.append(kwargs)
+        self.outputs.append(self.real(**kwargs))
+        return self.outputs[-1]
+
+
+@pytest.mark.slow
+def test_a_long_chat_keeps_to_the_context_and_the_system_prompt(chat_run: Path,
+                                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """The chat model's context is 256 tokens (bytes) and chat asks for 256 new ones by default: the whole history
+    went to generate() (transformers: "exceeded the model's predefined maximum length", then degraded output). Now
+    each prompt plus its reply fits, the oldest exchanges are left out (said once), the system prompt stays, and a
+    reply stops at <|im_end|> (ten byte tokens here: a stop string)."""
+    from trainer.chat import chat_loop, load
+
+    loaded = load(chat_run)
+    assert loaded.model.config.max_position_embeddings == 256
+    recording = RecordingGenerate(loaded.model)
+    loaded.model.generate = recording
+    turns = "".join(f"Reverse the letters of word number {i}: {'river' * 8}\n" for i in range(5))
+    out = io.StringIO()
+    chat_loop(loaded, read=io.StringIO(turns), write=out, temperature=0.0, system="You reverse words.")
+    assert out.getvalue().count("model> ") == 5
+    assert out.getvalue().count("its oldest exchanges are left out") == 1
+    prompts = [loaded.tokenizer.decode(call["input_ids"][0]) for call in recording.calls]
+    for call, prompt in zip(recording.calls, prompts):
+        assert call["input_ids"].size(1) + call["max_new_tokens"] <= 256
+        assert prompt.startswith("<|im_start|>system\nYou reverse words.<|im_end|>")
+        assert call["stop_strings"] == ["<|im_end|>"]
+    assert "word number 0" in prompts[0] and "word number 0" not in prompts[-1] and "word number 4" in prompts[-1]
+    assert "predefined maximum length" not in capfd.readouterr().err
+
+
+def test_a_reply_ends_at_the_templates_end_of_turn_token() -> None:
+    """<|im_end|> as one token of the vocabulary: generation stops at it, not at max_new_tokens (the reply ran on
+    to the limit and was cut afterwards). A model that can only say <|im_end|> (its head a bias on that token)."""
+    from transformers import AutoConfig
+
+    from trainer.chat import Loaded, reply
+    from trainer.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.lm_head = torch.nn.Linear(32, len(tok), bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[end] = 10.0
+    recording = RecordingGenerate(model)
+    model.generate = recording
+    answer, left_out = reply(Loaded(model, tok, torch.device("cpu"), "tiny", context=128),
+                             [{"role": "user", "content": "hi"}], max_new_tokens=20, temperature=0.0)
+    assert (answer, left_out) == ("", 0)
+    assert end in recording.calls[0]["eos_token_id"]
+    new = recording.outputs[0][0, recording.calls[0]["input_ids"].size(1):].tolist()
+    assert new == [end]
+
+
 @pytest.mark.slow
 def test_a_finished_run_is_left_alone(tmp_path: Path) -> None:
     assert run_cli(["train", str(QUICKSTART), *tiny(tmp_path, steps=3)]).returncode == 0

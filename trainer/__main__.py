@@ -11,6 +11,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,8 +20,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from trainer.errors import EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, os_error_message
-from trainer.logs import FILE_ONLY, setup_console
+from trainer.errors import (EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, library_error_message,
+                            os_error_message)
+from trainer.logs import FILE_ONLY, keep_going_without_console, setup_console
 
 log = logging.getLogger("trainer")
 RANK0_GRACE_S = 20.0  # how long another rank waits for rank 0 to report an error every rank met
@@ -50,15 +52,17 @@ def parser() -> argparse.ArgumentParser:
                        description="Check a recipe and its overrides without building anything; print the resolved "
                                    "recipe (and, for DeepSpeed, the generated DeepSpeed config).")
     _recipe_arguments(v)
-    v.add_argument("--world-size", type=int, default=None, help="ranks to check batch sizes for "
-                   "(default: WORLD_SIZE or 1)")
+    v.add_argument("--world-size", type=whole_number(1, MAX_WORLD_SIZE), default=None, help="ranks to check batch "
+                   "sizes for (default: WORLD_SIZE or 1)")
     s = sub.add_parser("plan", help="predict memory per GPU", description="Predict the memory per GPU of a "
                        "recipe before launch (model shapes on the meta device; nothing is loaded).")
     _recipe_arguments(s)
-    s.add_argument("--world-size", type=int, default=None, help="number of GPUs (default: WORLD_SIZE or 1)")
-    s.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB (default 24GiB)")
-    s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for the CPU memory an offloaded "
-                   "plan needs per node (default 8, at most the world size)")
+    s.add_argument("--world-size", type=whole_number(1, MAX_WORLD_SIZE), default=None, help="number of GPUs "
+                   "(default: WORLD_SIZE or 1)")
+    s.add_argument("--gpu-memory", type=memory_size, default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB "
+                   "(default 24GiB)")
+    s.add_argument("--gpus-per-node", type=whole_number(1, 1024), default=8, help="GPUs per node, for the CPU "
+                   "memory an offloaded plan needs per node (default 8, at most the world size)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint",
                        description="Write a Hugging Face directory (config, safetensors, tokenizer) from a run's "
@@ -76,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
                        "data as training would, and print samples with the tokens that carry the loss marked, with the "
                        "token counts and how full the samples are.")
     _recipe_arguments(d)
-    d.add_argument("--show", type=int, default=3, metavar="N", help="samples to print (default 3)")
+    d.add_argument("--show", type=whole_number(1), default=3, metavar="N", help="samples to print (default 3)")
     g = sub.add_parser("generate", help="continue a text with a trained model", description="Continue a prompt with "
                        "a run's newest checkpoint, a checkpoint folder or an export (adapter runs: base + adapter).")
     g.add_argument("source", help="OUTPUT_DIR of a run, a checkpoint folder, or an export directory")
@@ -101,9 +105,56 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _generation_arguments(p: argparse.ArgumentParser, temperature: float, tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=tokens, help=f"tokens to generate (default {tokens})")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy; above 0 samples with top-p "
-                   f"0.9 (default {temperature})")
+    p.add_argument("--max-new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=tokens,
+                   help=f"tokens to generate, at most what fits in the model's context (default {tokens})")
+    p.add_argument("--temperature", type=finite_number(0.0), default=temperature, help="0 is greedy; above 0 samples "
+                   f"with top-p 0.9 (default {temperature})")
+
+
+MAX_NEW_TOKENS = 1_000_000
+MAX_WORLD_SIZE = 1_000_000
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]; argparse shows the message and exits 2 otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            wanted = f"at least {low}" if high is None else f"between {low} and {high:,}"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text[:40]}")
+        return value
+
+    return parse
+
+
+def finite_number(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite number >= low (no inf, no nan)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, not {text[:40]}")
+        return value
+
+    return parse
+
+
+def memory_size(text: str) -> int:
+    """An argparse type: a positive size such as 24GiB or 80GB, in bytes."""
+    from trainer.memory_report import parse_size
+
+    try:
+        size = parse_size(text)
+    except (ValueError, OverflowError):  # not a number; nan; inf
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size such as 24GiB or 80GB") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, not {text[:40]}")
+    return size
 
 
 def _world_size(args: argparse.Namespace) -> int:
@@ -145,11 +196,11 @@ def print_deepspeed_config(run: object) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from trainer.memory_report import as_json, full_plan, parse_size, render
+    from trainer.memory_report import as_json, full_plan, render
     from trainer.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
-    p = full_plan(run, parse_size(args.gpu_memory))
+    p = full_plan(run, args.gpu_memory)
     print(as_json(p) if args.json else render(p, args.recipe, args.gpus_per_node))
     return 0
 
@@ -259,6 +310,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_going_without_console()  # before anything takes sys.stderr: a closed pipe or terminal never ends a run
     args = parse(argv)
     if args.verb is None:
         parser().print_help()
@@ -276,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path, permission, full disk: the user's to fix, with the path in the message
         return fail(os_error_message(e), EXIT_RUNTIME)
     except Exception as e:
-        if type(e).__name__ != "SafetensorError":  # safetensors' I/O errors ("File too large", a full disk)
+        message = library_error_message(e)  # a full disk seen by safetensors, a hub that cannot be reached
+        if message is None:
             raise
-        return fail(f"writing or reading a safetensors file failed: {e}; check the free space and permissions of "
-                    "the output directory", EXIT_RUNTIME)
+        return fail(message, EXIT_RUNTIME)
 
 
 def fail(message: str, code: int, on_every_rank: bool = False) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.errors import hub_problem
 from trainer.known_models import KNOWN
 from trainer.schema import ModelConfig
 
@@ -37,8 +38,10 @@ def from_recipe(arch: dict[str, Any], vocab_size: int) -> Any:
     values.setdefault("vocab_size", vocab_size)
     try:
         return AutoConfig.for_model(model_type, **values)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArchitectureError("config", str(e).splitlines()[0]) from None
+    except Exception as e:  # transformers' ValueError, KeyError, TypeError; huggingface_hub's StrictDataclassError
+        if not isinstance(e, (ValueError, KeyError, TypeError)) and "StrictDataclass" not in type(e).__name__:
+            raise
+        raise ArchitectureError("config", " ".join(str(e).split())[:300]) from None
 
 
 def pretrained(model: ModelConfig) -> tuple[Any, str]:
@@ -57,12 +60,15 @@ def pretrained(model: ModelConfig) -> tuple[Any, str]:
         return AutoConfig.for_model(arch.pop("model_type"), **arch), "known models table"
     try:  # last resort: fetch config.json
         return AutoConfig.from_pretrained(name, **kwargs), "hub"
-    except (OSError, ValueError) as e:
-        if _custom_code(e):
+    except Exception as e:  # an OSError from transformers, or the HTTP client's own error without network
+        if isinstance(e, (OSError, ValueError)) and _custom_code(e):
             raise _needs_remote_code(name) from None
+        hub = hub_problem(e, name, fetching=True)
+        if hub is None and not isinstance(e, (OSError, ValueError)):
+            raise
         raise ArchitectureError("name_or_path", "cannot read this model's config.json (not a local directory, not "
-                                "in the hub cache, not a known model, and the hub is unreachable); download it once "
-                                "or give model.config") from None
+                                "a known model): " + (hub or f"{str(e).splitlines()[0][:160]}; give a local "
+                                                      "directory or model.config")) from None
 
 
 def _needs_remote_code(name: str) -> ArchitectureError:

@@ -3,15 +3,18 @@ ours). The CLI maps every `TrainerError` to its message and exit code; anything 
 traceback.
 
 - `ConfigError` (exit 2): the recipe or its overrides, listing every problem at once as `Problem`s.
-- `DataError`, `CheckpointError`, `UnsafeFileError`, `LossScaleCollapsed` (exit 1): what a run met while
-  running, each message saying what was found and what to do.
+- `DataError`, `CheckpointError`, `UnsafeFileError`, `LossScaleCollapsed`, `HubError` (exit 1): what a run met
+  while running, each message saying what was found and what to do.
+- `os_error_message`, `library_error_message`: an OSError or a library's error (safetensors, the Hugging Face hub)
+  as one screen, with the fix for that kind of failure.
 """
 
 from __future__ import annotations
 
 import errno
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 EXIT_RECIPE = 2
 EXIT_RUNTIME = 1
@@ -121,18 +124,130 @@ class NotSharded(TrainerError):
     on_every_rank = True
 
 
+class HubError(TrainerError):
+    """A model or tokenizer could not be fetched from the Hugging Face hub: not in the local cache while offline or
+    without network, gated, private or not there."""
+
+
+# Fix texts per errno: what usually causes it and what to do. An errno not listed gets no invented advice.
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "the disk is full: free space or choose another output_dir",
+    errno.EFBIG: "the file grew past a size limit (ulimit -f, or the filesystem's): raise it or choose another "
+                 "output_dir",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose another output_dir",
+    errno.EACCES: "no permission: fix the permissions or choose another path",
+    errno.EPERM: "not permitted: fix the permissions or choose another path",
+    errno.EROFS: "the filesystem is read-only: choose another output_dir",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    errno.EISDIR: "it is a directory where a file was expected: check the path",
+    errno.EEXIST: "it already exists: remove it or choose another path",
+    errno.ENOTEMPTY: "the directory is not empty: remove what is in it or choose another path",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter one",
+    errno.ELOOP: "the path has a loop of symbolic links: fix the links",
+    errno.EXDEV: "a rename across two filesystems: keep the path on the filesystem of output_dir",
+    errno.EBUSY: "it is in use by another process: stop that process or choose another path",
+    errno.ETXTBSY: "it is in use by another process: stop that process or choose another path",
+    errno.EMFILE: "this process has too many files open: raise the limit (ulimit -n)",
+    errno.ENFILE: "the system has too many files open: close other programs or raise the system's limit",
+    errno.ENOMEM: "out of memory: use less (a smaller micro-batch, gradient checkpointing) or stop other programs",
+    errno.EIO: "the disk or network filesystem reported an I/O error: check the device (dmesg) and retry",
+    errno.ESTALE: "the network filesystem lost the file (stale handle): remount it or retry",
+    errno.EPIPE: "the program at the other end of a pipe has exited",
+    errno.ECONNREFUSED: "nothing is listening at that address: check the host and port, and that the server runs",
+    errno.ECONNRESET: "the other side closed the connection: check that it is still running, then retry",
+    errno.ETIMEDOUT: "the connection timed out: check the network and the address",
+    errno.ENETUNREACH: "the network is unreachable: check this machine's network",
+    errno.EHOSTUNREACH: "the host is unreachable: check the network and the address",
+}
+
+CONNECTION_FAILURES = frozenset({"ConnectError", "ConnectTimeout", "ReadTimeout", "ConnectionError", "Timeout",
+                                 "TimeoutError", "gaierror", "ProxyError", "SSLError"})
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and every exception it was raised from or while handling."""
+    seen: list[BaseException] = []
+    current: BaseException | None = e
+    while current is not None and not any(current is s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _class_names(e: BaseException) -> set[str]:
+    return {cls.__name__ for x in _chain(e) for cls in type(x).__mro__}
+
+
+def _from_the_hub(e: BaseException) -> bool:
+    """Whether the chain shows huggingface_hub's own errors or transformers' message for a failed hub fetch."""
+    return any(type(x).__module__.startswith("huggingface_hub") or "couldn't connect to 'https://huggingface.co'"
+               in str(x) for x in _chain(e))
+
+
+def download_advice(name: str | None) -> str:
+    """How to get a hub model onto a machine, or name a local copy instead."""
+    repo = name or "ORG/NAME"
+    return (f"download it first where the hub can be reached (`hf download {repo}`, or `huggingface-cli download "
+            f"{repo}` with an older huggingface_hub) into the cache this machine reads (HF_HOME), or give a local "
+            "directory that holds it")
+
+
+def hub_problem(e: BaseException, name: str | None = None, fetching: bool = False) -> str | None:
+    """What went wrong fetching `name` from the Hugging Face hub, and the fix; None when `e` is no hub failure.
+    `fetching`: `e` came out of a from_pretrained call, so a bare connection error is the hub's too."""
+    names = _class_names(e)
+    if not fetching and not _from_the_hub(e):
+        return None
+    what = repr(name) if name else "a model or tokenizer the recipe names by hub id"
+    if "GatedRepoError" in names:
+        return (f"{what} is gated on the Hugging Face hub: accept its terms on its page, then log in with an account "
+                "that has access (`hf auth login`, or set HF_TOKEN)")
+    if "RepositoryNotFoundError" in names:
+        return (f"{what} is not on the Hugging Face hub, or is private: check the name (a local directory must "
+                "exist), and log in (`hf auth login`) if it is private")
+    if "RevisionNotFoundError" in names:
+        return f"{what}: the hub has no such revision: check model.revision"
+    offline = "OfflineModeIsEnabled" in names or any("outgoing traffic has been disabled" in str(x) for x in _chain(e))
+    if offline:
+        return f"{what} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids the network: " \
+            + download_advice(name)
+    if names & CONNECTION_FAILURES or "LocalEntryNotFoundError" in names:
+        return f"{what} is not in the local Hugging Face cache, and the hub cannot be reached: " + download_advice(name)
+    return None
+
+
+@contextmanager
+def fetching_from_hub(name: str) -> Iterator[None]:
+    """Around a `from_pretrained(name)`: a failure to fetch `name` from the hub becomes a HubError naming it and the
+    fix (transformers raises an OSError, or the HTTP client's own error, either way ending in a traceback or in
+    advice about paths and disks)."""
+    try:
+        yield
+    except Exception as e:
+        message = hub_problem(e, name, fetching=True)
+        if message is None:
+            raise
+        raise HubError(message) from e
+
+
 def os_error_message(e: OSError) -> str:
-    """An OSError as a user reads it: what failed, on which path, and what usually fixes it."""
-    hints = {errno.ENOSPC: "the disk is full: free space or choose another output_dir",
-             errno.EFBIG: "the file grew past a size limit (ulimit -f, or the filesystem's): raise it or choose "
-                          "another output_dir",
-             errno.EDQUOT: "the disk quota is exhausted: free space or choose another output_dir",
-             errno.EACCES: "no permission: fix the permissions or choose another path",
-             errno.EPERM: "not permitted: fix the permissions or choose another path",
-             errno.EROFS: "the filesystem is read-only: choose another output_dir",
-             errno.ENOENT: "it does not exist: check the path",
-             errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
-             errno.EISDIR: "it is a directory where a file was expected: check the path"}
+    """An OSError as a user reads it: what failed, on which path, and what fixes that kind of failure."""
+    hub = hub_problem(e)
+    if hub:
+        return hub
     where = f" {e.filename!r}" if e.filename else ""
-    hint = hints.get(e.errno or -1, "check the path and the disk")
-    return f"{e.strerror or e}{where}: {hint}"
+    if type(e).__name__ == "gaierror":
+        hint = "a host name could not be resolved: check the network (DNS) and the name"
+    else:
+        hint = OS_ERROR_FIXES.get(e.errno or -1, "check that path" if e.filename else "")
+    text = f"{e.strerror or e}{where}"
+    return f"{text}: {hint}" if hint else text
+
+
+def library_error_message(e: Exception) -> str | None:
+    """A library's error the user can fix, as one screen; None for anything else (a bug: its traceback is kept)."""
+    if type(e).__name__ == "SafetensorError":  # safetensors' I/O errors ("File too large", a full disk)
+        return f"writing or reading a safetensors file failed: {e}; check the free space and permissions of the " \
+               "output directory"
+    return hub_problem(e)

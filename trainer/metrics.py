@@ -34,9 +34,9 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def start_wandb(cfg: LoggingConfig, output_dir: Path, run_config: dict[str, Any]) -> Any:
     """The wandb run (rank 0, before any heavy work), or None when the recipe asks for none. A resumed run continues
-    the same wandb run: its id is kept in the output directory. Without an API key, or when the server cannot be
-    reached, it logs offline (`wandb sync` uploads it later) with one warning, unless
-    logging.wandb.require_online is set."""
+    the same wandb run: its id is kept in the output directory. Without an API key, or when wandb fails to start
+    online in any way (a server that does not answer within logging.wandb.init_timeout_s, or answers with errors),
+    it logs offline (`wandb sync` uploads it later) with one warning, unless logging.wandb.require_online is set."""
     w = cfg.wandb
     if not w.project or w.mode == "disabled":
         return None
@@ -49,27 +49,50 @@ def start_wandb(cfg: LoggingConfig, output_dir: Path, run_config: dict[str, Any]
     def init(mode: str) -> Any:
         return wandb.init(project=w.project, entity=w.entity, name=w.name or output_dir.name, mode=mode, tags=w.tags,
                           config=run_config, dir=str(output_dir), id=run_id, resume="allow",
-                          settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+                          settings=wandb.Settings(init_timeout=w.init_timeout_s))
 
     if w.mode == "offline":
         return init("offline")
-    if not wandb.login(prompt=False, verify=False):
-        return _offline_instead(init, w.require_online, "no wandb API key is configured (run `wandb login` or set "
-                                "WANDB_API_KEY)")
     try:
-        return init("online")
-    except wandb.errors.Error as e:
-        return _offline_instead(init, w.require_online, f"wandb could not start online ({str(e).splitlines()[0]})")
+        if wandb.login(prompt=False, verify=False):
+            log.info("wandb: starting run %s online (up to about %d s, else it logs offline)", run_id,
+                     w.init_timeout_s + WANDB_LOOKUPS_S)
+            return init("online")
+        why = "no wandb API key is configured (run `wandb login` or set WANDB_API_KEY)"
+    except Exception as e:  # wandb's CommError, ServerResponseError, a timeout, a refused connection, ...
+        why = f"wandb could not start online ({type(e).__name__}: {_first_line(e)})"
+        _stop_wandb(wandb)  # the failed attempt keeps the run id in use: a new one needs a fresh wandb service
+    return _offline_instead(init, w.require_online, why)
 
 
-WANDB_INIT_TIMEOUT_S = 30
+WANDB_LOOKUPS_S = 15  # wandb's own account look-ups at login and init (5 s each) and its shutdown, before a fallback
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else "no message"
+
+
+def _stop_wandb(wandb: Any) -> None:
+    try:
+        wandb.teardown()
+    except Exception as e:
+        log.debug("wandb.teardown after a failed start: %s", e)
 
 
 def _offline_instead(init: Any, require_online: bool, why: str) -> Any:
+    """The offline run that replaces an online one that could not start, with one warning; without wandb at all
+    (and a warning saying so) when even that fails."""
     if require_online:
         raise TrainerError(f"{why}, and logging.wandb.require_online is set; fix that, or unset it to log offline")
+    try:
+        run = init("offline")
+    except Exception as e:
+        log.warning("%s, nor offline (%s: %s): this run logs to metrics.jsonl only", why, type(e).__name__,
+                    _first_line(e))
+        return None
     log.warning("%s: logging to wandb offline in the output directory; upload later with `wandb sync`", why)
-    return init("offline")
+    return run
 
 
 class Metrics:

@@ -45,6 +45,7 @@ from trainer import adapters, int8_weights
 from trainer.adapters import streamed
 from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
+from trainer.errors import fetching_from_hub
 from trainer.optim.lowrank_groups import member, targets_of
 from trainer.resolve import ResolvedRun
 
@@ -161,7 +162,8 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
             load["dtype"] = torch_dtype(precision.dtype)  # the model itself in bf16: no fp32 master copy
         if m.rope_scaling:  # the resolved architecture carries it, merged into the model's own RoPE settings
             extra["config"] = copy.deepcopy(run.architecture)
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, **load, **extra)
+        with fetching_from_hub(m.name_or_path or ""):
+            model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, **load, **extra)
     else:
         dtype = torch.float32 if precision.master_weights else torch_dtype(precision.dtype)
         with no_init_weights():  # initialized below, by name

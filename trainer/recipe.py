@@ -2,8 +2,10 @@
 every problem collected as a `Problem` naming the key, the value, where it came from and what to do.
 
 Nothing here looks at the world size, the environment or a model: resolve.py does that, after this. A recipe
-is read defensively: it must be UTF-8, at most MAX_RECIPE_BYTES, and use at most MAX_ALIASES YAML aliases (a
-"billion laughs" recipe would otherwise expand to gigabytes once validated or printed).
+is read defensively: it must be UTF-8, at most MAX_RECIPE_BYTES, use at most MAX_ALIASES YAML aliases, and its
+aliases may add at most MAX_ALIAS_EXPANSION values to what it writes out, counted on the document's graph before
+anything is built (a "billion laughs" recipe, even one with a few dozen aliases nested under model.config, would
+otherwise expand to gigabytes once validated, dumped or printed). Overrides are read by the same rules.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from trainer.schema import Recipe, Section, field_at
 
 MAX_RECIPE_BYTES = 4 * 2**20
 MAX_ALIASES = 100
+MAX_ALIAS_EXPANSION = 10_000  # values the aliases may add to those the text writes out
 COMMAND_LINE = "command line"
 RECIPE_FILE = "recipe"
 DEFAULT = "default"
@@ -92,19 +95,79 @@ def read_text(path: str | Path) -> tuple[str, list[Problem]]:
                                  "UTF-8")
 
 
+class UnsafeYaml(ValueError):
+    """YAML that would take far more memory or time to build than its text suggests; str() says why."""
+
+
 def _alias_count(text: str) -> int:
     """YAML aliases (`*name`) in the text, counted from the event stream (no document is built)."""
     return sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _expanded_values(root: yaml.Node) -> tuple[int, int]:
+    """(values the text writes out, values once every alias is expanded), counted on the composed graph, where
+    an alias is one more reference to its anchor's node. UnsafeYaml when an alias sits inside its own anchor."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes whose subtree is being counted: the current path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+        elif id(node) in open_nodes:
+            raise UnsafeYaml("a YAML alias refers to a value that contains it (an endless value): write it out")
+        elif id(node) not in sizes:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+    return len(sizes), sizes[id(root)]
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing (UnsafeYaml) what would expand far beyond its text: more than MAX_ALIASES
+    aliases, or aliases that add more than MAX_ALIAS_EXPANSION values, wherever they are in the document."""
+    aliases = _alias_count(text)
+    if aliases > MAX_ALIASES:
+        raise UnsafeYaml(f"uses {aliases} YAML aliases (limit {MAX_ALIASES}); expanding them could take "
+                         "gigabytes: write the values out")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        written, expanded = _expanded_values(node)
+        if expanded - written > MAX_ALIAS_EXPANSION:
+            raise UnsafeYaml(f"its YAML aliases expand the {written:,} values written to {show_number(expanded)} "
+                             f"(at most {MAX_ALIAS_EXPANSION:,} more): write the values out")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise UnsafeYaml("nested too deeply to be a recipe") from None
+    except ValueError as e:  # int() of a number with more digits than Python converts (4300)
+        if isinstance(e, UnsafeYaml):
+            raise
+        raise UnsafeYaml(f"holds a number too long to read ({str(e).split(';')[0]}): no setting takes one") from None
+    finally:
+        loader.dispose()
+
+
+def show_number(n: int) -> str:
+    """A count as a message shows it: 1,234,567, or 3.9e+09 values when it has more digits than that."""
+    return f"{n:,}" if n < 10**9 else f"{float(n):.1e}" if n < 10**300 else f"about 10^{len(str(n)) - 1}"
+
+
 def parse_yaml(text: str, path: str | Path) -> tuple[dict[str, Any], list[Problem]]:
     """The recipe's mapping of sections, or why the text is not one."""
     try:
-        aliases = _alias_count(text)
-        if aliases > MAX_ALIASES:
-            return {}, _file_problem(path, f"uses {aliases} YAML aliases (limit {MAX_ALIASES}); expanding them "
-                                     "could take gigabytes: write the values out")
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except UnsafeYaml as e:
+        return {}, _file_problem(path, str(e))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -132,7 +195,9 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]
                                     "train.max_steps=50)", COMMAND_LINE))
             continue
         try:
-            parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
+            parsed[key] = load_yaml(raw) if raw.strip() else ""
+        except UnsafeYaml as e:
+            problems.append(Problem(key, raw, f"{e}", COMMAND_LINE))
         except yaml.YAMLError:
             parsed[key] = raw
     return parsed, problems
@@ -242,7 +307,9 @@ def _message(error: Any, holder: type[BaseModel] | None, annotation: Any, unknow
     bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {limit}"
+        return f"must be {bounds[kind]} {limit:,}" if isinstance(limit, int) else f"must be {bounds[kind]} {limit}"
+    if kind == "finite_number" or (kind == "float_type" and isinstance(value, int) and not isinstance(value, bool)):
+        return "must be a finite number (not inf or nan; at most about 1.8e308)"
     if kind == "literal_error" and isinstance(value, (str, int)):
         choices = [str(c) for c in typing.get_args(_literal_of(annotation))]
         hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""

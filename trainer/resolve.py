@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import architecture as arch
-from trainer.errors import ConfigError, Problem
+from trainer.errors import ConfigError, HubError, Problem
 from trainer.paths import looks_local
 from trainer.recipe import COMMAND_LINE, Sources, load_recipe
 from trainer.rules import cross_check, warnings_of
@@ -183,6 +183,9 @@ def _tokenizer_size(r: Recipe, src: Sources, *, needed: bool) -> tuple[int | Non
             return None, []
     try:
         return len(build_tokenizer(r.model)), []
+    except HubError as e:
+        return None, [Problem("model.tokenizer", r.model.tokenizer or r.model.name_or_path, f"cannot be loaded: {e}",
+                              src("model.tokenizer"))]
     except (OSError, ValueError) as e:
         return None, [Problem("model.tokenizer", r.model.tokenizer or r.model.name_or_path, f"cannot be loaded "
                               f"({str(e).splitlines()[0][:160]}); give a local directory, 'byte', or a reachable hub "

@@ -14,9 +14,10 @@ set its own.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Iterator, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 Resume = Literal["must_match", "allowed", "ignored"]
@@ -32,7 +33,31 @@ def _yaml_number(value: Any) -> Any:
     return value
 
 
-Number = Annotated[float, BeforeValidator(_yaml_number)]
+Number = Annotated[float, BeforeValidator(_yaml_number)]  # finite: Section sets allow_inf_nan=False
+
+MAX_INT = 2**63 - 1  # the largest int64: what torch tensors, numpy and the C code under them hold
+Integer = Annotated[int, Field(le=MAX_INT)]  # a key with a bound of its own (setting(le=...)) stays a plain int:
+# the bound inside Annotated would replace it
+
+
+def _plain_numbers(value: dict[str, Any]) -> dict[str, Any]:
+    """A free mapping (model.config, model.rope_scaling, distributed.deepspeed_overrides) holds no inf or nan and
+    no integer beyond 64 bits at any depth: its values reach a model's config, tensors and DeepSpeed's C++."""
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in value.items()]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{path} is {item}: must be a finite number")
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT:
+            raise ValueError(f"{path} is an integer of {len(str(abs(item)))} digits: at most {MAX_INT:,} (64 bits)")
+    return value
+
+
+FreeMapping = Annotated[dict[str, Any], AfterValidator(_plain_numbers)]
 
 
 def _packing(value: Any) -> Any:
@@ -57,16 +82,16 @@ def section(cls: type[BaseModel], doc: str, *, resume: Resume | None = None) -> 
 
 
 class Section(BaseModel):
-    """A recipe section: strict types, no unknown keys, immutable once read."""
+    """A recipe section: strict types, no unknown keys, immutable once read, numbers finite (no inf or nan)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
     name_or_path: str | None = setting("hub id or local directory loaded with from_pretrained",
                                        resume="must_match")
-    config: dict[str, Any] | None = setting("architecture for from-scratch training, e.g. {model_type: llama, ...}",
-                                            resume="must_match")
+    config: FreeMapping | None = setting("architecture for from-scratch training, e.g. {model_type: llama, ...}",
+                                         resume="must_match")
     tokenizer: str | None = setting("tokenizer: hub id or directory, or 'byte' (built-in byte-level); default: "
                                     "name_or_path", resume="must_match")
     trust_remote_code: bool = setting("allow model code from the hub/directory to run", False)
@@ -78,9 +103,9 @@ class ModelConfig(Section):
                                        "checkpointing each layer's input, without it every saved activation",
                                        False)
     attn_implementation: str | None = setting("transformers attention backend (eager, sdpa, flash_attention_2)")
-    rope_scaling: dict[str, Any] | None = setting("RoPE scaling applied on top of the model's own, to train longer "
-                                                  "sequences than max_position_embeddings, e.g. {rope_type: linear, "
-                                                  "factor: 2.0}", resume="must_match")
+    rope_scaling: FreeMapping | None = setting("RoPE scaling applied on top of the model's own, to train longer "
+                                               "sequences than max_position_embeddings, e.g. {rope_type: linear, "
+                                               "factor: 2.0}", resume="must_match")
 
 
 class SourceEntry(Section):
@@ -91,7 +116,7 @@ class SourceEntry(Section):
     format: Literal["text", "alpaca", "chat"] | None = setting("this source's format (null: data.format)")
     text_field: str | None = setting("field holding the text (null: data.text_field)")
     split: str | None = setting("split (null: data.split)")
-    max_documents: int | None = setting("use at most this many rows of it", None, ge=1)
+    max_documents: Integer | None = setting("use at most this many rows of it", None, ge=1)
 
 
 class DataConfig(Section):
@@ -107,7 +132,7 @@ class DataConfig(Section):
     split: str = setting("dataset split to read (hub datasets, save_to_disk folders)", "train", resume="must_match")
     revision: str | None = setting("hub dataset revision (a branch, tag or commit; pin a commit for a store that "
                                    "never goes stale silently)", resume="must_match")
-    seq_len: int = setting("tokens per training sequence", 512, ge=8, resume="must_match")
+    seq_len: Integer = setting("tokens per training sequence", 512, ge=8, resume="must_match")
     packing: Packing = setting("auto (isolated for alpaca/chat, concat for text) | isolated (whole examples per "
                                "block, attention and positions confined to each: the loss of one-by-one) | concat "
                                "(examples run into each other, as plain text) | none (one example per sample, "
@@ -118,28 +143,28 @@ class DataConfig(Section):
                                         resume="must_match")
     eval_fraction: float = setting("fraction of documents held out for evaluation (0 = no eval split)", 0.0,
                                    ge=0.0, le=0.5, resume="must_match")
-    max_documents: int | None = setting("use at most this many documents (quick experiments)", None, ge=1,
-                                        resume="must_match")
-    max_bytes: int = setting("for builtin:python_stdlib: bytes of source to use", 4_000_000, ge=10_000,
-                             resume="must_match")
+    max_documents: Integer | None = setting("use at most this many documents (quick experiments)", None, ge=1,
+                                            resume="must_match")
+    max_bytes: Integer = setting("for builtin:python_stdlib: bytes of source to use", 4_000_000, ge=10_000,
+                                 resume="must_match")
     cache_dir: str | None = setting("where token stores live (null: $TRAINER_DATA_CACHE, else "
                                     "~/.cache/trainer/data)", resume="ignored")
     num_proc: int | None = setting("processes that tokenize when a store is built (null: the CPU count)", None,
-                                   ge=1, resume="ignored")
+                                   ge=1, le=4096, resume="ignored")
 
 
 class TrainConfig(Section):
-    max_steps: int = setting("optimizer steps to run", 100, ge=1)
-    seed: int = setting("seed for weights init, data order and dropout", 0, ge=0, resume="must_match")
-    micro_batch_size: int = setting("sequences per forward/backward on each rank", 8, ge=1, resume="must_match")
-    grad_accum_steps: int | None = setting("micro-batches per optimizer step (or give global_batch_size)", None,
-                                           ge=1)
-    global_batch_size: int | None = setting("sequences per optimizer step over all ranks", None, ge=1)
-    eval_every_steps: int = setting("evaluate every N steps (0 = never)", 0, ge=0)
-    eval_batches: int = setting("micro-batches per evaluation", 8, ge=1)
-    max_nonfinite_steps: int = setting("steps with a NaN/inf loss or gradient norm to skip before the run stops "
-                                       "(0: stop at the first, before its update; fp16 overflows follow "
-                                       "precision.max_consecutive_skips instead)", 0, ge=0)
+    max_steps: Integer = setting("optimizer steps to run", 100, ge=1)
+    seed: Integer = setting("seed for weights init, data order and dropout", 0, ge=0, resume="must_match")
+    micro_batch_size: Integer = setting("sequences per forward/backward on each rank", 8, ge=1, resume="must_match")
+    grad_accum_steps: Integer | None = setting("micro-batches per optimizer step (or give global_batch_size)", None,
+                                               ge=1)
+    global_batch_size: Integer | None = setting("sequences per optimizer step over all ranks", None, ge=1)
+    eval_every_steps: Integer = setting("evaluate every N steps (0 = never)", 0, ge=0)
+    eval_batches: Integer = setting("micro-batches per evaluation", 8, ge=1)
+    max_nonfinite_steps: Integer = setting("steps with a NaN/inf loss or gradient norm to skip before the run stops "
+                                           "(0: stop at the first, before its update; fp16 overflows follow "
+                                           "precision.max_consecutive_skips instead)", 0, ge=0)
 
 
 class PrecisionConfig(Section):
@@ -148,18 +173,18 @@ class PrecisionConfig(Section):
     master_weights: bool = setting("keep fp32 weights under bf16 (the default); false stores the model itself in "
                                    "bf16: half the weight, gradient and optimizer memory, updates rounded to bf16 "
                                    "(the GaLore paper's 7B setting)", True, resume="must_match")
-    initial_loss_scale: Number = setting("fp16: starting loss scale", 65536.0, gt=0)
-    loss_scale_growth_interval: int = setting("fp16: double the scale after this many clean steps", 2000, ge=1)
-    max_consecutive_skips: int = setting("fp16: stop with an error after this many overflowed steps in a row", 25,
-                                         ge=1)
+    initial_loss_scale: Number = setting("fp16: starting loss scale", 65536.0, gt=0, le=2.0**32)
+    loss_scale_growth_interval: Integer = setting("fp16: double the scale after this many clean steps", 2000, ge=1)
+    max_consecutive_skips: Integer = setting("fp16: stop with an error after this many overflowed steps in a row", 25,
+                                             ge=1)
     weights: Literal["float", "int8"] = setting("storage of the GaLore/APOLLO target weights: float (per dtype and "
                                                 "master_weights) or int8 (per-row scales, updated with stochastic "
                                                 "rounding; Q-GaLore)", "float", resume="must_match")
 
 
 class GaloreConfig(Section):
-    rank: int = setting("rank of the projected gradient", 128, ge=1, resume="must_match")
-    update_gap: int = setting("steps between projector refreshes (SVD)", 200, ge=1)
+    rank: Integer = setting("rank of the projected gradient", 128, ge=1, resume="must_match")
+    update_gap: Integer = setting("steps between projector refreshes (SVD)", 200, ge=1)
     scale: Number = setting("scale applied to the projected-back update", 0.25, gt=0)
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = setting("which side to project", "std",
                                                                                resume="must_match")
@@ -173,12 +198,12 @@ class GaloreConfig(Section):
 
 
 class ApolloConfig(Section):
-    rank: int | None = setting("rank of the random projection (null: 256 for apollo_adamw, 1 for apollo_mini)",
-                               None, ge=1, resume="must_match")
+    rank: Integer | None = setting("rank of the random projection (null: 256 for apollo_adamw, 1 for apollo_mini)",
+                                   None, ge=1, resume="must_match")
     scale_type: Literal["channel", "tensor"] | None = setting(
         "learning-rate scale per channel or per tensor (null: channel for apollo_adamw, tensor for apollo_mini)",
         None)
-    update_gap: int = setting("steps between new random projections (a new seed)", 200, ge=1)
+    update_gap: Integer = setting("steps between new random projections (a new seed)", 200, ge=1)
     scale: Number | None = setting("alpha, multiplies the update (null: 1 for apollo_adamw, sqrt(128) for "
                                    "apollo_mini; apollo-torch's scale is alpha squared)", None, gt=0)
     norm_growth_limit: Number | None = setting("the update's norm grows at most this factor per step (Fira's "
@@ -203,7 +228,7 @@ class OptimizerConfig(Section):
     momentum: Number = setting("SGD momentum", 0.0, ge=0)
     grad_clip: Number | None = setting("clip gradients to this global norm (null = no clipping)", 1.0, gt=0)
     schedule: Literal["constant", "linear", "cosine"] = setting("LR schedule after warmup", "cosine")
-    warmup_steps: int = setting("linear warmup steps from 0 to lr", 0, ge=0)
+    warmup_steps: Integer = setting("linear warmup steps from 0 to lr", 0, ge=0)
     min_lr_ratio: Number = setting("final LR as a fraction of lr (linear, cosine)", 0.1, ge=0, le=1)
     galore: GaloreConfig = section(GaloreConfig, "GaLore settings (optimizer.name: galore_*)")
     apollo: ApolloConfig = section(ApolloConfig, "APOLLO settings (optimizer.name: apollo_adamw, apollo_mini)")
@@ -238,7 +263,7 @@ class QuantConfig(Section):
 class AdapterConfig(Section):
     type: Literal["none", "lora", "qlora"] = setting("none: full training; lora; qlora: LoRA over 4-bit base",
                                                      "none")
-    rank: int = setting("LoRA rank r", 16, ge=1)
+    rank: Integer = setting("LoRA rank r", 16, ge=1)
     alpha: Number = setting("LoRA alpha (update scaled by alpha / rank)", 32.0, gt=0)
     dropout: Number = setting("LoRA dropout", 0.0, ge=0, le=1)
     target_modules: list[str] | str = setting("module names to adapt, or 'all-linear'", "all-linear")
@@ -252,15 +277,15 @@ class DistributedConfig(Section):
     zero_stage: int = setting("ZeRO stage 0-3 (native: 0 or 1)", 0, ge=0, le=3, resume="must_match")
     offload_optimizer: Literal["none", "cpu"] = setting("DeepSpeed: keep optimizer state in CPU memory", "none")
     offload_params: Literal["none", "cpu"] = setting("DeepSpeed ZeRO-3: keep parameters in CPU memory", "none")
-    deepspeed_overrides: dict[str, Any] = setting("expert: merged last into the generated DeepSpeed config", {})
+    deepspeed_overrides: FreeMapping = setting("expert: merged last into the generated DeepSpeed config", {})
     backend: Literal["auto", "gloo", "nccl"] = setting("torch.distributed backend (auto: nccl on GPU, else gloo)",
                                                        "auto")
-    timeout_s: int = setting("collective timeout in seconds", 1800, ge=10)
+    timeout_s: int = setting("collective timeout in seconds", 1800, ge=10, le=365 * 24 * 3600)
 
 
 class CheckpointConfig(Section):
-    every_steps: int = setting("save every N optimizer steps (0 = only at the end)", 0, ge=0)
-    keep_last: int = setting("keep this many newest complete checkpoints", 2, ge=1)
+    every_steps: Integer = setting("save every N optimizer steps (0 = only at the end)", 0, ge=0)
+    keep_last: Integer = setting("keep this many newest complete checkpoints", 2, ge=1)
     resume: str = setting("auto (newest complete checkpoint in output_dir) | never | PATH", "auto")
     save_final: bool = setting("save a checkpoint when the run ends", True)
     full_weights: bool | None = setting("DeepSpeed: also write the whole fp32 weights gathered on rank 0 "
@@ -277,10 +302,12 @@ class WandbConfig(Section):
     tags: list[str] = setting("run tags", [])
     require_online: bool = setting("fail instead of logging offline when wandb has no API key or cannot reach its "
                                    "server", False)
+    init_timeout_s: int = setting("seconds wandb may take to start a run online (a server that does not answer) "
+                                  "before the run logs offline instead", 30, ge=1, le=3600)
 
 
 class LoggingConfig(Section):
-    every_steps: int = setting("write a metrics row every N steps", 1, ge=1)
+    every_steps: Integer = setting("write a metrics row every N steps", 1, ge=1)
     progress_bar: bool = setting("show a progress bar on rank 0", True)
     plot: bool = setting("write loss.png (loss and LR) in output_dir at the end", True)
     wandb: WandbConfig = section(WandbConfig, "Weights & Biases")

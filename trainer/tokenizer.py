@@ -7,11 +7,13 @@ always has an EOS token (documents are separated by it) and a pad token (micro-b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from trainer.errors import fetching_from_hub
 from trainer.schema import DataConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -54,15 +56,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tokenizer(cfg: ModelConfig, local_files_only: bool = False) -> PreTrainedTokenizerBase:
     """The run's tokenizer, guaranteed to have an EOS and a pad token. `local_files_only`: a directory or the hub
-    cache, never the network (OSError when it is not there)."""
+    cache, never the network (OSError when it is not there); else a hub fetch that fails is a HubError."""
     if cfg.tokenizer == "byte":
         return byte_tokenizer()
     name = cfg.tokenizer or cfg.name_or_path
     if not name:
         raise ValueError("model.tokenizer = null and model.name_or_path = null: give model.tokenizer "
                          "('byte', a directory or a hub id)")
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-                                        local_files_only=local_files_only)
+    # the local-only attempt is a probe whose failure the caller expects (an OSError); a fetch that fails says why
+    with contextlib.nullcontext() if local_files_only else fetching_from_hub(name):
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                                            local_files_only=local_files_only)
     return ensure_special_tokens(tok)
 
 
