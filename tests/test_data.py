@@ -20,7 +20,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tests.conftest import TEST_DATA
+from tests.conftest import QUICKSTART, TEST_DATA
+from trainer.__main__ import main
 from trainer.data.batches import Batch, DataPosition, TrainData, collate
 from trainer.data.order import Permutation, seed_int
 from trainer.data.sources import read_stdlib
@@ -325,6 +326,25 @@ def test_long_examples_as_an_error_name_the_row_and_the_other_choices(tok: Any, 
     assert "data.too_long = 'error': a.jsonl line 1 (counted from 1) is 165 tokens long, longer than " \
            "data.seq_len=80" in str(e.value)
     assert "drop" in str(e.value) and "truncate" in str(e.value)
+
+
+def test_prepare_and_data_show_report_long_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = [f"data.source={write_json(tmp_path / 'a.json', LONG_ROWS)}", "data.format=alpaca", "data.seq_len=80",
+              "data.packing=false", "data.eval_fraction=0", "train.eval_every_steps=0", "train.micro_batch_size=1",
+              f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"]
+    assert main(["prepare", str(QUICKSTART), *common]) == 0
+    out = capsys.readouterr().out
+    assert "5 rows dropped: a.json row 1: 162 tokens, longer than data.seq_len=80 (data.too_long: drop)" in out
+    assert "4 of the dropped rows are longer than data.seq_len=80 (data.too_long: drop)" in out
+    assert main(["data", str(QUICKSTART), "--show", "1", *common]) == 0
+    assert "6 rows, 5 dropped (4 of them longer than data.seq_len=80; data.too_long: drop);" in capsys.readouterr().out
+    truncate = [*common, "data.too_long=truncate"]
+    assert main(["prepare", str(QUICKSTART), *truncate]) == 0
+    assert ("4 examples longer than data.seq_len=80 truncated to it (331 tokens cut): a.json row 1: 162 tokens; "
+            "a.json row 2: 162 tokens") in capsys.readouterr().out
+    assert main(["data", str(QUICKSTART), "--show", "1", *truncate]) == 0
+    assert ("6 rows, 2 dropped, 4 truncated to data.seq_len=80 (331 tokens cut; data.too_long: truncate);"
+            in capsys.readouterr().out)
 
 
 # --------------------------------------------------------------------------------------------- bad rows
