@@ -280,7 +280,7 @@ def test_train_creates_or_modifies_nothing_in_a_prepared_store(tmp_path: Path) -
     it and writes nothing under it: same names, sizes and modification times."""
     cache = tmp_path / "cache"
     common = [f"data.cache_dir={cache}", f"data.source={ALPACA}", "data.format=alpaca", "data.seq_len=128",
-              "data.max_documents=300", "data.eval_fraction=0", "train.micro_batch_size=2"]
+              "data.max_documents=300", "data.eval_fraction=0", "train.eval_every_steps=0", "train.micro_batch_size=2"]
     prepared = run_cli(["prepare", str(QUICKSTART), f"output_dir={tmp_path / 'a'}", *common])
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     (store,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
