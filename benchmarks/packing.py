@@ -42,7 +42,8 @@ LABELS = {"plain": "", "checkpointing": " + checkpointing", "offload": " + check
 def overrides(dataset: str, mode: str, seq_len: int, steps: int, out: Path, memory: str) -> list[str]:
     file, fmt = DATASETS[dataset]
     return [f"output_dir={out}", f"data.source={SHARED / file}", f"data.format={fmt}", f"data.packing={mode}",
-            f"data.seq_len={seq_len}", "data.eval_fraction=0", "model.config.hidden_size=256",
+            f"data.seq_len={seq_len}", "data.too_long=truncate",  # the chats longer than seq_len stay, as measured
+            "data.eval_fraction=0", "model.config.hidden_size=256",
             "model.config.intermediate_size=688", "model.config.num_hidden_layers=4",
             "model.config.num_attention_heads=4", "model.config.num_key_value_heads=4",
             f"model.config.max_position_embeddings={seq_len}", "model.attn_implementation=sdpa",

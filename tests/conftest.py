@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,3 +119,36 @@ def prerequisite_overrides(recipe: Path, base: Path) -> list[str]:
     export): checked here on a saved tiny model in its place."""
     needs = [line for line in recipe.read_text(encoding="utf-8").splitlines() if line.startswith("# needs: ")]
     return [f"model.name_or_path={base}"] if needs else []
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folder` (itself included) with its size and modification time in ns: equal
+    snapshots mean nothing was created, removed or written there."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in [folder, *folder.rglob("*")]}
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` and everything under it made unwritable for this process, as a read-only or shared filesystem is:
+    the mode bits for a user, the immutable attribute (chattr +i) for root, whom the mode bits do not stop. Skips
+    the test where neither works."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")]}
+        for p, mode in modes.items():
+            p.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "-R", "+i", str(folder)], capture_output=True).returncode != 0:
+        if chattr is not None:
+            subprocess.run([chattr, "-R", "-i", str(folder)], capture_output=True)
+        pytest.skip("running as root, and this filesystem has no immutable attribute (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-R", "-i", str(folder)], check=True, capture_output=True)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import QUICKSTART, ROOT, free_port, read_metrics, run_cli, tiny
 from trainer.checkpoint import complete_checkpoints
+from trainer.data.batches import TrainData
+from trainer.data.identity import data_changes
 from trainer.distributed import distributed_context
 from trainer.engine.ds_shards import consolidated_weights
 from trainer.errors import UnsafeFileError
@@ -26,6 +29,8 @@ from trainer.export import export
 from trainer.loop import run_loop, setup
 from trainer.resolve import resolve
 from trainer.safeio import load_tensors, sha256
+from trainer.schema import DataConfig
+from trainer.tokenizer import byte_tokenizer
 
 
 def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
@@ -286,3 +291,89 @@ def test_resume_from_explicit_path_into_a_new_run(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(second)] == [5, 6]
     ok(run_cli(ckpt_args(tmp_path / "third", f"checkpoint.resume={first}", steps=5)))  # a run dir: its newest
     assert [r["step"] for r in read_metrics(tmp_path / "third")] == [5]
+
+
+# ------------------------------------------------------------------------------------------- data identity
+
+def corpus(path: Path, paragraphs: int = 300) -> Path:
+    path.write_text("".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog\n\n"
+                            for i in range(paragraphs)), encoding="utf-8")
+    return path
+
+
+def same_size_edit(path: Path) -> None:
+    """Characters replaced in place: the same size, another modification time, other text."""
+    time.sleep(0.01)
+    path.write_text(path.read_text(encoding="utf-8").replace("fox", "cat"), encoding="utf-8")
+
+
+def identity(cache: Path, *sources: Path) -> dict:
+    cfg = DataConfig(source=str(sources[0]), seq_len=32, cache_dir=str(cache)) if len(sources) == 1 else \
+        DataConfig(sources=[{"source": str(s)} for s in sources], seq_len=32, cache_dir=str(cache))
+    return TrainData(cfg, byte_tokenizer(), seed=0, rank=0, world_size=1, micro_batch_size=2,
+                     grad_accum_steps=1).identity
+
+
+def test_the_data_identity_is_the_content_of_each_source(tmp_path: Path) -> None:
+    """A checkpoint recorded only {train_samples, tokens}: a same-size edit kept both. It now records each
+    source's content hash (computed as the store is written); a touched file (same bytes) is the same data."""
+    a, b, cache = corpus(tmp_path / "a.txt"), corpus(tmp_path / "b.txt", 200), tmp_path / "cache"
+    first = identity(cache, a)
+    os.utime(a, ns=(time.time_ns(), a.stat().st_mtime_ns + 10**9))
+    touched = identity(cache, a)
+    assert touched["sources"][0]["store"] != first["sources"][0]["store"]  # rebuilt (the fingerprint moved) ...
+    assert data_changes(first, touched) == []  # ... with the same content
+    same_size_edit(a)
+    edited = identity(cache, a)
+    assert (edited["train_samples"], edited["tokens"]) == (first["train_samples"], first["tokens"])
+    old, new = first["sources"][0], edited["sources"][0]
+    assert data_changes(first, edited) == [
+        f"data source {str(a)!r}: its content changed (content {old['content'][:16]} in store {old['store']} -> "
+        f"content {new['content'][:16]} in store {new['store']})"]
+    legacy = {"train_samples": first["train_samples"], "tokens": first["tokens"]}  # before content identities
+    assert data_changes(legacy, edited) is None  # cannot tell: resumed with a warning
+    assert data_changes({**legacy, "tokens": 5}, edited) == [f"data tokens: 5 -> {edited['tokens']}"]
+    mixture = identity(cache, a, b)
+    same_size_edit(b)
+    changes = data_changes(mixture, identity(cache, a, b))
+    assert len(changes) == 1 and changes[0].startswith(f"data source {str(b)!r}: its content changed")
+
+
+def rewrite_state(checkpoint: Path, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Edit a checkpoint's trainer_state.json as an older version would have written it, keeping its manifest
+    valid (size and SHA-256)."""
+    state_file = checkpoint / "trainer_state.json"
+    state_file.write_text(json.dumps(edit(json.loads(state_file.read_text()))))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["trainer_state.json"] = {"size": state_file.stat().st_size, "sha256": sha256(state_file)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_resuming_on_edited_data_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """The issue's case: 2 steps on a .txt, characters replaced (same size), rerun: it resumed from step 2 on other
+    text. Now: refused (exit 2) naming the source; a touched file resumes; checkpoint.allow_data_change=true resumes
+    with a warning giving both identities; a checkpoint without a content identity resumes with a warning."""
+    text, out = corpus(tmp_path / "corpus.txt"), tmp_path / "run"
+    source = [f"data.source={text}", f"data.cache_dir={tmp_path / 'cache'}"]
+    ok(run_cli(ckpt_args(out, *source, steps=2)))
+    os.utime(text, ns=(time.time_ns(), text.stat().st_mtime_ns + 10**9))
+    touched = ok(run_cli(ckpt_args(out, *source, steps=3)))
+    assert "building the token store" in touched.stderr and "resumed from" in touched.stderr
+    same_size_edit(text)
+    refused = run_cli(ckpt_args(out, *source, steps=4))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "cannot resume" in refused.stderr and f"data source {str(text)!r}: its content changed" in refused.stderr
+    assert "checkpoint.allow_data_change=true" in refused.stderr and "Traceback" not in refused.stderr
+    allowed = ok(run_cli(ckpt_args(out, *source, "checkpoint.allow_data_change=true", steps=4)))
+    assert "resuming on changed data (checkpoint.allow_data_change: true): data source" in allowed.stderr
+    assert " -> content " in allowed.stderr and read_metrics(out)[-1]["step"] == 4
+
+    def without_identity(state: dict) -> dict:
+        state["data"] = {k: state["data"][k] for k in ("train_samples", "tokens")}
+        return state
+
+    rewrite_state(complete_checkpoints(out)[-1][1], without_identity)
+    legacy = ok(run_cli(ckpt_args(out, *source, steps=5)))
+    assert "records no content identity of its data" in legacy.stderr and read_metrics(out)[-1]["step"] == 5

@@ -20,7 +20,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tests.conftest import TEST_DATA
+from tests.conftest import QUICKSTART, TEST_DATA
+from trainer.__main__ import main
 from trainer.data.batches import Batch, DataPosition, TrainData, collate
 from trainer.data.order import Permutation, seed_int
 from trainer.data.sources import read_stdlib
@@ -259,25 +260,91 @@ def test_no_packing_pads_right_and_masks_padding(tok: Any, tmp_path: Path) -> No
 def test_concat_packing_runs_examples_into_each_other_with_their_masks(tok: Any, tmp_path: Path) -> None:
     rows = [{"instruction": f"question {i}", "input": "", "output": f"answer number {i}"} for i in range(30)]
     src = write_json(tmp_path / "a.json", rows)
-    loose = make(tok, source=src, format="alpaca", seq_len=64, packing=False)
-    packed = make(tok, source=src, format="alpaca", seq_len=64, packing="concat")
+    loose = make(tok, source=src, format="alpaca", seq_len=128, packing=False)
+    packed = make(tok, source=src, format="alpaca", seq_len=128, packing="concat")
+    assert loose.summary["dropped"] == 0
     ids = np.concatenate(train(loose).ids)
     labels = np.concatenate(train(loose).labels)
-    n = len(ids) // 64
+    n = len(ids) // 128
     assert packed.num_train_samples == n
-    assert train(packed).ids.flatten().tolist() == ids[:n * 64].tolist()
-    assert train(packed).labels.flatten().tolist() == labels[:n * 64].tolist()
+    assert train(packed).ids.flatten().tolist() == ids[:n * 128].tolist()
+    assert train(packed).labels.flatten().tolist() == labels[:n * 128].tolist()
     (batch,), _ = packed.step_batches(DataPosition())
     assert batch.attention_mask.all() and (batch.labels == -100).any() and (batch.labels != -100).any()
 
 
-def test_long_examples_are_truncated_and_replies_past_seq_len_dropped(tok: Any, tmp_path: Path) -> None:
-    rows = [{"instruction": "q", "input": "", "output": "x" * 100}] * 3 + [
-        {"instruction": "q" * 100, "input": "", "output": "late"}, {"instruction": "q"}]
-    data = make(tok, source=write_json(tmp_path / "a.json", rows), format="alpaca", seq_len=80, packing=False)
-    assert [len(x) for x in train(data).ids] == [80, 80, 80]  # the 44-byte prompt + part of the reply
+LONG_ROWS = [{"instruction": "q", "input": "", "output": "x" * 100}] * 3 + [
+    {"instruction": "q" * 100, "input": "", "output": "late"}, {"instruction": "q"},
+    {"instruction": "q", "input": "", "output": "short"}]
+
+
+def test_long_examples_are_dropped_by_default_with_file_and_row(tok: Any, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """data.too_long: drop (the default): an example longer than seq_len is never stored cut (it was, silently,
+    with its reply's end and end-of-turn marker lost); it is dropped, counted and reported like a bad row."""
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        data = make(tok, source=write_json(tmp_path / "a.json", LONG_ROWS), format="alpaca", seq_len=80,
+                    packing=False, mb=1)
+    assert [tok.decode(ids) for ids in train(data).ids] == [
+        f"<|im_start|>user\nq{END}\n<|im_start|>assistant\nshort{END}\n"]
+    assert [(name, i, why) for name, i, why in data.dropped] == [
+        ("a.json", 1, "162 tokens, longer than data.seq_len=80 (data.too_long: drop)"),
+        ("a.json", 2, "162 tokens, longer than data.seq_len=80 (data.too_long: drop)"),
+        ("a.json", 3, "162 tokens, longer than data.seq_len=80 (data.too_long: drop)"),
+        ("a.json", 4, "165 tokens, longer than data.seq_len=80 (data.too_long: drop)"),
+        ("a.json", 5, "missing or null 'output'")]  # in row order
+    assert data.summary["dropped"] == 5 and data.summary["too_long"] == 4 and data.summary["tokens_cut"] == 0
+    assert "dropped 5 of 6 rows" in caplog.text
+    assert "a.json row 1: 162 tokens, longer than data.seq_len=80" in caplog.text
+
+
+def test_long_examples_truncated_keep_their_end_of_turn_marker(tok: Any, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """data.too_long: truncate: the first seq_len tokens less the end-of-turn marker, then the marker, which carries
+    the loss when the cut falls in the reply; a row with no reply before the cut is dropped; the cut is counted."""
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        data = make(tok, source=write_json(tmp_path / "a.json", LONG_ROWS), format="alpaca", seq_len=80,
+                    packing=False, too_long="truncate", mb=1)
+    head = f"<|im_start|>user\nq{END}\n<|im_start|>assistant\n"
+    kept = "x" * (80 - len(head) - len(END))  # byte-level: a token per character
+    texts = [tok.decode(ids) for ids in train(data).ids]
+    assert texts[:3] == [head + kept + END] * 3 and len(train(data).ids[0]) == 80
+    assert reply_text(tok, torch.from_numpy(train(data).ids[0]), torch.from_numpy(train(data).labels[0])) == \
+        kept + END
+    assert texts[3] == f"{head}short{END}\n"
     assert [(i, why) for _, i, why in data.dropped] == [(4, "no reply within the first data.seq_len=80 tokens"),
-                                                        (5, "missing or null 'output'")]  # in row order
+                                                        (5, "missing or null 'output'")]
+    assert data.summary["too_long"] == 4 and data.summary["tokens_cut"] == 3 * (162 - 80) + (165 - 80)
+    assert "4 examples of" in caplog.text and "truncated to it, keeping their end-of-turn marker" in caplog.text
+    assert f"{3 * 82 + 85} tokens cut" in caplog.text and "a.json row 1: 162 tokens" in caplog.text
+
+
+def test_long_examples_as_an_error_name_the_row_and_the_other_choices(tok: Any, tmp_path: Path) -> None:
+    src = write_json(tmp_path / "a.jsonl", LONG_ROWS[3:], lines=True)
+    with pytest.raises(DataError) as e:
+        make(tok, source=src, format="alpaca", seq_len=80, packing=False, too_long="error")
+    assert "data.too_long = 'error': a.jsonl line 1 (counted from 1) is 165 tokens long, longer than " \
+           "data.seq_len=80" in str(e.value)
+    assert "drop" in str(e.value) and "truncate" in str(e.value)
+
+
+def test_prepare_and_data_show_report_long_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = [f"data.source={write_json(tmp_path / 'a.json', LONG_ROWS)}", "data.format=alpaca", "data.seq_len=80",
+              "data.packing=false", "data.eval_fraction=0", "train.eval_every_steps=0", "train.micro_batch_size=1",
+              f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"]
+    assert main(["prepare", str(QUICKSTART), *common]) == 0
+    out = capsys.readouterr().out
+    assert "5 rows dropped: a.json row 1: 162 tokens, longer than data.seq_len=80 (data.too_long: drop)" in out
+    assert "4 of the dropped rows are longer than data.seq_len=80 (data.too_long: drop)" in out
+    assert main(["data", str(QUICKSTART), "--show", "1", *common]) == 0
+    assert "6 rows, 5 dropped (4 of them longer than data.seq_len=80; data.too_long: drop);" in capsys.readouterr().out
+    truncate = [*common, "data.too_long=truncate"]
+    assert main(["prepare", str(QUICKSTART), *truncate]) == 0
+    assert ("4 examples longer than data.seq_len=80 truncated to it (331 tokens cut): a.json row 1: 162 tokens; "
+            "a.json row 2: 162 tokens") in capsys.readouterr().out
+    assert main(["data", str(QUICKSTART), "--show", "1", *truncate]) == 0
+    assert ("6 rows, 2 dropped, 4 truncated to data.seq_len=80 (331 tokens cut; data.too_long: truncate);"
+            in capsys.readouterr().out)
 
 
 # --------------------------------------------------------------------------------------------- bad rows

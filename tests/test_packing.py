@@ -5,6 +5,7 @@ every example once, in blocks of at most seq_len, deterministically from the see
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -17,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import LLAMA, QWEN2, TEST_DATA
-from trainer.data.batches import Batch, DataPosition, TrainData, collate
-from trainer.data.packing import best_fit_decreasing
+from tests.conftest import LLAMA, QWEN2, QUICKSTART, TEST_DATA, read_only, run_cli, snapshot, tiny
+from trainer.data.batches import Batch, DataPosition, TrainData, collate, open_stores
+from trainer.data.plans import best_fit_decreasing
 from trainer.loss import IGNORE, token_loss_sum
 from trainer.schema import DataConfig
 from trainer.tokenizer import byte_tokenizer
@@ -218,7 +219,7 @@ def _examples_of(batch: Batch) -> list[tuple[int, ...]]:
     return [tuple(ids[a:b].tolist()) for a, b in zip(starts, starts[1:])]
 
 
-def test_the_packing_depends_on_the_seed_only_and_resumes_exactly(tok: Any) -> None:
+def test_the_packing_depends_on_the_seed_only_and_resumes_exactly(tok: Any, tmp_path: Path) -> None:
     def batches(data: TrainData, steps: int, pos: DataPosition) -> tuple[list[Batch], DataPosition]:
         out = []
         for _ in range(steps):
@@ -226,16 +227,70 @@ def test_the_packing_depends_on_the_seed_only_and_resumes_exactly(tok: Any) -> N
             out.append(batch)
         return out, pos
 
-    cfg = {"source": ALPACA, "format": "alpaca", "seq_len": 256, "packing": "isolated"}
+    cfg = {"source": ALPACA, "format": "alpaca", "seq_len": 256, "packing": "isolated",
+           "cache_dir": str(tmp_path / "cache")}
     straight, _ = batches(make(tok, seed=5, **cfg), 6, DataPosition())
     first, pos = batches(make(tok, seed=5, **cfg), 3, DataPosition())
-    resumed, _ = batches(make(tok, seed=5, **cfg), 3, pos)  # a new process: the bins come from the cached plan
+    resumed, _ = batches(make(tok, seed=5, **cfg), 3, pos)  # a new process: the bins come from the stored plan
     for a, b in zip(straight, first + resumed):
         assert all(torch.equal(getattr(a, k), getattr(b, k))
                    for k in ("input_ids", "labels", "attention_mask", "position_ids"))
     store = make(tok, seed=5, **cfg).stores[0]
-    assert (store.path / "train" / "bins-256-5.npz").is_file()
+    assert (store.path / "train" / "bins-256-5.npz").is_file()  # written while the store was built
     other = make(tok, seed=6, **cfg).train_sets[0]
     same_seed = make(tok, seed=5, **cfg).train_sets[0]
     assert not np.array_equal(other.items, same_seed.items)  # ties among equal lengths break by the seed
     assert math.isclose(other.fill, same_seed.fill, rel_tol=0.02)
+
+
+# ------------------------------------------------------------------------------- a store is never written
+
+def test_a_run_writes_nothing_into_a_built_store(tok: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The packing plan is built with the store (for the builder's seed); a run with another seed computes its
+    plan and keeps it in its own output_dir, so a store on a read-only or shared filesystem works. Before, every
+    run wrote bins-<seq_len>-<seed>.npz into the store."""
+    cfg = DataConfig(source=ALPACA, format="alpaca", seq_len=256, cache_dir=str(tmp_path / "cache"))
+    (opened,) = open_stores(cfg, tok, seed=0)  # as prepare builds it
+    store = opened.store.path
+    assert opened.built and (store / "train" / "bins-256-0.npz").is_file()
+    assert "train/bins-256-0.npz" in opened.store.manifest["files"]
+    before = snapshot(store)
+    plans = tmp_path / "run" / "packing-plans"
+
+    def data(seed: int) -> TrainData:
+        return TrainData(cfg, tok, seed=seed, rank=0, world_size=1, micro_batch_size=2, grad_accum_steps=1,
+                         plan_dir=plans)
+
+    with read_only(store), caplog.at_level(logging.INFO, logger="trainer.data"):
+        same_seed, other_seed = data(0), data(1)
+        for d in (same_seed, other_seed):
+            d.step_batches(DataPosition())
+        data(1)  # the plan kept in the run's folder is used again
+    assert snapshot(store) == before
+    assert [p.name for p in plans.iterdir()] == [f"{store.name}-train-bins-256-1.npz"]
+    assert caplog.text.count("packing plan of") == 1  # seed 1's, computed once
+    fresh = TrainData(cfg, tok, seed=1, rank=0, world_size=1, micro_batch_size=2, grad_accum_steps=1)
+    assert np.array_equal(fresh.train_sets[0].items, other_seed.train_sets[0].items)  # in memory: the same plan
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_creates_or_modifies_nothing_in_a_prepared_store(tmp_path: Path) -> None:
+    """prepare builds the store and its plan; train (also with another seed, on the store made read-only) opens
+    it and writes nothing under it: same names, sizes and modification times."""
+    cache = tmp_path / "cache"
+    common = [f"data.cache_dir={cache}", f"data.source={ALPACA}", "data.format=alpaca", "data.seq_len=128",
+              "data.max_documents=300", "data.eval_fraction=0", "train.eval_every_steps=0", "train.micro_batch_size=2"]
+    prepared = run_cli(["prepare", str(QUICKSTART), f"output_dir={tmp_path / 'a'}", *common])
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    (store,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    before = snapshot(store)
+    for seed, name in ((0, "a"), (3, "b")):
+        with read_only(store):
+            proc = run_cli(["train", str(QUICKSTART), *tiny(tmp_path / name, *common, f"train.seed={seed}",
+                                                             steps=2)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "data: opened the token store" in proc.stderr
+        assert snapshot(store) == before
+    assert not (tmp_path / "a" / "packing-plans").exists()  # the store holds seed 0's plan
+    assert [p.name for p in (tmp_path / "b" / "packing-plans").iterdir()] == [f"{store.name}-train-bins-128-3.npz"]

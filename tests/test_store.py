@@ -18,7 +18,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tests.conftest import QUICKSTART, ROOT, TEST_DATA
+from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_only
 from trainer.data.batches import DataPosition, TrainData, open_stores
 from trainer.data.store import MANIFEST, token_dtype
 from trainer.errors import DataError
@@ -58,6 +58,8 @@ def test_a_store_is_reused_and_rebuilt_when_its_tokens_would_change(tmp_path: Pa
     assert stores(tmp_path, source=chats, format="alpaca", seq_len=512)[0].built
     assert not stores(tmp_path, source=chats, format="alpaca", seq_len=512)[0].built
     assert stores(tmp_path, source=chats, format="alpaca", seq_len=64)[0].built  # chats are cut to seq_len
+    assert stores(tmp_path, source=chats, format="alpaca", seq_len=64, too_long="truncate")[0].built  # so: how
+    assert not stores(tmp_path, source=src, too_long="truncate")[0].built  # plain text is never cut when stored
     template = CHATML.replace("<|im_start|>", "<|turn|>")
     assert stores(tmp_path, source=chats, format="alpaca", seq_len=64, chat_template=template)[0].built
     assert stores(tmp_path, source=src, eval_fraction=0.1)[0].built  # the split is in the store
@@ -194,3 +196,99 @@ def test_train_logs_whether_it_built_or_opened_the_store(tmp_path: Path) -> None
     second = run_cli(["train", str(QUICKSTART), *tiny(tmp_path / "b", cache, steps=1)])
     assert first.returncode == second.returncode == 0
     assert "data: built the token store" in first.stderr and "data: opened the token store" in second.stderr
+
+
+# ------------------------------------------------------------------------------------------- damaged stores
+
+def built_store(tmp_path: Path, n: int = 400) -> tuple[DataConfig, Any]:
+    """A plain-text store of n documents in its own cache, and the config that opens it."""
+    cfg = DataConfig(source=many_docs(tmp_path / "d.jsonl", n), seq_len=32, cache_dir=str(tmp_path / "cache"))
+    (opened,) = open_stores(cfg, byte_tokenizer())
+    assert opened.built
+    return cfg, opened.store
+
+
+def train_data(cfg: DataConfig) -> TrainData:
+    return TrainData(cfg, byte_tokenizer(), seed=0, rank=0, world_size=1, micro_batch_size=2, grad_accum_steps=1)
+
+
+def every_sample(data: TrainData) -> None:
+    for samples in data.train_sets:
+        for i in range(len(samples)):
+            samples.get(i)
+
+
+def test_a_truncated_token_file_is_reported_and_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """tokens.bin cut to half trained on half the tokens, the missing samples padded, with no message: opening a
+    store now checks every file's size against its manifest (O(1)) and rebuilds a damaged one."""
+    cfg, store = built_store(tmp_path)
+    tokens = np.array(store.train.tokens)
+    path = store.path / "train" / "tokens.bin"
+    size = path.stat().st_size
+    os.truncate(path, size // 2)
+    data = train_data(cfg)
+    assert (f"the token store {store.path} is damaged: train/tokens.bin is {size // 2:,} bytes; the manifest says "
+            f"{size:,} bytes; rebuilding it") in caplog.text
+    assert data.stores[0].path == store.path and np.array_equal(np.asarray(data.stores[0].train.tokens), tokens)
+    assert data.stores[0].content == store.content  # the same content, built again
+    assert data.num_train_samples == len(tokens) // 32
+
+
+def test_flipped_bytes_stop_the_run_with_the_store_and_prepare_rebuilds_it(tmp_path: Path) -> None:
+    """One byte per KiB flipped: an id outside the vocabulary is refused as it is read, naming the store and the
+    command that rebuilds it (it was an IndexError from the embedding); prepare's full check (every file's SHA-256)
+    finds the damage, also a flip that leaves the id inside the vocabulary, and rebuilds the store."""
+    cfg, store = built_store(tmp_path)
+    original = np.array(store.train.tokens)
+    path = store.path / "train" / "tokens.bin"
+    raw = bytearray(path.read_bytes())
+    for at in range(1023, len(raw), 1024):  # the high byte of a uint16 id: 0 -> 255, far outside 259 ids
+        raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    data = train_data(cfg)  # the sizes are right: it opens
+    with pytest.raises(DataError) as e:
+        every_sample(data)
+    message = str(e.value)
+    assert f"the token store {store.path} is damaged: train/tokens.bin holds the id" in message
+    assert "outside the vocabulary of 259 ids" in message and "python -m trainer prepare RECIPE" in message
+    (checked,) = open_stores(cfg, byte_tokenizer(), verify=True)  # what prepare does
+    assert checked.built and np.array_equal(np.asarray(checked.store.train.tokens), original)
+
+    raw = bytearray(path.read_bytes())
+    raw[1024] ^= 0x01  # a low byte: another id inside the vocabulary, which no bound check can see
+    path.write_bytes(bytes(raw))
+    every_sample(train_data(cfg))
+    (checked,) = open_stores(cfg, byte_tokenizer(), verify=True)
+    assert checked.built and np.array_equal(np.asarray(checked.store.train.tokens), original)
+    (again,) = open_stores(cfg, byte_tokenizer(), verify=True)
+    assert not again.built  # a whole store passes the full check
+
+
+def test_damaged_offsets_and_masks_are_refused_as_they_are_read(tmp_path: Path) -> None:
+    chats = write_rows(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": "a" * (i % 9 + 1)}
+                                              for i in range(40)])
+    cfg = DataConfig(source=chats, format="alpaca", seq_len=128, packing="none", cache_dir=str(tmp_path / "cache"))
+    (opened,) = open_stores(cfg, byte_tokenizer())
+    mask = opened.store.path / "train" / "mask.bin"
+    raw = bytearray(mask.read_bytes())
+    raw[-3] = 7
+    mask.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="train/mask.bin holds a value other than 0 or 1"):
+        every_sample(train_data(cfg))
+    offsets = opened.store.path / "train" / "offsets.bin"
+    values = np.fromfile(offsets, dtype=np.uint64)
+    values[5] = values[-1] + 10
+    values.tofile(offsets)
+    with pytest.raises(DataError, match=r"train/offsets.bin gives document 4 the tokens"):
+        every_sample(train_data(cfg))
+
+
+def test_a_damaged_store_that_cannot_be_written_is_refused_with_the_command(tmp_path: Path) -> None:
+    cfg, store = built_store(tmp_path)
+    path = store.path / "train" / "tokens.bin"
+    os.truncate(path, path.stat().st_size // 2)
+    with read_only(Path(cfg.cache_dir)), pytest.raises(DataError) as e:  # type: ignore[arg-type]
+        train_data(cfg)
+    assert f"the token store {store.path} is damaged (train/tokens.bin is" in str(e.value)
+    assert "cannot be rebuilt from here" in str(e.value) and "python -m trainer prepare RECIPE" in str(e.value)
+    train_data(cfg)  # writable again: rebuilt

@@ -204,7 +204,8 @@ def test_data_show_marks_the_tokens_that_carry_the_loss(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert out.count("--- sample ") == 2
     assert "<|im_start|>assistant\n[[" in out and "<|im_end|>]]" in out  # only the replies are learned
-    assert re.search(r"240 rows, \d+ dropped; [\d,]+ tokens", out) and "of their positions hold tokens" in out
+    assert re.search(r"240 rows, \d+ dropped( \(\d+ of them longer than data.seq_len=128; data.too_long: drop\))?; "
+                     r"[\d,]+ tokens", out) and "of their positions hold tokens" in out
 
 
 def test_small_things(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

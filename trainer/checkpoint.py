@@ -4,8 +4,9 @@ another number of ranks.
 Layout: OUTPUT_DIR/checkpoints/step-000123/ holds what the engine writes (weights as safetensors, optimizer,
 LR schedule position, loss scaler; per-rank shards where state is per-rank), `rng-rank<R>.pt` for every rank
 (Python, NumPy, torch CPU and CUDA generators), `trainer_state.json` (step, tokens, data position, world size,
-accumulation, global batch, data fingerprint), `config.yaml` (the resolved recipe), `hf/` (model config and
-tokenizer, for export), and `manifest.json`, written last, listing every file with its size and SHA-256.
+accumulation, global batch, the data's identity: counts and each source's content hash), `config.yaml` (the
+resolved recipe), `hf/` (model config and tokenizer, for export), and `manifest.json`, written last, listing every
+file with its size and SHA-256.
 
 Commit protocol: rank 0 makes `.tmp-step-N`; every rank writes its files there; every rank fsyncs and hashes the
 files it wrote (by name: a file whose name carries `rank<R>` / `rank_<R>` is rank R's, the others rank 0's) and
@@ -39,6 +40,7 @@ import yaml
 from safetensors import SafetensorError
 
 from trainer.data.batches import DataPosition
+from trainer.data.identity import data_changes
 from trainer.distributed import DistInfo, barrier, broadcast_object, gather_objects
 from trainer.engine.base import Engine
 from trainer.errors import EXIT_RECIPE, CheckpointError, os_error_message
@@ -543,7 +545,12 @@ class Checkpointer:
 
     def _check_compatible(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         blocking, allowed = compare_recipes(saved_cfg, self.recipe.model_dump())
+        data_changed: list[str] = []
         for key, value in self.fingerprint.items():
+            if key == "data":
+                data_changed = self._data_changes(path, state.get("data"), value)
+                blocking += data_changed
+                continue
             old = saved_global_batch(state, saved_cfg) if key == "global_batch_size" else state.get(key)
             if _tuples_to_lists(old) == _tuples_to_lists(value):
                 continue
@@ -555,7 +562,25 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot resume from {path}: the run differs from the one that saved it:\n"
                 + "\n".join(f"  - {line}" for line in blocking)
-                + "\nrestore those settings, start a new output_dir, or set checkpoint.resume=never",
+                + "\nrestore those settings" + (" and the data" if data_changed else "")
+                + ", start a new output_dir, or set checkpoint.resume=never"
+                + ("; or, to continue this run on the changed data, set checkpoint.allow_data_change=true"
+                   if data_changed else ""),
                 on_every_rank=True, exit_code=EXIT_RECIPE)
         for line in allowed:
             log.warning("resuming with a changed setting: %s", line)
+
+    def _data_changes(self, path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+        """How the data's content differs from the checkpoint's (trainer/data/identity.py), where that blocks the
+        resume; logged instead when checkpoint.allow_data_change is set. A checkpoint from before content identities
+        resumes with a warning."""
+        changes = data_changes(saved, current)
+        if changes is None:
+            log.warning("%s records no content identity of its data (written by an older version): resuming "
+                        "without checking that the data is the same", path)
+            return []
+        if changes and self.cfg.allow_data_change:
+            for line in changes:
+                log.warning("resuming on changed data (checkpoint.allow_data_change: true): %s", line)
+            return []
+        return changes

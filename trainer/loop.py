@@ -18,6 +18,7 @@ from torch import nn
 from trainer.activation_offload import ActivationOffload
 from trainer.checkpoint import Checkpointer, ResumePoint, TrainState, batch_change_problem, peek_resume
 from trainer.data.batches import Batch, TrainData
+from trainer.data.plans import RUN_PLAN_DIR
 from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
                                  distributed_context, job_id, restart_count)
 from trainer.engine.base import Engine, StepResult
@@ -106,14 +107,14 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
         log.info("chat template: %s", template)
     data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps, job=job_id(),
-                     progress=dist.is_main and r.logging.progress_bar, on_chunk=faults.during_prepare)
+                     progress=dist.is_main and r.logging.progress_bar, on_chunk=faults.during_prepare,
+                     plan_dir=out / RUN_PLAN_DIR)
     with model_init_context(run) as placement:
         model = build_model(run, tokenizer, device=dist.device, placement=placement)
     check_base_sharded(run, model)  # before the engine: a base held whole stops here, with the numbers
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(run, model, dist)
-    fingerprint = {"global_batch_size": run.global_batch_size,
-                   "data": {k: data.summary[k] for k in ("train_samples", "tokens")}}
+    fingerprint = {"global_batch_size": run.global_batch_size, "data": data.identity}
     layout = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps}
     ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults,
                         start_over=start_over, layout=layout, explicit_batch=explicit_batch(run))

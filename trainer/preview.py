@@ -1,10 +1,11 @@
 """`python -m trainer data RECIPE --show N`: what the model will be trained on, before training. It builds the
 tokenizer and the data as a training run would, then prints N samples as text with the tokens that carry the loss
-marked, and the counts: documents, dropped rows, tokens, loss tokens, samples, and how full the samples are."""
+marked, and the counts: documents, dropped rows (those longer than data.seq_len among them) or truncated ones,
+tokens, loss tokens, samples, and how full the samples are."""
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Any, TextIO
 
 from trainer.data.batches import DataPosition, TrainData
 from trainer.loss import IGNORE
@@ -33,6 +34,16 @@ def _marked(tokenizer: object, ids: list[int], labels: list[int], colour: bool) 
     return "".join(pieces)
 
 
+def _too_long(summary: dict[str, Any], choice: str, seq_len: int) -> str:
+    """What data.too_long did, after the dropped count: '' when no example was longer than seq_len."""
+    if not summary["too_long"]:
+        return ""
+    if choice == "truncate":
+        return (f", {summary['too_long']} truncated to data.seq_len={seq_len} ({summary['tokens_cut']:,} tokens cut; "
+                "data.too_long: truncate)")
+    return f" ({summary['too_long']} of them longer than data.seq_len={seq_len}; data.too_long: drop)"
+
+
 def show(run: ResolvedRun, count: int, out: TextIO, colour: bool) -> None:
     r = run.recipe
     tokenizer = build_tokenizer(r.model)
@@ -55,7 +66,8 @@ def show(run: ResolvedRun, count: int, out: TextIO, colour: bool) -> None:
             shown += 1
     s = data.summary
     fill = s["tokens"] / max(1, data.num_train_samples * r.data.seq_len)
-    out.write(f"\n{s['documents']} rows, {s['dropped']} dropped; {s['tokens']:,} tokens; {data.num_train_samples} "
+    out.write(f"\n{s['documents']} rows, {s['dropped']} dropped{_too_long(s, r.data.too_long, r.data.seq_len)}; "
+              f"{s['tokens']:,} tokens; {data.num_train_samples} "
               f"training samples of <= {r.data.seq_len} tokens, {min(fill, 1.0):.1%} of their positions hold tokens "
               f"(the rest is padding); {data.num_eval_samples} eval samples; one epoch = "
               f"{data.num_train_samples // run.global_batch_size} steps of {run.global_batch_size} samples\n")

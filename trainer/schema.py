@@ -141,6 +141,10 @@ class DataConfig(Section):
                                   "(as Llama 3 was trained)", False, resume="must_match")
     chat_template: str | None = setting("chat template: null uses the tokenizer's, or 'chatml', or a Jinja string",
                                         resume="must_match")
+    too_long: Literal["drop", "truncate", "error"] = setting(
+        "alpaca/chat: an example longer than seq_len is dropped (counted and reported with file and row), truncated "
+        "(its end-of-turn marker kept last; the tokens cut are reported) or an error naming the row", "drop",
+        resume="allowed")
     eval_fraction: float = setting("fraction of documents held out for evaluation (0 = no eval split)", 0.0,
                                    ge=0.0, le=0.5, resume="must_match")
     max_documents: Integer | None = setting("use at most this many documents (quick experiments)", None, ge=1,
@@ -288,6 +292,8 @@ class CheckpointConfig(Section):
     keep_last: Integer = setting("keep this many newest complete checkpoints", 2, ge=1)
     resume: str = setting("auto (newest complete checkpoint in output_dir) | never | PATH", "auto")
     save_final: bool = setting("save a checkpoint when the run ends", True)
+    allow_data_change: bool = setting("resume even when the data's content differs from what the checkpoint was "
+                                      "trained on (logged as a warning with both identities); false refuses", False)
     full_weights: bool | None = setting("DeepSpeed: also write the whole fp32 weights gathered on rank 0 "
                                         "(model.safetensors; export can consolidate them from the shards without "
                                         "it); null = auto: on for ZeRO-1/2, off for ZeRO-3; the native engine "

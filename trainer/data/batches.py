@@ -29,8 +29,8 @@ import torch
 from trainer.data.order import Permutation, seed_int
 from trainer.data.packing import Sample, Samples, sample_mode
 from trainer.data.sources import SourceSpec
-from trainer.data.store import (StoreRequest, TokenStore, default_cache_dir, describe_dropped, no_usable_rows,
-                                    open_or_build)
+from trainer.data.store import (StoreRequest, TokenStore, default_cache_dir, describe_dropped, describe_too_long,
+                                no_usable_rows, open_or_build)
 from trainer.errors import DataError
 from trainer.loss import IGNORE
 from trainer.schema import DataConfig
@@ -96,19 +96,42 @@ class OpenedStore:
     built: bool  # built by this call (else it was there already)
 
 
-def open_stores(cfg: DataConfig, tokenizer: Any, *, num_proc: int | None = None, job: str = "",
-                progress: bool = False, on_chunk: Any = None) -> list[OpenedStore]:
-    """The token store of every source of the recipe, built first where missing or stale."""
+def open_stores(cfg: DataConfig, tokenizer: Any, *, seed: int | None = None, num_proc: int | None = None,
+                job: str = "", progress: bool = False, on_chunk: Any = None, verify: bool = False
+                ) -> list[OpenedStore]:
+    """The token store of every source of the recipe, built first where missing, stale or damaged. `seed`: a store
+    built here also holds the isolated packing plan of that seed. `verify`: check every file's digest (prepare)."""
     # the template actually used (the tokenizer's own when the recipe names none): part of the store's fingerprint
     template = resolve_chat_template(cfg.chat_template, tokenizer) or getattr(tokenizer, "chat_template", None)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     out = []
     for spec in source_specs(cfg):
-        request = StoreRequest(spec, tokenizer, template, cfg.seq_len, cfg.eval_fraction)
+        isolated = sample_mode(spec.format, cfg.packing, cfg.document_mask)[0] == "isolated"
+        request = StoreRequest(spec, tokenizer, template, cfg.seq_len, cfg.eval_fraction, cfg.too_long,
+                               plan_seed=seed if isolated else None)
         store, built = open_or_build(request, cache, num_proc or cfg.num_proc or os.cpu_count() or 1, job=job,
-                                     progress=progress, on_chunk=on_chunk or (lambda done: None))
+                                     progress=progress, on_chunk=on_chunk or (lambda done: None), verify=verify)
         out.append(OpenedStore(spec, store, built))
     return out
+
+
+def sample_sets(opened: list[OpenedStore], cfg: DataConfig, seed: int, split: str,
+                plan_dir: Path | None) -> list[Samples]:
+    """The samples of one split of every store, in the recipe's packing mode (isolated plans computed where the
+    store does not hold them, kept in plan_dir)."""
+    out = []
+    for o in opened:
+        mode, masked = sample_mode(o.spec.format, cfg.packing, cfg.document_mask)
+        out.append(Samples(getattr(o.store, split), cfg.seq_len, mode, masked, seed, plan_dir))
+    return out
+
+
+def data_identity(opened: list[OpenedStore], train_samples: int, tokens: int) -> dict[str, Any]:
+    """What a checkpoint records of the data, to refuse resuming on other data (trainer/data/identity.py): the
+    counts, and per source its name, its store (the fingerprint's key) and the store's content hash."""
+    return {"train_samples": train_samples, "tokens": tokens,
+            "sources": [{"source": o.spec.source, "store": o.store.path.name, "content": o.store.content}
+                        for o in opened]}
 
 
 def collate(samples: list[Sample], pad_id: int) -> Batch:
@@ -149,29 +172,28 @@ class TrainData:
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, *, seed: int, rank: int, world_size: int,
                  micro_batch_size: int, grad_accum_steps: int, num_proc: int | None = None, job: str = "",
-                 progress: bool = False, on_chunk: Any = None) -> None:
+                 progress: bool = False, on_chunk: Any = None, plan_dir: Path | None = None) -> None:
         assert 0 <= rank < world_size and micro_batch_size >= 1 and grad_accum_steps >= 1
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.global_batch_size = micro_batch_size * grad_accum_steps * world_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        opened = open_stores(cfg, tokenizer, num_proc=num_proc, job=job, progress=progress, on_chunk=on_chunk)
+        opened = open_stores(cfg, tokenizer, seed=seed, num_proc=num_proc, job=job, progress=progress,
+                             on_chunk=on_chunk)
         self.specs = [o.spec for o in opened]
         self.stores: list[TokenStore] = [o.store for o in opened]
         for o in opened:
             log.info("data: %s the token store %s (%s)", "built" if o.built else "opened", o.store.path, o.spec.source)
             self._report(o.store, o.spec)
-        modes = [sample_mode(spec.format, cfg.packing, cfg.document_mask) for spec in self.specs]
-        self.train_sets = [Samples(s.train, s.path / "train", cfg.seq_len, mode, masked, seed)
-                           for s, (mode, masked) in zip(self.stores, modes)]
-        self.eval_sets = [Samples(s.eval, s.path / "eval", cfg.seq_len, mode, masked, seed)
-                          for s, (mode, masked) in zip(self.stores, modes)]
+        self.train_sets = sample_sets(opened, cfg, seed, "train", plan_dir)
+        self.eval_sets = sample_sets(opened, cfg, seed, "eval", plan_dir)
         self.shares = apportion(sum(len(s) for s in self.train_sets), [spec.weight for spec in self.specs])
         self._bounds = np.cumsum([0, *self.shares])
         self.num_train_samples = int(self._bounds[-1])
         self.num_eval_samples = sum(len(s) for s in self.eval_sets)
         self.steps_per_epoch = self.num_train_samples // self.global_batch_size
         self.summary = self._summary()
+        self.identity = data_identity(opened, self.num_train_samples, self.summary["tokens"])
         self._check_sizes()
         self._log()
 
@@ -186,6 +208,12 @@ class TrainData:
             log.warning("data: dropped %d of %d rows of %s (format %s; lines and rows counted from 1): %s%s",
                         m["dropped"], m["rows"], spec.source, spec.format, describe_dropped(m),
                         "; ..." if m["dropped"] > 5 else "")
+        long = m["too_long"]
+        if long["rows"] and long["choice"] == "truncate":
+            log.warning("data: %d examples of %s were longer than data.seq_len=%d and were truncated to it, keeping "
+                        "their end-of-turn marker (data.too_long: truncate): %d tokens cut; %s%s", long["rows"],
+                        spec.source, self.cfg.seq_len, long["tokens_cut"], describe_too_long(m),
+                        "; ..." if long["rows"] > 5 else "")
 
     @property
     def dropped(self) -> list[tuple[str, int, str]]:
@@ -195,6 +223,8 @@ class TrainData:
     def _summary(self) -> dict[str, Any]:
         ms = [s.manifest for s in self.stores]
         return {"documents": sum(m["rows"] for m in ms), "dropped": sum(m["dropped"] for m in ms),
+                "too_long": sum(m["too_long"]["rows"] for m in ms),
+                "tokens_cut": sum(m["too_long"]["tokens_cut"] for m in ms),
                 "train_documents": sum(m["train_documents"] for m in ms),
                 "eval_documents": sum(m["documents"] - m["train_documents"] for m in ms),
                 "tokens": sum(sum(m["tokens"].values()) for m in ms), "train_samples": self.num_train_samples,

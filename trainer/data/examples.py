@@ -2,8 +2,10 @@
 
 `text` rows become one document each: its tokens then EOS, so the model learns where documents end, and every token
 carries the loss. `alpaca` and `chat` rows are rendered with the chat template; only the assistant's replies (and
-their end-of-turn marker) carry the loss, recorded as a mask beside the ids; they are cut to seq_len, and a row with
-no reply left within it is dropped. A row that cannot become an example is dropped with its reason.
+their end-of-turn marker) carry the loss, recorded as a mask beside the ids. An example longer than seq_len is
+handled by data.too_long: `drop` (the default: dropped, counted and reported like a bad row), `truncate` (its first
+tokens kept and its end-of-turn marker put back at the end; a row with no reply left within it is dropped) or
+`error` (a DataError naming the row). A row that cannot become an example is dropped with its reason.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data.sources import Row
+from trainer.data.sources import Row, unit_of
 from trainer.errors import DataError
 from trainer.tokenizer import ChatRenderer
 
@@ -128,6 +130,9 @@ class Encoded:
     dropped: list[tuple[str, int, str]] = field(default_factory=list)  # (file or dataset, number, reason)
     rows: int = 0
     chars: int = 0  # characters tokenized (the progress bar's measure of how far through the source it is)
+    too_long: list[tuple[str, int, int]] = field(default_factory=list)  # (file or dataset, number, tokens): rows
+    # longer than seq_len, whatever data.too_long did with them
+    tokens_cut: int = 0  # tokens that data.too_long: truncate cut off
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -144,6 +149,7 @@ class Encoder:
     text_field: str
     seq_len: int
     template: str | None = None  # the chat template (None: the tokenizer's own)
+    too_long: str = "drop"  # data.too_long: drop | truncate | error (alpaca and chat)
 
     def __post_init__(self) -> None:
         self.renderer = ChatRenderer(self.tokenizer, self.template) if self.format != "text" else None
@@ -190,9 +196,15 @@ class Encoder:
             spans.append(found)
             where.append(row)
         out.chars = sum(len(t) for t in texts)
-        for row, enc, found in zip(where, encode_batch(self.tokenizer, texts, chat=True), spans):
-            ids = np.asarray(enc.ids[:self.seq_len], dtype=self.id_dtype)
-            mask = _reply_mask(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), found)[:self.seq_len]
+        for row, text, enc, found in zip(where, texts, encode_batch(self.tokenizer, texts, chat=True), spans):
+            ids = np.asarray(enc.ids, dtype=self.id_dtype)
+            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            mask = _reply_mask(offsets, found)
+            if len(ids) > self.seq_len:
+                fitted = self._fit(row, text, ids, mask, offsets, found, out)
+                if fitted is None:
+                    continue
+                ids, mask = fitted
             if not mask[1:].any():  # the first token is never a target
                 out.dropped.append((row.where, row.number, f"no reply within the first data.seq_len={self.seq_len} "
                                                            "tokens"))
@@ -200,3 +212,37 @@ class Encoder:
             out.ids.append(ids)
             out.masks.append(mask)  # type: ignore[union-attr]
         return out
+
+    def _fit(self, row: Row, text: str, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray,
+             spans: list[tuple[int, int]], out: Encoded) -> tuple[np.ndarray, np.ndarray] | None:
+        """An example longer than seq_len, as data.too_long says: None when it is dropped, else it truncated to
+        seq_len with the end-of-turn marker put back last (carrying the loss when the cut falls inside a reply)."""
+        out.too_long.append((row.where, row.number, len(ids)))
+        if self.too_long == "error":
+            raise DataError(f"data.too_long = 'error': {row.where} {unit_of(row.where)} {row.number} (counted from 1) "
+                            f"is {len(ids)} tokens long, longer than data.seq_len={self.seq_len}; raise data.seq_len, "
+                            "or set data.too_long to drop (such rows are skipped, counted and reported) or truncate "
+                            "(cut to seq_len, keeping the end-of-turn marker)")
+        closing = self._end_of_turn(text, ids, mask, offsets, spans) if self.too_long == "truncate" else ids[:0]
+        keep = self.seq_len - len(closing)
+        if self.too_long == "drop" or keep < 2:  # (a marker that fills seq_len leaves nothing to learn)
+            out.dropped.append((row.where, row.number, f"{len(ids)} tokens, longer than data.seq_len={self.seq_len} "
+                                                       f"(data.too_long: {self.too_long})"))
+            return None
+        out.tokens_cut += len(ids) - self.seq_len
+        cut_ids = np.concatenate([ids[:keep], ids[closing]])
+        cut_mask = np.concatenate([mask[:keep], np.full(len(closing), mask[keep - 1])])
+        return cut_ids, cut_mask
+
+    def _end_of_turn(self, text: str, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray,
+                     spans: list[tuple[int, int]]) -> np.ndarray:
+        """The indices of the tokens of the last reply's end-of-turn marker (the template's, probed once); the last
+        reply token when the template has none."""
+        marker = self.renderer.marker if self.renderer is not None else ""
+        end = spans[-1][1] if spans else len(text)
+        if marker and text[end - len(marker):end] == marker:
+            found = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > end - len(marker)))
+            if len(found):
+                return found
+        last = np.flatnonzero(mask)
+        return last[-1:] if len(last) else np.array([len(ids) - 1])

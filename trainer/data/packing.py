@@ -8,6 +8,9 @@
   each example and attention confined to it: the same loss as the examples run one by one, without the padding.
 - `none`: one example per sample, padded per micro-batch.
 
+The isolated packing plan (plans.py) is computed while the store is built, for the builder's seed, and kept in it;
+for another seed it is computed at start and kept in the run's output_dir: a store is never written by a run.
+
 An isolated sample carries `position_ids`; transformers then confines attention to each run of increasing
 positions (FlashAttention-2's variable-length path on a GPU, a block-diagonal causal mask for sdpa and eager). The
 first token of every example is never a target, so nothing is predicted across a boundary.
@@ -15,14 +18,14 @@ first token of every example is never a target, so nothing is predicted across a
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
+import time
 from pathlib import Path
 
 import numpy as np
 
-from trainer.data.store import Part
+from trainer.data.plans import Plan, compute_plan, load_plan, plan_name, save_plan
+from trainer.data.store import Part, damaged_while_reading
 from trainer.loss import IGNORE
 
 log = logging.getLogger(__name__)
@@ -38,101 +41,42 @@ def sample_mode(format: str, packing: str, document_mask: bool) -> tuple[str, bo
     return ("isolated" if packing == "auto" else packing), False
 
 
-def _tiebreak(count: int, seed: int) -> np.ndarray:
-    """A seeded pseudo-random key per document, to order equal lengths reproducibly."""
-    digest = hashlib.sha256(f"trainer.packing:{seed}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(count)
-
-
-def best_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bins of at most `capacity` tokens: documents longest first (ties in a seeded order), each into the bin it
-    fills best. Returns (bin offsets into `items`, items = document indices in bin order). A segment tree over the
-    remaining capacities finds the best bin in O(log capacity)."""
-    size = 1 << max(1, capacity.bit_length())
-    counts = np.zeros(2 * size, dtype=np.int64)  # counts[size + c]: bins with exactly c tokens of room
-    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]
-    bins: list[list[int]] = []
-
-    def change(room: int, delta: int) -> None:
-        node = size + room
-        while node:
-            counts[node] += delta
-            node //= 2
-
-    def best(length: int) -> int | None:
-        """The smallest room >= length that some bin has."""
-        if counts[1] == 0:
-            return None
-        node, lo, hi = 1, 0, size - 1
-        if _count_in(counts, size, length, capacity) == 0:
-            return None
-        while node < size:
-            mid = (lo + hi) // 2
-            left = 2 * node
-            if length <= mid and _count_in(counts, size, max(length, lo), mid) > 0:
-                node, hi = left, mid
-            else:
-                node, lo = left + 1, mid + 1
-        return lo
-
-    for index in np.lexsort((_tiebreak(len(lengths), seed), -lengths)).tolist():
-        length = int(lengths[index])
-        room = best(length)
-        if room is None:
-            bins.append([index])
-            left = capacity - length
-            target = len(bins) - 1
-        else:
-            target = by_room[room].pop()
-            change(room, -1)
-            bins[target].append(index)
-            left = room - length
-        if left > 0:
-            by_room[left].append(target)
-            change(left, 1)
-    offsets = np.cumsum([0, *(len(b) for b in bins)]).astype(np.int64)
-    items = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=int(offsets[-1]))
-    return offsets, items
-
-
-def _count_in(counts: np.ndarray, size: int, lo: int, hi: int) -> int:
-    """Bins whose room is in [lo, hi] (segment tree range sum)."""
-    total, lo, hi = 0, lo + size, hi + size + 1
-    while lo < hi:
-        if lo & 1:
-            total += int(counts[lo])
-            lo += 1
-        if hi & 1:
-            hi -= 1
-            total += int(counts[hi])
-        lo //= 2
-        hi //= 2
-    return total
-
-
-def _cached_bins(part: Part, folder: Path, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The packing plan of a split, computed once per (seq_len, seed) and kept beside the store."""
-    path = folder / f"bins-{capacity}-{seed}.npz"
-    if path.is_file():
-        with np.load(path) as saved:
-            return saved["offsets"], saved["items"]
-    lengths = np.diff(np.asarray(part.offsets, dtype=np.int64))
-    offsets, items = best_fit_decreasing(np.minimum(lengths, capacity), capacity, seed)
-    tmp = path.with_name(f".{path.stem}-{os.getpid()}.npz")
-    np.savez(tmp, offsets=offsets, items=items)
-    os.replace(tmp, path)  # atomic: another rank may write the same plan at the same time
-    return offsets, items
+def packing_plan(part: Part, seq_len: int, seed: int, plan_dir: Path | None) -> Plan:
+    """The isolated packing plan of a split for (seq_len, seed): the store's own (written when it was built), else
+    one kept in `plan_dir` (the run's output_dir), else computed, and kept there when there is one. Nothing is ever
+    written into the store: it may be read-only, or shared by runs with other seeds."""
+    name = plan_name(seq_len, seed)
+    own = part.folder / name
+    if own.is_file():
+        plan = load_plan(own, part.documents)
+        if plan is None:
+            raise damaged_while_reading(part.folder.parent, f"{part.folder.name}/{name} is not a valid packing plan")
+        return plan
+    kept = plan_dir / f"{part.folder.parent.name}-{part.folder.name}-{name}" if plan_dir is not None else None
+    if kept is not None and kept.is_file():
+        plan = load_plan(kept, part.documents)
+        if plan is not None:
+            return plan
+        log.warning("the packing plan %s cannot be used (damaged or of other data); computing it again", kept)
+    started = time.perf_counter()
+    plan = compute_plan(part.lengths(), seq_len, seed)
+    log.info("data: packing plan of %s/%s for seed %d computed in %.1f s (%s)", part.folder.parent.name,
+             part.folder.name, seed, time.perf_counter() - started, f"kept in {kept}" if kept else "in memory")
+    if kept is not None:
+        save_plan(kept, plan)
+    return plan
 
 
 class Samples:
     """The samples of one split of one store, in one packing mode."""
 
-    def __init__(self, part: Part, folder: Path, seq_len: int, mode: str, document_mask: bool, seed: int) -> None:
+    def __init__(self, part: Part, seq_len: int, mode: str, document_mask: bool, seed: int,
+                 plan_dir: Path | None = None) -> None:
         self.part, self.seq_len, self.mode, self.document_mask = part, seq_len, mode, document_mask
         if mode == "concat":
             self.count = part.num_tokens // seq_len
         elif mode == "isolated":
-            self.bin_offsets, self.items = _cached_bins(part, folder, seq_len, seed) if part.documents else \
+            self.bin_offsets, self.items = packing_plan(part, seq_len, seed, plan_dir) if part.documents else \
                 (np.zeros(1, np.int64), np.zeros(0, np.int64))
             self.count = len(self.bin_offsets) - 1
         else:
@@ -169,8 +113,9 @@ class Samples:
 
     def _block(self, index: int) -> Sample:
         start, end = index * self.seq_len, (index + 1) * self.seq_len
-        ids = np.asarray(self.part.tokens[start:end], dtype=np.int64)
-        mask = None if self.part.mask is None else np.asarray(self.part.mask[start:end], dtype=bool)
+        raw, raw_mask = self.part.span(start, end)
+        ids = np.asarray(raw, dtype=np.int64)
+        mask = None if raw_mask is None else np.asarray(raw_mask, dtype=bool)
         labels = ids.copy() if mask is None else np.where(mask, ids, IGNORE)
         if not self.document_mask:
             return ids, labels, None
