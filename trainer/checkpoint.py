@@ -176,7 +176,7 @@ def verified_resume(recipe: Recipe, output_dir: Path, dist: DistInfo, start_over
     every one damaged, is refused, or with `start_over` moved aside), looked at as peek_resume does."""
     path = Checkpointer(recipe.checkpoint, recipe, output_dir, dist, {}, start_over=start_over).choose()
     point = peek_resume(output_dir, str(path)) if path is not None and dist.is_main else None
-    return broadcast_object(point)  # type: ignore[no-any-return]
+    return broadcast_object(point)  # type: ignore[return-value]
 
 
 def other_base_refusal(path: Path, why: str) -> str:

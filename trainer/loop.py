@@ -253,7 +253,7 @@ def check_resume_base(run: ResolvedRun, point: ResumePoint, dist: DistInfo) -> N
     than it was trained on (`train --force` skips this; restore() then resumes with a warning)."""
     current = base_identity(run) if dist.is_main else None
     why = base_refusal(point, current) if current is not None else None
-    why = broadcast_object(why)
+    why = broadcast_object(why)  # type: ignore[assignment]
     if why:
         raise CheckpointError(why, on_every_rank=True, exit_code=EXIT_RECIPE)
 
