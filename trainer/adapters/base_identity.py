@@ -64,10 +64,11 @@ def identify(name_or_path: str, revision: str | None = None) -> Identity:
     identity: Identity = {"name": name_or_path, "revision": revision, "path": None, "config": None, "files": None}
     if folder is None:
         return identity
-    identity["path"] = os.path.abspath(folder)
-    identity["config"] = _config_of(folder)
-    identity["files"] = {f.name: _file_identity(f) for f in sorted(folder.iterdir()) if _is_weight_file(f)}
-    return identity
+    try:
+        files = {f.name: _file_identity(f) for f in sorted(folder.iterdir()) if _is_weight_file(f)}
+    except OSError:  # not readable by this account: loading it will say so; known by name and revision here
+        return identity
+    return {**identity, "path": os.path.abspath(folder), "config": _config_of(folder), "files": files}
 
 
 def _is_weight_file(f: Path) -> bool:
