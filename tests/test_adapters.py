@@ -5,17 +5,20 @@ data (prompt masked). Nothing is mocked; no test needs a GPU except the one mark
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.conftest import LLAMA, QUICKSTART, QWEN2, save_base
 from trainer import adapters
 from trainer.__main__ import main
+from trainer.adapters.base_identity import differences, identify, mismatch
 from trainer.adapters.footprint import measured, predicted
 from trainer.adapters.merge import load_base, merged_model
 from trainer.adapters.quant import bits_per_param, expected_4bit_bytes
@@ -302,3 +305,63 @@ def test_model_state_formula_matches_real_tensors(tmp_path: Path, adapter: Adapt
     after = measured(model, opt)
     expected = predicted(meta_model(AutoConfig.from_pretrained(base)), adapter, precision, optimizer)
     assert {**after, "weights": weights} == expected
+
+
+# ------------------------------------------------------------------------------------------------ base identity
+
+def same_shape_other_base(base: Path, other: Path) -> Path:
+    """A copy of `base` with every weight changed a little: the same config, file sizes and safetensors header
+    (names, dtypes, shapes, offsets, metadata), other weights: what an export replaced by another fine-tune is."""
+    shutil.copytree(base, other, dirs_exist_ok=True)
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {name: t + 0.01 for name, t in load_file(str(base / "model.safetensors")).items()}
+    save_file(tensors, str(other / "model.safetensors"), metadata=metadata)
+    return other
+
+
+def header_bytes(f: Path) -> bytes:
+    data = f.read_bytes()
+    return data[:8 + int.from_bytes(data[:8], "little")]
+
+
+def test_base_identity_tells_a_same_shape_base_apart_and_follows_a_moved_one(llama_base: Path,
+                                                                             tmp_path: Path) -> None:
+    """Two models of one shape differ only in their weights' bytes (the headers are byte-identical: checked here),
+    which the sampled blocks catch; a base copied to another folder keeps its identity; another shape shows the
+    config keys and the file that differ. The message shows both identities."""
+    trained_on = identify(str(llama_base))
+    moved = str(shutil.copytree(llama_base, tmp_path / "moved"))
+    assert identify(moved) == {**trained_on, "name": moved, "path": moved}
+    assert differences(trained_on, identify(str(tmp_path / "moved"))) == []
+    other = same_shape_other_base(llama_base, tmp_path / "other")
+    assert header_bytes(other / "model.safetensors") == header_bytes(llama_base / "model.safetensors")
+    assert (other / "config.json").read_bytes() == (llama_base / "config.json").read_bytes()
+    found = differences(trained_on, identify(str(other)))
+    assert len(found) == 1 and found[0].startswith("file model.safetensors: same size and header, different "
+                                                   "contents (sampled bytes "), found
+    why = mismatch(trained_on, identify(str(other)))
+    assert why is not None and f"trained on: {llama_base}, id " in why and f"found now:  {other}, id " in why
+    wider = save_base(tmp_path / "wider", {**LLAMA, "intermediate_size": 384})
+    found = differences(trained_on, identify(str(wider)))
+    assert found[0] == "config key intermediate_size: 256 -> 384", found
+    assert found[1].startswith("file model.safetensors: size "), found
+
+
+def test_base_identity_of_a_hub_id_comes_from_the_local_cache(llama_base: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id is identified by its snapshot in the hub cache (nothing is downloaded); one that is not there is
+    known by name and revision, and compared by those."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(llama_base, snapshot)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cached = identify("org/tiny")
+    assert cached["path"] == str(snapshot) and differences(identify(str(llama_base)), cached) == []
+    absent = identify("org/absent")
+    assert absent == {"name": "org/absent", "revision": None, "path": None, "config": None, "files": None}
+    assert differences(absent, identify("org/absent")) == []
+    assert differences(absent, identify("org/absent", "v2")) == ["revision: null -> 'v2'"]

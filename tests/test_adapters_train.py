@@ -4,8 +4,11 @@ and the paged optimizer on a GPU. The tiny models, the data and the helpers are 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import LLAMA, QUICKSTART, QWEN2, TEST_DATA, read_metrics, run_cli
-from tests.test_adapters import linear_weights, logits_of, lora_formula, qlora, recipe_args
+from tests.conftest import LLAMA, QUICKSTART, QWEN2, ROOT, TEST_DATA, read_metrics, run_cli
+from tests.test_adapters import linear_weights, logits_of, lora_formula, qlora, recipe_args, same_shape_other_base
 from trainer import adapters
 from trainer.adapters.merge import load_base
 from trainer.checkpoint import complete_checkpoints
@@ -25,6 +28,7 @@ from trainer.errors import CheckpointError
 from trainer.export import export
 from trainer.loop import run_loop, setup
 from trainer.resolve import resolve
+from trainer.safeio import sha256
 from trainer.schema import ModelConfig
 
 # ------------------------------------------------------------------------------------ end-to-end QLoRA run
@@ -214,6 +218,80 @@ def test_qdora_on_qwen2_trains(tmp_path: Path, qwen_base: Path, caplog: pytest.L
     assert f"{dora:,} trainable" in caplog.text
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert losses[-1] < losses[0] - 0.1 and all(math.isfinite(x) for x in losses)
+
+
+# ------------------------------------------------------------------------------------ the base it was trained on
+
+def forget_base_identity(ckpt: Path) -> None:
+    """Make `ckpt` look like one written before base identities were recorded (its manifest updated to match)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["base_model"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["trainer_state.json"] = {"size": (ckpt / "trainer_state.json").stat().st_size,
+                                               "sha256": sha256(ckpt / "trainer_state.json")}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_replaced_base_is_refused_on_resume_and_merge_unless_forced(tmp_path: Path, llama_base: Path,
+                                                                       caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA run over a local base given by a relative path; the base is then replaced by another of the same
+    shape. Resume is refused before the base is loaded and `export --merge` is refused, both showing the two
+    identities and what differs; --force goes on with a warning; generate/chat warn in one line. The adapter's
+    config names the base by its absolute path, so an --adapter-only export loads from any working directory. A
+    checkpoint that recorded no identity resumes with a warning."""
+    from trainer.chat import load
+
+    monkeypatch.chdir(ROOT)  # the recipe's relative path is read from here, as run_cli's subprocesses read it
+    base = shutil.copytree(llama_base, tmp_path / "base")
+    out, relative = tmp_path / "run", Path(os.path.relpath(base, ROOT))
+
+    def train(steps: int, *flags: str) -> Any:
+        return run_cli(["train", str(QUICKSTART), *recipe_args(out, relative, TEST_DATA, "adapter.type=lora",
+                                                                 steps=steps), *flags])
+
+    ok(train(2))
+    (_, trained), = complete_checkpoints(out)
+    adapter_config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base)  # absolute, not the recipe's relative path
+
+    same_shape_other_base(llama_base, base)
+    refused = train(3)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "the base model is not the one the adapter was trained on" in refused.stderr
+    assert f"trained on: {base}, id " in refused.stderr and f"found now:  {base}, id " in refused.stderr
+    assert "file model.safetensors: same size and header, different contents" in refused.stderr
+    assert "--force" in refused.stderr and "trainer.model" not in refused.stderr  # refused before loading
+
+    with pytest.raises(CheckpointError, match="--merge refused: the base model found now is not the one"):
+        export(out, tmp_path / "merged", merge=True)
+    with caplog.at_level(logging.WARNING):
+        export(out, tmp_path / "merged", merge=True, force=True)
+        load(trained)
+    assert "--force: merging the adapter of" in caplog.text
+    (warning,) = [r.getMessage() for r in caplog.records if "is not the one the adapter" in r.getMessage()]
+    assert "\n" not in warning and f"trained on {base}, id " in warning and f"; found {base}, id " in warning
+
+    forced = ok(train(3, "--force"))
+    assert "--force: resuming the adapter of" in forced.stderr and "different contents" in forced.stderr
+    assert read_metrics(out)[-1]["step"] == 3
+
+    adapter_only = export(out, tmp_path / "adapter", adapter_only=True)
+    assert json.loads((adapter_only / "base_model.json").read_text())["path"] == str(base)
+    monkeypatch.chdir(tmp_path)
+    caplog.clear()
+    assert load(adapter_only).model.peft_config["default"].base_model_name_or_path == str(base)
+    assert "is not the one the adapter" not in caplog.text  # the forced resume recorded the base it went on with
+
+    monkeypatch.chdir(ROOT)
+    forget_base_identity(complete_checkpoints(out)[-1][1])
+    cfg = resolve(QUICKSTART, recipe_args(out, relative, TEST_DATA, "adapter.type=lora", steps=4))
+    with caplog.at_level(logging.WARNING), distributed_context() as dist:
+        setup(cfg, dist).metrics.close()
+    assert "records no identity of its base model (written before they were recorded)" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- GPU only

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -24,9 +26,9 @@ from trainer.data.batches import TrainData
 from trainer.data.identity import data_changes
 from trainer.distributed import distributed_context
 from trainer.engine.ds_shards import consolidated_weights
-from trainer.errors import UnsafeFileError
+from trainer.errors import CheckpointError, UnsafeFileError
 from trainer.export import export
-from trainer.loop import run_loop, setup
+from trainer.loop import run_loop, setup, train
 from trainer.resolve import resolve
 from trainer.safeio import load_tensors, sha256
 from trainer.schema import DataConfig
@@ -194,6 +196,50 @@ def test_export_round_trip_reproduces_logits(tmp_path: Path) -> None:
             got = loaded(input_ids=ids).logits.float()
         assert (got - expected).abs().max().item() <= tol, dtype
     assert (tmp_path / "hf-fp32" / "tokenizer.json").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run trained to its train.max_steps (2), in this process; copy it before changing it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    with distributed_context() as dist:
+        run = setup(resolve(QUICKSTART, tiny(out, steps=2)), dist)
+        run_loop(run)
+        run.metrics.close()
+    return out
+
+
+def test_every_file_of_an_export_is_readable_by_others_within_the_umask(finished_run: Path, tmp_path: Path) -> None:
+    """Exports are read by other accounts (a serving one): every file 0666 and folder 0777 less the umask, like
+    the other files (safetensors writes model.safetensors 0600)."""
+    before = os.umask(0o027)
+    try:
+        for umask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o027, 0o640, 0o750)):
+            os.umask(umask)
+            out = export(finished_run, tmp_path / f"export-{umask:o}")
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+            assert "model.safetensors" in modes and "tokenizer.json" in modes
+            assert modes == {p.name: dir_mode if p.is_dir() else file_mode for p in [out, *out.rglob("*")]}, modes
+    finally:
+        os.umask(before)
+
+
+def test_a_damaged_finished_checkpoint_is_refused_not_taken_as_done(finished_run: Path, tmp_path: Path) -> None:
+    """A run at train.max_steps is only "already done" once its checkpoint passes its checksums: an explicit
+    checkpoint.resume=PATH to a damaged one, or `auto` over a run whose only checkpoint is damaged, is refused
+    (exit 2, the reason given) as a resume is, instead of exiting 0 with nothing to do."""
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    (_, ckpt), = complete_checkpoints(run)
+    weights = bytearray((ckpt / "model.safetensors").read_bytes())
+    weights[-100] ^= 1
+    (ckpt / "model.safetensors").write_bytes(bytes(weights))
+    explicit = tiny(tmp_path / "second", f"checkpoint.resume={ckpt}", steps=2)
+    for args, advice in ((explicit, "point checkpoint.resume at another checkpoint"), (tiny(run, steps=2), "--force")):
+        with pytest.raises(CheckpointError) as refused:
+            train(resolve(QUICKSTART, args))
+        assert refused.value.exit_code == 2
+        assert f"{ckpt}: file model.safetensors does not match its checksum" in str(refused.value)
+        assert advice in str(refused.value)
 
 
 class _Payload:

@@ -212,6 +212,14 @@ def test_small_things(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     help_text = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"], capture_output=True, text=True,
                                timeout=120, cwd=ROOT).stdout
     assert help_text.startswith("usage: python -m trainer train [-h] [--force] recipe [key=value ...]")
+    flat = " ".join(help_text.split())
+    for meaning in ("memory plan predicts more than the GPU's free memory", "move unusable checkpoints",
+                    "resume an adapter over a base model that differs"):  # every meaning of train --force
+        assert meaning in flat, flat
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "replace an earlier export in --out" in flat and "with --merge, merge even with a base model" in flat
     assert main(["validate", str(QUICKSTART), "adapter.type=null", "train.seed=null"]) == 0  # null: the default
     assert main(["validate", str(QUICKSTART), "optimizer.warmup_steps=500"]) == 0
     assert "# warning: optimizer.warmup_steps=500 > train.max_steps=150" in capsys.readouterr().err

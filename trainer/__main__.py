@@ -47,7 +47,10 @@ def parser() -> argparse.ArgumentParser:
                        "of many under torchrun).")
     _recipe_arguments(t)
     t.add_argument("--force", action="store_true",
-                   help="start even when the memory plan predicts more than the GPU's free memory")
+                   help="start even when the memory plan predicts more than the GPU's free memory; move unusable "
+                   "checkpoints (every one damaged, or an earlier run's under checkpoint.resume=never) aside into "
+                   "output_dir/previous-<time>/ and start over (nothing is deleted); resume an adapter over a base "
+                   "model that differs from the one it was trained on (logged as a warning)")
     v = sub.add_parser("validate", help="check a recipe without building anything",
                        description="Check a recipe and its overrides without building anything; print the resolved "
                                    "recipe (and, for DeepSpeed, the generated DeepSpeed config).")
@@ -71,8 +74,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="directory to write")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
     e.add_argument("--adapter-only", action="store_true", help="adapter runs: write only the peft adapter")
-    e.add_argument("--merge", action="store_true", help="adapter runs: merge the adapter into the base model")
-    e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    e.add_argument("--merge", action="store_true", help="adapter runs: write the base model with the adapter "
+                   "merged in (the base itself is only read)")
+    e.add_argument("--force", action="store_true", help="replace an earlier export in --out (only a folder this "
+                   "command wrote); with --merge, merge even with a base model that differs from the one the adapter "
+                   "was trained on (logged as a warning)")
     pr = sub.add_parser("prepare", help="build a recipe's token stores ahead of time", description="Tokenize the "
                         "recipe's data into its token stores (data.cache_dir) now, so training starts in seconds.")
     _recipe_arguments(pr)
@@ -233,7 +239,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                  merge=args.merge, force=args.force)
     how = "PeftModel.from_pretrained(base_model, {!r})" if args.adapter_only else \
         "AutoModelForCausalLM.from_pretrained({!r})"
-    print(f"exported to {out}: load it with {how.format(str(out))}")
+    what = "the base with the adapter merged in (the base itself is unchanged) " if args.merge else ""
+    print(f"exported {what}to {out}: load it with {how.format(str(out))}")
     return 0
 
 

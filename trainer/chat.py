@@ -20,9 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.initialization import no_init_weights
 
 from trainer.adapters import ADAPTER_DIR
-from trainer.adapters.merge import load_base
+from trainer.adapters.base_identity import identify
+from trainer.adapters.merge import BASE_FILE, load_base, trained_base, warn_if_other_base
 from trainer.architecture import max_positions
-from trainer.checkpoint import read_manifest
+from trainer.checkpoint import read_manifest, recorded_base
 from trainer.errors import TrainerError, fetching_from_hub
 from trainer.export import load_full_weights, resolve_checkpoint
 from trainer.inference import for_inference
@@ -56,7 +57,9 @@ def _from_checkpoint(ckpt: Path, device: torch.device, dtype: torch.dtype) -> An
         from peft import PeftModel
 
         recipe = saved_recipe(ckpt / "config.yaml")
-        base = load_base(recipe.model, recipe.adapter, recipe.precision.dtype, device)
+        model_cfg = trained_base(ckpt / ADAPTER_DIR, recipe.model)
+        warn_if_other_base(ckpt, recorded_base(ckpt), identify(model_cfg.name_or_path or "", model_cfg.revision))
+        base = load_base(model_cfg, recipe.adapter, recipe.precision.dtype, device)
         return PeftModel.from_pretrained(base, str(ckpt / ADAPTER_DIR))
     with no_init_weights():  # every weight comes from the checkpoint
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "hf"), dtype=torch.float32)
@@ -73,10 +76,22 @@ def _from_export(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
         base_name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
         if not base_name:
             raise TrainerError(f"{adapter_config} does not name its base model (base_model_name_or_path)")
+        recorded = _recorded_base_of_export(folder)
+        if recorded is not None:
+            warn_if_other_base(folder, recorded, identify(base_name))
         with fetching_from_hub(base_name):
             base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype).to(device)
         return PeftModel.from_pretrained(base, str(folder))
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+
+
+def _recorded_base_of_export(folder: Path) -> dict[str, Any] | None:
+    """The identity of the base an --adapter-only export of ours was trained on (None: another tool's adapter)."""
+    try:
+        recorded = json.loads((folder / BASE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def load(source: Path) -> Loaded:

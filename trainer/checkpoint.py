@@ -4,9 +4,10 @@ another number of ranks.
 Layout: OUTPUT_DIR/checkpoints/step-000123/ holds what the engine writes (weights as safetensors, optimizer,
 LR schedule position, loss scaler; per-rank shards where state is per-rank), `rng-rank<R>.pt` for every rank
 (Python, NumPy, torch CPU and CUDA generators), `trainer_state.json` (step, tokens, data position, world size,
-accumulation, global batch, the data's identity: counts and each source's content hash), `config.yaml` (the
-resolved recipe), `hf/` (model config and tokenizer, for export), and `manifest.json`, written last, listing every
-file with its size and SHA-256.
+accumulation, global batch, the data's identity: counts and each source's content hash; in an adapter run the
+base model's identity), `config.yaml` (the resolved recipe), `hf/` (model config and tokenizer, for export),
+and `manifest.json`, written last, listing every file with its size and SHA-256. Every file is made readable as
+a plain open() makes it (0644 under umask 022).
 
 Commit protocol: rank 0 makes `.tmp-step-N`; every rank writes its files there; every rank fsyncs and hashes the
 files it wrote (by name: a file whose name carries `rank<R>` / `rank_<R>` is rank R's, the others rank 0's) and
@@ -39,6 +40,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
+from trainer.adapters.base_identity import Identity, describe, mismatch
 from trainer.data.batches import DataPosition
 from trainer.data.identity import data_changes
 from trainer.distributed import DistInfo, barrier, broadcast_object, gather_objects
@@ -46,7 +48,7 @@ from trainer.engine.base import Engine
 from trainer.errors import EXIT_RECIPE, CheckpointError, os_error_message
 from trainer.faults import Faults
 from trainer.recipe import to_yaml
-from trainer.safeio import fsync_dir, fsync_file, load_tensors, save_tensors, sha256, write_json
+from trainer.safeio import current_umask, fsync_dir, fsync_file, load_tensors, save_tensors, sha256, write_json
 from trainer.schema import CheckpointConfig, Recipe, resume_rules
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+BASE_KEY = "base_model"  # in trainer_state.json of an adapter run: its base's identity (adapters/base_identity.py)
 
 
 @dataclass
@@ -65,12 +68,6 @@ class TrainState:
     tokens: int = 0
     position: DataPosition = field(default_factory=DataPosition)
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm (train.max_nonfinite_steps)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def checkpoints_root(output_dir: Path) -> Path:
@@ -173,6 +170,37 @@ def peek_resume(output_dir: Path, resume: str) -> ResumePoint | None:
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return None  # choose() reports what is wrong with it
     return ResumePoint(path, state, config)
+
+
+def verified_resume(recipe: Recipe, output_dir: Path, dist: DistInfo, start_over: bool) -> ResumePoint | None:
+    """The checkpoint a resume would continue from, with its checksums verified by all ranks together as at resume
+    (Checkpointer.choose: under `auto` a damaged one is skipped for an older one; a damaged one named by path, or
+    every one damaged, is refused, or with `start_over` moved aside), looked at as peek_resume does."""
+    path = Checkpointer(recipe.checkpoint, recipe, output_dir, dist, {}, start_over=start_over).choose()
+    point = peek_resume(output_dir, str(path)) if path is not None and dist.is_main else None
+    return broadcast_object(point)  # type: ignore[return-value]
+
+
+def other_base_refusal(path: Path, why: str) -> str:
+    return (f"cannot resume from {path}: the base model is not the one the adapter was trained on:\n{why}\n"
+            "restore that base where model.name_or_path points, or add --force to resume over this one anyway (the "
+            "adapter then continues from weights learned for another base; logged as a warning)")
+
+
+def base_refusal(point: ResumePoint, current: Identity) -> str | None:
+    """Why an adapter checkpoint cannot resume over the base `current`, or None (the same base, or a checkpoint
+    that recorded none: restore() warns about that one)."""
+    recorded = point.state.get(BASE_KEY)
+    why = mismatch(recorded, current) if recorded is not None else None
+    return other_base_refusal(point.path, why) if why else None
+
+
+def recorded_base(ckpt: Path) -> Identity | None:
+    """The base identity an adapter checkpoint recorded (None: a checkpoint written before they were)."""
+    try:
+        return json.loads((ckpt / STATE).read_text(encoding="utf-8")).get(BASE_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def move_aside(output_dir: Path) -> Path:
@@ -290,6 +318,8 @@ class Checkpointer:
     last_good: Path | None = None  # the newest checkpoint this run resumed from or saved
     layout: dict[str, int] = field(default_factory=dict)  # world size, accumulation: recorded, may change on resume
     explicit_batch: bool = False  # the command line set the batch (a changed global batch is then allowed)
+    base_model: Identity | None = None  # an adapter run's base (adapters/base_identity.py): recorded, checked on resume
+    other_base_ok: bool = False  # `train --force`: resume an adapter over another base than it was trained on (warned)
 
     def due(self, step: int, max_steps: int) -> bool:
         every = self.cfg.every_steps
@@ -351,8 +381,9 @@ class Checkpointer:
         return [r for _, r in outcomes]  # type: ignore[misc]
 
     def _write_run_files(self, tmp: Path, state: TrainState) -> None:
+        base = {BASE_KEY: self.base_model} if self.base_model is not None else {}
         write_json({"step": state.step, "tokens": state.tokens, "position": state.position.state_dict(),
-                    "nonfinite_steps": state.nonfinite_steps, **self.layout, **self.fingerprint}, tmp / STATE)
+                    "nonfinite_steps": state.nonfinite_steps, **self.layout, **self.fingerprint, **base}, tmp / STATE)
         (tmp / "config.yaml").write_text(to_yaml(self.recipe), encoding="utf-8")
         (tmp / "hf").mkdir()
         self.write_assets(tmp / "hf")
@@ -360,7 +391,7 @@ class Checkpointer:
     def _hash_own_files(self, tmp: Path) -> dict[str, dict[str, Any]]:
         """This rank's files (by name, `writer_of`): readable as a plain open() makes them (some writers create
         files readable only by us), fsynced, sized and hashed, while they are still in this rank's page cache."""
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~current_umask()
         out = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             name = f.relative_to(tmp).as_posix()
@@ -436,7 +467,7 @@ class Checkpointer:
                              self.output_dir)
                 return path
             damaged.append(problems[0])
-            if self.dist.is_main:
+            if self.dist.is_main and self.cfg.resume == "auto":
                 log.warning("%s; trying an older one", problems[0])
         if damaged:
             self._after_all_damaged(damaged)
@@ -483,7 +514,9 @@ class Checkpointer:
     def _after_all_damaged(self, damaged: list[str]) -> None:
         """No checkpoint can be resumed: refuse on every rank, or (train --force) move them aside on rank 0."""
         if self.cfg.resume != "auto":
-            raise CheckpointError(damaged[0], on_every_rank=True, exit_code=EXIT_RECIPE)
+            raise CheckpointError(f"checkpoint.resume = {self.cfg.resume!r} cannot be resumed: {damaged[0]}. Nothing "
+                                  "was changed; restore it from a backup, or point checkpoint.resume at another "
+                                  "checkpoint", on_every_rank=True, exit_code=EXIT_RECIPE)
         why = (f"no checkpoint in {checkpoints_root(self.output_dir)} can be resumed; each one failed its check:\n"
                + "\n".join(f"  - {reason}" for reason in damaged)
                + "\nnothing was changed. Restore them from a backup, or start over: add --force (moves checkpoints/ "
@@ -569,6 +602,24 @@ class Checkpointer:
                 on_every_rank=True, exit_code=EXIT_RECIPE)
         for line in allowed:
             log.warning("resuming with a changed setting: %s", line)
+        self._check_base(path, state)
+
+    def _check_base(self, path: Path, state: dict[str, Any]) -> None:
+        """An adapter resumes over the base it was trained on, or is refused (`train --force`: resumes, warned)."""
+        if self.base_model is None:
+            return
+        if BASE_KEY not in state:
+            log.warning("%s records no identity of its base model (written before they were recorded): cannot check "
+                        "that the base found now, %s, is the one the adapter was trained on", path,
+                        describe(self.base_model))
+            return
+        why = mismatch(state[BASE_KEY], self.base_model)
+        if why is None:
+            return
+        if not self.other_base_ok:
+            raise CheckpointError(other_base_refusal(path, why), on_every_rank=True, exit_code=EXIT_RECIPE)
+        log.warning("--force: resuming the adapter of %s over another base model than it was trained on:\n%s", path,
+                    why)
 
     def _data_changes(self, path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
         """How the data's content differs from the checkpoint's (trainer/data/identity.py), where that blocks the

@@ -21,12 +21,13 @@ from transformers.initialization import no_init_weights
 
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.merge import write_adapter_export
-from trainer.checkpoint import MANIFEST, complete_checkpoints, read_manifest
+from trainer.checkpoint import MANIFEST, complete_checkpoints, read_manifest, recorded_base
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE
 from trainer.engine.ds_shards import consolidated_weights, has_zero_checkpoint
 from trainer.errors import CheckpointError
 from trainer.inference import for_inference
+from trainer.safeio import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if is_adapter:
-        write_adapter_export(ckpt, tmp, merge=merge, dtype=torch_dtype(dtype))
+        write_adapter_export(ckpt, tmp, merge=merge, dtype=torch_dtype(dtype), recorded=recorded_base(ckpt),
+                             force=force)
     else:
         config = AutoConfig.from_pretrained(ckpt / "hf")
         with no_init_weights():  # every weight comes from the checkpoint
@@ -127,8 +129,22 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
         for_inference(model).save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     (tmp / EXPORT_MARKER).write_text(f"exported from {ckpt}\n", encoding="utf-8")
+    readable_by_all(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("exported %s -> %s (%s)", ckpt, out, dtype)
+    what = "the merged model (the base was only read)" if merge else "the adapter" if adapter_only else "the model"
+    log.info("exported %s from %s to %s (%s)", what, ckpt, out, dtype)
     return out
+
+
+def readable_by_all(folder: Path) -> None:
+    """Every file 0666 and every folder 0777, less the umask (0644 / 0755 under the usual 022), as a plain open()
+    or mkdir makes them: an export is read by other accounts (a serving one), but safetensors and some tokenizer
+    writers create their files 0600."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        elif path.is_file():
+            path.chmod(0o666 & ~mask)

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from trainer.activation_offload import ActivationOffload
-from trainer.checkpoint import Checkpointer, ResumePoint, TrainState, batch_change_problem, peek_resume
+from trainer.adapters.base_identity import Identity, identify
+from trainer.checkpoint import (Checkpointer, ResumePoint, TrainState, base_refusal, batch_change_problem, peek_resume,
+                                verified_resume)
 from trainer.data.batches import Batch, TrainData
 from trainer.data.plans import RUN_PLAN_DIR
 from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
@@ -95,7 +97,8 @@ def _asset_writer(model: nn.Module, tokenizer: Any) -> Callable[[Path], None]:
 
 def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Training:
     """Build tokenizer, data, model and engine for this rank, and resume if a checkpoint says so. `start_over`
-    (train --force) moves unusable or foreign checkpoints aside instead of refusing."""
+    (train --force) moves unusable or foreign checkpoints aside instead of refusing, and lets an adapter resume
+    over another base than it was trained on (warned)."""
     r = run.recipe
     out = run.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +119,10 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     engine = build_engine(run, model, dist)
     fingerprint = {"global_batch_size": run.global_batch_size, "data": data.identity}
     layout = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps}
+    base = broadcast_object(base_identity(run) if dist.is_main else None)  # after loading: a hub base is cached
     ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults,
-                        start_over=start_over, layout=layout, explicit_batch=explicit_batch(run))
+                        start_over=start_over, layout=layout, explicit_batch=explicit_batch(run),
+                        base_model=base, other_base_ok=start_over)  # type: ignore[arg-type]
     path = ckpt.choose()
     state = ckpt.restore(engine, path) if path else TrainState()
     if dist.is_main:
@@ -236,6 +241,24 @@ def explicit_batch(run: ResolvedRun) -> bool:
     return any(run.sources(key) == COMMAND_LINE for key in BATCH_KEYS)
 
 
+def base_identity(run: ResolvedRun) -> Identity | None:
+    """An adapter run's base as this process finds it now; None for full fine-tuning."""
+    m = run.recipe.model
+    if run.recipe.adapter.type == "none" or not m.name_or_path:
+        return None
+    return identify(m.name_or_path, m.revision)
+
+
+def check_resume_base(run: ResolvedRun, point: ResumePoint, dist: DistInfo) -> None:
+    """Before the base is loaded (minutes for a large one): an adapter checkpoint is not resumed over another base
+    than it was trained on (`train --force` skips this; restore() then resumes with a warning)."""
+    current = base_identity(run) if dist.is_main else None
+    why = base_refusal(point, current) if current is not None else None
+    why = broadcast_object(why)  # type: ignore[assignment]
+    if why:
+        raise CheckpointError(why, on_every_rank=True, exit_code=EXIT_RECIPE)
+
+
 def check_resume_batch(run: ResolvedRun, point: ResumePoint) -> None:
     """Before anything is built: a resume on another number of ranks keeps the global batch, or is refused with
     the numbers and the overrides that would keep it."""
@@ -252,10 +275,14 @@ def train(run: ResolvedRun, *, force: bool = False) -> Summary:
     with distributed_context(d.backend, d.timeout_s) as dist, output_dir_lock(run.output_dir, dist, job_id()):
         point = peek_resume(run.output_dir, run.recipe.checkpoint.resume) if dist.is_main else None
         point = broadcast_object(point)  # type: ignore[assignment]
+        if point is not None and point.step >= run.recipe.train.max_steps:  # done, if its checkpoint is sound
+            point = verified_resume(run.recipe, run.output_dir, dist, start_over=force)
         if point is not None and point.step >= run.recipe.train.max_steps:
             return Summary(point.step, math.nan, math.nan, 0, 0.0, run.recipe.output_dir, already_done=True)
         if point is not None:
             check_resume_batch(run, point)
+            if not force:
+                check_resume_base(run, point, dist)
         add_run_log(run.output_dir, dist.rank)
         check_memory(run, dist, force)
         check_disk(run, dist)

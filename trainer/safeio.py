@@ -32,6 +32,13 @@ def load_tensors(path: Path) -> Any:
         raise UnsafeFileError(f"cannot read {path}: not a valid torch file ({str(e).splitlines()[0]})") from None
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in `path` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -7,7 +7,9 @@ Used by:
 - engines: `is_adapted`, `save_adapter` / `load_adapter` (a checkpoint of an adapter run holds only the
   adapter, in peft's own format, under ADAPTER_DIR);
 - checks.py: `targets.target_problems` (module names checked on a meta-device model, before any loading);
-- export.py: `merge.merged_model`.
+- export.py: `merge.merged_model`;
+- checkpoint.py, loop.py, export.py, chat.py: `base_identity` (which base an adapter was trained on, recorded in
+  its checkpoints and compared whenever the base is read again).
 """
 
 from __future__ import annotations

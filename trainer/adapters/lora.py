@@ -11,6 +11,7 @@ cost 4.2 GB of frozen weights instead of 2.1 GB.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.adapters.base_identity import absolute_if_local
 from trainer.adapters.quant import logical_numel
 from trainer.adapters.targets import ALL_LINEAR
 from trainer.schema import AdapterConfig
@@ -111,13 +113,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory: Path) -> None:
     """A peft adapter directory (adapter_config.json + adapter_model.safetensors) that
-    `PeftModel.from_pretrained(base, directory)` loads."""
+    `PeftModel.from_pretrained(base, directory)` loads. A local base is recorded (`base_model_name_or_path`) as an
+    absolute path, so that the base is found from any working directory; a hub id as given."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    model.peft_config["default"].save_pretrained(str(directory))
+    config = copy.copy(model.peft_config["default"])
+    if config.base_model_name_or_path:
+        config.base_model_name_or_path = absolute_if_local(config.base_model_name_or_path)
+    config.save_pretrained(str(directory))
 
 
 def load_adapter(model: nn.Module, directory: Path) -> None:

@@ -3,11 +3,16 @@
 Merging into a 4-bit model would re-quantize the merged weights and lose the update in the rounding (peft
 #2321). Instead the base is loaded exactly as in training (same quantization, so the same 4-bit values the
 adapter was trained against), dequantized to the compute dtype (the values the 4-bit matmuls actually used),
-cast to the export dtype, and only then merged with peft's `merge_and_unload`: W' = W + (alpha/r) * B @ A.
+cast to the export dtype, and only then merged with peft's `merge_and_unload`: W' = W + (alpha/r) * B @ A. The
+base is only read; the merged model is a new one, written to the export's folder.
+
+The base read must be the one the adapter was trained on (adapters/base_identity.py): merging into another is
+refused unless forced, and generate/chat warn.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from trainer.adapters import ADAPTER_DIR, load_kwargs
+from trainer.adapters.base_identity import Identity, describe, identify, mismatch, mismatch_line
 from trainer.adapters.lora import no_cpu_repacking
 from trainer.dtypes import torch_dtype
 from trainer.errors import CheckpointError
@@ -51,20 +57,67 @@ def merged_model(adapter_dir: Path, model: ModelConfig, adapter: AdapterConfig, 
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
     merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse to write a NaN weight
     for_inference(merged)
-    log.info("merged the adapter of %s into %s (%s)", adapter_dir, model.name_or_path, dtype)
+    log.info("merged the adapter of %s with its base %s (read only, unchanged) in %s", adapter_dir,
+             model.name_or_path, dtype)
     return merged
 
 
-def write_adapter_export(ckpt: Path, out: Path, *, merge: bool, dtype: torch.dtype) -> None:
-    """Into `out`: the checkpoint's peft adapter directory, or (merge) the merged plain transformers model."""
+BASE_FILE = "base_model.json"  # beside an --adapter-only export: the identity of the base it was trained on
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def trained_base(adapter_dir: Path, model: ModelConfig) -> ModelConfig:
+    """The recipe's model section with the base found from any working directory: a relative local path is
+    replaced by the absolute one the adapter's config recorded when it was saved (lora.save_adapter)."""
+    try:
+        recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return model
+    if isinstance(recorded, str) and Path(recorded).is_absolute() and Path(recorded).is_dir():
+        return model.model_copy(update={"name_or_path": recorded})
+    return model
+
+
+def check_merge_base(ckpt: Path, recorded: Identity | None, current: Identity, force: bool) -> None:
+    """--merge reads the base the adapter was trained on, or is refused (--force: merged anyway, warned)."""
+    if recorded is None:
+        log.warning("%s records no identity of its base model (written before they were recorded): cannot check "
+                    "that %s is the base the adapter was trained on", ckpt, describe(current))
+        return
+    why = mismatch(recorded, current)
+    if why is None:
+        return
+    if not force:
+        raise CheckpointError(f"--merge refused: the base model found now is not the one the adapter of {ckpt} was "
+                              f"trained on:\n{why}\nrestore that base where model.name_or_path (in "
+                              f"{ckpt / 'config.yaml'}) points, or add --force to merge with this one anyway "
+                              "(logged as a warning)")
+    log.warning("--force: merging the adapter of %s with another base model than it was trained on:\n%s", ckpt, why)
+
+
+def warn_if_other_base(adapter: Path, recorded: Identity | None, current: Identity) -> None:
+    """generate/chat: one warning line when the base found is not the one the adapter was trained on."""
+    line = mismatch_line(recorded, current) if recorded is not None else None
+    if line:
+        log.warning("the base model is not the one the adapter %s was trained on: %s", adapter, line)
+
+
+def write_adapter_export(ckpt: Path, out: Path, *, merge: bool, dtype: torch.dtype, recorded: Identity | None,
+                         force: bool = False) -> None:
+    """Into `out`: the checkpoint's peft adapter directory (with the identity of its base, `recorded`), or (merge)
+    the merged plain transformers model, made from the base, which is only read."""
     if not merge:
         shutil.copytree(ckpt / ADAPTER_DIR, out)
+        if recorded is not None:
+            (out / BASE_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return
     cfg = saved_recipe(ckpt / "config.yaml")
-    base = cfg.model.name_or_path or ""
+    model = trained_base(ckpt / ADAPTER_DIR, cfg.model)
+    base = model.name_or_path or ""
     if looks_local(base) and not Path(base).expanduser().is_dir():
         raise CheckpointError(f"--merge needs the base model the adapter was trained on: {base!r} (model.name_or_path "
                               f"in {ckpt / 'config.yaml'}) is not a directory; restore it, or export with "
                               "--adapter-only and merge where the base is")
-    model = merged_model(ckpt / ADAPTER_DIR, cfg.model, cfg.adapter, cfg.precision.dtype, dtype)
-    model.save_pretrained(out, safe_serialization=True)
+    check_merge_base(ckpt, recorded, identify(base, model.revision), force)
+    merged = merged_model(ckpt / ADAPTER_DIR, model, cfg.adapter, cfg.precision.dtype, dtype)
+    merged.save_pretrained(out, safe_serialization=True)
