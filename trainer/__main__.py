@@ -21,6 +21,7 @@ from typing import Callable
 
 from trainer.errors import EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, os_error_message
 from trainer.logs import FILE_ONLY, setup_console
+from trainer.resolved import ResolvedRun
 
 log = logging.getLogger("trainer")
 RANK0_GRACE_S = 20.0  # how long another rank waits for rank 0 to report an error every rank met
@@ -118,7 +119,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
     print(to_yaml(run.recipe), end="")
-    if run.recipe.distributed.engine == "deepspeed":
+    if run.recipe.distributed.engine == "deepspeed":  # named: say what it generates, or why nothing at stage 0
         print_deepspeed_config(run)
     for warning in run.warnings:
         print(f"# warning: {warning}", file=sys.stderr)
@@ -128,24 +129,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_deepspeed_config(run: object) -> None:
+def print_deepspeed_config(run: ResolvedRun) -> None:
     """The DeepSpeed config this launch would generate, as JSON after a `---` line (what DeepSpeed reads; the lines
     before it stay the YAML recipe). Needs neither torch.distributed nor DeepSpeed."""
     import json
 
     from trainer.engine.ds_config import final_ds_config
 
-    if run.recipe.distributed.zero_stage == 0:  # type: ignore[attr-defined]
+    if not run.execution.deepspeed:
         print("# distributed.zero_stage=0 runs on the native engine (DDP): no DeepSpeed config", file=sys.stderr)
         return
-    config, changes = final_ds_config(run)  # type: ignore[arg-type]
-    print(f"---\n# generated DeepSpeed config (world size {run.world_size})"  # type: ignore[attr-defined]
+    config, changes = final_ds_config(run)
+    print(f"---\n# generated DeepSpeed config (world size {run.world_size})"
           + "".join(f"\n# changed by distributed.deepspeed_overrides: {c}" for c in changes))
     print(json.dumps(config, indent=2))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from trainer.memory_report import as_json, full_plan, parse_size, render
+    from trainer.plan.report import as_json, parse_size, render
+    from trainer.plan.suggest import full_plan
     from trainer.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args))

@@ -30,9 +30,9 @@ from trainer.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_ro
 from trainer.model import build_model, save_model_files
 from trainer.precision import NonFiniteSteps
 from trainer.preemption import PreemptionFlag
-from trainer.preflight import check_disk, check_memory
+from trainer.plan.preflight import check_disk, check_memory
 from trainer.recipe import COMMAND_LINE, to_yaml
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 from trainer.run_lock import output_dir_lock
 from trainer.sharding_check import check_base_sharded
 from trainer.tokenizer import build_tokenizer, settle_chat_template

@@ -46,7 +46,7 @@ from trainer.adapters import streamed
 from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.optim.lowrank_groups import member, targets_of
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 Gather = Callable[[list[nn.Parameter]], ContextManager[Any]]

@@ -11,7 +11,7 @@ from trainer.data.batches import open_stores
 from trainer.distributed import restart_count
 from trainer.faults import Faults
 from trainer.data.store import describe_dropped
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 from trainer.tokenizer import build_tokenizer, settle_chat_template
 
 

@@ -51,7 +51,7 @@ from trainer.errors import CheckpointError, ConfigError, Problem
 from trainer.model import Placement
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 from trainer.precision import SkipCounter
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 from trainer.safeio import fsync_file
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class ZeroEngine:
         config, changes = final_ds_config(run)
         for line in changes:
             log.warning("distributed.deepspeed_overrides changes the generated DeepSpeed config: %s", line)
-        offload = distributed.offload_optimizer == "cpu"
+        offload = run.execution.offload_optimizer
         if offload and optimizer.name in DEEPSPEED_BUILT:
             _warm_cpu_adam(deepspeed)
         # adamw: DeepSpeed builds it from the config over our weight-decay groups; others: our torch optimizer.
@@ -221,7 +221,7 @@ class ZeroEngine:
                                                     config=config, dist_init_required=False)
         self.module: nn.Module = self.ds.module
         self.adapted = adapters.is_adapted(self.module)
-        if distributed.zero_stage == 3 and not self.adapted:  # adapter runs: fp32 LoRA over a frozen base
+        if run.execution.zero3 and not self.adapted:  # adapter runs: fp32 LoRA over a frozen base
             expected = torch_dtype(precision.dtype)
             dtypes = {p.ds_tensor.dtype for p in self.module.parameters() if hasattr(p, "ds_tensor")}
             assert dtypes <= {expected}, f"ZeRO-3 partitions are {dtypes}, not {expected}: build the model inside " \
@@ -231,9 +231,8 @@ class ZeroEngine:
         if self.adapted:
             self.ds.module_state_dict = self._trainable_state_dict
         self._last_was_boundary = False
-        log.info("DeepSpeed ZeRO-%d: %s, optimizer %s%s", distributed.zero_stage, precision.dtype,
-                 type(self.ds.basic_optimizer).__name__,
-                 ", optimizer state in CPU memory" if offload else "")
+        log.info("%s: %s, optimizer %s", run.execution.describe(), precision.dtype,
+                 type(self.ds.basic_optimizer).__name__)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
