@@ -89,7 +89,7 @@ def test_max_nonfinite_steps_skips_instead(tmp_path: Path) -> None:
     assert checkpoint_steps(tmp_path)[-1] == 12
     assert all(all_finite(path) for _, path in complete_checkpoints(tmp_path))
     state = json.loads((complete_checkpoints(tmp_path)[-1][1] / "trainer_state.json").read_text())
-    assert state["nonfinite_steps"] > 0
+    assert state["nonfinite"]["skipped"] > 0
 
 
 def test_max_nonfinite_steps_needs_a_step_that_can_be_skipped() -> None:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from trainer.engine.specs import engine_problems
 from trainer.errors import Problem
+from trainer import nonfinite
 from trainer.execution import execution_of
 from trainer.schema import LOW_RANK, QuantConfig, Recipe
 
@@ -131,18 +132,6 @@ def _per_layer_without(key: str, value: bool, src: Source, which: str) -> list[P
     return [Problem(key, True, f"per-layer updates are built for {which}, or per_layer: false", src(key))]
 
 
-def _nonfinite(r: Recipe, src: Source) -> list[Problem]:
-    """Skipping a non-finite step needs an update that has not happened yet when it is found (what an engine
-    cannot skip is its spec's to say)."""
-    if r.train.max_nonfinite_steps == 0 or r.precision.dtype == "fp16":
-        return []
-    key, why = "train.max_nonfinite_steps", ""
-    if r.optimizer.per_layer:
-        why = ("per-layer updates change each weight during backward, so a step cannot be skipped once its "
-               "gradients exist; set it to 0 (the run stops at the first NaN/inf loss, before its backward)")
-    return [Problem(key, r.train.max_nonfinite_steps, why, src(key))] if why else []
-
-
 def _int8_weights(r: Recipe, src: Source) -> list[Problem]:
     """INT8 weights are written by the low-rank family's stochastic-rounding update, and only its targets are
     INT8; other optimizers update weights with in-place ops an INT8 tensor does not have."""
@@ -206,7 +195,7 @@ def _full_weights(r: Recipe, src: Source) -> list[Problem]:
     return []
 
 
-RULES = (_model, _data, _packing, _optimizer, _nonfinite, _precision, _int8_weights, _adapter, _full_weights,
+RULES = (_model, _data, _packing, _optimizer, nonfinite.problems, _precision, _int8_weights, _adapter, _full_weights,
          engine_problems)
 
 

@@ -12,7 +12,7 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
 - LR: our schedule (trainer.optim.build_scheduler) drives the LR of DeepSpeed's optimizer, advanced once per
   optimizer step, also when fp16 skips one (as in the native engine). DeepSpeed gets no scheduler.
 - fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
-  and halves the scale; `precision.max_consecutive_skips` stops a run whose scale has collapsed.
+  and halves the scale; the non-finite policy (trainer/nonfinite.py) counts the skips, as for the native engine.
 - Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
   checkpoint's temporary folder, plus, with `checkpoint.full_weights` (auto: not at ZeRO-3), `model.safetensors`,
   the full fp32 weights gathered from the master partitions on rank 0 (export consolidates them from the shards
@@ -50,7 +50,6 @@ from trainer.engine.op_builds import prepare_builds
 from trainer.errors import CheckpointError, ConfigError, Problem
 from trainer.model import Placement
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
-from trainer.precision import SkipCounter
 from trainer.resolved import ResolvedRun
 from trainer.safeio import fsync_file
 
@@ -204,7 +203,6 @@ class ZeroEngine:
         deepspeed = import_deepspeed()
         _ensure_process_group(distributed.backend)
         self.dist = dist
-        self.skips = SkipCounter(precision.max_consecutive_skips)
         self.fp16 = precision.dtype == "fp16"
         self.full_weights = run.full_weights
         config, changes = final_ds_config(run)
@@ -256,9 +254,8 @@ class ZeroEngine:
         skipped = not self.ds.was_step_applied()
         norm = self.ds.get_global_grad_norm()
         self.scheduler.step()
-        self.skips.record(skipped, self.loss_scale() or 0.0)
         return StepResult(grad_norm=None if norm is None else float(norm), skipped=skipped, loss_scale=scale,
-                          lr=lr, skipped_steps=self.skips.skipped_steps)
+                          lr=lr, next_loss_scale=self.loss_scale())
 
     def loss_scale(self) -> float | None:
         return float(self.ds._get_optimizer_loss_scale()) if self.fp16 else None
@@ -285,7 +282,7 @@ class ZeroEngine:
         partitions (safetensors: a convenience for export and inference, never read on resume) or, in an adapter
         run, the adapter alone (a peft directory): the frozen base is read again from its source on resume."""
         target = directory / DS_DIR
-        extra = {"schedule_step": self.scheduler.last_epoch, **self.skips.state_dict()}
+        extra = {"schedule_step": self.scheduler.last_epoch}
         self.ds.save_checkpoint(str(target), tag=TAG, client_state={"trainer": extra}, save_latest=False,
                                 exclude_frozen_parameters=self.adapted)
         if self.dist.is_main:
@@ -335,7 +332,6 @@ class ZeroEngine:
             raise CheckpointError(f"{directory}: no DeepSpeed checkpoint in {DS_DIR}/ (was it saved by the "
                                   "native engine? distributed.engine must match the run that saved it)")
         extra = client["trainer"]  # type: ignore[index]
-        self.skips.load_state_dict(extra)
         restore_schedule(self.scheduler, int(extra["schedule_step"]))
 
 
