@@ -11,8 +11,6 @@ import argparse
 import faulthandler
 import json
 import logging
-import os
-import signal
 import sys
 import time
 import traceback
@@ -288,7 +286,7 @@ def fail(message: str, code: int, on_every_rank: bool = False) -> int:
     """One screen on the console (under torchrun, an error every rank raised is shown by rank 0 only); the
     traceback behind it goes to the run's log file, for bug reports; torchrun's own failure summary gets the
     message (its error file), not a traceback."""
-    from trainer.distributed import elastic_error_file, env_rank
+    from trainer.distributed import elastic_error_file, env_rank, let_rank0_report_first
 
     if env_rank() == 0 or not on_every_rank:
         print(f"error: {message}", file=sys.stderr)
@@ -300,15 +298,8 @@ def fail(message: str, code: int, on_every_rank: bool = False) -> int:
                                                                        "timestamp": str(int(time.time()))}}
         Path(error_file).write_text(json.dumps({"message": summary}), encoding="utf-8")
         if on_every_rank and env_rank() != 0:
-            let_rank0_report_first(code)
+            let_rank0_report_first(code, RANK0_GRACE_S)
     return code
-
-
-def let_rank0_report_first(code: int) -> None:
-    """Under torchrun the agent stops every other worker (SIGTERM) as soon as one exits. When all ranks fail with
-    the same error, the others wait for rank 0 to print it and exit, and leave with the same code when stopped."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
-    time.sleep(RANK0_GRACE_S)
 
 
 def enable_faulthandler() -> None:
@@ -325,9 +316,9 @@ def enable_faulthandler() -> None:
 
 def entry() -> None:
     """The console command: main(), then exit with its code. A rank that failed alone while its peers sat in a
-    collective leaves with os._exit after reporting (trainer.distributed.process_group_abandoned); torchrun then
-    stops the others, instead of every rank waiting out the process group's timeout."""
-    from trainer.distributed import process_group_abandoned
+    collective leaves at once after reporting (trainer.distributed.exit_process); torchrun then stops the others,
+    instead of every rank waiting out the process group's timeout."""
+    from trainer.distributed import exit_process, process_group_abandoned
 
     try:
         code = main()
@@ -337,12 +328,7 @@ def entry() -> None:
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else EXIT_RUNTIME
         if not isinstance(e, SystemExit):
             traceback.print_exc()
-    if process_group_abandoned():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code)
 
 
 if __name__ == "__main__":

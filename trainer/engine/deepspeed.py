@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainer import adapters
-from trainer.distributed import DistInfo, all_reduce_sum, teardown
+from trainer.distributed import DistInfo, all_reduce_sum, ensure_process_group
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
@@ -84,21 +84,6 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
-def _ensure_process_group(backend: str) -> None:
-    """DeepSpeed needs a process group. Under torchrun distributed.py made one; a plain `python -m trainer` run
-    gets a one-rank group on an in-memory store (DeepSpeed's own init would try MPI discovery and fail)."""
-    if tdist.is_initialized():
-        return
-    chosen = backend if backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-    tdist.init_process_group(chosen, store=tdist.HashStore(), rank=0, world_size=1)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # what torchrun would set; DeepSpeed reads them itself
-        os.environ.setdefault(name, "1" if name == "WORLD_SIZE" else "0")
-    import atexit
-
-    atexit.register(teardown)
-    log.info("one process without torchrun: DeepSpeed runs on a one-rank %s group", chosen)
-
-
 def _warm_cpu_adam(deepspeed: Any) -> None:
     """Build DeepSpeedCPUAdam's C++ op now, with a log line, instead of silently inside deepspeed.initialize."""
     from deepspeed.ops.op_builder import CPUAdamBuilder
@@ -139,7 +124,7 @@ def zero3_init_context(run: ResolvedRun) -> ContextManager[Placement]:
     `deepspeed.zero.Init` (see _partitioned_at_creation). Adapter runs: the base is read module by module and each
     module partitioned once loaded (see _partitioned_after_loading)."""
     import_deepspeed()
-    _ensure_process_group(run.recipe.distributed.backend)
+    ensure_process_group(run.recipe.distributed.backend)
     if run.recipe.adapter.type != "none":
         return _partitioned_after_loading(run)
     return _partitioned_at_creation(run)
@@ -201,7 +186,7 @@ class ZeroEngine:
     def __init__(self, run: ResolvedRun, model: nn.Module, dist: DistInfo) -> None:
         optimizer, precision, distributed = run.recipe.optimizer, run.recipe.precision, run.recipe.distributed
         deepspeed = import_deepspeed()
-        _ensure_process_group(distributed.backend)
+        ensure_process_group(distributed.backend)
         self.dist = dist
         self.fp16 = precision.dtype == "fp16"
         self.full_weights = run.full_weights
