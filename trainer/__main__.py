@@ -117,7 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
     print(to_yaml(run.recipe), end="")
-    if run.recipe.distributed.engine == "deepspeed":  # named: say what it generates, or why nothing at stage 0
+    if run.execution.deepspeed or run.execution.deepspeed_stage0:  # what it generates, or why nothing
         print_deepspeed_config(run)
     for warning in run.warnings:
         print(f"# warning: {warning}", file=sys.stderr)

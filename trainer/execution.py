@@ -24,6 +24,7 @@ class Execution:
     """The resolved way a run executes (independent of the number of ranks)."""
 
     engine: EngineName  # the engine that runs the step
+    named_engine: EngineName  # the engine the recipe names (distributed.engine: deepspeed at stage 0 runs natively)
     zero_stage: int  # native: 0 (replicated) or 1 (optimizer state sharded); DeepSpeed: ZeRO 1-3
     offload_optimizer: bool  # DeepSpeed: optimizer state (and its fp32 master copy) in CPU memory
     offload_params: bool  # DeepSpeed ZeRO-3: parameter partitions in CPU memory
@@ -41,9 +42,13 @@ class Execution:
         return self.deepspeed and self.zero_stage == 3
 
     @property
-    def partitions_gradients(self) -> bool:
-        """DeepSpeed ZeRO-2/3 reduce-scatter gradients into partitions."""
-        return self.deepspeed and self.zero_stage >= 2
+    def deepspeed_stage0(self) -> bool:
+        """The recipe names DeepSpeed at ZeRO stage 0, which runs on the native engine."""
+        return self.named_engine == "deepspeed" and not self.deepspeed
+
+    def zero_at_least(self, stage: int) -> bool:
+        """DeepSpeed runs at this ZeRO stage or a higher one."""
+        return self.deepspeed and self.zero_stage >= stage
 
     @property
     def native_sharded_state(self) -> bool:
@@ -78,6 +83,6 @@ def execution_of(recipe: Recipe) -> Execution:
     """The execution a recipe asks for. The one place that derives it from `distributed.*` and `adapter.type`."""
     d = recipe.distributed
     deepspeed = d.engine == "deepspeed" and d.zero_stage > 0
-    return Execution(engine="deepspeed" if deepspeed else "native", zero_stage=d.zero_stage,
+    return Execution(engine="deepspeed" if deepspeed else "native", named_engine=d.engine, zero_stage=d.zero_stage,
                      offload_optimizer=deepspeed and d.offload_optimizer == "cpu",
                      offload_params=deepspeed and d.offload_params == "cpu", adapter=recipe.adapter.type)

@@ -50,7 +50,7 @@ def build_engine(run: ResolvedRun, model: nn.Module, dist: DistInfo) -> Engine:
         from trainer.engine.deepspeed import ZeroEngine  # imported here: DeepSpeed is slow to import
 
         return ZeroEngine(run, model, dist)
-    if r.distributed.engine == "deepspeed":  # named, but stage 0: runs here (the note says why)
+    if run.execution.deepspeed_stage0:
         log.info(STAGE0_NOTE)
     model = model.to(dist.device)  # optimizer state must be created on the parameters' device
     # zero_stage 1 on the native engine: optimizer state sharded by whole parameters (optim/sharded.py).

@@ -114,8 +114,8 @@ def _zero3_init_config(run: ResolvedRun) -> dict[str, Any]:
     parser also requires a batch size."""
     distributed = run.recipe.distributed
     overrides = {k: v for k, v in distributed.deepspeed_overrides.items() if k == "zero_optimization"}
-    precision = precision_section(run.recipe.precision, adapters=run.recipe.adapter.type != "none")
-    config = merge_overrides({"zero_optimization": zero_section(distributed), **precision}, overrides)[0]
+    precision = precision_section(run.recipe.precision, adapters=run.execution.adapted)
+    config = merge_overrides({"zero_optimization": zero_section(run.execution), **precision}, overrides)[0]
     return {"train_micro_batch_size_per_gpu": 1, **config}
 
 

@@ -16,6 +16,7 @@ import copy
 import math
 from typing import Any
 
+from trainer.execution import Execution
 from trainer.resolved import ResolvedRun
 from trainer.schema import DistributedConfig, OptimizerConfig, PrecisionConfig
 
@@ -79,11 +80,11 @@ def _optimizer(o: OptimizerConfig, offload: bool) -> dict[str, Any]:
     return {"optimizer": {"type": "AdamW", "params": params}}
 
 
-def zero_section(d: DistributedConfig) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": d.zero_stage}
-    if d.offload_optimizer == "cpu":
+def zero_section(e: Execution) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if d.offload_params == "cpu":
+    if e.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return zero
 
@@ -102,7 +103,7 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
     | optimizer                            | optimizer.* (adamw; others are passed in)       |
     | zero_optimization                    | distributed.zero_stage, offload_*               |
     """
-    optimizer, distributed = run.recipe.optimizer, run.recipe.distributed
+    optimizer = run.recipe.optimizer
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": run.micro_batch_size,
         "gradient_accumulation_steps": run.grad_accum_steps,
@@ -111,10 +112,10 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
         "gradient_clipping": optimizer.grad_clip or 0.0,
         "steps_per_print": None,  # our metrics log the steps; DeepSpeed's own progress lines would duplicate them
         "wall_clock_breakdown": False,
-        "zero_optimization": zero_section(distributed),
+        "zero_optimization": zero_section(run.execution),
     }
-    config.update(precision_section(run.recipe.precision, adapters=run.recipe.adapter.type != "none"))
-    config.update(_optimizer(optimizer, distributed.offload_optimizer == "cpu"))
+    config.update(precision_section(run.recipe.precision, adapters=run.execution.adapted))
+    config.update(_optimizer(optimizer, run.execution.offload_optimizer))
     return config
 
 

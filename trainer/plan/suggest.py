@@ -69,7 +69,7 @@ def _sharding_changes(run: ResolvedRun, low_rank: bool) -> list[Change]:
     e, out = run.execution, []
     if run.world_size > 1 and not low_rank:  # adapter runs too: ZeRO-3 partitions their (4-bit) base
         for stage in (1, 2, 3):
-            if not (e.deepspeed and e.zero_stage >= stage):
+            if not e.zero_at_least(stage):
                 out.append(Change(f"DeepSpeed ZeRO-{stage} over {run.world_size} GPUs",
                                   ("distributed.engine=deepspeed", f"distributed.zero_stage={stage}"), 3 + stage))
     if not low_rank and not e.offload_optimizer:
