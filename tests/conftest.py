@@ -117,3 +117,12 @@ def prerequisite_overrides(recipe: Path, base: Path) -> list[str]:
     export): checked here on a saved tiny model in its place."""
     needs = [line for line in recipe.read_text(encoding="utf-8").splitlines() if line.startswith("# needs: ")]
     return [f"model.name_or_path={base}"] if needs else []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`): tests that launch several processes run one at a time on one
+    worker (each already uses every core), and each other module stays on one worker, so its module fixtures are
+    built once; the two workers then run a multi-process test and single-process modules side by side."""
+    for item in items:
+        group = "multiprocess" if item.get_closest_marker("multiprocess") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

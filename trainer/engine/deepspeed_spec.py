@@ -35,10 +35,21 @@ def problems(r: Recipe, src: KeySource) -> list[Problem]:
     whose own rules then apply too)."""
     if r.distributed.engine != NAME:
         return []
-    out = _zero_problems(r, src) + _override_problems(r, src)
+    out = _zero_problems(r, src) + _override_problems(r, src) + _low_rank_problems(r, src)
     if execution_of(r).deepspeed:
         out += _training_problems(r, src) + _adapter_problems(r, src)
     return out
+
+
+def _low_rank_problems(r: Recipe, src: KeySource) -> list[Problem]:
+    """GaLore and APOLLO are refused wherever the recipe names DeepSpeed (at stage 0 too, where it would run on the
+    native engine: the recipe should say so)."""
+    if r.optimizer.low_rank is None:
+        return []
+    return [Problem("optimizer.name", r.optimizer.name, f"{member(r.optimizer)} needs whole weight matrices, and "
+                    "DeepSpeed flattens and partitions parameters, so no rank ever sees a matrix to project; use "
+                    "distributed.engine: native with distributed.zero_stage: 1 (its state sharded across ranks by "
+                    "whole parameters)", src("optimizer.name"))]
 
 
 def _zero_problems(r: Recipe, src: KeySource) -> list[Problem]:
@@ -74,13 +85,8 @@ def _override_problems(r: Recipe, src: KeySource) -> list[Problem]:
 
 
 def _training_problems(r: Recipe, src: KeySource) -> list[Problem]:
-    """What ZeRO cannot train: low-rank optimizer state, skipped fp32 steps, bf16 weights without masters."""
+    """What ZeRO cannot train: skipped fp32 steps, bf16 weights without masters."""
     out = []
-    if r.optimizer.low_rank is not None:
-        out.append(Problem("optimizer.name", r.optimizer.name, f"{member(r.optimizer)} needs whole weight matrices, "
-                           "and DeepSpeed flattens and partitions parameters, so no rank ever sees a matrix to "
-                           "project; use distributed.engine: native with distributed.zero_stage: 1 (its state "
-                           "sharded across ranks by whole parameters)", src("optimizer.name")))
     if r.train.max_nonfinite_steps and r.precision.dtype == "fp32" and not r.optimizer.per_layer:
         out.append(Problem("train.max_nonfinite_steps", r.train.max_nonfinite_steps, "DeepSpeed checks gradients "
                            "for NaN/inf only in bf16 and fp16, so in fp32 it would apply them; use precision.dtype: "
