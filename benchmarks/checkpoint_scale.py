@@ -8,7 +8,7 @@ Llama-style models of about 25M, 100M and 200M parameters, 2 ranks on CPU.
 Each variant trains one step of the quickstart recipe reshaped to the model size (so the optimizer state exists)
 and saves a checkpoint (timed on every rank); a second launch resumes from it on the same 2 ranks, a third on 1
 rank (the native engine reloads its replicated state; DeepSpeed reshards its partitions, ds_reshard.py). Columns:
-- checkpoint MB: the manifest's bytes, and the memory plan's estimate (trainer.memory.checkpoint_size);
+- checkpoint MB: the manifest's bytes, and the memory plan's estimate (trainer.plan.disk.checkpoint_size);
 - written by rank 0 / 1: the bytes each rank wrote (and fsynced and hashed: checkpoint.writer_of);
 - save s, rank 0 / 1: each rank's own part (writing its files, fsync, hashing them); the save's wall time on rank 0
   (with the barriers, the manifest and the rename) after it;
@@ -138,7 +138,8 @@ def bytes_by_rank(checkpoint: Path, world_size: int) -> list[int]:
 
 
 def planned_bytes(overrides: list[str]) -> int:
-    from trainer.memory import checkpoint_size, shapes
+    from trainer.plan.disk import checkpoint_size
+    from trainer.plan.shapes import shapes
     from trainer.resolve import resolve
 
     run = resolve(RECIPE, overrides, world_size=2)
@@ -146,7 +147,7 @@ def planned_bytes(overrides: list[str]) -> int:
 
 
 def parameters(overrides: list[str]) -> int:
-    from trainer.memory import shapes
+    from trainer.plan.shapes import shapes
     from trainer.resolve import resolve
 
     return shapes(resolve(RECIPE, overrides, world_size=2)).total

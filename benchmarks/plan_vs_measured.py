@@ -90,7 +90,7 @@ def measure_one(name: str, overrides: list[str], cap_gib: float) -> dict[str, fl
     from trainer.logs import setup_console
     from trainer.distributed import distributed_context
     from trainer.loop import run_loop, setup
-    from trainer.memory import CUDA_CONTEXT, plan
+    from trainer.plan.peak import CUDA_CONTEXT, plan
     from trainer.resolve import resolve
 
     setup_console(0, 1)

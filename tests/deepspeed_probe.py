@@ -1,5 +1,7 @@
 """Test helper, launched under torchrun: train several recipes one after another in one process group and
-write what each rank saw, so one launch (6-9 s of torchrun and DeepSpeed start-up) serves many comparisons.
+write what each rank saw, so one launch (6-9 s of torchrun and DeepSpeed start-up) serves many comparisons (the
+DeepSpeed tests, and any multi-rank test that trains several runs: the elastic tests resume on 1, 2 and 4 ranks
+in one launch per world size).
 Native-engine runs can share a launch with DeepSpeed ones (go first); `count_native_bytes` also serves
 single-process tests.
 
@@ -9,7 +11,8 @@ SPEC.json: {"recipe": PATH, "runs": [{"name", "overrides", "fault" (TRAINER_FAUL
 "inspect" (count the model-state tensors after training), "logits" (input ids to run through the trained model),
 "load_whole" (adapter runs under ZeRO-3: load the base whole on every rank, defeating the partitioned loading, to
 see the sharding check stop the run)}]}.
-Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "logits", "base_held", "error"}};
+Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "logits", "base_held", "error",
+"log" (the trainer's log lines of that run, INFO and above)}};
 losses are in each run's metrics.jsonl. A run is set up and trained by the real loop (trainer.loop.setup /
 run_loop); `error` is the message of a TrainerError that stopped it.
 
@@ -27,6 +30,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -179,7 +183,35 @@ def base_loaded_whole() -> Iterator[None]:
         zero._partitioned_after_loading = original  # type: ignore[assignment]
 
 
+class RunLog(logging.Handler):
+    """The trainer's log lines of one run (INFO and above), kept with that run's facts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[RunLog]:
+    handler = RunLog()
+    logger = logging.getLogger("trainer")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
+    with captured_log() as log:
+        result = train_one(spec, recipe, dist)
+    return {**result, "log": "\n".join(log.lines)}
+
+
+def train_one(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
     os.environ.pop(FAULT_ENV, None)
     if spec.get("fault"):
         os.environ[FAULT_ENV] = spec["fault"]
@@ -212,7 +244,8 @@ def one_run(spec: dict[str, Any], recipe: str, dist: Any) -> dict[str, Any]:
 def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     setup_console(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-    import_deepspeed().accelerator.get_accelerator().is_fp16_supported = lambda: True  # test-only, see above
+    if any("distributed.engine=deepspeed" in o for run in spec["runs"] for o in run["overrides"]):
+        import_deepspeed().accelerator.get_accelerator().is_fp16_supported = lambda: True  # test-only, see above
     results: dict[str, Any] = {}
     with distributed_context() as dist:
         for run_spec in spec["runs"]:

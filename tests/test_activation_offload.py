@@ -17,7 +17,9 @@ from tests.test_adapters import recipe_args
 from trainer.activation_offload import ActivationOffload, decoder_layers
 from trainer.distributed import distributed_context
 from trainer.loop import Training, run_loop, setup, train_step
-from trainer.memory import offloaded_bytes, plan, shapes
+from trainer.plan.activations import offloaded_bytes
+from trainer.plan.peak import plan
+from trainer.plan.shapes import shapes
 from trainer.resolve import resolve
 
 

@@ -25,7 +25,8 @@ from trainer.adapters.quant import bits_per_param, expected_4bit_bytes
 from trainer.adapters.targets import find_targets, lora_param_count, meta_model
 from trainer.model import build_model
 from trainer.optim import build_optimizer
-from trainer.resolve import ResolvedRun, resolve_recipe
+from trainer.resolve import resolve_recipe
+from trainer.resolved import ResolvedRun
 from trainer.schema import (
     AdapterConfig,
     DataConfig,

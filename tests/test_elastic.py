@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_metrics, run_cli, tiny
+from tests import deepspeed_probe
+from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_metrics, tiny
 from tests.test_adapters import recipe_args
-from tests.test_checkpoint import ok
 from trainer.checkpoint import complete_checkpoints, writer_of
 
 FP32 = ["precision.dtype=fp32", "optimizer.warmup_steps=0", "logging.every_steps=1", "checkpoint.keep_last=3"]
@@ -39,12 +39,16 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def args(variant: str, out: Path, *extra: str, steps: int = 12, base: Path | None = None) -> list[str]:
+    """Overrides of the quickstart recipe for one variant, writing into `out`."""
     if variant == "qlora":
         assert base is not None
-        return ["train", str(QUICKSTART), *recipe_args(out, base, TEST_DATA, "logging.every_steps=1",
-                                                       "checkpoint.keep_last=3", "data.max_documents=64", *BATCH,
-                                                       *extra, steps=steps)]
-    return ["train", str(QUICKSTART), *tiny(out, *FP32, *BATCH, *VARIANTS[variant], *extra, steps=steps)]
+        return recipe_args(out, base, TEST_DATA, "logging.every_steps=1", "checkpoint.keep_last=3",
+                           "data.max_documents=64", *BATCH, *extra, steps=steps)
+    return tiny(out, *FP32, *BATCH, *VARIANTS[variant], *extra, steps=steps)
+
+
+def cli_args(variant: str, out: Path, *extra: str, steps: int = 12) -> list[str]:
+    return ["train", str(QUICKSTART), *args(variant, out, *extra, steps=steps)]
 
 
 def losses(out: Path, steps: range) -> list[float]:
@@ -73,74 +77,90 @@ def checkpoint_at(out: Path, step: int) -> Path:
     return dict(complete_checkpoints(out))[step]
 
 
+ALL = [*VARIANTS, "qlora"]
+
+
 @dataclass
-class Elastic:
-    """One variant: the uninterrupted 2-rank run, the 1-rank run that gives the noise floor, and the resumes from
-    step 8 of the 2-rank run on 1 and on 4 ranks."""
+class Launches:
+    """Every run of this module, trained in one launch per world size (tests/deepspeed_probe.py): for each variant
+    the uninterrupted 2-rank run, the 1-rank run that gives the noise floor and the resumes from step 8 of the
+    2-rank run on 1 and on 4 ranks; and zero_stage 1 on 4 ranks throughout, resumed from its step 4 on 2 ranks,
+    then from that run's step 8 on 4 ranks again."""
 
-    ref: Path
-    single: Path
-    resumed: dict[int, Path]
-    log: dict[int, str]
+    root: Path
+    logs: dict[str, str]  # run name -> rank 0's log lines of that run
 
-
-def run_variant(variant: str, root: Path, base: Path | None = None) -> Elastic:
-    ref, single = root / "ref2", root / "single"
-    ok(run_cli(args(variant, ref, base=base), nproc=2, env=ONE_THREAD, timeout=600))
-    ok(run_cli(args(variant, single, base=base), nproc=1, env=ONE_THREAD, timeout=600))
-    resumed, log = {}, {}
-    for world in (1, 4):
-        out = root / f"resumed-on-{world}"
-        proc = ok(run_cli(args(variant, out, f"checkpoint.resume={checkpoint_at(ref, 8)}", base=base), nproc=world,
-                          env=ONE_THREAD, timeout=900, torchrun=True))
-        resumed[world], log[world] = out, proc.stderr
-    return Elastic(ref, single, resumed, log)
+    def out(self, name: str) -> Path:
+        return self.root / name
 
 
-def assert_elastic_matches(e: Elastic) -> None:
-    floor_loss = max_loss_diff(losses(e.ref, range(1, 13)), losses(e.single, range(1, 13)))
-    floor_weights = max_weight_diff(final_weights(e.ref), final_weights(e.single))
+def probe(root: Path, base: Path, runs: list[tuple[str, str, list[str]]], nproc: int) -> dict[str, str]:
+    """(name, variant, extra overrides) runs in one launch of `nproc` ranks; their rank-0 logs by name."""
+    spec = [{"name": name, "overrides": args(variant, root / name, *extra, base=base)} for name, variant, extra in runs]
+    result = deepspeed_probe.launch(root, spec, QUICKSTART, timeout=1800, nproc=nproc)
+    for name, facts in result["facts"][0].items():
+        assert "error" not in facts, (name, facts["error"])
+    return {name: facts["log"] for name, facts in result["facts"][0].items()}
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> Launches:
+    root = tmp_path_factory.mktemp("elastic")
+    logs = probe(root, llama_base, [(f"{v}-ref2", v, []) for v in ALL], nproc=2)
+
+    def resumed(v: str, world: int) -> tuple[str, str, list[str]]:
+        return f"{v}-on-{world}", v, [f"checkpoint.resume={checkpoint_at(root / f'{v}-ref2', 8)}"]
+
+    logs |= probe(root, llama_base, [*((f"{v}-single", v, []) for v in ALL), *(resumed(v, 1) for v in ALL)],
+                  nproc=1)
+    logs |= probe(root, llama_base, [*(resumed(v, 4) for v in ALL), ("zero1-ref4", "zero1-adamw", [])], nproc=4)
+    # 4 -> 2 -> 4: the middle run goes on to step 12 too (max_steps shapes the LR schedule); the last one starts
+    # from its step 8
+    logs |= probe(root, llama_base, [("zero1-4to2", "zero1-adamw",
+                                      [f"checkpoint.resume={checkpoint_at(root / 'zero1-ref4', 4)}"])], nproc=2)
+    logs |= probe(root, llama_base, [("zero1-4to2to4", "zero1-adamw",
+                                      [f"checkpoint.resume={checkpoint_at(root / 'zero1-4to2', 8)}"])], nproc=4)
+    return Launches(root, logs)
+
+
+def assert_elastic_matches(e: Launches, variant: str) -> None:
+    ref, single = e.out(f"{variant}-ref2"), e.out(f"{variant}-single")
+    floor_loss = max_loss_diff(losses(ref, range(1, 13)), losses(single, range(1, 13)))
+    floor_weights = max_weight_diff(final_weights(ref), final_weights(single))
     loss_tol, weight_tol = max(4 * floor_loss, 1e-6), max(4 * floor_weights, 1e-6)
-    for world, out in e.resumed.items():
-        assert f"written by 2 ranks, now {world} ranks" in e.log[world], e.log[world][-2000:]
-        got = losses(out, range(9, 13))
-        assert max_loss_diff(got, losses(e.ref, range(9, 13))) <= loss_tol, (world, got, loss_tol)
-        assert max_weight_diff(final_weights(out), final_weights(e.ref)) <= weight_tol, (world, weight_tol)
+    for world in (1, 4):
+        name = f"{variant}-on-{world}"
+        assert f"written by 2 ranks, now {world} ranks" in e.logs[name], e.logs[name][-2000:]
+        got = losses(e.out(name), range(9, 13))
+        assert max_loss_diff(got, losses(ref, range(9, 13))) <= loss_tol, (world, got, loss_tol)
+        assert max_weight_diff(final_weights(e.out(name)), final_weights(ref)) <= weight_tol, (world, weight_tol)
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_two_ranks_resume_on_one_and_on_four(tmp_path: Path, variant: str) -> None:
-    e = run_variant(variant, tmp_path)
-    assert "accumulation 2 -> 4, global batch 8 unchanged" in e.log[1]
-    assert "accumulation 2 -> 1, global batch 8 unchanged" in e.log[4]
-    assert_elastic_matches(e)
+def test_two_ranks_resume_on_one_and_on_four(launches: Launches, variant: str) -> None:
+    assert "accumulation 2 -> 4, global batch 8 unchanged" in launches.logs[f"{variant}-on-1"]
+    assert "accumulation 2 -> 1, global batch 8 unchanged" in launches.logs[f"{variant}-on-4"]
+    assert_elastic_matches(launches, variant)
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(1800)
-def test_qlora_resumes_on_one_and_on_four(tmp_path: Path, llama_base: Path) -> None:
-    assert_elastic_matches(run_variant("qlora", tmp_path, base=llama_base))
+@pytest.mark.timeout(3600)
+def test_qlora_resumes_on_one_and_on_four(launches: Launches) -> None:
+    assert_elastic_matches(launches, "qlora")
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(1800)
-def test_four_to_two_to_four_equals_four_to_four(tmp_path: Path) -> None:
+@pytest.mark.timeout(3600)
+def test_four_to_two_to_four_equals_four_to_four(launches: Launches) -> None:
     """zero_stage 1 (sharded AdamW state): 4 ranks to step 4, 2 ranks to step 8, 4 ranks to step 12, against 4
     ranks throughout; the noise floor is 4 ranks against 2 ranks without interruption."""
-    ref4, ref2 = tmp_path / "ref4", tmp_path / "ref2"
-    ok(run_cli(args("zero1-adamw", ref4), nproc=4, env=ONE_THREAD, timeout=900))
-    ok(run_cli(args("zero1-adamw", ref2), nproc=2, env=ONE_THREAD, timeout=900))
-    middle, last = tmp_path / "on-2", tmp_path / "back-on-4"
-    # the middle run goes on to step 12 too (max_steps shapes the LR schedule); the last one starts from its step 8
-    ok(run_cli(args("zero1-adamw", middle, f"checkpoint.resume={checkpoint_at(ref4, 4)}"), nproc=2,
-               env=ONE_THREAD, timeout=900))
-    ok(run_cli(args("zero1-adamw", last, f"checkpoint.resume={checkpoint_at(middle, 8)}"), nproc=4,
-               env=ONE_THREAD, timeout=900))
+    ref4, ref2 = launches.out("zero1-ref4"), launches.out("zero1-adamw-ref2")
+    middle, last = launches.out("zero1-4to2"), launches.out("zero1-4to2to4")
     floor = max(4 * max_loss_diff(losses(ref4, range(1, 13)), losses(ref2, range(1, 13))), 1e-6)
     weight_floor = max(4 * max_weight_diff(final_weights(ref4), final_weights(ref2)), 1e-6)
     assert max_loss_diff(losses(middle, range(5, 9)), losses(ref4, range(5, 9))) <= floor
@@ -181,7 +201,7 @@ def test_rank0_opens_no_file_another_rank_wrote(tmp_path: Path) -> None:
     script.write_text(AUDIT, encoding="utf-8")
     for steps in (4, 8):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               str(checkpoints), *args("zero1-adamw", out, steps=steps)]
+               str(checkpoints), *cli_args("zero1-adamw", out, steps=steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                               env={**os.environ, **ONE_THREAD, "OPEN_AUDIT": str(tmp_path / "opened")})
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,7 +46,8 @@ from tests.test_checkpoint import checkpoint_weights
 from trainer import adapters
 from trainer.checkpoint import MANIFEST, complete_checkpoints, step_name, writer_of
 from trainer.export import export
-from trainer.memory import checkpoint_size, shapes
+from trainer.plan.disk import checkpoint_size
+from trainer.plan.shapes import shapes
 from trainer.resolve import resolve
 
 ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"

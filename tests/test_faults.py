@@ -95,7 +95,7 @@ def test_max_nonfinite_steps_skips_instead(tmp_path: Path) -> None:
     assert checkpoint_steps(tmp_path)[-1] == 12
     assert all(all_finite(path) for _, path in complete_checkpoints(tmp_path))
     state = json.loads((complete_checkpoints(tmp_path)[-1][1] / "trainer_state.json").read_text())
-    assert state["nonfinite_steps"] > 0
+    assert state["nonfinite"]["skipped"] > 0
 
 
 def test_max_nonfinite_steps_needs_a_step_that_can_be_skipped() -> None:
@@ -418,12 +418,12 @@ def test_a_full_disk_during_a_save_is_a_clean_error_and_resume_continues(tmp_pat
 
 def test_too_little_disk_for_one_checkpoint_stops_before_building(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer import preflight
     from trainer.distributed import DistInfo
+    from trainer.plan import disk, preflight
 
     run = resolve(QUICKSTART, tiny(tmp_path))
     usage = type(shutil.disk_usage(tmp_path))
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**12, 10**12, 1000))
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage(10**12, 10**12, 1000))
     with pytest.raises(preflight.DiskTooSmall, match="has 0.00 GB free, but one checkpoint of this run takes about"):
         preflight.check_disk(run, DistInfo(0, 0, 1, torch.device("cpu")))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,11 +86,32 @@ def test_package_inits_import_nothing_heavy() -> None:
 
 def test_validate_loads_only_what_it_needs() -> None:
     """`validate` on the quickstart (native engine, no adapters) leaves the engines, DeepSpeed, bitsandbytes and
-    peft unloaded: it is meant to be quick on a login node."""
+    peft unloaded: it is meant to be quick on a login node (the engines' specs, which import no engine, are read)."""
     code = ("import sys; from trainer.__main__ import main; code = main(['validate', sys.argv[1]]); "
-            "heavy = [m for m in ('deepspeed', 'bitsandbytes', 'peft', 'trainer.engine', 'trainer.loop') "
+            "heavy = [m for m in ('deepspeed', 'bitsandbytes', 'peft', 'trainer.engine.native', "
+            "'trainer.engine.deepspeed', 'trainer.engine.build', 'trainer.loop') "
             "if m in sys.modules]; print('LOADED', heavy); sys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", code, str(QUICKSTART)], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LOADED []" in proc.stdout, proc.stdout[-500:]
+
+
+# Comparisons that decide which engine runs or what it shards/offloads. Only execution.py derives the execution
+# from the recipe's keys; the engines' specs validate the keys a recipe writes. Everything else reads
+# `ResolvedRun.execution`.
+DERIVATION = re.compile(r'engine\s*[!=]=\s*"(deepspeed|native)"|zero_stage\s*(==|!=|<=|>=|<|>)\s*\d'
+                        r'|offload_(optimizer|params)\s*[!=]=\s*"')
+DERIVES = {"trainer/execution.py", "trainer/engine/native_spec.py", "trainer/engine/deepspeed_spec.py"}
+
+
+def derivations(path: Path) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if DERIVATION.search(line)]
+
+
+def test_the_execution_is_derived_in_one_place() -> None:
+    assert derivations(PACKAGE / "execution.py"), "the pattern no longer finds the derivation itself"
+    found = [hit for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(ROOT).as_posix() not in DERIVES
+             for hit in derivations(p)]
+    assert not found, "read ResolvedRun.execution instead of re-deriving it:\n" + "\n".join(found)

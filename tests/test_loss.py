@@ -10,7 +10,8 @@ import trainer.loss as loss_module
 from tests.conftest import QUICKSTART
 from tests.memory_probe import loss_bytes_per_logit
 from trainer.loss import token_loss_sum
-from trainer.memory import Shapes, logits_bytes
+from trainer.plan.activations import logits_bytes
+from trainer.plan.items import Shapes
 from trainer.resolve import resolve
 
 # gradient tolerance relative to its largest entry: fp32 differs in rounding only (exp and logsumexp computed

@@ -11,7 +11,11 @@ import pytest
 
 from tests.conftest import QUICKSTART, ROOT
 from tests.memory_probe import measure, tied_gradient_held
-from trainer.memory import GiB, Param, Shapes, _autocast_copies, forward_backward_bytes, plan, shapes
+from trainer.plan.activations import forward_backward_bytes
+from trainer.plan.items import GiB, Param, Shapes
+from trainer.plan.peak import plan
+from trainer.plan.shapes import shapes
+from trainer.plan.states import autocast_copies
 from trainer.resolve import resolve
 
 GB = 1e9
@@ -129,7 +133,7 @@ def test_activation_prediction_within_15_percent(size: str, checkpointing: bool,
     (got,) = measure(str(QUICKSTART), [overrides])
     run = resolve(QUICKSTART, overrides)
     sh = shapes(run)
-    predicted = forward_backward_bytes(run, sh) + _autocast_copies(run, sh, True)
+    predicted = forward_backward_bytes(run, sh) + autocast_copies(run, sh)
     error = abs(got - predicted) / got
     print(f"{size} {dtype} checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, measured "
           f"{got / 2**20:.1f} MiB (error {error:.1%})")
@@ -176,7 +180,7 @@ def test_qlora_70b_on_two_24gb_cards_fits_only_with_zero3_and_offload() -> None:
     in fp32), is more than a 24 GiB card. Under DDP every rank holds all of it; ZeRO-3 half of every tensor per rank
     plus the quantization constants (whole on every rank); with the partitions in CPU memory the GPU keeps what it
     computes. The plan says so, and its first suggestion for the DDP recipe is ZeRO-3 with parameter offload."""
-    from trainer.memory_report import full_plan
+    from trainer.plan.suggest import full_plan
 
     recipe = ROOT / "recipes" / "24gb" / "llama3-70b-qlora-2gpu.yaml"
     native = ["distributed.engine=native", "distributed.zero_stage=0", "distributed.offload_params=none"]
@@ -198,9 +202,9 @@ def test_qlora_70b_on_two_24gb_cards_fits_only_with_zero3_and_offload() -> None:
     assert cpu == pytest.approx((base - constants) / 2, rel=1e-3)
     assert not ddp.fits and not zero3.fits and offload.fits, (ddp.peak_bytes, zero3.peak_bytes, offload.peak_bytes)
     first = ddp.suggestions[0]
-    assert first["fits"] and {"distributed.engine=deepspeed", "distributed.zero_stage=3",
-                              "distributed.offload_params=cpu"} <= set(first["overrides"]), first
-    assert first["cpu_bytes"] >= cpu
+    assert first.fits and {"distributed.engine=deepspeed", "distributed.zero_stage=3",
+                           "distributed.offload_params=cpu"} <= set(first.overrides), first
+    assert first.cpu_bytes >= cpu
 
 
 def test_every_24gb_recipe_has_a_plan_header() -> None:
@@ -215,7 +219,7 @@ def test_train_refuses_a_recipe_that_will_not_fit_the_gpu(monkeypatch: pytest.Mo
     import torch
 
     from trainer.distributed import DistInfo
-    from trainer.preflight import DoesNotFit, check_memory
+    from trainer.plan.preflight import DoesNotFit, check_memory
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GiB, 24 * GiB))
     gpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))

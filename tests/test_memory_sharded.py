@@ -16,8 +16,11 @@ import pytest
 from tests import deepspeed_probe
 from tests.conftest import QUICKSTART, TEST_DATA, tiny
 from tests.test_adapters import recipe_args
-from trainer.memory import plan, shapes, sharded_state_loads
-from trainer.resolve import ResolvedRun, resolve
+from trainer.plan.optimizer_state import sharded_state_loads
+from trainer.plan.peak import plan
+from trainer.plan.shapes import shapes
+from trainer.resolve import resolve
+from trainer.resolved import ResolvedRun
 
 RUNS = {"z1": ["distributed.zero_stage=1"], "z2": ["distributed.zero_stage=2"],
         "z2_offload": ["distributed.zero_stage=2", "distributed.offload_optimizer=cpu"],

@@ -17,7 +17,7 @@ from tests.conftest import LLAMA, QUICKSTART, save_base, tiny
 from tests.deepspeed_probe import count_native_bytes
 from trainer.distributed import distributed_context
 from trainer.loop import setup, train_step
-from trainer.memory import plan
+from trainer.plan.peak import plan
 from trainer.resolve import resolve
 
 PLAN_KEYS = {"weights": ("weights", "base weights", "LoRA parameters", "fp32 master"),

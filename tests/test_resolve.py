@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from tests.conftest import QUICKSTART, ROOT, prerequisite_overrides
 from trainer.__main__ import main
 from trainer.errors import ConfigError
-from trainer.memory import shapes
-from trainer.memory_report import apply_overrides, changes, combined
+from trainer.plan.shapes import shapes
+from trainer.plan.suggest import apply_overrides, changes, combined
 from trainer.reference import README_END, README_START, markdown, readme_section
-from trainer.resolve import ResolvedRun, resolve
+from trainer.resolve import resolve
+from trainer.resolved import ResolvedRun
 from trainer.schema import resume_rules
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

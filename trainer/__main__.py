@@ -12,8 +12,6 @@ import faulthandler
 import json
 import logging
 import math
-import os
-import signal
 import sys
 import time
 import traceback
@@ -23,6 +21,7 @@ from typing import Callable
 from trainer.errors import (EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, library_error_message,
                             os_error_message)
 from trainer.logs import FILE_ONLY, keep_going_without_console, setup_console
+from trainer.resolved import ResolvedRun
 
 log = logging.getLogger("trainer")
 RANK0_GRACE_S = 20.0  # how long another rank waits for rank 0 to report an error every rank met
@@ -152,7 +151,7 @@ def finite_number(low: float) -> Callable[[str], float]:
 
 def memory_size(text: str) -> int:
     """An argparse type: a positive size such as 24GiB or 80GB, in bytes."""
-    from trainer.memory_report import parse_size
+    from trainer.plan.report import parse_size
 
     try:
         size = parse_size(text)
@@ -175,7 +174,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
     print(to_yaml(run.recipe), end="")
-    if run.recipe.distributed.engine == "deepspeed":
+    if run.execution.deepspeed or run.execution.deepspeed_stage0:  # what it generates, or why nothing
         print_deepspeed_config(run)
     for warning in run.warnings:
         print(f"# warning: {warning}", file=sys.stderr)
@@ -185,24 +184,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_deepspeed_config(run: object) -> None:
+def print_deepspeed_config(run: ResolvedRun) -> None:
     """The DeepSpeed config this launch would generate, as JSON after a `---` line (what DeepSpeed reads; the lines
     before it stay the YAML recipe). Needs neither torch.distributed nor DeepSpeed."""
     import json
 
     from trainer.engine.ds_config import final_ds_config
 
-    if run.recipe.distributed.zero_stage == 0:  # type: ignore[attr-defined]
+    if not run.execution.deepspeed:
         print("# distributed.zero_stage=0 runs on the native engine (DDP): no DeepSpeed config", file=sys.stderr)
         return
-    config, changes = final_ds_config(run)  # type: ignore[arg-type]
-    print(f"---\n# generated DeepSpeed config (world size {run.world_size})"  # type: ignore[attr-defined]
+    config, changes = final_ds_config(run)
+    print(f"---\n# generated DeepSpeed config (world size {run.world_size})"
           + "".join(f"\n# changed by distributed.deepspeed_overrides: {c}" for c in changes))
     print(json.dumps(config, indent=2))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from trainer.memory_report import as_json, full_plan, render
+    from trainer.plan.report import as_json, render
+    from trainer.plan.suggest import full_plan
     from trainer.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
@@ -345,7 +345,7 @@ def fail(message: str, code: int, on_every_rank: bool = False) -> int:
     """One screen on the console (under torchrun, an error every rank raised is shown by rank 0 only); the
     traceback behind it goes to the run's log file, for bug reports; torchrun's own failure summary gets the
     message (its error file), not a traceback."""
-    from trainer.distributed import elastic_error_file, env_rank
+    from trainer.distributed import elastic_error_file, env_rank, let_rank0_report_first
 
     if env_rank() == 0 or not on_every_rank:
         print(f"error: {message}", file=sys.stderr)
@@ -357,15 +357,8 @@ def fail(message: str, code: int, on_every_rank: bool = False) -> int:
                                                                        "timestamp": str(int(time.time()))}}
         Path(error_file).write_text(json.dumps({"message": summary}), encoding="utf-8")
         if on_every_rank and env_rank() != 0:
-            let_rank0_report_first(code)
+            let_rank0_report_first(code, RANK0_GRACE_S)
     return code
-
-
-def let_rank0_report_first(code: int) -> None:
-    """Under torchrun the agent stops every other worker (SIGTERM) as soon as one exits. When all ranks fail with
-    the same error, the others wait for rank 0 to print it and exit, and leave with the same code when stopped."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
-    time.sleep(RANK0_GRACE_S)
 
 
 def enable_faulthandler() -> None:
@@ -382,9 +375,9 @@ def enable_faulthandler() -> None:
 
 def entry() -> None:
     """The console command: main(), then exit with its code. A rank that failed alone while its peers sat in a
-    collective leaves with os._exit after reporting (trainer.distributed.process_group_abandoned); torchrun then
-    stops the others, instead of every rank waiting out the process group's timeout."""
-    from trainer.distributed import process_group_abandoned
+    collective leaves at once after reporting (trainer.distributed.exit_process); torchrun then stops the others,
+    instead of every rank waiting out the process group's timeout."""
+    from trainer.distributed import exit_process, process_group_abandoned
 
     try:
         code = main()
@@ -394,12 +387,7 @@ def entry() -> None:
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else EXIT_RUNTIME
         if not isinstance(e, SystemExit):
             traceback.print_exc()
-    if process_group_abandoned():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from trainer.distributed import DistInfo, barrier, broadcast_object, gather_obje
 from trainer.engine.base import Engine
 from trainer.errors import EXIT_RECIPE, CheckpointError, os_error_message
 from trainer.faults import Faults
+from trainer.nonfinite import NonFiniteCounts
 from trainer.recipe import to_yaml
 from trainer.safeio import current_umask, fsync_dir, fsync_file, load_tensors, save_tensors, sha256, write_json
 from trainer.schema import CheckpointConfig, Recipe, resume_rules
@@ -67,7 +68,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     position: DataPosition = field(default_factory=DataPosition)
-    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm (train.max_nonfinite_steps)
+    nonfinite: NonFiniteCounts = field(default_factory=NonFiniteCounts)  # skipped steps (trainer/nonfinite.py)
 
 
 def checkpoints_root(output_dir: Path) -> Path:
@@ -383,7 +384,7 @@ class Checkpointer:
     def _write_run_files(self, tmp: Path, state: TrainState) -> None:
         base = {BASE_KEY: self.base_model} if self.base_model is not None else {}
         write_json({"step": state.step, "tokens": state.tokens, "position": state.position.state_dict(),
-                    "nonfinite_steps": state.nonfinite_steps, **self.layout, **self.fingerprint, **base}, tmp / STATE)
+                    "nonfinite": state.nonfinite.state_dict(), **self.layout, **self.fingerprint, **base}, tmp / STATE)
         (tmp / "config.yaml").write_text(to_yaml(self.recipe), encoding="utf-8")
         (tmp / "hf").mkdir()
         self.write_assets(tmp / "hf")
@@ -561,8 +562,9 @@ class Checkpointer:
                  time.perf_counter() - started, state["step"], state["tokens"], state["position"]["epoch"])
         self._log_layout_change(state, saved_cfg)
         self.last_good = path
+        counts = state.get("nonfinite", {"skipped": state.get("nonfinite_steps", 0)})  # the older name
         return TrainState(state["step"], state["tokens"], DataPosition.from_state_dict(state["position"]),
-                          int(state.get("nonfinite_steps", 0)))
+                          NonFiniteCounts.from_state_dict(counts))
 
     def _log_layout_change(self, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         saved_world, saved_accum = int(state["world_size"]), int(state["grad_accum_steps"])

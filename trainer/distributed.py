@@ -6,14 +6,17 @@ without them aborts at exit in about half the runs (SIGABRT).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import gc
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -28,6 +31,25 @@ def process_group_abandoned() -> bool:
     """Whether this process left a process group its peers never released: it must end with os._exit, since the
     interpreter's normal exit would join gloo's threads, which wait for those peers forever."""
     return _abandoned
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`: normally, or with os._exit after flushing when it abandoned its process group
+    (see process_group_abandoned); torchrun then stops the other ranks."""
+    if _abandoned:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def let_rank0_report_first(code: int, grace_s: float) -> None:
+    """Under torchrun the agent stops every other worker (SIGTERM) as soon as one exits. When all ranks fail with
+    the same error, the others wait up to `grace_s` for rank 0 to print it and exit, and leave with the same code
+    when stopped."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
+    time.sleep(grace_s)
 
 
 @dataclass(frozen=True)
@@ -103,6 +125,20 @@ def distributed_context(backend: str = "auto", timeout_s: int = 1800) -> Iterato
         raise
     if started:
         teardown()
+
+
+def ensure_process_group(backend: str = "auto") -> None:
+    """A process group for code that needs one even in a plain `python -m trainer` run (DeepSpeed): under torchrun
+    distributed_context made it; otherwise a one-rank group on an in-memory store (DeepSpeed's own init would try
+    MPI discovery and fail), torn down at exit."""
+    if dist.is_initialized():
+        return
+    chosen = backend if backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # what torchrun would set; DeepSpeed reads them itself
+        os.environ.setdefault(name, "1" if name == "WORLD_SIZE" else "0")
+    atexit.register(teardown)
+    log.info("one process without torchrun: a one-rank %s process group", chosen)
 
 
 def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 EXIT_RECIPE = 2
 EXIT_RUNTIME = 1
@@ -47,6 +47,9 @@ def _show_list(items: list[Any] | tuple[Any, ...]) -> str:
         if sum(len(s) + 2 for s in shown) > SHOWN_CHARS:
             return "[" + ", ".join(shown) + ", ...]"
     return "[" + ", ".join(shown) + "]"
+
+
+KeySource = Callable[[str], str]  # where a recipe key's value came from: 'command line', 'recipe' or 'default'
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ INT8_FILE the INT8 values and scales, which a resume restores exactly.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,18 @@ from torch import Tensor, nn
 INT8_FILE = "int8-weights.safetensors"
 LEVELS = 127  # symmetric: q in [-127, 127]
 SUFFIXES = (".int_data", ".scale")
+
+
+class Int8Weight(Protocol):
+    """What this module reads of torchao's INT8 training weight: its INT8 values and one scale per row."""
+
+    int_data: Tensor
+    scale: Tensor
+
+
+def int8(t: Tensor) -> Int8Weight:
+    """An INT8 training weight seen as its parts (the caller checked `is_int8`)."""
+    return cast(Int8Weight, t)
 
 
 def is_int8(t: Any) -> bool:
@@ -49,7 +61,8 @@ class Int8Linear(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             xc = x.to(dtype)
-            out = (xc @ weight.int_data.T.to(dtype)) * weight.scale.to(dtype)
+            w = int8(weight)
+            out = (xc @ w.int_data.T.to(dtype)) * w.scale.to(dtype)
             if bias is not None:
                 out = out + bias.to(dtype)
         ctx.save_for_backward(xc, weight)
@@ -61,7 +74,8 @@ class Int8Linear(torch.autograd.Function):
         xc, weight = ctx.saved_tensors
         grad = grad.to(xc.dtype)
         rows, cols = weight.shape
-        grad_input = ((grad * weight.scale.to(grad.dtype)) @ weight.int_data.to(grad.dtype)).to(ctx.input_dtype)
+        w = int8(weight)
+        grad_input = ((grad * w.scale.to(grad.dtype)) @ w.int_data.to(grad.dtype)).to(ctx.input_dtype)
         grad_weight = grad.reshape(-1, rows).T @ xc.reshape(-1, cols)
         grad_bias = grad.reshape(-1, rows).sum(0) if ctx.has_bias else None
         return grad_input, grad_weight, grad_bias
@@ -105,7 +119,8 @@ def quantize_weights(model: nn.Module, weights: Iterable[nn.Parameter]) -> int:
 
 def dequantize(p: Tensor) -> Tensor:
     """The weight's value in fp32 (a new tensor)."""
-    return p.int_data.float() * p.scale.float().unsqueeze(1)
+    w = int8(p)
+    return w.int_data.float() * w.scale.float().unsqueeze(1)
 
 
 def row_scales(value: Tensor, dtype: torch.dtype) -> Tensor:
@@ -126,15 +141,17 @@ def stochastic_round(value: Tensor, scale: Tensor, generator: torch.Generator) -
 def write(p: Tensor, value: Tensor, seed: int) -> None:
     """Store `value` (fp32, p's shape) into the INT8 weight p with stochastic rounding seeded by `seed`."""
     generator = torch.Generator(device=value.device).manual_seed(seed)
-    scale = row_scales(value, p.scale.dtype)
-    p.int_data.copy_(stochastic_round(value, scale, generator))
-    p.scale.copy_(scale)
+    w = int8(p)
+    scale = row_scales(value, w.scale.dtype)
+    w.int_data.copy_(stochastic_round(value, scale, generator))
+    w.scale.copy_(scale)
 
 
 def weight_bytes(t: Tensor) -> int:
     """Bytes a weight really holds: INT8 values plus scales for an INT8 weight, else its storage."""
     if is_int8(t):
-        return t.int_data.numel() + t.scale.numel() * t.scale.element_size()
+        w = int8(t)
+        return w.int_data.numel() + w.scale.numel() * w.scale.element_size()
     return t.numel() * t.element_size()
 
 
@@ -146,7 +163,7 @@ def expected_bytes(shape: tuple[int, ...], scale_bytes: int) -> int:
 
 def all_finite(p: Tensor) -> bool:
     """Whether a weight is finite (an INT8 weight is, when its scales are)."""
-    return bool(torch.isfinite(p.scale if is_int8(p) else p).all())
+    return bool(torch.isfinite(int8(p).scale if is_int8(p) else p).all())
 
 
 def int8_names(model: nn.Module) -> list[str]:
@@ -167,7 +184,7 @@ def _stored_names(state: dict[str, Tensor]) -> list[str]:
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict with each INT8 weight dequantized to its scale's dtype (what export reads)."""
     state = model.state_dict()
-    return {name: dequantize(state[name]).to(state[name].scale.dtype) if is_int8(state[name])
+    return {name: dequantize(state[name]).to(int8(state[name]).scale.dtype) if is_int8(state[name])
             else state[name].contiguous() for name in _stored_names(state)}
 
 
@@ -182,8 +199,9 @@ def int8_tensors(model: nn.Module) -> dict[str, Tensor]:
     out = {}
     for name, p in model.named_parameters():
         if is_int8(p):
-            out[name + ".int_data"] = p.int_data
-            out[name + ".scale"] = p.scale
+            w = int8(p)
+            out[name + ".int_data"] = w.int_data
+            out[name + ".scale"] = w.scale
     return out
 
 
@@ -198,5 +216,6 @@ def load_int8_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
                          "precision.weights or targets")
     params = dict(model.named_parameters())
     for name in names:
-        params[name].int_data.copy_(tensors[name + ".int_data"])
-        params[name].scale.copy_(tensors[name + ".scale"])
+        w = int8(params[name])
+        w.int_data.copy_(tensors[name + ".int_data"])
+        w.scale.copy_(tensors[name + ".scale"])

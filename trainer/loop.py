@@ -31,11 +31,11 @@ from trainer.logs import add_run_log
 from trainer.loss import token_loss_sum
 from trainer.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
 from trainer.model import build_model, save_model_files
-from trainer.precision import NonFiniteSteps
+from trainer.nonfinite import NonFinitePolicy
 from trainer.preemption import PreemptionFlag
-from trainer.preflight import check_disk, check_memory
+from trainer.plan.preflight import check_disk, check_memory
 from trainer.recipe import COMMAND_LINE, to_yaml
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 from trainer.run_lock import output_dir_lock
 from trainer.sharding_check import check_base_sharded
 from trainer.tokenizer import build_tokenizer, settle_chat_template
@@ -56,7 +56,7 @@ class Training:
     state: TrainState
     preemption: PreemptionFlag
     faults: Faults
-    nonfinite: NonFiniteSteps
+    nonfinite: NonFinitePolicy
     offload: ActivationOffload | None = None  # model.activation_offload
 
 
@@ -135,7 +135,7 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
         log.warning("%s", warning)
     metrics = Metrics(r.logging, out, enabled=dist.is_main, max_steps=r.train.max_steps, start_step=state.step,
                       wandb_run=wandb_run)
-    nonfinite = NonFiniteSteps(r.train.max_nonfinite_steps, state.nonfinite_steps)
+    nonfinite = NonFinitePolicy(r, state.nonfinite)  # counts into the state the checkpoint saves
     offload = ActivationOffload(engine.module, dist.device) if r.model.activation_offload else None
     return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload)
 
@@ -159,13 +159,9 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     tokens = sum(b.num_tokens() for b in batches)
     total, tokens, stop = all_reduce_sums([local_sum.item(), tokens, float(t.preemption.requested)], dev)
     loss = total / max(loss_tokens, 1.0)
-    guarded = t.run.recipe.precision.dtype != "fp16"  # fp16 has its own rule: skip the step, halve the scale
-    if guarded and not math.isfinite(loss):
-        t.nonfinite.record(step, loss, None, t.checkpointer.last_good)  # raises unless steps may be skipped
+    t.nonfinite.check_loss(step, loss, t.checkpointer.last_good)  # raises unless steps may be skipped
     result = t.engine.step()
-    if guarded and math.isfinite(loss) and result.grad_norm is not None and not math.isfinite(result.grad_norm):
-        t.nonfinite.record(step, loss, result.grad_norm, t.checkpointer.last_good)
-    t.state.nonfinite_steps = t.nonfinite.skipped
+    t.nonfinite.judge(step, loss, result, t.checkpointer.last_good)
     return StepOutcome(loss, int(tokens), stop > 0, result)
 
 
@@ -178,10 +174,9 @@ def _logits(t: Training, b: Batch) -> torch.Tensor:
 
 def _check_before_backward(t: Training, step: int, loss_sum: torch.Tensor) -> None:
     """Per-layer updates: a non-finite micro-batch loss on any rank stops the run before its backward applies
-    anything (train.max_nonfinite_steps must be 0 with them: rules.py)."""
+    anything (train.max_nonfinite_steps must be 0 with them: trainer/nonfinite.py)."""
     bad = all_reduce_sum(0.0 if bool(torch.isfinite(loss_sum)) else 1.0, t.dist.device)
-    if bad:
-        t.nonfinite.record(step, float("nan"), None, t.checkpointer.last_good)
+    t.nonfinite.check_before_backward(step, bad > 0, t.checkpointer.last_good)
 
 
 @torch.no_grad()
@@ -222,7 +217,7 @@ def run_loop(t: Training, until_step: int | None = None) -> Summary:
             m.log({"step": s.step, "split": "train", "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
                    "tokens": s.tokens, "tokens_per_s": round(tok_s, 1), "epoch": s.position.epoch,
                    "peak_mem_bytes": peak_memory_bytes(t.dist.device), "loss_scale": result.loss_scale,
-                   "skipped_steps": result.skipped_steps if result.loss_scale is not None else None})
+                   "skipped_steps": t.nonfinite.counts.overflows if result.loss_scale is not None else None})
             window_t, window_tokens = now, 0
         m.advance(s.step, loss, result.lr, tok_s)
         if r.train.eval_every_steps and s.step % r.train.eval_every_steps == 0:

@@ -47,7 +47,7 @@ from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.errors import fetching_from_hub
 from trainer.optim.lowrank_groups import member, targets_of
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 Gather = Callable[[list[nn.Parameter]], ContextManager[Any]]

@@ -15,7 +15,7 @@ from trainer.data.plans import RUN_PLAN_DIR
 from trainer.data.store import describe_dropped, describe_too_long
 from trainer.distributed import restart_count
 from trainer.faults import Faults
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 from trainer.tokenizer import build_tokenizer, settle_chat_template
 
 

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from trainer.data.batches import DataPosition, TrainData
 from trainer.loss import IGNORE
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 from trainer.tokenizer import build_tokenizer, settle_chat_template
 
 OPEN, CLOSE = "\x1b[42m\x1b[30m", "\x1b[0m"  # loss tokens on a green background, in a terminal

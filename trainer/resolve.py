@@ -16,55 +16,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer import architecture as arch
 from trainer.errors import ConfigError, HubError, Problem
+from trainer.execution import execution_of
 from trainer.paths import looks_local
 from trainer.recipe import COMMAND_LINE, Sources, load_recipe
+from trainer.resolved import ResolvedRun
 from trainer.rules import cross_check, warnings_of
 from trainer.schema import Recipe, TrainConfig
-
-
-@dataclass(frozen=True)
-class ResolvedRun:
-    """A recipe made concrete for one launch."""
-
-    recipe: Recipe
-    world_size: int
-    grad_accum_steps: int  # micro-batches per optimizer step on each rank
-    global_batch_size: int  # sequences per optimizer step over all ranks
-    architecture: Any  # the model's transformers config (vocab_size resolved)
-    architecture_source: str  # recipe | local | known models table | hub
-    output_dir: Path
-    warnings: tuple[str, ...] = ()  # allowed but probably not meant: printed by validate and train
-    sources: Sources = Sources()
-    recipe_path: str | None = None
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.recipe.train.micro_batch_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.recipe.data.seq_len
-
-    @property
-    def vocab_size(self) -> int:
-        return int(arch.text_config(self.architecture).vocab_size)
-
-    @property
-    def full_weights(self) -> bool:
-        """checkpoint.full_weights resolved: whether a DeepSpeed checkpoint also holds the whole fp32 weights
-        gathered on rank 0. Auto: not at ZeRO-3, whose point is that no rank holds the whole model (export
-        consolidates them from the shards instead); at ZeRO-1/2 every rank holds the weights anyway."""
-        chosen = self.recipe.checkpoint.full_weights
-        if chosen is not None:
-            return chosen
-        d = self.recipe.distributed
-        return not (d.engine == "deepspeed" and d.zero_stage == 3)
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -319,7 +281,8 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
     return ResolvedRun(recipe=recipe, world_size=world_size, grad_accum_steps=accum,
                        global_batch_size=recipe.train.micro_batch_size * accum * world_size, architecture=config,
                        architecture_source=where, output_dir=Path(recipe.output_dir).expanduser(),
-                       warnings=tuple(warnings_of(recipe)), sources=sources, recipe_path=recipe_path)
+                       execution=execution_of(recipe), warnings=tuple(warnings_of(recipe)), sources=sources,
+                       recipe_path=recipe_path)
 
 
 def resolve(path: str | Path | None, overrides: list[str] | None = None, world_size: int = 1, *,
@@ -333,4 +296,4 @@ def resolve(path: str | Path | None, overrides: list[str] | None = None, world_s
                           make_output=make_output, recipe_path=str(path) if path is not None else None)
 
 
-__all__ = ["ResolvedRun", "resolve", "resolve_recipe", "accumulation", "COMMAND_LINE"]
+__all__ = ["resolve", "resolve_recipe", "accumulation", "COMMAND_LINE"]

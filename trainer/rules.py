@@ -6,11 +6,13 @@ the value and the fix. Rules that need the world size, the filesystem or the arc
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Callable
 
+from trainer.engine.specs import engine_problems
 from trainer.errors import Problem
-from trainer.schema import DEEPSPEED_OWNED, LOW_RANK, QuantConfig, Recipe
+from trainer import nonfinite
+from trainer.execution import execution_of
+from trainer.schema import LOW_RANK, QuantConfig, Recipe
 
 Source = Callable[[str], str]
 BUILTIN_SOURCES = ("builtin:python_stdlib",)
@@ -106,11 +108,6 @@ def _galore(r: Recipe, src: Source) -> list[Problem]:
     if o.low_rank is None:
         return out
     who, section = ("APOLLO", "optimizer.apollo") if o.name.startswith("apollo") else ("GaLore", "optimizer.galore")
-    if r.distributed.engine == "deepspeed":
-        out.append(Problem("optimizer.name", o.name, f"{who} needs whole weight matrices, and DeepSpeed flattens "
-                           "and partitions parameters, so no rank ever sees a matrix to project; use "
-                           "distributed.engine: native with distributed.zero_stage: 1 (its state sharded across "
-                           "ranks by whole parameters)", src("optimizer.name")))
     if r.adapter.type != "none":
         out.append(Problem("optimizer.name", o.name, f"{who} trains full weight matrices, but adapter.type: "
                            f"{r.adapter.type} trains only small adapter matrices (nothing to project); use "
@@ -125,11 +122,6 @@ def _galore(r: Recipe, src: Source) -> list[Problem]:
                            "backward, before an fp16 overflow elsewhere in the model is known, so the step cannot "
                            "be skipped; use precision.dtype: bf16 (no loss scaling needed) or per_layer: false",
                            src(f"{section}.per_layer")))
-    if low.per_layer and r.distributed.zero_stage == 1:
-        out.append(Problem(f"{section}.per_layer", True, "per-layer updates with sharded optimizer state "
-                           "(distributed.zero_stage: 1) are not supported; choose one: per_layer frees gradients "
-                           f"during backward, zero_stage 1 splits the {who} state across ranks",
-                           src(f"{section}.per_layer")))
     return out
 
 
@@ -138,20 +130,6 @@ def _per_layer_without(key: str, value: bool, src: Source, which: str) -> list[P
     if not value:
         return []
     return [Problem(key, True, f"per-layer updates are built for {which}, or per_layer: false", src(key))]
-
-
-def _nonfinite(r: Recipe, src: Source) -> list[Problem]:
-    """Skipping a non-finite step needs an update that has not happened yet when it is found."""
-    if r.train.max_nonfinite_steps == 0 or r.precision.dtype == "fp16":
-        return []
-    key, why = "train.max_nonfinite_steps", ""
-    if r.optimizer.per_layer:
-        why = ("per-layer updates change each weight during backward, so a step cannot be skipped once its "
-               "gradients exist; set it to 0 (the run stops at the first NaN/inf loss, before its backward)")
-    elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0 and r.precision.dtype == "fp32":
-        why = ("DeepSpeed checks gradients for NaN/inf only in bf16 and fp16, so in fp32 it would apply them; use "
-               "precision.dtype: bf16, or set it to 0")
-    return [Problem(key, r.train.max_nonfinite_steps, why, src(key))] if why else []
 
 
 def _int8_weights(r: Recipe, src: Source) -> list[Problem]:
@@ -174,72 +152,9 @@ def _precision(r: Recipe, src: Source) -> list[Problem]:
         why = "fp16 weights without an fp32 master copy cannot be loss-scaled safely; use precision.dtype: bf16"
     elif p.dtype == "fp32":
         why = "has no effect with precision.dtype: fp32 (the weights are fp32); set dtype: bf16 or remove it"
-    elif r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0:
-        why = "DeepSpeed keeps its own fp32 master copy in the optimizer; remove it"
-    elif r.adapter.type != "none":
+    elif r.adapter.type != "none" and not execution_of(r).deepspeed:  # DeepSpeed: its spec says why
         why = "adapter runs already keep the frozen base in precision.dtype and the adapters in fp32; remove it"
     return [Problem(key, False, why, src(key))] if why else []
-
-
-def _distributed(r: Recipe, src: Source) -> list[Problem]:
-    d, out = r.distributed, []
-    if d.engine == "native" and d.zero_stage > 1:
-        out.append(Problem("distributed.zero_stage", d.zero_stage, "the native engine shards optimizer state only "
-                           "(zero_stage 1: each rank keeps the state of the whole parameters it owns); stages 2-3 "
-                           "need distributed.engine: deepspeed", src("distributed.zero_stage")))
-    if d.engine == "native" and (d.offload_optimizer != "none" or d.offload_params != "none"):
-        key = "distributed.offload_optimizer" if d.offload_optimizer != "none" else "distributed.offload_params"
-        out.append(Problem(key, "cpu", "CPU offload needs distributed.engine: deepspeed", src(key)))
-    if d.offload_params != "none" and d.zero_stage != 3:
-        out.append(Problem("distributed.offload_params", d.offload_params, "parameter offload needs "
-                           "distributed.zero_stage: 3", src("distributed.offload_params")))
-    if d.deepspeed_overrides and d.engine != "deepspeed":
-        out.append(Problem("distributed.deepspeed_overrides", d.deepspeed_overrides, "only used with "
-                           "distributed.engine: deepspeed; remove it or switch the engine",
-                           src("distributed.deepspeed_overrides")))
-    return out
-
-
-def owned_override_paths(overrides: dict[str, Any]) -> list[tuple[str, Any, str]]:
-    """(override key, its value, recipe key to use) for every DeepSpeed override the recipe owns."""
-    out = []
-    for path, recipe_key in DEEPSPEED_OWNED.items():
-        node: Any = overrides
-        for part in path.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        if node is not _MISSING:
-            out.append((path, node, recipe_key))
-    return out
-
-
-_MISSING = object()
-
-
-def _deepspeed(r: Recipe, src: Source) -> list[Problem]:
-    """distributed.engine: deepspeed. (GaLore and adapters on it are refused by their own rules.)"""
-    d, out = r.distributed, []
-    if d.engine != "deepspeed":
-        return out
-    if d.offload_optimizer != "none" and d.zero_stage == 0:
-        out.append(Problem("distributed.offload_optimizer", d.offload_optimizer, "optimizer offload is part of "
-                           "ZeRO: set distributed.zero_stage: 1, 2 or 3", src("distributed.offload_optimizer")))
-    if d.offload_optimizer != "none" and r.optimizer.name != "adamw":
-        out.append(Problem("optimizer.name", r.optimizer.name, "with distributed.offload_optimizer: cpu the "
-                           "update runs on the CPU in DeepSpeedCPUAdam: use optimizer.name: adamw, or "
-                           "offload_optimizer: none", src("optimizer.name")))
-    scale = r.precision.initial_loss_scale
-    if r.precision.dtype == "fp16" and d.zero_stage > 0 and not math.log2(scale).is_integer():
-        out.append(Problem("precision.initial_loss_scale", scale, "DeepSpeed's loss scale starts at a power of "
-                           "two (2**initial_scale_power): use e.g. 65536", src("precision.initial_loss_scale")))
-    if d.deepspeed_overrides and d.zero_stage == 0:
-        out.append(Problem("distributed.deepspeed_overrides", d.deepspeed_overrides, "zero_stage 0 runs on the "
-                           "native engine (DeepSpeed's stage 0 mishandles fp16 and bf16), which reads no DeepSpeed "
-                           "config: remove the overrides or set distributed.zero_stage: 1, 2 or 3",
-                           src("distributed.deepspeed_overrides")))
-    for path, value, recipe_key in owned_override_paths(d.deepspeed_overrides):
-        out.append(Problem(f"distributed.deepspeed_overrides.{path}", value, f"generated from the recipe; set "
-                           f"{recipe_key} instead", src("distributed.deepspeed_overrides")))
-    return out
 
 
 def _adapter(r: Recipe, src: Source) -> list[Problem]:
@@ -267,58 +182,25 @@ def _adapter(r: Recipe, src: Source) -> list[Problem]:
     if isinstance(a.target_modules, list) and not a.target_modules:
         out.append(Problem("adapter.target_modules", [], "empty: give module names (e.g. [q_proj, v_proj]) or "
                            "'all-linear'", src("adapter.target_modules")))
-    return out + _adapter_on_deepspeed(r, src)  # GaLore with adapters: refused by the GaLore rules
-
-
-def _adapter_on_deepspeed(r: Recipe, src: Source) -> list[Problem]:
-    """LoRA/QLoRA under DeepSpeed ZeRO 1-3 (stage 0 runs on the native engine)."""
-    d, q, out = r.distributed, r.adapter.quant, []
-    if d.engine != "deepspeed" or d.zero_stage == 0:
-        return out
-    if r.precision.dtype == "fp16":
-        out.append(Problem("precision.dtype", "fp16", "adapter runs on DeepSpeed keep fp32 LoRA weights under "
-                           "torch.autocast (DeepSpeed's torch_autocast), which runs here in bf16 only; DeepSpeed's "
-                           "fp16 mode would cast the LoRA weights and the fp32 norms to fp16; use precision.dtype: "
-                           "bf16, or distributed.engine: native for fp16", src("precision.dtype")))
-    if r.adapter.type == "qlora" and q.type == "int8":
-        out.append(Problem("adapter.quant.type", "int8", "LLM.int8 layers keep their row scales and outlier state "
-                           "outside their parameters, which ZeRO cannot partition or gather (bitsandbytes#1451: wrong "
-                           "losses under ZeRO-3); use adapter.quant.type: nf4, or distributed.engine: native",
-                           src("adapter.quant.type")))
-    if r.adapter.use_dora and d.zero_stage == 3:
-        out.append(Problem("adapter.use_dora", True, "DoRA reads each base weight outside the layer's own forward "
-                           "(its magnitude is the norm of W + BA), where ZeRO-3 holds only a partition of it; use "
-                           "distributed.zero_stage: 2, or adapter.use_dora: false", src("adapter.use_dora")))
-    if r.adapter.type == "qlora" and q.type != "int8" and d.zero_stage == 3 and q.storage_dtype == "uint8":
-        out.append(Problem("adapter.quant.storage_dtype", "uint8", "ZeRO-3 partitions the packed 4-bit weights as "
-                           "tensors of their storage dtype and gathers a layer's tensors together; DeepSpeed before "
-                           "0.19.2 gathers them in buffers of one dtype (PR #8073), so uint8 codes beside bf16/fp32 "
-                           "tensors come back as garbage (loss 0 or NaN gradients, accelerate#3983); set "
-                           f"adapter.quant.storage_dtype: {q.compute_dtype} (the compute dtype) or auto",
-                           src("adapter.quant.storage_dtype")))
-    return out
+    return out  # GaLore with adapters: refused by the GaLore rules; on DeepSpeed: its spec
 
 
 def _full_weights(r: Recipe, src: Source) -> list[Problem]:
-    """checkpoint.full_weights chooses whether a DeepSpeed checkpoint carries a gathered copy of the weights beside
-    its shards; elsewhere the weights file is the checkpoint's only copy of the weights."""
+    """An adapter run's checkpoint holds the adapter, never the base's weights (the native engine's own rule about
+    full_weights is in its spec)."""
     chosen, key = r.checkpoint.full_weights, "checkpoint.full_weights"
-    deepspeed = r.distributed.engine == "deepspeed" and r.distributed.zero_stage > 0
-    if chosen is False and not deepspeed and r.adapter.type == "none":
-        return [Problem(key, False, "the native engine's checkpoint holds the weights only in model.safetensors, "
-                        "which resume needs; remove it (it applies to distributed.engine: deepspeed)", src(key))]
     if chosen is not None and r.adapter.type != "none":
         return [Problem(key, chosen, "an adapter run's checkpoint holds the adapter (adapter/), never the base's "
                         "weights, whatever the engine; remove it", src(key))]
     return []
 
 
-RULES = (_model, _data, _packing, _optimizer, _nonfinite, _precision, _int8_weights, _distributed, _deepspeed,
-         _adapter, _full_weights)
+RULES = (_model, _data, _packing, _optimizer, nonfinite.problems, _precision, _int8_weights, _adapter, _full_weights,
+         engine_problems)
 
 
 def cross_check(recipe: Recipe, src: Source) -> list[Problem]:
-    """Every cross-field problem of a type-correct recipe."""
+    """Every cross-field problem of a type-correct recipe, the engines' own included (engine/specs.py)."""
     return [problem for rule in RULES for problem in rule(recipe, src)]
 
 

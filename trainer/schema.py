@@ -335,26 +335,6 @@ class Recipe(Section):
     logging: LoggingConfig = section(LoggingConfig, "progress bar, metrics.jsonl, wandb")
 
 
-# Keys of the generated DeepSpeed config that the recipe owns, and the recipe key to set instead: an override of
-# one of them (distributed.deepspeed_overrides) would contradict the recipe or the loop.
-DEEPSPEED_OWNED: dict[str, str] = {
-    "train_batch_size": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "managed_gradient_accumulation": "(none: the loop owns accumulation)",
-    "gradient_clipping": "optimizer.grad_clip",
-    "scheduler": "optimizer.schedule (our schedule drives the LR)",
-    "bf16.enabled": "precision.dtype",
-    "fp16.enabled": "precision.dtype",
-    "fp16.initial_scale_power": "precision.initial_loss_scale",
-    "fp16.loss_scale_window": "precision.loss_scale_growth_interval",
-    "torch_autocast": "precision.dtype (adapter runs train under autocast)",
-    "zero_optimization.stage": "distributed.zero_stage",
-    "zero_optimization.offload_optimizer.device": "distributed.offload_optimizer",
-    "zero_optimization.offload_param.device": "distributed.offload_params",
-}
-
-
 # ------------------------------------------------------------------------------------------- introspection
 
 def _section_class(info: FieldInfo) -> type[Section] | None:

@@ -5,7 +5,7 @@ is then the whole 4-bit model per GPU, which is what ZeRO-3 was chosen to avoid)
 a library that copies a partitioned weight back into a whole one. Training then runs, only with the memory of a
 full copy per rank, until it does not fit. So each rank counts the bytes of the base it holds
 (adapters/footprint.py `held_frozen_bytes`: partitions, whatever is whole, the 4-bit quantization constants) and
-compares them with the plan's share for one rank (memory.py `base_bytes_per_rank`: the whole base, or under
+compares them with the plan's share for one rank (engine/deepspeed_spec.py `base_bytes_per_rank`: under
 ZeRO-3 1/N of every tensor plus the constants). More than TOLERANCE over stops the run on every rank, before the
 engine is built, with both numbers and the likely causes.
 """
@@ -19,8 +19,10 @@ from torch import nn
 from trainer.adapters.footprint import held_frozen_bytes
 from trainer.distributed import gather_objects
 from trainer.errors import NotSharded
-from trainer.memory import GiB, base_bytes_per_rank, shapes
-from trainer.resolve import ResolvedRun
+from trainer.engine.deepspeed_spec import base_bytes_per_rank
+from trainer.plan.items import GiB
+from trainer.plan.shapes import shapes
+from trainer.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,7 @@ def check_base_sharded(run: ResolvedRun, model: nn.Module) -> None:
     """Raise NotSharded on every rank when any rank holds more than (1 + TOLERANCE) x the plan's share of the
     frozen base. Adapter runs under ZeRO-3 only: elsewhere every rank holds the whole base by design (and a full
     fine-tune has no frozen base). A collective: every rank calls it."""
-    d = run.recipe.distributed
-    if run.recipe.adapter.type == "none" or d.engine != "deepspeed" or d.zero_stage != 3:
+    if not (run.execution.adapted and run.execution.zero3):
         return
     held = held_frozen_bytes(model)
     expected = base_bytes_per_rank(run, shapes(run))

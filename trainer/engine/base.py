@@ -9,7 +9,7 @@ Contract for the loop:
   backend averages (DDP and ZeRO average over ranks, so they multiply by the world size).
 - `step()` does the optimizer step at the accumulation boundary: unscale (fp16), clip, step (or skip on
   overflow; outside fp16 a NaN/inf gradient norm is never applied either), advance the LR schedule once, zero
-  the gradients, and reports what happened.
+  the gradients, and reports what happened (its verdict, which trainer/nonfinite.py acts on).
 - `updates_in_backward` is true when weights change during backward (per-layer updates): the loop then checks
   the loss before backward, since no step can be skipped afterwards.
 - `weights_finite()` is a collective (every rank calls it): whether every trainable weight is finite, checked
@@ -39,11 +39,11 @@ MODEL_FILE = "model.safetensors"  # a full model's weights in a checkpoint, what
 class StepResult:
     """What one optimizer step did."""
 
-    grad_norm: float | None
-    skipped: bool
-    loss_scale: float | None
+    grad_norm: float | None  # the global norm before clipping (None where the engine does not measure it)
+    skipped: bool  # the update was not applied (an fp16 overflow, or a non-finite gradient)
+    loss_scale: float | None  # fp16: the scale this step's loss was multiplied by
     lr: float
-    skipped_steps: int = 0
+    next_loss_scale: float | None = None  # fp16: the scale after this step (halved by an overflow)
 
 
 class Engine(Protocol):

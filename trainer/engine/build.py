@@ -16,7 +16,7 @@ from trainer.model import WHOLE, Placement
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.precision import Precision
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,6 @@ log = logging.getLogger(__name__)
 STAGE0_NOTE = ("distributed.zero_stage=0: running on the native engine (DDP), which is what ZeRO stage 0 is "
                "(plain data parallelism, nothing sharded); DeepSpeed's own stage 0 never scales an fp16 loss "
                "(DeepSpeed PR #8393) and updates bf16 differently from its stages 1-3")
-
-
-def uses_deepspeed(run: ResolvedRun) -> bool:
-    d = run.recipe.distributed
-    return d.engine == "deepspeed" and d.zero_stage > 0
 
 
 @contextlib.contextmanager
@@ -41,7 +36,7 @@ def model_init_context(run: ResolvedRun) -> ContextManager[Placement]:
     model never materializes on one rank (from scratch and full fine-tuning: partitioned at creation, in the
     training dtype; adapter runs: the base partitioned module by module as it loads). It yields the Placement that
     model.build_model follows; the native engine's parameters are whole."""
-    if uses_deepspeed(run) and run.recipe.distributed.zero_stage == 3:
+    if run.execution.zero3:
         from trainer.engine.deepspeed import zero3_init_context  # imported here: DeepSpeed is slow to import
 
         return zero3_init_context(run)
@@ -51,15 +46,15 @@ def model_init_context(run: ResolvedRun) -> ContextManager[Placement]:
 def build_engine(run: ResolvedRun, model: nn.Module, dist: DistInfo) -> Engine:
     """The engine named by distributed.engine, owning the optimizer, LR schedule and loss scaler."""
     r = run.recipe
-    if uses_deepspeed(run):
+    if run.execution.deepspeed:
         from trainer.engine.deepspeed import ZeroEngine  # imported here: DeepSpeed is slow to import
 
         return ZeroEngine(run, model, dist)
-    if r.distributed.engine == "deepspeed":
+    if run.execution.deepspeed_stage0:
         log.info(STAGE0_NOTE)
     model = model.to(dist.device)  # optimizer state must be created on the parameters' device
     # zero_stage 1 on the native engine: optimizer state sharded by whole parameters (optim/sharded.py).
-    opt = build_optimizer(model, r.optimizer, shard_state=r.distributed.zero_stage == 1 and dist.is_distributed)
+    opt = build_optimizer(model, r.optimizer, shard_state=run.sharded_native_state)
     per_layer = None
     if r.optimizer.per_layer:  # GaLore or APOLLO updating each weight inside backward
         per_layer = PerLayerUpdates(model, opt, r.optimizer.grad_clip, dist.world_size)  # type: ignore[arg-type]

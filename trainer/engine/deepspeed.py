@@ -12,7 +12,7 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
 - LR: our schedule (trainer.optim.build_scheduler) drives the LR of DeepSpeed's optimizer, advanced once per
   optimizer step, also when fp16 skips one (as in the native engine). DeepSpeed gets no scheduler.
 - fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
-  and halves the scale; `precision.max_consecutive_skips` stops a run whose scale has collapsed.
+  and halves the scale; the non-finite policy (trainer/nonfinite.py) counts the skips, as for the native engine.
 - Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
   checkpoint's temporary folder, plus, with `checkpoint.full_weights` (auto: not at ZeRO-3), `model.safetensors`,
   the full fp32 weights gathered from the master partitions on rank 0 (export consolidates them from the shards
@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainer import adapters
-from trainer.distributed import DistInfo, all_reduce_sum, teardown
+from trainer.distributed import DistInfo, all_reduce_sum, ensure_process_group
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
@@ -50,8 +50,7 @@ from trainer.engine.op_builds import prepare_builds
 from trainer.errors import CheckpointError, ConfigError, Problem
 from trainer.model import Placement
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
-from trainer.precision import SkipCounter
-from trainer.resolve import ResolvedRun
+from trainer.resolved import ResolvedRun
 from trainer.safeio import fsync_file
 
 log = logging.getLogger(__name__)
@@ -85,21 +84,6 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
-def _ensure_process_group(backend: str) -> None:
-    """DeepSpeed needs a process group. Under torchrun distributed.py made one; a plain `python -m trainer` run
-    gets a one-rank group on an in-memory store (DeepSpeed's own init would try MPI discovery and fail)."""
-    if tdist.is_initialized():
-        return
-    chosen = backend if backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-    tdist.init_process_group(chosen, store=tdist.HashStore(), rank=0, world_size=1)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # what torchrun would set; DeepSpeed reads them itself
-        os.environ.setdefault(name, "1" if name == "WORLD_SIZE" else "0")
-    import atexit
-
-    atexit.register(teardown)
-    log.info("one process without torchrun: DeepSpeed runs on a one-rank %s group", chosen)
-
-
 def _warm_cpu_adam(deepspeed: Any) -> None:
     """Build DeepSpeedCPUAdam's C++ op now, with a log line, instead of silently inside deepspeed.initialize."""
     from deepspeed.ops.op_builder import CPUAdamBuilder
@@ -130,8 +114,8 @@ def _zero3_init_config(run: ResolvedRun) -> dict[str, Any]:
     parser also requires a batch size."""
     distributed = run.recipe.distributed
     overrides = {k: v for k, v in distributed.deepspeed_overrides.items() if k == "zero_optimization"}
-    precision = precision_section(run.recipe.precision, adapters=run.recipe.adapter.type != "none")
-    config = merge_overrides({"zero_optimization": zero_section(distributed), **precision}, overrides)[0]
+    precision = precision_section(run.recipe.precision, adapters=run.execution.adapted)
+    config = merge_overrides({"zero_optimization": zero_section(run.execution), **precision}, overrides)[0]
     return {"train_micro_batch_size_per_gpu": 1, **config}
 
 
@@ -140,7 +124,7 @@ def zero3_init_context(run: ResolvedRun) -> ContextManager[Placement]:
     `deepspeed.zero.Init` (see _partitioned_at_creation). Adapter runs: the base is read module by module and each
     module partitioned once loaded (see _partitioned_after_loading)."""
     import_deepspeed()
-    _ensure_process_group(run.recipe.distributed.backend)
+    ensure_process_group(run.recipe.distributed.backend)
     if run.recipe.adapter.type != "none":
         return _partitioned_after_loading(run)
     return _partitioned_at_creation(run)
@@ -202,15 +186,14 @@ class ZeroEngine:
     def __init__(self, run: ResolvedRun, model: nn.Module, dist: DistInfo) -> None:
         optimizer, precision, distributed = run.recipe.optimizer, run.recipe.precision, run.recipe.distributed
         deepspeed = import_deepspeed()
-        _ensure_process_group(distributed.backend)
+        ensure_process_group(distributed.backend)
         self.dist = dist
-        self.skips = SkipCounter(precision.max_consecutive_skips)
         self.fp16 = precision.dtype == "fp16"
         self.full_weights = run.full_weights
         config, changes = final_ds_config(run)
         for line in changes:
             log.warning("distributed.deepspeed_overrides changes the generated DeepSpeed config: %s", line)
-        offload = distributed.offload_optimizer == "cpu"
+        offload = run.execution.offload_optimizer
         if offload and optimizer.name in DEEPSPEED_BUILT:
             _warm_cpu_adam(deepspeed)
         # adamw: DeepSpeed builds it from the config over our weight-decay groups; others: our torch optimizer.
@@ -221,7 +204,7 @@ class ZeroEngine:
                                                     config=config, dist_init_required=False)
         self.module: nn.Module = self.ds.module
         self.adapted = adapters.is_adapted(self.module)
-        if distributed.zero_stage == 3 and not self.adapted:  # adapter runs: fp32 LoRA over a frozen base
+        if run.execution.zero3 and not self.adapted:  # adapter runs: fp32 LoRA over a frozen base
             expected = torch_dtype(precision.dtype)
             dtypes = {p.ds_tensor.dtype for p in self.module.parameters() if hasattr(p, "ds_tensor")}
             assert dtypes <= {expected}, f"ZeRO-3 partitions are {dtypes}, not {expected}: build the model inside " \
@@ -231,9 +214,8 @@ class ZeroEngine:
         if self.adapted:
             self.ds.module_state_dict = self._trainable_state_dict
         self._last_was_boundary = False
-        log.info("DeepSpeed ZeRO-%d: %s, optimizer %s%s", distributed.zero_stage, precision.dtype,
-                 type(self.ds.basic_optimizer).__name__,
-                 ", optimizer state in CPU memory" if offload else "")
+        log.info("%s: %s, optimizer %s", run.execution.describe(), precision.dtype,
+                 type(self.ds.basic_optimizer).__name__)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,9 +239,8 @@ class ZeroEngine:
         skipped = not self.ds.was_step_applied()
         norm = self.ds.get_global_grad_norm()
         self.scheduler.step()
-        self.skips.record(skipped, self.loss_scale() or 0.0)
         return StepResult(grad_norm=None if norm is None else float(norm), skipped=skipped, loss_scale=scale,
-                          lr=lr, skipped_steps=self.skips.skipped_steps)
+                          lr=lr, next_loss_scale=self.loss_scale())
 
     def loss_scale(self) -> float | None:
         return float(self.ds._get_optimizer_loss_scale()) if self.fp16 else None
@@ -286,7 +267,7 @@ class ZeroEngine:
         partitions (safetensors: a convenience for export and inference, never read on resume) or, in an adapter
         run, the adapter alone (a peft directory): the frozen base is read again from its source on resume."""
         target = directory / DS_DIR
-        extra = {"schedule_step": self.scheduler.last_epoch, **self.skips.state_dict()}
+        extra = {"schedule_step": self.scheduler.last_epoch}
         self.ds.save_checkpoint(str(target), tag=TAG, client_state={"trainer": extra}, save_latest=False,
                                 exclude_frozen_parameters=self.adapted)
         if self.dist.is_main:
@@ -336,7 +317,6 @@ class ZeroEngine:
             raise CheckpointError(f"{directory}: no DeepSpeed checkpoint in {DS_DIR}/ (was it saved by the "
                                   "native engine? distributed.engine must match the run that saved it)")
         extra = client["trainer"]  # type: ignore[index]
-        self.skips.load_state_dict(extra)
         restore_schedule(self.scheduler, int(extra["schedule_step"]))
 
 

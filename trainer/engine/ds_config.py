@@ -5,7 +5,7 @@ batch sizes and accumulation from the resolved run, clipping and the optimizer f
 scaling from `precision`, the ZeRO section and offload from `distributed`. `distributed.deepspeed_overrides` is
 merged last (an expert escape hatch; every changed key is logged). Keys that would contradict the recipe or the
 loop (the batch sizes, the stage, the dtype, the LR schedule, who owns accumulation) cannot be overridden:
-rules.py rejects them at validation (schema.DEEPSPEED_OWNED), naming the recipe key to use instead.
+the DeepSpeed spec rejects them at validation (DEEPSPEED_OWNED below), naming the recipe key to use instead.
 
 Nothing here imports torch or DeepSpeed: `python -m trainer validate` prints this config on a login node.
 """
@@ -16,8 +16,33 @@ import copy
 import math
 from typing import Any
 
-from trainer.resolve import ResolvedRun
+from trainer.execution import Execution
+from trainer.resolved import ResolvedRun
 from trainer.schema import DistributedConfig, OptimizerConfig, PrecisionConfig
+
+# Keys of the generated DeepSpeed config that the recipe owns, and the recipe key to set instead: an override of
+# one of them (distributed.deepspeed_overrides) would contradict the recipe or the loop.
+DEEPSPEED_OWNED: dict[str, str] = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "managed_gradient_accumulation": "(none: the loop owns accumulation)",
+    "gradient_clipping": "optimizer.grad_clip",
+    "scheduler": "optimizer.schedule (our schedule drives the LR)",
+    "bf16.enabled": "precision.dtype",
+    "fp16.enabled": "precision.dtype",
+    "fp16.initial_scale_power": "precision.initial_loss_scale",
+    "fp16.loss_scale_window": "precision.loss_scale_growth_interval",
+    "torch_autocast": "precision.dtype (adapter runs train under autocast)",
+    "zero_optimization.stage": "distributed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "distributed.offload_optimizer",
+    "zero_optimization.offload_param.device": "distributed.offload_params",
+}
+
+# DeepSpeed's defaults for what ZeRO-3 keeps whole and gathers ahead (elements); the recipe can change them only
+# through distributed.deepspeed_overrides, and the plan reads them from here.
+PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: tensors this small stay whole on every rank
+PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size: what is gathered ahead of the module computing
 
 # Optimizers DeepSpeed builds itself from its config (torch AdamW, or DeepSpeedCPUAdam when offloading); the
 # others are our torch optimizers handed to DeepSpeed, which wraps them in ZeRO.
@@ -55,11 +80,11 @@ def _optimizer(o: OptimizerConfig, offload: bool) -> dict[str, Any]:
     return {"optimizer": {"type": "AdamW", "params": params}}
 
 
-def zero_section(d: DistributedConfig) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": d.zero_stage}
-    if d.offload_optimizer == "cpu":
+def zero_section(e: Execution) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if d.offload_params == "cpu":
+    if e.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return zero
 
@@ -78,7 +103,7 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
     | optimizer                            | optimizer.* (adamw; others are passed in)       |
     | zero_optimization                    | distributed.zero_stage, offload_*               |
     """
-    optimizer, distributed = run.recipe.optimizer, run.recipe.distributed
+    optimizer = run.recipe.optimizer
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": run.micro_batch_size,
         "gradient_accumulation_steps": run.grad_accum_steps,
@@ -87,11 +112,41 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
         "gradient_clipping": optimizer.grad_clip or 0.0,
         "steps_per_print": None,  # our metrics log the steps; DeepSpeed's own progress lines would duplicate them
         "wall_clock_breakdown": False,
-        "zero_optimization": zero_section(distributed),
+        "zero_optimization": zero_section(run.execution),
     }
-    config.update(precision_section(run.recipe.precision, adapters=run.recipe.adapter.type != "none"))
-    config.update(_optimizer(optimizer, distributed.offload_optimizer == "cpu"))
+    config.update(precision_section(run.recipe.precision, adapters=run.execution.adapted))
+    config.update(_optimizer(optimizer, run.execution.offload_optimizer))
     return config
+
+
+def _zero_override(d: DistributedConfig, key: str, default: int) -> int:
+    zero = d.deepspeed_overrides.get("zero_optimization") or {}
+    return int(zero.get(key, default))
+
+
+def persistence_threshold(d: DistributedConfig) -> int:
+    """ZeRO-3 keeps a tensor of at most this many elements whole on every rank once it has been gathered."""
+    return _zero_override(d, "stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+
+
+def prefetch_bucket_elements(d: DistributedConfig) -> int:
+    """ZeRO-3 gathers up to this many elements ahead of the module computing."""
+    return _zero_override(d, "stage3_prefetch_bucket_size", PREFETCH_BUCKET)
+
+
+def owned_override_paths(overrides: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(override key, its value, recipe key to use) for every DeepSpeed override the recipe owns."""
+    out = []
+    for path, recipe_key in DEEPSPEED_OWNED.items():
+        node: Any = overrides
+        for part in path.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            out.append((path, node, recipe_key))
+    return out
+
+
+_MISSING = object()
 
 
 def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

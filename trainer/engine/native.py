@@ -78,9 +78,9 @@ class NativeEngine:
             return self._per_layer_step()
         self.precision.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
+        scale = self.precision.loss_scale
         # max_norm=inf measures the global norm without clipping, so grad_norm is logged either way.
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf")))
-        scale = self.precision.loss_scale
         lr = self.lr()
         if self.precision.scaler is None and not math.isfinite(norm):
             skipped = True  # never applied; the loop stops the run or counts the step (train.max_nonfinite_steps)
@@ -91,11 +91,11 @@ class NativeEngine:
         # make the next accumulation micro-steps build fresh tensors beside the buckets)
         self.optimizer.zero_grad(set_to_none=not isinstance(self.wrapped, DDP))
         return StepResult(grad_norm=norm, skipped=skipped, loss_scale=scale, lr=lr,
-                          skipped_steps=self.precision.skips.skipped_steps)
+                          next_loss_scale=self.precision.loss_scale)
 
     def _per_layer_step(self) -> StepResult:
         """Each parameter was updated inside backward (clipped by per_layer.py's rule); finish the last
-        updates, then advance the LR schedule once. fp16 is refused with per-layer updates (checks.py)."""
+        updates, then advance the LR schedule once. fp16 is refused with per-layer updates (rules.py)."""
         lr = self.lr()
         norm = self.per_layer.finish()  # type: ignore[union-attr]
         with warnings.catch_warnings():  # torch warns when optimizer.step() was never called: here it never is

@@ -6,18 +6,18 @@ with `train --force`)."""
 from __future__ import annotations
 
 import logging
-import shutil
 
 import torch
 
 from trainer.distributed import DistInfo, broadcast_object
 from trainer.errors import EXIT_RECIPE, TrainerError
-from trainer.memory import checkpoint_size, shapes
-from trainer.memory_report import full_plan, render
-from trainer.resolve import ResolvedRun
+from trainer.plan.disk import disk_shortfall
+from trainer.plan.items import GiB
+from trainer.plan.report import render
+from trainer.plan.suggest import full_plan
+from trainer.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
-GiB = 2**30
 
 
 class DoesNotFit(TrainerError):
@@ -57,21 +57,11 @@ def check_memory(run: ResolvedRun, dist: DistInfo, force: bool) -> None:
         raise DoesNotFit(verdict)
 
 
-def _disk_verdict(run: ResolvedRun) -> str | None:
-    needed = checkpoint_size(run, shapes(run)).total
-    free = shutil.disk_usage(run.output_dir).free
-    if free >= needed:
-        return None
-    return (f"output_dir {run.output_dir} has {free / 1e9:.2f} GB free, but one checkpoint of this run takes about "
-            f"{needed / 1e9:.2f} GB (trainable weights in fp32 and the optimizer state); free space or choose another "
-            "output_dir")
-
-
 def check_disk(run: ResolvedRun, dist: DistInfo) -> None:
     """Raise DiskTooSmall on every rank when rank 0 finds less free space in output_dir than one checkpoint."""
     if not (run.recipe.checkpoint.every_steps or run.recipe.checkpoint.save_final):
         return
-    verdict = _disk_verdict(run) if dist.is_main else None
+    verdict = disk_shortfall(run) if dist.is_main else None
     verdict = broadcast_object(verdict)
     if verdict is not None:
         raise DiskTooSmall(verdict)

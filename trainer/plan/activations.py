@@ -1,0 +1,128 @@
+"""What one micro-batch's forward and backward hold beyond the model states: the activations saved for backward
+(per token and layer, with and without gradient checkpointing, on the GPU or offloaded to host memory), the
+block-diagonal masks of packed rows, the logits and the loss, and an INT8 layer dequantized inside its matmul.
+
+The per-layer formula was measured for the Llama family (llama, mistral, qwen2, qwen3, mixtral) with autograd's
+saved-tensor hooks on CPU (tests/memory_probe.py): fp32 `32h + 8kv + 16f + 4a + 8` bytes per token, bf16/fp16
+autocast `30h + 4kv + 8f + 4a + 8` (h hidden, kv = kv heads x head dim, f intermediate, a heads); with gradient
+checkpointing only each layer's input (4h, the residual stream is fp32) plus one layer recomputed in full.
+"""
+
+from __future__ import annotations
+
+from trainer.data.packing import sample_mode
+from trainer.loss import chunk_rows
+from trainer.plan.items import Shapes
+from trainer.plan.optimizer_state import int8_targets, lora_targets
+from trainer.resolved import ResolvedRun
+
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral"}
+
+
+def micro_batch_tokens(run: ResolvedRun) -> int:
+    return run.recipe.train.micro_batch_size * run.recipe.data.seq_len
+
+
+def layer_bytes_per_token(run: ResolvedRun, sh: Shapes) -> int:
+    """Bytes one decoder layer saves for backward per token (the measured formula of the module docstring)."""
+    h, kv, f, a = sh.hidden, sh.kv_dim, sh.intermediate, sh.heads
+    if run.recipe.precision.dtype == "fp32":
+        per = 32 * h + 8 * kv + 16 * f + 4 * a + 8
+    else:
+        per = 30 * h + 4 * kv + 8 * f + 4 * a + 8
+    if sh.model_type not in LLAMA_LIKE:  # GPT-2 style: LayerNorm and GELU keep a little more; approximate
+        per = int(per * 1.15)
+    if run.execution.adapted:  # LoRA: the A projection's output (rank r) per adapted matrix
+        per += 4 * run.recipe.adapter.rank * len(lora_targets(run, sh)) // max(sh.layers, 1)
+    return per
+
+
+def activation_bytes(run: ResolvedRun, sh: Shapes, checkpointing: bool) -> int:
+    """Saved activations of one micro-batch (forward to the start of backward)."""
+    per_layer = layer_bytes_per_token(run, sh)
+    # the final norm (its fp32 input and scale) and the LM head's input (fp32, or the bf16/fp16 cast)
+    outside = (12 if run.recipe.precision.dtype == "fp32" else 10) * sh.hidden + 12
+    if checkpointing:  # each layer's input is kept (fp32 residual stream); one layer is recomputed at a time
+        return micro_batch_tokens(run) * (sh.layers * 4 * sh.hidden + per_layer + outside)
+    return micro_batch_tokens(run) * (sh.layers * per_layer + outside)
+
+
+def offloaded_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """What model.activation_offload moves to host memory per micro-batch (trainer/activation_offload.py): every
+    saved activation, or with checkpointing each layer's input and what the final norm and the LM head keep (the
+    recomputed layer stays on the GPU)."""
+    if not run.recipe.model.activation_offload:
+        return 0
+    if run.recipe.model.gradient_checkpointing:
+        return activation_bytes(run, sh, True) - micro_batch_tokens(run) * layer_bytes_per_token(run, sh)
+    return activation_bytes(run, sh, False)
+
+
+def offload_window_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """What offloading leaves on the GPU at a time: the layer whose saved tensors backward is using and the one
+    prefetched ahead of it (in the forward, at most as much is in flight to the host)."""
+    per_layer = 4 * sh.hidden if run.recipe.model.gradient_checkpointing else layer_bytes_per_token(run, sh)
+    return 2 * micro_batch_tokens(run) * per_layer
+
+
+def forward_backward_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """What one micro-batch's forward and backward add at their peak on top of the model states (autocast copies
+    apart). Without checkpointing, every saved activation and the logits coexist at the end of the forward. With
+    it, the end of the forward holds each layer's input and the logits; the one recomputed layer exists only in
+    backward, after the logits' gradient has been consumed by the head: the larger of the two counts. Offloaded
+    activations are replaced by the two layers' worth in flight."""
+    checkpointing = run.recipe.model.gradient_checkpointing
+    saved, logits = activation_bytes(run, sh, checkpointing), logits_bytes(run, sh)
+    if run.recipe.model.activation_offload:
+        saved += offload_window_bytes(run, sh) - offloaded_bytes(run, sh)
+    saved += packed_mask_bytes(run)
+    if not checkpointing:
+        return saved + logits
+    recomputed = micro_batch_tokens(run) * layer_bytes_per_token(run, sh)
+    return saved - recomputed + max(recomputed, logits)
+
+
+def _formats(run: ResolvedRun) -> set[str]:
+    d = run.recipe.data
+    return {e.format or d.format for e in d.sources} if d.sources else {d.format}
+
+
+def packed_mask_bytes(run: ResolvedRun) -> int:
+    """Packed rows whose attention stays inside each example (isolated packing, document_mask): sdpa and eager get
+    a block-diagonal mask of seq_len x seq_len per row (bool for sdpa, the compute dtype for eager);
+    FlashAttention-2 takes the sequence boundaries instead and needs none."""
+    d, attention = run.recipe.data, run.recipe.model.attn_implementation or "sdpa"
+    confined = any(sample_mode(f, d.packing, d.document_mask) in (("isolated", False), ("concat", True))
+                   for f in _formats(run))
+    if not confined or attention.startswith("flash"):
+        return 0
+    per_entry = 1 if attention == "sdpa" else (4 if run.recipe.precision.dtype == "fp32" else 2)
+    return run.recipe.train.micro_batch_size * d.seq_len * d.seq_len * per_entry
+
+
+def packing_label(run: ResolvedRun) -> str:
+    """How the plan's micro-batch of seq_len tokens is filled."""
+    d = run.recipe.data
+    modes = {sample_mode(f, d.packing, d.document_mask)[0] for f in _formats(run)}
+    if modes == {"none"}:
+        return "padded rows: at most"
+    return "packed: no padding" if "isolated" in modes else "packed"
+
+
+def logits_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """The logits and their gradient in the compute dtype, plus one chunk of the loss's fp32 work (the softmax,
+    and an fp32 copy when the logits are bf16/fp16): trainer/loss.py never copies the whole logits to fp32."""
+    tokens = micro_batch_tokens(run)
+    compute = 4 if run.recipe.precision.dtype == "fp32" else 2
+    chunk = min(tokens, chunk_rows(sh.vocab)) * sh.vocab
+    return 2 * compute * tokens * sh.vocab + (4 if compute == 4 else 8) * chunk
+
+
+def dequantized_in_flight(run: ResolvedRun, sh: Shapes) -> int:
+    """INT8 weights are dequantized inside each matmul of the forward and backward: one copy of a layer in the
+    compute dtype at a time (the largest target), never saved for backward."""
+    int8 = int8_targets(run, sh)
+    if not int8:
+        return 0
+    compute = 4 if run.recipe.precision.dtype == "fp32" else 2
+    return compute * max(p.numel for p in sh.params if p.name in int8)
