@@ -73,12 +73,13 @@ def _timed(cls: type, method: str, key: str, times: dict[str, float]) -> None:
 
 
 def _instrument(times: dict[str, float]) -> None:
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpoint.checkpointer import Checkpointer
+    from trainer.checkpoint.commit import AtomicSave
     from trainer.engine.native import NativeEngine
 
     _timed(Checkpointer, "save", "save_wall", times)
     _timed(Checkpointer, "_write_files", "save_own", times)
-    _timed(Checkpointer, "_hash_own_files", "save_own", times)
+    _timed(AtomicSave, "_hash_own_files", "save_own", times)
     _timed(Checkpointer, "choose", "resume", times)
     _timed(Checkpointer, "restore", "resume", times)
     _timed(NativeEngine, "load", "load", times)
@@ -128,7 +129,7 @@ def launch(spec: dict[str, Any], folder: Path, nproc: int) -> list[dict[str, flo
 
 
 def bytes_by_rank(checkpoint: Path, world_size: int) -> list[int]:
-    from trainer.checkpoint import MANIFEST, writer_of
+    from trainer.checkpoint.layout import MANIFEST, writer_of
 
     files = json.loads((checkpoint / MANIFEST).read_text())["files"]
     out = [0] * world_size

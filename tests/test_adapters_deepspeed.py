@@ -35,7 +35,7 @@ from trainer.adapters import streamed
 from trainer.adapters.footprint import held_frozen_bytes
 from trainer.adapters.quant import bnb_config, quant_state_bytes
 from trainer.adapters.merge import load_base
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.export import export
 from trainer.model import build_model
 from trainer.schema import ModelConfig

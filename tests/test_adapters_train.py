@@ -21,7 +21,7 @@ from tests.conftest import LLAMA, QUICKSTART, QWEN2, ROOT, TEST_DATA, read_metri
 from tests.test_adapters import linear_weights, logits_of, lora_formula, qlora, recipe_args, same_shape_other_base
 from trainer import adapters
 from trainer.adapters.merge import load_base
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.data.batches import DataPosition
 from trainer.distributed import distributed_context
 from trainer.errors import CheckpointError

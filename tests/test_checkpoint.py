@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import QUICKSTART, ROOT, free_port, read_metrics, run_cli, tiny
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.data.batches import TrainData
 from trainer.data.identity import data_changes
 from trainer.distributed import distributed_context

@@ -34,7 +34,7 @@ from tests import deepspeed_probe
 from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_metrics, run_cli, tiny
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
 from trainer.__main__ import main
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.errors import UnsafeFileError
 from trainer.safeio import sha256
 

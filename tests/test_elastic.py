@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tests import deepspeed_probe
 from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_metrics, tiny
 from tests.test_adapters import recipe_args
-from trainer.checkpoint import complete_checkpoints, writer_of
+from trainer.checkpoint.layout import complete_checkpoints, writer_of
 
 FP32 = ["precision.dtype=fp32", "optimizer.warmup_steps=0", "logging.every_steps=1", "checkpoint.keep_last=3"]
 BATCH = ["train.micro_batch_size=2", "train.global_batch_size=8", "checkpoint.every_steps=4"]

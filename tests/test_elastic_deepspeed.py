@@ -44,7 +44,7 @@ from tests.conftest import QUICKSTART, TEST_DATA, read_metrics, tiny
 from tests.test_adapters import recipe_args
 from tests.test_checkpoint import checkpoint_weights
 from trainer import adapters
-from trainer.checkpoint import MANIFEST, complete_checkpoints, step_name, writer_of
+from trainer.checkpoint.layout import MANIFEST, complete_checkpoints, step_name, writer_of
 from trainer.export import export
 from trainer.plan.disk import checkpoint_size
 from trainer.plan.shapes import shapes

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import QUICKSTART, ROOT, read_metrics, run_cli, tiny
 from trainer.__main__ import main
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.engine import op_builds
 from trainer.errors import ConfigError
 from trainer.resolve import resolve

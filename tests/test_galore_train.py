@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.distributed import distributed_context
 from trainer.loop import Training, run_loop, setup, token_loss_sum
 from trainer.optim.per_layer import PerLayerUpdates

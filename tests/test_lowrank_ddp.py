@@ -13,7 +13,7 @@ from tests.conftest import QUICKSTART, run_cli, tiny
 from tests.test_apollo_train import APOLLO
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
 from tests.test_galore_train import GALORE, ONE_THREAD, max_diff, tensor_bytes
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.safeio import load_tensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.timeout(600),

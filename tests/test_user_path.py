@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from tests.conftest import QUICKSTART, ROOT, TEST_DATA, run_cli, tiny
 from trainer.__main__ import main
-from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint.layout import complete_checkpoints
 from trainer.tokenizer import CHATML
 
 ALPACA = [f"data.source={TEST_DATA / 'alpaca_tasks.json'}", "data.format=alpaca", "data.packing=false",

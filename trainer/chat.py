@@ -23,7 +23,8 @@ from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.base_identity import identify
 from trainer.adapters.merge import BASE_FILE, load_base, trained_base, warn_if_other_base
 from trainer.architecture import max_positions
-from trainer.checkpoint import read_manifest, recorded_base
+from trainer.checkpoint.layout import read_manifest
+from trainer.checkpoint.state import recorded_base
 from trainer.errors import TrainerError, fetching_from_hub
 from trainer.export import load_full_weights, resolve_checkpoint
 from trainer.inference import for_inference

@@ -21,7 +21,8 @@ from transformers.initialization import no_init_weights
 
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.merge import write_adapter_export
-from trainer.checkpoint import MANIFEST, complete_checkpoints, read_manifest, recorded_base
+from trainer.checkpoint.layout import MANIFEST, complete_checkpoints, read_manifest
+from trainer.checkpoint.state import recorded_base
 from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE
 from trainer.engine.ds_shards import consolidated_weights, has_zero_checkpoint

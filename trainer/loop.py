@@ -17,8 +17,10 @@ from torch import nn
 
 from trainer.activation_offload import ActivationOffload
 from trainer.adapters.base_identity import Identity, identify
-from trainer.checkpoint import (Checkpointer, ResumePoint, TrainState, base_refusal, batch_change_problem, peek_resume,
-                                verified_resume)
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.choose import peek_resume, verified_resume
+from trainer.checkpoint.compat import ResumeAllowances, base_refusal, batch_change_problem
+from trainer.checkpoint.state import RunFingerprint, SavedRun, TrainState
 from trainer.data.batches import Batch, TrainData
 from trainer.data.plans import RUN_PLAN_DIR
 from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
@@ -117,12 +119,12 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     check_base_sharded(run, model)  # before the engine: a base held whole stops here, with the numbers
     seed_everything(r.train.seed + dist.rank)  # dropout differs per rank, reproducibly
     engine = build_engine(run, model, dist)
-    fingerprint = {"global_batch_size": run.global_batch_size, "data": data.identity}
-    layout = {"world_size": dist.world_size, "grad_accum_steps": run.grad_accum_steps}
-    base = broadcast_object(base_identity(run) if dist.is_main else None)  # after loading: a hub base is cached
-    ckpt = Checkpointer(r.checkpoint, r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults,
-                        start_over=start_over, layout=layout, explicit_batch=explicit_batch(run),
-                        base_model=base, other_base_ok=start_over)  # type: ignore[arg-type]
+    base: Any = broadcast_object(base_identity(run) if dist.is_main else None)  # after loading: a hub base is cached
+    fingerprint = RunFingerprint(run.global_batch_size, dist.world_size, run.grad_accum_steps, data.identity, base)
+    allowances = ResumeAllowances(explicit_batch=explicit_batch(run), data_change=r.checkpoint.allow_data_change,
+                                  other_base=start_over)
+    ckpt = Checkpointer(r, out, dist, fingerprint, _asset_writer(model, tokenizer), faults, start_over=start_over,
+                        allowances=allowances)
     path = ckpt.choose()
     state = ckpt.restore(engine, path) if path else TrainState()
     if dist.is_main:
@@ -244,7 +246,7 @@ def base_identity(run: ResolvedRun) -> Identity | None:
     return identify(m.name_or_path, m.revision)
 
 
-def check_resume_base(run: ResolvedRun, point: ResumePoint, dist: DistInfo) -> None:
+def check_resume_base(run: ResolvedRun, point: SavedRun, dist: DistInfo) -> None:
     """Before the base is loaded (minutes for a large one): an adapter checkpoint is not resumed over another base
     than it was trained on (`train --force` skips this; restore() then resumes with a warning)."""
     current = base_identity(run) if dist.is_main else None
@@ -254,10 +256,10 @@ def check_resume_base(run: ResolvedRun, point: ResumePoint, dist: DistInfo) -> N
         raise CheckpointError(why, on_every_rank=True, exit_code=EXIT_RECIPE)
 
 
-def check_resume_batch(run: ResolvedRun, point: ResumePoint) -> None:
+def check_resume_batch(run: ResolvedRun, point: SavedRun) -> None:
     """Before anything is built: a resume on another number of ranks keeps the global batch, or is refused with
     the numbers and the overrides that would keep it."""
-    why = batch_change_problem(point.state, point.config, run.micro_batch_size, run.world_size,
+    why = batch_change_problem(point, run.micro_batch_size, run.world_size,
                                run.global_batch_size, explicit_batch(run))
     if why:
         raise CheckpointError(f"cannot resume from {point.path}: {why}", on_every_rank=True, exit_code=EXIT_RECIPE)
@@ -271,7 +273,7 @@ def train(run: ResolvedRun, *, force: bool = False) -> Summary:
         point = peek_resume(run.output_dir, run.recipe.checkpoint.resume) if dist.is_main else None
         point = broadcast_object(point)  # type: ignore[assignment]
         if point is not None and point.step >= run.recipe.train.max_steps:  # done, if its checkpoint is sound
-            point = verified_resume(run.recipe, run.output_dir, dist, start_over=force)
+            point = verified_resume(run.recipe.checkpoint.resume, run.output_dir, dist, start_over=force)
         if point is not None and point.step >= run.recipe.train.max_steps:
             return Summary(point.step, math.nan, math.nan, 0, 0.0, run.recipe.output_dir, already_done=True)
         if point is not None:
