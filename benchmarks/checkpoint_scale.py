@@ -95,8 +95,8 @@ def worker(spec_path: str) -> None:
     """Under torchrun. phase "save": train one step and save (timed); phase "resume": build the run and resume
     (timed). Writes this rank's timings next to the spec."""
     from trainer.distributed import barrier, distributed_context
-    from trainer.loop import run_loop, setup
-    from trainer.resolve import resolve
+    from trainer.run.loop import run_loop, setup
+    from trainer.recipe.resolve import resolve
 
     spec = json.loads(Path(spec_path).read_text())
     times: dict[str, float] = {}
@@ -141,7 +141,7 @@ def bytes_by_rank(checkpoint: Path, world_size: int) -> list[int]:
 def planned_bytes(overrides: list[str]) -> int:
     from trainer.plan.disk import checkpoint_size
     from trainer.plan.shapes import shapes
-    from trainer.resolve import resolve
+    from trainer.recipe.resolve import resolve
 
     run = resolve(RECIPE, overrides, world_size=2)
     return checkpoint_size(run, shapes(run)).total
@@ -149,7 +149,7 @@ def planned_bytes(overrides: list[str]) -> int:
 
 def parameters(overrides: list[str]) -> int:
     from trainer.plan.shapes import shapes
-    from trainer.resolve import resolve
+    from trainer.recipe.resolve import resolve
 
     return shapes(resolve(RECIPE, overrides, world_size=2)).total
 

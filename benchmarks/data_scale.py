@@ -82,14 +82,14 @@ def peak_rss_mib() -> tuple[float, float]:
 def tokenizer_of(name: str) -> object:
     from transformers import AutoTokenizer
 
-    from trainer.tokenizer import byte_tokenizer
+    from trainer.model.tokenizer import byte_tokenizer
 
     return byte_tokenizer() if name == "byte" else AutoTokenizer.from_pretrained(name)
 
 
 def measure_prepare(corpus: str, tokenizer: str, cache: str, num_proc: int) -> dict[str, float]:
     from trainer.data.batches import open_stores
-    from trainer.schema import DataConfig
+    from trainer.recipe.schema import DataConfig
 
     started = time.perf_counter()
     (opened,) = open_stores(DataConfig(source=corpus, cache_dir=cache, seq_len=2048), tokenizer_of(tokenizer),
@@ -103,7 +103,7 @@ def measure_prepare(corpus: str, tokenizer: str, cache: str, num_proc: int) -> d
 
 def measure_startup(corpus: str, tokenizer: str, cache: str) -> dict[str, float]:
     from trainer.data.batches import DataPosition, TrainData
-    from trainer.schema import DataConfig
+    from trainer.recipe.schema import DataConfig
 
     tok = tokenizer_of(tokenizer)
     started = time.perf_counter()

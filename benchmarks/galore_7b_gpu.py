@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.optim.lowrank_groups import build_lowrank
 from trainer.optim.per_layer import PerLayerUpdates
-from trainer.schema import GaloreConfig, OptimizerConfig
+from trainer.recipe.schema import GaloreConfig, OptimizerConfig
 
 GIB = 2**30
 

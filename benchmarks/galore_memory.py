@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.optim.galore import MIN_8BIT_SIZE, GaLoreAdamW, expected_state_bytes, moment_bytes, state_bytes
 from trainer.optim.lowrank_groups import lowrank_param_groups, select_targets
-from trainer.schema import GaloreConfig, OptimizerConfig
+from trainer.recipe.schema import GaloreConfig, OptimizerConfig
 
 GIB = 2**30
 

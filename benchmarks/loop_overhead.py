@@ -18,11 +18,11 @@ import torch
 
 from trainer.data.batches import DataPosition
 from trainer.distributed import distributed_context
-from trainer.loop import run_loop, setup, token_loss_sum
-from trainer.model import build_model
+from trainer.run.loop import run_loop, setup, token_loss_sum
+from trainer.model.build import build_model
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.resolve import resolve
-from trainer.tokenizer import build_tokenizer
+from trainer.recipe.resolve import resolve
+from trainer.model.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=4",

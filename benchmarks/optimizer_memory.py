@@ -3,7 +3,7 @@ and APOLLO-Mini, each with bf16 weights and with INT8 weights (precision.weights
 
 The model is built on the meta device (shapes only) and every number comes from the rules the optimizers and
 the memory plan use (trainer/optim/lowrank_groups.py state_cost, trainer/adapters/footprint.py for AdamW and
-8-bit AdamW, trainer/int8_weights.py for INT8 weights). Before printing, the rules are checked against the real
+8-bit AdamW, trainer/model/int8_weights.py for INT8 weights). Before printing, the rules are checked against the real
 tensors of a small model after one step (every optimizer of the table, INT8 weights included); a mismatch stops
 the script. Settings: GaLore at rank 1024 (the GaLore paper's 7B run), APOLLO at its default rank 256,
 APOLLO-Mini at rank 1; weights in bf16 without an fp32 master copy (the 7B recipes' setting), so "INT8" replaces
@@ -23,11 +23,11 @@ import torch
 from llama_shape import add_shape_args, llama_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer import int8_weights
+from trainer.model import int8_weights
 from trainer.adapters.footprint import optimizer_state_bytes
 from trainer.optim.lowrank import state_bytes
 from trainer.optim.lowrank_groups import build_lowrank, lowrank_defaults, rank_of, select_targets, state_cost
-from trainer.schema import ApolloConfig, GaloreConfig, OptimizerConfig
+from trainer.recipe.schema import ApolloConfig, GaloreConfig, OptimizerConfig
 
 GIB = 2**30
 FAMILY = {"GaLore": OptimizerConfig(name="galore_adamw", galore=GaloreConfig(rank=1024)),

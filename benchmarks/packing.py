@@ -7,7 +7,7 @@ ShareGPT (tool-call chats) demo data, CPU, in one run.
                                                           # activation offload (a GPU shows the gain)
 
 Each configuration trains a small Llama (hidden 256, 4 layers, byte-level tokenizer, fp32, sdpa attention) through
-the real loop (trainer.loop.setup / train_step) in a fresh process, so its peak RSS is its own. Columns:
+the real loop (trainer.run.loop.setup / train_step) in a fresh process, so its peak RSS is its own. Columns:
 - padding: the share of the batches' positions that are padding (1 - fill);
 - real tokens/s: tokens that are not padding, per second of training (the first 2 steps are warm-up, not timed);
 - peak RSS: the process's peak resident memory, MiB;
@@ -55,8 +55,8 @@ def overrides(dataset: str, mode: str, seq_len: int, steps: int, out: Path, memo
 def measure(dataset: str, mode: str, seq_len: int, steps: int, memory: str) -> dict[str, float]:
     """One configuration, in this process: fill, real tokens/s over the timed steps, peak RSS."""
     from trainer.distributed import distributed_context
-    from trainer.loop import setup, train_step
-    from trainer.resolve import resolve
+    from trainer.run.loop import setup, train_step
+    from trainer.recipe.resolve import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
         run = resolve(ROOT / "recipes" / "quickstart.yaml", overrides(dataset, mode, seq_len, steps + 2,

@@ -51,7 +51,7 @@ def base_model(name_or_path: str, directory: Path, tiny: bool) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.known_models import KNOWN
+    from trainer.recipe.known_models import KNOWN
 
     target = directory / name_or_path.replace("/", "--")
     if (target / "config.json").exists():
@@ -68,7 +68,7 @@ def base_model(name_or_path: str, directory: Path, tiny: bool) -> Path:
 
 
 def overrides_for(name: str, models: Path, tiny: bool, out: Path) -> list[str]:
-    from trainer.recipe import load_recipe
+    from trainer.recipe.read import load_recipe
 
     cfg = load_recipe(recipe_path(name), [])[0]
     extra = [*COMMON, f"output_dir={out}"]
@@ -89,9 +89,9 @@ def measure_one(name: str, overrides: list[str], cap_gib: float) -> dict[str, fl
 
     from trainer.logs import setup_console
     from trainer.distributed import distributed_context
-    from trainer.loop import run_loop, setup
+    from trainer.run.loop import run_loop, setup
     from trainer.plan.peak import CUDA_CONTEXT, plan
-    from trainer.resolve import resolve
+    from trainer.recipe.resolve import resolve
 
     setup_console(0, 1)
     cfg = resolve(recipe_path(name), overrides, world_size=1)

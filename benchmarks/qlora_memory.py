@@ -28,7 +28,7 @@ SMALL = {"hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 4,
 
 def methods(rank: int) -> list[tuple[str, object, str, str]]:
     """(label, AdapterConfig, precision, optimizer) for each row."""
-    from trainer.schema import AdapterConfig, QuantConfig
+    from trainer.recipe.schema import AdapterConfig, QuantConfig
 
     def qlora(**q: object) -> AdapterConfig:
         return AdapterConfig(type="qlora", rank=rank, quant=QuantConfig(**q))
@@ -56,11 +56,11 @@ def validate(rank: int) -> None:
 
     from trainer.adapters.footprint import measured, predicted
     from trainer.adapters.targets import meta_model
-    from trainer.model import build_model
+    from trainer.model.build import build_model
     from trainer.optim import build_optimizer
-    from trainer.resolve import resolve_recipe
-    from trainer.schema import DataConfig, ModelConfig, OptimizerConfig, PrecisionConfig, Recipe
-    from trainer.tokenizer import byte_tokenizer
+    from trainer.recipe.resolve import resolve_recipe
+    from trainer.recipe.schema import DataConfig, ModelConfig, OptimizerConfig, PrecisionConfig, Recipe
+    from trainer.model.tokenizer import byte_tokenizer
 
     config = llama(**SMALL)
     print(f"validation: Llama hidden {SMALL['hidden_size']}, {SMALL['num_hidden_layers']} layers, vocab "

@@ -37,7 +37,7 @@ def save_base(directory: Path, args: argparse.Namespace) -> None:
     """Random weights in bf16 (an 8B model in fp32 would need 32 GB of host memory to save)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trainer.tokenizer import byte_tokenizer
+    from trainer.model.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     h = args.hidden
@@ -75,8 +75,8 @@ def overrides(base: Path, args: argparse.Namespace, out: Path, max_steps: int) -
 
 def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, float, float]:
     from trainer.distributed import distributed_context
-    from trainer.loop import run_loop, setup
-    from trainer.resolve import resolve
+    from trainer.run.loop import run_loop, setup
+    from trainer.recipe.resolve import resolve
 
     resolved = resolve(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, out, args.warmup + args.steps))
     reset_peak()
@@ -93,8 +93,8 @@ def time_ours(base: Path, args: argparse.Namespace, out: Path) -> tuple[float, f
 def blocks(base: Path, args: argparse.Namespace, n: int) -> list[dict[str, torch.Tensor]]:
     """The same packed Alpaca samples our pipeline trains on, one dict per sequence for the HF Trainer."""
     from trainer.data.batches import DataPosition, TrainData
-    from trainer.recipe import load_recipe
-    from trainer.tokenizer import build_tokenizer
+    from trainer.recipe.read import load_recipe
+    from trainer.model.tokenizer import build_tokenizer
 
     cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides(base, args, Path("unused"), n))[0]
     data = TrainData(cfg.data, build_tokenizer(cfg.model), seed=0, rank=0, world_size=1,

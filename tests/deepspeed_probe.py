@@ -13,7 +13,7 @@ SPEC.json: {"recipe": PATH, "runs": [{"name", "overrides", "fault" (TRAINER_FAUL
 see the sharding check stop the run)}]}.
 Each rank writes OUT_DIR/rank<R>.json: {name: {"engine", "bytes", "offload", "logits", "base_held", "error",
 "log" (the trainer's log lines of that run, INFO and above)}};
-losses are in each run's metrics.jsonl. A run is set up and trained by the real loop (trainer.loop.setup /
+losses are in each run's metrics.jsonl. A run is set up and trained by the real loop (trainer.run.loop.setup /
 run_loop); `error` is the message of a TrainerError that stopped it.
 
 Tests launch it with `launch(base, runs, recipe)` (2 ranks; `nproc=N` for another number), which returns
@@ -44,12 +44,12 @@ import torch
 from trainer.adapters.footprint import held_frozen_bytes, measured
 from trainer.errors import TrainerError
 from trainer.logs import setup_console
-from trainer.model import WHOLE
+from trainer.model.build import WHOLE
 from trainer.distributed import distributed_context
 from trainer.engine.deepspeed import import_deepspeed
 from trainer.faults import ENV as FAULT_ENV
-from trainer.loop import Training, run_loop, setup, token_loss_sum
-from trainer.resolve import resolve
+from trainer.run.loop import Training, run_loop, setup, token_loss_sum
+from trainer.recipe.resolve import resolve
 
 
 def nbytes(t: torch.Tensor | None) -> int:

@@ -54,11 +54,11 @@ def _activations(recipe: str, configs: list[list[str]]) -> list[int]:
 
     import torch
 
-    from trainer.loss import token_loss_sum
-    from trainer.model import build_model
-    from trainer.precision import Precision
-    from trainer.resolve import resolve
-    from trainer.tokenizer import build_tokenizer
+    from trainer.model.loss import token_loss_sum
+    from trainer.model.build import build_model
+    from trainer.model.precision import Precision
+    from trainer.recipe.resolve import resolve
+    from trainer.model.tokenizer import build_tokenizer
 
     results = []
     for overrides in configs:
@@ -91,9 +91,9 @@ def _tied(recipe: str, overrides: list[str]) -> dict[str, int]:
     import psutil
     import torch
 
-    from trainer.model import build_model
-    from trainer.resolve import resolve
-    from trainer.tokenizer import build_tokenizer
+    from trainer.model.build import build_model
+    from trainer.recipe.resolve import resolve
+    from trainer.model.tokenizer import build_tokenizer
 
     proc, out = psutil.Process(), {}
     for tied in ("true", "false"):
@@ -130,7 +130,7 @@ def _loss(batch: int, seq: int, vocab: int, dtype_name: str) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from trainer.loss import token_loss_sum
+    from trainer.model.loss import token_loss_sum
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
 
@@ -187,7 +187,7 @@ def tied_gradient_held(recipe: str, overrides: list[str]) -> int:
 
 def loss_bytes_per_logit(batch: int, seq: int, vocab: int, dtype: str) -> tuple[float, float]:
     """Peak RSS per logit of a (batch, seq, 32) x (32, vocab) matmul, the loss and its backward, beyond the
-    inputs and their gradients: (trainer.loss.token_loss_sum, plain F.cross_entropy on fp32 logits)."""
+    inputs and their gradients: (trainer.model.loss.token_loss_sum, plain F.cross_entropy on fp32 logits)."""
     ours, plain = _run("loss", batch, seq, vocab, dtype)
     return ours, plain
 

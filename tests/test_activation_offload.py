@@ -1,4 +1,4 @@
-"""Activation offload (trainer/activation_offload.py, model.activation_offload): on this CPU machine the saved
+"""Activation offload (trainer/model/activation_offload.py, model.activation_offload): on this CPU machine the saved
 tensors are copied to separate host buffers and brought back through the same hooks as on a GPU; the CUDA stream
 and pinned-memory parts need a GPU and are not exercised here. What is checked: losses and gradients bitwise equal
 with and without it (checkpointing on and off, LoRA, QLoRA, GaLore per-layer, through the real loop), and the bytes
@@ -14,13 +14,13 @@ import torch
 
 from tests.conftest import QUICKSTART, TEST_DATA, read_metrics, tiny
 from tests.test_adapters import recipe_args
-from trainer.activation_offload import ActivationOffload, decoder_layers
+from trainer.model.activation_offload import ActivationOffload, decoder_layers
 from trainer.distributed import distributed_context
-from trainer.loop import Training, run_loop, setup, train_step
+from trainer.run.loop import Training, run_loop, setup, train_step
 from trainer.plan.activations import offloaded_bytes
 from trainer.plan.peak import plan
 from trainer.plan.shapes import shapes
-from trainer.resolve import resolve
+from trainer.recipe.resolve import resolve
 
 
 Trained = tuple[list[float], dict[str, torch.Tensor], int]

@@ -23,11 +23,11 @@ from trainer.adapters.footprint import measured, predicted
 from trainer.adapters.merge import load_base, merged_model
 from trainer.adapters.quant import bits_per_param, expected_4bit_bytes
 from trainer.adapters.targets import find_targets, lora_param_count, meta_model
-from trainer.model import build_model
+from trainer.model.build import build_model
 from trainer.optim import build_optimizer
-from trainer.resolve import resolve_recipe
-from trainer.resolved import ResolvedRun
-from trainer.schema import (
+from trainer.recipe.resolve import resolve_recipe
+from trainer.recipe.resolved import ResolvedRun
+from trainer.recipe.schema import (
     AdapterConfig,
     DataConfig,
     ModelConfig,
@@ -37,7 +37,7 @@ from trainer.schema import (
     Recipe,
     TrainConfig,
 )
-from trainer.tokenizer import byte_tokenizer
+from trainer.model.tokenizer import byte_tokenizer
 
 
 def adapter_run(base: Path, adapter: AdapterConfig, precision: str, seed: int = 0) -> ResolvedRun:

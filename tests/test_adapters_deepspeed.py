@@ -36,10 +36,10 @@ from trainer.adapters.footprint import held_frozen_bytes
 from trainer.adapters.quant import bnb_config, quant_state_bytes
 from trainer.adapters.merge import load_base
 from trainer.checkpoint.layout import complete_checkpoints
-from trainer.export import export
-from trainer.model import build_model
-from trainer.schema import ModelConfig
-from trainer.tokenizer import byte_tokenizer
+from trainer.use.export import export
+from trainer.model.build import build_model
+from trainer.recipe.schema import ModelConfig
+from trainer.model.tokenizer import byte_tokenizer
 
 STEPS = 6
 IDS = fixed_ids().tolist()

@@ -25,11 +25,11 @@ from trainer.checkpoint.layout import complete_checkpoints
 from trainer.data.batches import DataPosition
 from trainer.distributed import distributed_context
 from trainer.errors import CheckpointError
-from trainer.export import export
-from trainer.loop import run_loop, setup
-from trainer.resolve import resolve
+from trainer.use.export import export
+from trainer.run.loop import run_loop, setup
+from trainer.recipe.resolve import resolve
 from trainer.safeio import sha256
-from trainer.schema import ModelConfig
+from trainer.recipe.schema import ModelConfig
 
 # ------------------------------------------------------------------------------------ end-to-end QLoRA run
 
@@ -210,7 +210,7 @@ def test_qdora_on_qwen2_trains(tmp_path: Path, qwen_base: Path, caplog: pytest.L
     cfg = resolve(QUICKSTART, recipe_args(tmp_path, qwen_base, TEST_DATA, "adapter.use_dora=true",
                                               "adapter.target_modules=[q_proj, v_proj]", "optimizer.name=adamw8bit",
                                               "model.tokenizer=byte", steps=5))
-    with caplog.at_level(logging.INFO, logger="trainer.model"), distributed_context() as dist:
+    with caplog.at_level(logging.INFO, logger="trainer.model.build"), distributed_context() as dist:
         run = setup(cfg, dist)
         run_loop(run)
         run.metrics.close()
@@ -243,7 +243,7 @@ def test_a_replaced_base_is_refused_on_resume_and_merge_unless_forced(tmp_path: 
     identities and what differs; --force goes on with a warning; generate/chat warn in one line. The adapter's
     config names the base by its absolute path, so an --adapter-only export loads from any working directory. A
     checkpoint that recorded no identity resumes with a warning."""
-    from trainer.chat import load
+    from trainer.use.chat import load
 
     monkeypatch.chdir(ROOT)  # the recipe's relative path is read from here, as run_cli's subprocesses read it
     base = shutil.copytree(llama_base, tmp_path / "base")
@@ -264,7 +264,7 @@ def test_a_replaced_base_is_refused_on_resume_and_merge_unless_forced(tmp_path: 
     assert "the base model is not the one the adapter was trained on" in refused.stderr
     assert f"trained on: {base}, id " in refused.stderr and f"found now:  {base}, id " in refused.stderr
     assert "file model.safetensors: same size and header, different contents" in refused.stderr
-    assert "--force" in refused.stderr and "trainer.model" not in refused.stderr  # refused before loading
+    assert "--force" in refused.stderr and "trainer.model.build" not in refused.stderr  # refused before loading
 
     with pytest.raises(CheckpointError, match="--merge refused: the base model found now is not the one"):
         export(out, tmp_path / "merged", merge=True)

@@ -17,8 +17,8 @@ from trainer.errors import ConfigError
 from trainer.optim.apollo import ApolloAdamW, expected_state_bytes, projection_seed, random_projection
 from trainer.optim.lowrank import state_bytes
 from trainer.optim.lowrank_groups import build_lowrank, lowrank_defaults, lowrank_param_groups, state_cost
-from trainer.resolve import resolve
-from trainer.schema import ApolloConfig, OptimizerConfig
+from trainer.recipe.resolve import resolve
+from trainer.recipe.schema import ApolloConfig, OptimizerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

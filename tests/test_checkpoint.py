@@ -27,12 +27,12 @@ from trainer.data.identity import data_changes
 from trainer.distributed import distributed_context
 from trainer.engine.ds_shards import consolidated_weights
 from trainer.errors import CheckpointError, UnsafeFileError
-from trainer.export import export
-from trainer.loop import run_loop, setup, train
-from trainer.resolve import resolve
+from trainer.use.export import export
+from trainer.run.loop import run_loop, setup, train
+from trainer.recipe.resolve import resolve
 from trainer.safeio import load_tensors, sha256
-from trainer.schema import DataConfig
-from trainer.tokenizer import byte_tokenizer
+from trainer.recipe.schema import DataConfig
+from trainer.model.tokenizer import byte_tokenizer
 
 
 def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
@@ -309,7 +309,7 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_before_building(tmp_path:
     assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert "global batch of 2 sequences (micro-batch 2 x accumulation 1 x 1 ranks)" in proc.stderr
     assert "2 cannot be kept on 2 ranks" in proc.stderr and "It can be kept on 1 ranks" in proc.stderr
-    assert "trainer.model" not in proc.stderr and "trainer.data" not in proc.stderr  # nothing was built
+    assert "trainer.model.build" not in proc.stderr and "trainer.data" not in proc.stderr  # nothing was built
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ import pytest
 from tests.conftest import prerequisite_overrides
 from trainer.__main__ import main
 from trainer.errors import ConfigError
-from trainer.recipe import load_recipe
-from trainer.resolve import accumulation, resolve
-from trainer.schema import Recipe, SourceEntry, walk_keys
+from trainer.recipe.read import load_recipe
+from trainer.recipe.resolve import accumulation, resolve
+from trainer.recipe.schema import Recipe, SourceEntry, walk_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

@@ -26,8 +26,8 @@ from trainer.data.batches import Batch, DataPosition, TrainData, collate
 from trainer.data.order import Permutation, seed_int
 from trainer.data.sources import read_stdlib
 from trainer.errors import DataError
-from trainer.schema import DataConfig
-from trainer.tokenizer import byte_tokenizer
+from trainer.recipe.schema import DataConfig
+from trainer.model.tokenizer import byte_tokenizer
 
 DATA = TEST_DATA
 EOS = 258

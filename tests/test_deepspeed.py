@@ -53,9 +53,9 @@ def zero(stage: int, *extra: str) -> list[str]:
 def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama saved with save_pretrained: every engine and stage starts from the same weights (ZeRO-3
     initializes a from-scratch model through transformers' own partitioned init, with other random draws)."""
-    from trainer.model import build_model
-    from trainer.resolve import resolve
-    from trainer.tokenizer import build_tokenizer
+    from trainer.model.build import build_model
+    from trainer.recipe.resolve import resolve
+    from trainer.model.tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("model") / "tiny"
     run = resolve(QUICKSTART, tiny(out))

@@ -45,10 +45,10 @@ from tests.test_adapters import recipe_args
 from tests.test_checkpoint import checkpoint_weights
 from trainer import adapters
 from trainer.checkpoint.layout import MANIFEST, complete_checkpoints, step_name, writer_of
-from trainer.export import export
+from trainer.use.export import export
 from trainer.plan.disk import checkpoint_size
 from trainer.plan.shapes import shapes
-from trainer.resolve import resolve
+from trainer.recipe.resolve import resolve
 
 ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"
 BATCH = ["train.micro_batch_size=2", "train.global_batch_size=8"]  # accumulation 4 | 2 | 1 on 1 | 2 | 4 ranks

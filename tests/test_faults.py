@@ -32,7 +32,7 @@ from trainer.__main__ import main
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.engine import op_builds
 from trainer.errors import ConfigError
-from trainer.resolve import resolve
+from trainer.recipe.resolve import resolve
 from trainer.run_lock import LOCK_FILE, OutputDirBusy, RunLock
 
 
@@ -144,7 +144,7 @@ def test_resume_never_over_an_earlier_runs_checkpoints_refuses(tmp_path: Path) -
 def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path: Path) -> None:
     from trainer.distributed import distributed_context
     from trainer.errors import CheckpointError
-    from trainer.loop import run_loop, setup
+    from trainer.run.loop import run_loop, setup
 
     with distributed_context() as dist:
         t = setup(resolve(QUICKSTART, tiny(tmp_path, steps=2)), dist)

@@ -28,8 +28,8 @@ from trainer.optim.galore import (
 )
 from trainer.optim.lowrank_groups import build_lowrank, lowrank_param_groups, select_targets, state_cost
 from trainer.optim.sharded import partition
-from trainer.resolve import resolve
-from trainer.schema import GaloreConfig, OptimizerConfig
+from trainer.recipe.resolve import resolve
+from trainer.recipe.schema import GaloreConfig, OptimizerConfig
 
 SHAPES = {"tall": (48, 20), "wide": (20, 48)}
 

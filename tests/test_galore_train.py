@@ -15,9 +15,9 @@ from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
 from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.distributed import distributed_context
-from trainer.loop import Training, run_loop, setup, token_loss_sum
+from trainer.run.loop import Training, run_loop, setup, token_loss_sum
 from trainer.optim.per_layer import PerLayerUpdates
-from trainer.resolve import resolve
+from trainer.recipe.resolve import resolve
 from trainer.safeio import load_tensors
 
 # rank 16 = hidden 64 / 4; refreshes at steps 1, 5, 9 (update_gap 4), so 10 steps cross two of them.

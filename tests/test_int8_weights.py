@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import int8_weights
+from trainer.model import int8_weights
 from trainer.optim.apollo import ApolloAdamW
 from trainer.optim.galore import GaLoreAdamW
 

@@ -65,17 +65,71 @@ def test_the_cycle_finder_finds_a_planted_cycle() -> None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    assert len(graph) > 20 and "trainer.resolve" in graph
+    assert len(graph) > 20 and "trainer.recipe.resolve" in graph
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+# The intended map, lowest room first: a module imports only modules of its own room or of rooms below it. A
+# module belongs to the room of the longest prefix that names it; package __init__ files import nothing.
+ROOMS: list[tuple[str, tuple[str, ...]]] = [
+    ("ground", ("trainer.errors", "trainer.paths", "trainer.dtypes", "trainer.logs", "trainer.faults",
+                "trainer.safeio", "trainer.distributed", "trainer.run_lock")),
+    ("recipe declarations", ("trainer.recipe.schema", "trainer.recipe.read", "trainer.recipe.known_models",
+                             "trainer.recipe.architecture", "trainer.recipe.execution", "trainer.recipe.resolved",
+                             "trainer.recipe.reference")),
+    ("libraries: data, tokenizer, loss, precision, optimizers, adapters, the engine contract",
+     ("trainer.data", "trainer.optim", "trainer.adapters", "trainer.model.tokenizer", "trainer.model.loss",
+      "trainer.model.precision", "trainer.model.int8_weights", "trainer.model.activation_offload",
+      "trainer.model.inference", "trainer.engine.base", "trainer.engine.nonfinite", "trainer.engine.op_builds",
+      "trainer.engine.ds_files")),
+    ("the plan's vocabulary and the engines' specs", ("trainer.plan.items", "trainer.plan.shapes",
+                                                      "trainer.plan.optimizer_state", "trainer.plan.per_layer",
+                                                      "trainer.plan.frozen_base", "trainer.plan.activations",
+                                                      "trainer.engine.ds_config", "trainer.engine.native_spec",
+                                                      "trainer.engine.deepspeed_spec", "trainer.engine.specs")),
+    ("recipe checks and resolution", ("trainer.recipe.rules", "trainer.recipe.resolve", "trainer.recipe.catalog")),
+    ("the plan", ("trainer.plan",)),
+    ("building the model and the engines", ("trainer.model", "trainer.engine", "trainer.data.prepare",
+                                            "trainer.data.preview")),
+    ("the run", ("trainer.checkpoint", "trainer.run")),
+    ("using a trained model", ("trainer.use",)),
+    ("the command line", ("trainer.__main__",)),
+]
+
+
+def room_of(module: str) -> int | None:
+    """The index in ROOMS of the room a module belongs to (the longest matching prefix)."""
+    matches = [(len(prefix), level) for level, (_, prefixes) in enumerate(ROOMS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1] if matches else None
+
+
+def packages() -> set[str]:
+    return {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+
+
+def test_rooms_import_only_rooms_below_them() -> None:
+    graph, inits = import_graph(), packages()
+    unmapped = sorted(m for m in graph if m not in inits and room_of(m) is None)
+    assert not unmapped, f"modules in no room of the map: {unmapped}"
+    upward = [f"{m} ({ROOMS[room_of(m)][0]}) imports {d} ({ROOMS[room_of(d)][0]})"  # type: ignore[index]
+              for m in sorted(graph) if m not in inits for d in sorted(graph[m] - inits)
+              if room_of(d) > room_of(m)]  # type: ignore[operator]
+    assert not upward, "imports that run up the map:\n" + "\n".join(upward)
+
+
+def test_the_room_check_finds_an_upward_import() -> None:
+    assert room_of("trainer.run.loop") > room_of("trainer.recipe.schema")  # type: ignore[operator]
+    assert room_of("trainer.engine.native_spec") < room_of("trainer.engine.native")  # type: ignore[operator]
 
 
 def test_low_rooms_do_not_import_the_recipe_machinery() -> None:
     """errors is a leaf; the schema imports only errors; optimizer math and the engines never read recipe files."""
     graph = import_graph()
     assert graph["trainer.errors"] == set()
-    assert graph["trainer.schema"] <= {"trainer.errors"}
-    for low in ("trainer.optim.galore", "trainer.optim.sharded", "trainer.loss", "trainer.dtypes"):
-        assert not graph[low] & {"trainer.recipe", "trainer.resolve", "trainer.rules"}, low
+    assert graph["trainer.recipe.schema"] <= {"trainer.errors"}
+    for low in ("trainer.optim.galore", "trainer.optim.sharded", "trainer.model.loss", "trainer.dtypes"):
+        assert not graph[low] & {"trainer.recipe.read", "trainer.recipe.resolve", "trainer.recipe.rules"}, low
 
 
 def test_package_inits_import_nothing_heavy() -> None:
@@ -89,7 +143,7 @@ def test_validate_loads_only_what_it_needs() -> None:
     peft unloaded: it is meant to be quick on a login node (the engines' specs, which import no engine, are read)."""
     code = ("import sys; from trainer.__main__ import main; code = main(['validate', sys.argv[1]]); "
             "heavy = [m for m in ('deepspeed', 'bitsandbytes', 'peft', 'trainer.engine.native', "
-            "'trainer.engine.deepspeed', 'trainer.engine.build', 'trainer.loop') "
+            "'trainer.engine.deepspeed', 'trainer.engine.build', 'trainer.run.loop') "
             "if m in sys.modules]; print('LOADED', heavy); sys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", code, str(QUICKSTART)], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
@@ -102,7 +156,7 @@ def test_validate_loads_only_what_it_needs() -> None:
 # `ResolvedRun.execution`.
 DERIVATION = re.compile(r'engine\s*[!=]=\s*"(deepspeed|native)"|zero_stage\s*(==|!=|<=|>=|<|>)\s*\d'
                         r'|offload_(optimizer|params)\s*[!=]=\s*"')
-DERIVES = {"trainer/execution.py", "trainer/engine/native_spec.py", "trainer/engine/deepspeed_spec.py"}
+DERIVES = {"trainer/recipe/execution.py", "trainer/engine/native_spec.py", "trainer/engine/deepspeed_spec.py"}
 
 
 def derivations(path: Path) -> list[str]:
@@ -111,7 +165,7 @@ def derivations(path: Path) -> list[str]:
 
 
 def test_the_execution_is_derived_in_one_place() -> None:
-    assert derivations(PACKAGE / "execution.py"), "the pattern no longer finds the derivation itself"
+    assert derivations(PACKAGE / "recipe" / "execution.py"), "the pattern no longer finds the derivation itself"
     found = [hit for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(ROOT).as_posix() not in DERIVES
              for hit in derivations(p)]
     assert not found, "read ResolvedRun.execution instead of re-deriving it:\n" + "\n".join(found)

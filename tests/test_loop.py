@@ -14,8 +14,8 @@ import torch
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
 from trainer.__main__ import enable_faulthandler
 from trainer.distributed import distributed_context
-from trainer.loop import Training, run_loop, setup, token_loss_sum
-from trainer.resolve import resolve
+from trainer.run.loop import Training, run_loop, setup, token_loss_sum
+from trainer.recipe.resolve import resolve
 
 
 def build(overrides: list[str]) -> tuple[Training, object]:
@@ -128,7 +128,7 @@ def test_native_crash_prints_the_python_stack(tmp_path: Path) -> None:
     assert proc.returncode == -6, proc.stderr[-2000:]
     assert "Fatal Python error: Aborted" in proc.stderr
     stack = proc.stderr[proc.stderr.index("Fatal Python error"):]
-    assert 'trainer/faults.py", line' in stack and 'trainer/loop.py", line' in stack, stack[-2000:]
+    assert 'trainer/faults.py", line' in stack and 'trainer/run/loop.py", line' in stack, stack[-2000:]
     assert not list((tmp_path / "checkpoints").glob("*"))
 
 

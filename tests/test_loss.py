@@ -1,4 +1,4 @@
-"""trainer/loss.py: the chunked cross-entropy equals torch's, values and gradients, and keeps no fp32 logits."""
+"""trainer/model/loss.py: the chunked cross-entropy equals torch's, values and gradients, and keeps no fp32 logits."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trainer.loss as loss_module
+import trainer.model.loss as loss_module
 from tests.conftest import QUICKSTART
 from tests.memory_probe import loss_bytes_per_logit
-from trainer.loss import token_loss_sum
+from trainer.model.loss import token_loss_sum
 from trainer.plan.activations import logits_bytes
 from trainer.plan.items import Shapes
-from trainer.resolve import resolve
+from trainer.recipe.resolve import resolve
 
 # gradient tolerance relative to its largest entry: fp32 differs in rounding only (exp and logsumexp computed
 # apart); bf16/fp16 round the gradient once before the scalar is applied (an ulp of the largest entry, twice)

@@ -16,7 +16,7 @@ from trainer.plan.items import GiB, Param, Shapes
 from trainer.plan.peak import plan
 from trainer.plan.shapes import shapes
 from trainer.plan.states import autocast_copies
-from trainer.resolve import resolve
+from trainer.recipe.resolve import resolve
 
 GB = 1e9
 

@@ -19,8 +19,8 @@ from tests.test_adapters import recipe_args
 from trainer.plan.optimizer_state import sharded_state_loads
 from trainer.plan.peak import plan
 from trainer.plan.shapes import shapes
-from trainer.resolve import resolve
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolve import resolve
+from trainer.recipe.resolved import ResolvedRun
 
 RUNS = {"z1": ["distributed.zero_stage=1"], "z2": ["distributed.zero_stage=2"],
         "z2_offload": ["distributed.zero_stage=2", "distributed.offload_optimizer=cpu"],

@@ -16,9 +16,9 @@ import pytest
 from tests.conftest import LLAMA, QUICKSTART, save_base, tiny
 from tests.deepspeed_probe import count_native_bytes
 from trainer.distributed import distributed_context
-from trainer.loop import setup, train_step
+from trainer.run.loop import setup, train_step
 from trainer.plan.peak import plan
-from trainer.resolve import resolve
+from trainer.recipe.resolve import resolve
 
 PLAN_KEYS = {"weights": ("weights", "base weights", "LoRA parameters", "fp32 master"),
              "grads": ("gradients", "LoRA gradients"), "optimizer": ("optimizer state", "LoRA optimizer state")}

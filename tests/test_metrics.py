@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
-from trainer.metrics import Metrics, plot
-from trainer.schema import LoggingConfig
+from trainer.run.metrics import Metrics, plot
+from trainer.recipe.schema import LoggingConfig
 
 
 def test_rows_plot_and_disabled_rank(tmp_path: Path) -> None:

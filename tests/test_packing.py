@@ -21,9 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tests.conftest import LLAMA, QWEN2, QUICKSTART, TEST_DATA, read_only, run_cli, snapshot, tiny
 from trainer.data.batches import Batch, DataPosition, TrainData, collate, open_stores
 from trainer.data.plans import best_fit_decreasing
-from trainer.loss import IGNORE, token_loss_sum
-from trainer.schema import DataConfig
-from trainer.tokenizer import byte_tokenizer
+from trainer.model.loss import IGNORE, token_loss_sum
+from trainer.recipe.schema import DataConfig
+from trainer.model.tokenizer import byte_tokenizer
 
 ALPACA = str(TEST_DATA / "alpaca_tasks.json")
 EOS = 258

@@ -20,10 +20,10 @@ from trainer.__main__ import main
 from trainer.errors import ConfigError
 from trainer.plan.shapes import shapes
 from trainer.plan.suggest import apply_overrides, changes, combined
-from trainer.reference import README_END, README_START, markdown, readme_section
-from trainer.resolve import resolve
-from trainer.resolved import ResolvedRun
-from trainer.schema import resume_rules
+from trainer.recipe.reference import README_END, README_START, markdown, readme_section
+from trainer.recipe.resolve import resolve
+from trainer.recipe.resolved import ResolvedRun
+from trainer.recipe.schema import resume_rules
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
@@ -212,7 +212,7 @@ def test_an_alias_bomb_with_few_aliases_nested_in_a_valid_key_is_refused(tmp_pat
 
 
 def test_aliases_that_repeat_a_few_values_are_fine() -> None:
-    from trainer.recipe import load_yaml
+    from trainer.recipe.read import load_yaml
 
     data = load_yaml("a: &src {source: x.jsonl, weight: 1.0}\nb: [*src, *src, *src]\n")
     assert data["b"] == [{"source": "x.jsonl", "weight": 1.0}] * 3

@@ -22,8 +22,8 @@ from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_only
 from trainer.data.batches import DataPosition, TrainData, open_stores
 from trainer.data.store import MANIFEST, token_dtype
 from trainer.errors import DataError
-from trainer.schema import DataConfig
-from trainer.tokenizer import CHATML, byte_tokenizer
+from trainer.recipe.schema import DataConfig
+from trainer.model.tokenizer import CHATML, byte_tokenizer
 
 
 def stores(tmp: Path, tok: Any = None, **data: Any) -> list[Any]:

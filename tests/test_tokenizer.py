@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from trainer.schema import ModelConfig
-from trainer.tokenizer import CHATML, ChatRenderer, build_tokenizer, byte_tokenizer, resolve_chat_template
+from trainer.recipe.schema import ModelConfig
+from trainer.model.tokenizer import CHATML, ChatRenderer, build_tokenizer, byte_tokenizer, resolve_chat_template
 
 TEXTS = [
     "",

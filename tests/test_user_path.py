@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from tests.conftest import QUICKSTART, ROOT, TEST_DATA, run_cli, tiny
 from trainer.__main__ import main
 from trainer.checkpoint.layout import complete_checkpoints
-from trainer.tokenizer import CHATML
+from trainer.model.tokenizer import CHATML
 
 ALPACA = [f"data.source={TEST_DATA / 'alpaca_tasks.json'}", "data.format=alpaca", "data.packing=false",
           "data.seq_len=128"]
@@ -61,7 +61,7 @@ def test_exports_carry_inference_defaults_and_the_chat_template(chat_run: Path, 
 @pytest.mark.slow
 def test_generate_and_chat_on_a_run_and_an_export(chat_run: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.chat import chat_loop, generate, load
+    from trainer.use.chat import chat_loop, generate, load
 
     export = tmp_path / "export"
     assert main(["export", str(chat_run), "--out", str(export)]) == 0
@@ -103,7 +103,7 @@ def test_a_long_chat_keeps_to_the_context_and_the_system_prompt(chat_run: Path,
     went to generate() (transformers: "exceeded the model's predefined maximum length", then degraded output). Now
     each prompt plus its reply fits, the oldest exchanges are left out (said once), the system prompt stays, and a
     reply stops at <|im_end|> (ten byte tokens here: a stop string)."""
-    from trainer.chat import chat_loop, load
+    from trainer.use.chat import chat_loop, load
 
     loaded = load(chat_run)
     assert loaded.model.config.max_position_embeddings == 256
@@ -128,8 +128,8 @@ def test_a_reply_ends_at_the_templates_end_of_turn_token() -> None:
     to the limit and was cut afterwards). A model that can only say <|im_end|> (its head a bias on that token)."""
     from transformers import AutoConfig
 
-    from trainer.chat import Loaded, reply
-    from trainer.tokenizer import byte_tokenizer
+    from trainer.use.chat import Loaded, reply
+    from trainer.model.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -21,7 +21,7 @@ from typing import Callable
 from trainer.errors import (EXIT_INTERRUPTED, EXIT_RECIPE, EXIT_RUNTIME, TrainerError, library_error_message,
                             os_error_message)
 from trainer.logs import FILE_ONLY, keep_going_without_console, setup_console
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 log = logging.getLogger("trainer")
 RANK0_GRACE_S = 20.0  # how long another rank waits for rank 0 to report an error every rank met
@@ -169,8 +169,8 @@ def _world_size(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from trainer.recipe import to_yaml
-    from trainer.resolve import resolve
+    from trainer.recipe.read import to_yaml
+    from trainer.recipe.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
     print(to_yaml(run.recipe), end="")
@@ -203,7 +203,7 @@ def print_deepspeed_config(run: ResolvedRun) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.plan.report import as_json, render
     from trainer.plan.suggest import full_plan
-    from trainer.resolve import resolve
+    from trainer.recipe.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
     p = full_plan(run, args.gpu_memory)
@@ -213,8 +213,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.distributed import env_rank
-    from trainer.loop import train
-    from trainer.resolve import resolve
+    from trainer.run.loop import train
+    from trainer.recipe.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args), make_output=True)
     summary = train(run, force=args.force)
@@ -233,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from trainer.export import export
+    from trainer.use.export import export
 
     out = export(Path(args.source), Path(args.out), dtype=args.dtype, adapter_only=args.adapter_only,
                  merge=args.merge, force=args.force)
@@ -245,16 +245,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from trainer.prepare import prepare
-    from trainer.resolve import resolve
+    from trainer.data.prepare import prepare
+    from trainer.recipe.resolve import resolve
 
     prepare(resolve(args.recipe, args.overrides, 1), sys.stdout, progress=sys.stderr.isatty())
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from trainer.preview import show
-    from trainer.resolve import resolve
+    from trainer.data.preview import show
+    from trainer.recipe.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, 1)
     show(run, args.show, sys.stdout, colour=sys.stdout.isatty())
@@ -262,7 +262,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from trainer.chat import generate, load
+    from trainer.use.chat import generate, load
 
     loaded = load(Path(args.source))
     print(args.prompt + generate(loaded, args.prompt, args.max_new_tokens, args.temperature))
@@ -270,7 +270,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from trainer.chat import chat_loop, load
+    from trainer.use.chat import chat_loop, load
 
     chat_loop(load(Path(args.source)), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               system=args.system)
@@ -278,7 +278,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from trainer import catalog
+    from trainer.recipe import catalog
 
     if args.action == "list":
         print(catalog.table())
@@ -292,7 +292,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from trainer.reference import json_schema, markdown
+    from trainer.recipe.reference import json_schema, markdown
 
     print(markdown() if args.markdown else json_schema())
     return 0

@@ -22,7 +22,7 @@ QUIET = ("datasets", "transformers", "torch.distributed", "bitsandbytes", "urlli
 # machine and deprecated registrations at import: nothing a run uses or a user can act on
 SILENT = ("torchao", "torch.utils._pytree")
 # wandb's usage analytics export to the wandb server through opentelemetry, which logs each failed export as an
-# error: a server that fails already got one warning (trainer/metrics.py), the run goes on
+# error: a server that fails already got one warning (trainer/run/metrics.py), the run goes on
 MUTED = ("opentelemetry",)
 FILE_ONLY = {"file_only": True}  # `extra=` of a record meant for the log file, not the console
 

@@ -23,7 +23,7 @@ from torch import nn
 from trainer.adapters.lora import attach, is_adapted, load_adapter, parameter_counts, prepare_frozen, save_adapter
 from trainer.adapters.quant import bits_per_param, bnb_config, quantized_weight_bytes
 from trainer.dtypes import torch_dtype
-from trainer.schema import AdapterConfig
+from trainer.recipe.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
 

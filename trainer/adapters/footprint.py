@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer import int8_weights
+from trainer.model import int8_weights
 from trainer.adapters.lora import is_norm
 from trainer.adapters.quant import expected_4bit_bytes, quant_state_bytes, quantized_weight_bytes
 from trainer.adapters.targets import find_targets
 from trainer.dtypes import torch_dtype
-from trainer.schema import AdapterConfig
+from trainer.recipe.schema import AdapterConfig
 
 BNB_MIN_8BIT_SIZE = 4096
 

@@ -23,7 +23,7 @@ from torch import nn
 from trainer.adapters.base_identity import absolute_if_local
 from trainer.adapters.quant import logical_numel
 from trainer.adapters.targets import ALL_LINEAR
-from trainer.schema import AdapterConfig
+from trainer.recipe.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from trainer.adapters.base_identity import Identity, describe, identify, mismatc
 from trainer.adapters.lora import no_cpu_repacking
 from trainer.dtypes import torch_dtype
 from trainer.errors import CheckpointError
-from trainer.inference import for_inference
+from trainer.model.inference import for_inference
 from trainer.paths import looks_local
-from trainer.recipe import saved_recipe
-from trainer.schema import AdapterConfig, ModelConfig
+from trainer.recipe.read import saved_recipe
+from trainer.recipe.schema import AdapterConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trainer.dtypes import torch_dtype
-from trainer.schema import QuantConfig
+from trainer.recipe.schema import QuantConfig
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block size on CPU and CUDA (ROCm uses 128)
 NESTED_BLOCKSIZE = 256  # double quantization: block size of the 8-bit absmax constants

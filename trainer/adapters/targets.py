@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.schema import AdapterConfig
+from trainer.recipe.schema import AdapterConfig
 
 ALL_LINEAR = "all-linear"
 

@@ -21,9 +21,9 @@ from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
 from trainer.errors import CheckpointError
 from trainer.faults import Faults
-from trainer.recipe import to_yaml
+from trainer.recipe.read import to_yaml
 from trainer.safeio import load_tensors, save_tensors
-from trainer.schema import Recipe
+from trainer.recipe.schema import Recipe
 
 log = logging.getLogger(__name__)
 

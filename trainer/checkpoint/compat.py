@@ -1,7 +1,7 @@
 """Whether a checkpoint may be continued by the run resuming it: the resume policy.
 
-- The recipe: by the schema's resume rules (trainer/schema.py): `must_match` keys block, `allowed` ones are logged,
-  `ignored` ones are not compared.
+- The recipe: by the schema's resume rules (trainer/recipe/schema.py): `must_match` keys block, `allowed` ones are
+  logged, `ignored` ones are not compared.
 - The global batch must stay; the world size and the accumulation may change. A global batch changed by an explicit
   command-line override is the user's choice (logged).
 - The data: its content identity (data/identity.py) must be the same, unless `checkpoint.allow_data_change`
@@ -20,7 +20,7 @@ from trainer.adapters.base_identity import Identity, describe, mismatch
 from trainer.checkpoint.state import RunFingerprint, SavedRun
 from trainer.data.identity import data_changes
 from trainer.errors import EXIT_RECIPE, CheckpointError
-from trainer.schema import Recipe, resume_rules
+from trainer.recipe.schema import Recipe, resume_rules
 
 log = logging.getLogger(__name__)
 

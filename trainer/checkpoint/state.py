@@ -14,7 +14,7 @@ import yaml
 from trainer.adapters.base_identity import Identity
 from trainer.checkpoint.layout import RECIPE, STATE
 from trainer.data.batches import DataPosition
-from trainer.nonfinite import NonFiniteCounts
+from trainer.engine.nonfinite import NonFiniteCounts
 from trainer.safeio import write_json
 
 BASE_KEY = "base_model"  # in an adapter run's trainer_state.json: its base's identity (adapters/base_identity.py)
@@ -27,7 +27,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     position: DataPosition = field(default_factory=DataPosition)
-    nonfinite: NonFiniteCounts = field(default_factory=NonFiniteCounts)  # skipped steps (trainer/nonfinite.py)
+    nonfinite: NonFiniteCounts = field(default_factory=NonFiniteCounts)  # skipped steps (trainer/engine/nonfinite.py)
 
 
 @dataclass(frozen=True)

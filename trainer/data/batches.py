@@ -32,9 +32,9 @@ from trainer.data.sources import SourceSpec
 from trainer.data.store import (StoreRequest, TokenStore, default_cache_dir, describe_dropped, describe_too_long,
                                 no_usable_rows, open_or_build)
 from trainer.errors import DataError
-from trainer.loss import IGNORE
-from trainer.schema import DataConfig
-from trainer.tokenizer import resolve_chat_template
+from trainer.model.loss import IGNORE
+from trainer.recipe.schema import DataConfig
+from trainer.model.tokenizer import resolve_chat_template
 
 log = logging.getLogger(__name__)
 

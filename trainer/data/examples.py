@@ -18,7 +18,7 @@ import numpy as np
 
 from trainer.data.sources import Row, unit_of
 from trainer.errors import DataError
-from trainer.tokenizer import ChatRenderer
+from trainer.model.tokenizer import ChatRenderer
 
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "model": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool",

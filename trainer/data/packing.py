@@ -26,7 +26,7 @@ import numpy as np
 
 from trainer.data.plans import Plan, compute_plan, load_plan, plan_name, save_plan
 from trainer.data.store import Part, damaged_while_reading
-from trainer.loss import IGNORE
+from trainer.model.loss import IGNORE
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Contract for the loop:
   backend averages (DDP and ZeRO average over ranks, so they multiply by the world size).
 - `step()` does the optimizer step at the accumulation boundary: unscale (fp16), clip, step (or skip on
   overflow; outside fp16 a NaN/inf gradient norm is never applied either), advance the LR schedule once, zero
-  the gradients, and reports what happened (its verdict, which trainer/nonfinite.py acts on).
+  the gradients, and reports what happened (its verdict, which trainer/engine/nonfinite.py acts on).
 - `updates_in_backward` is true when weights change during backward (per-layer updates): the loop then checks
   the loss before backward, since no step can be skipped afterwards.
 - `weights_finite()` is a collective (every rank calls it): whether every trainable weight is finite, checked

@@ -12,11 +12,11 @@ from torch import nn
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
 from trainer.engine.native import NativeEngine
-from trainer.model import WHOLE, Placement
+from trainer.model.build import WHOLE, Placement
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.optim.per_layer import PerLayerUpdates
-from trainer.precision import Precision
-from trainer.resolved import ResolvedRun
+from trainer.model.precision import Precision
+from trainer.recipe.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
 - LR: our schedule (trainer.optim.build_scheduler) drives the LR of DeepSpeed's optimizer, advanced once per
   optimizer step, also when fp16 skips one (as in the native engine). DeepSpeed gets no scheduler.
 - fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
-  and halves the scale; the non-finite policy (trainer/nonfinite.py) counts the skips, as for the native engine.
+  and halves the scale; the non-finite policy (trainer/engine/nonfinite.py) counts the skips, as for the native engine.
 - Checkpoints: DeepSpeed's own sharded checkpoint (every rank writes its partitions) in `deepspeed/` inside the
   checkpoint's temporary folder, plus, with `checkpoint.full_weights` (auto: not at ZeRO-3), `model.safetensors`,
   the full fp32 weights gathered from the master partitions on rank 0 (export consolidates them from the shards
@@ -48,9 +48,9 @@ from trainer.engine.ds_files import DS_DIR, TAG, check_files, safe_load
 from trainer.engine.ds_reshard import load_resharded
 from trainer.engine.op_builds import prepare_builds
 from trainer.errors import CheckpointError, ConfigError, Problem
-from trainer.model import Placement
+from trainer.model.build import Placement
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 from trainer.safeio import fsync_file
 
 log = logging.getLogger(__name__)

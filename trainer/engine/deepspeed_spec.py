@@ -16,14 +16,14 @@ import math
 from trainer.adapters.footprint import FrozenTensor, lora_numels
 from trainer.engine.ds_config import owned_override_paths, prefetch_bucket_elements, persistence_threshold
 from trainer.errors import KeySource, Problem
-from trainer.execution import execution_of
+from trainer.recipe.execution import execution_of
 from trainer.optim.lowrank_groups import member
 from trainer.plan.frozen_base import base_label, base_tensors, whole_base_bytes, whole_base_item
 from trainer.plan.items import CheckpointSize, Item, Kind, ModelStates, Shapes, Where
 from trainer.plan.optimizer_state import lora_targets, optimizer_bytes
 from trainer.plan.shapes import largest_layer, layer_of
-from trainer.resolved import ResolvedRun
-from trainer.schema import Recipe
+from trainer.recipe.resolved import ResolvedRun
+from trainer.recipe.schema import Recipe
 
 NAME = "deepspeed"
 
@@ -221,7 +221,8 @@ def _base_items(run: ResolvedRun, frozen: list[FrozenTensor]) -> list[Item]:
 def base_bytes_per_rank(run: ResolvedRun, sh: Shapes) -> int:
     """What each rank holds of an adapter run's base once the model is built, before the first step: the whole
     base, or under ZeRO-3 its partition of every tensor plus the quantization constants (a tensor DeepSpeed keeps
-    whole is gathered at its first use, not before). The sharding check (trainer/sharding_check.py) measures it."""
+    whole is gathered at its first use, not before). The sharding check (trainer/model/sharding_check.py) measures
+    it."""
     frozen = base_tensors(run, sh)
     if not run.execution.zero3:
         return whole_base_bytes(frozen)

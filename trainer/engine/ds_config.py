@@ -16,9 +16,9 @@ import copy
 import math
 from typing import Any
 
-from trainer.execution import Execution
-from trainer.resolved import ResolvedRun
-from trainer.schema import DistributedConfig, OptimizerConfig, PrecisionConfig
+from trainer.recipe.execution import Execution
+from trainer.recipe.resolved import ResolvedRun
+from trainer.recipe.schema import DistributedConfig, OptimizerConfig, PrecisionConfig
 
 # Keys of the generated DeepSpeed config that the recipe owns, and the recipe key to set instead: an override of
 # one of them (distributed.deepspeed_overrides) would contradict the recipe or the loop.

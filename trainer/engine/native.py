@@ -13,14 +13,16 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer import adapters, int8_weights
+from trainer import adapters
+
+from trainer.model import int8_weights
 from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.engine.base import MODEL_FILE, StepResult
 from trainer.errors import CheckpointError
 from trainer.optim import restore_schedule
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.optim.sharded import ShardedOptimizer, merge_shards, select_state
-from trainer.precision import Precision
+from trainer.model.precision import Precision
 from trainer.safeio import fsync_file, load_tensors, save_tensors
 
 STATE_FILE = "engine-state.pt"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from trainer.adapters.footprint import lora_numels, optimizer_state_bytes
 from trainer.errors import KeySource, Problem
-from trainer.execution import execution_of
-from trainer.int8_weights import expected_bytes as int8_bytes
+from trainer.recipe.execution import execution_of
+from trainer.model.int8_weights import expected_bytes as int8_bytes
 from trainer.optim.lowrank_groups import member, rank_of
 from trainer.plan.frozen_base import base_tensors, whole_base_item
 from trainer.plan.items import CheckpointSize, Item, Kind, ModelStates, Shapes
@@ -17,8 +17,8 @@ from trainer.plan.optimizer_state import (int8_targets, lora_targets, low_rank_s
                                           sharded_state_loads)
 from trainer.plan.per_layer import per_layer_gradients
 from trainer.plan.shapes import module_of, tied_elements
-from trainer.resolved import ResolvedRun
-from trainer.schema import Recipe
+from trainer.recipe.resolved import ResolvedRun
+from trainer.recipe.schema import Recipe
 
 NAME = "native"
 
@@ -134,7 +134,7 @@ def _adapter_states(run: ResolvedRun, sh: Shapes) -> ModelStates:
 def step_temporaries(run: ResolvedRun, sh: Shapes, states: ModelStates) -> int:
     """torch's foreach AdamW creates about one fp32 copy of the state it updates; the other optimizers work tensor
     by tensor (about one fp32 copy of the largest trainable tensor: for an adapter run, a LoRA matrix; for an INT8
-    write, trainer/int8_weights.py, the new value, its ratio to the scales and the random draws, in fp32)."""
+    write, trainer/model/int8_weights.py, the new value, its ratio to the scales and the random draws, in fp32)."""
     if run.execution.adapted:
         return 4 * max((t.in_features + t.out_features) * run.recipe.adapter.rank for t in lora_targets(run, sh))
     if run.recipe.optimizer.name == "adamw":

@@ -8,8 +8,8 @@ from types import ModuleType
 
 from trainer.engine import deepspeed_spec, native_spec
 from trainer.errors import KeySource, Problem
-from trainer.execution import Execution
-from trainer.schema import Recipe
+from trainer.recipe.execution import Execution
+from trainer.recipe.schema import Recipe
 
 SPECS: dict[str, ModuleType] = {native_spec.NAME: native_spec, deepspeed_spec.NAME: deepspeed_spec}
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.schema import OptimizerConfig
+from trainer.recipe.schema import OptimizerConfig
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-from trainer import int8_weights
+from trainer.model import int8_weights
 
 BLOCKSIZE = 256  # bitsandbytes' block size for 8-bit optimizer state
 MIN_8BIT_SIZE = 4096  # smaller moments stay fp32 (bitsandbytes' rule: norms and biases gain nothing)

@@ -10,7 +10,7 @@ The target rule, the same for both: a target is the 2-D `weight` of a module tha
 and whose smaller side is larger than the rank (otherwise projecting saves nothing). Everything else
 (embeddings, norms, biases, the LM head, too-small matrices) gets plain AdamW in the same optimizer. The
 builder logs both lists with counts per module kind. precision.weights: int8 stores exactly these targets in
-INT8 (trainer/int8_weights.py).
+INT8 (trainer/model/int8_weights.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from trainer.optim.galore import GaLoreAdamW
 from trainer.optim.galore import expected_state_bytes as galore_state_bytes
 from trainer.optim.lowrank import MIN_8BIT_SIZE, LowRankAdamW
 from trainer.optim.sharded import ShardedOptimizer
-from trainer.schema import OptimizerConfig
+from trainer.recipe.schema import OptimizerConfig
 
 # APOLLO's paper settings by optimizer name: rank, scale_type, scale (alpha)
 APOLLO_PRESETS = {"apollo_adamw": (256, "channel", 1.0), "apollo_mini": (1, "tensor", math.sqrt(128))}

@@ -11,10 +11,10 @@ checkpointing only each layer's input (4h, the residual stream is fp32) plus one
 from __future__ import annotations
 
 from trainer.data.packing import sample_mode
-from trainer.loss import chunk_rows
+from trainer.model.loss import chunk_rows
 from trainer.plan.items import Shapes
 from trainer.plan.optimizer_state import int8_targets, lora_targets
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral"}
 
@@ -48,7 +48,7 @@ def activation_bytes(run: ResolvedRun, sh: Shapes, checkpointing: bool) -> int:
 
 
 def offloaded_bytes(run: ResolvedRun, sh: Shapes) -> int:
-    """What model.activation_offload moves to host memory per micro-batch (trainer/activation_offload.py): every
+    """What model.activation_offload moves to host memory per micro-batch (trainer/model/activation_offload.py): every
     saved activation, or with checkpointing each layer's input and what the final norm and the LM head keep (the
     recomputed layer stays on the GPU)."""
     if not run.recipe.model.activation_offload:
@@ -111,7 +111,7 @@ def packing_label(run: ResolvedRun) -> str:
 
 def logits_bytes(run: ResolvedRun, sh: Shapes) -> int:
     """The logits and their gradient in the compute dtype, plus one chunk of the loss's fp32 work (the softmax,
-    and an fp32 copy when the logits are bf16/fp16): trainer/loss.py never copies the whole logits to fp32."""
+    and an fp32 copy when the logits are bf16/fp16): trainer/model/loss.py never copies the whole logits to fp32."""
     tokens = micro_batch_tokens(run)
     compute = 4 if run.recipe.precision.dtype == "fp32" else 2
     chunk = min(tokens, chunk_rows(sh.vocab)) * sh.vocab

@@ -8,7 +8,7 @@ import shutil
 from trainer.engine.specs import spec_of
 from trainer.plan.items import CheckpointSize, Shapes
 from trainer.plan.shapes import shapes
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 
 def checkpoint_size(run: ResolvedRun, sh: Shapes) -> CheckpointSize:

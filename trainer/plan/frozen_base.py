@@ -7,7 +7,7 @@ from __future__ import annotations
 from trainer.adapters.footprint import FrozenTensor, frozen_tensors
 from trainer.adapters.quant import storage_dtype
 from trainer.plan.items import Item, Kind, Shapes
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 
 def base_tensors(run: ResolvedRun, sh: Shapes) -> list[FrozenTensor]:

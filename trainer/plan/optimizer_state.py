@@ -13,7 +13,7 @@ from trainer.optim import param_groups
 from trainer.optim.lowrank_groups import lowrank_defaults, lowrank_param_groups, rank_of, state_cost, targets_of
 from trainer.optim.sharded import numel_cost, partition
 from trainer.plan.items import Shapes
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 
 def optimizer_bytes(name: str, numels: list[int], momentum: float) -> int:

@@ -16,7 +16,7 @@ from trainer.plan.disk import checkpoint_size
 from trainer.plan.items import GiB, Item, Kind, Plan, Shapes
 from trainer.plan.shapes import shapes
 from trainer.plan.states import autocast_copies, model_states, step_temporaries
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 CUDA_CONTEXT = int(0.75 * GiB)
 FRAGMENTATION = 0.08

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.optim.per_layer import MAX_IN_FLIGHT, record_first_use
 from trainer.plan.items import Item, Kind, Shapes
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 
 def per_layer_gradients(run: ResolvedRun, sh: Shapes, weight_bytes: int) -> Item:

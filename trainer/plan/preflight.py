@@ -15,7 +15,7 @@ from trainer.plan.disk import disk_shortfall
 from trainer.plan.items import GiB
 from trainer.plan.report import render
 from trainer.plan.suggest import full_plan
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 

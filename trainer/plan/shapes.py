@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.plan.items import Param, Shapes
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 
 def shapes(run: ResolvedRun) -> Shapes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from trainer.engine.specs import spec_of
 from trainer.plan.items import ModelStates, Shapes
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 
 def model_states(run: ResolvedRun, sh: Shapes) -> ModelStates:

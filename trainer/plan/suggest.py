@@ -19,9 +19,9 @@ from trainer.errors import ConfigError
 from trainer.plan.items import Plan, Shapes, Suggestion
 from trainer.plan.peak import plan
 from trainer.plan.shapes import shapes
-from trainer.recipe import with_overrides
-from trainer.resolve import resolve_recipe
-from trainer.resolved import ResolvedRun
+from trainer.recipe.read import with_overrides
+from trainer.recipe.resolve import resolve_recipe
+from trainer.recipe.resolved import ResolvedRun
 
 MAX_CHANGES = 3  # changes combined in one suggestion
 MAX_SUGGESTIONS = 3

@@ -22,7 +22,7 @@ from trainer.errors import NotSharded
 from trainer.engine.deepspeed_spec import base_bytes_per_rank
 from trainer.plan.items import GiB
 from trainer.plan.shapes import shapes
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 

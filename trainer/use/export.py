@@ -27,7 +27,7 @@ from trainer.dtypes import torch_dtype
 from trainer.engine.base import MODEL_FILE
 from trainer.engine.ds_shards import consolidated_weights, has_zero_checkpoint
 from trainer.errors import CheckpointError
-from trainer.inference import for_inference
+from trainer.model.inference import for_inference
 from trainer.safeio import current_umask
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Recipe + world size + environment -> one frozen `ResolvedRun`: every derived value computed once, here.
 
 What is derived: gradient accumulation from `train.global_batch_size` and the world size (or the global batch
-from `train.grad_accum_steps`), the architecture (trainer/architecture.py: the recipe's dict, a local directory,
+from `train.grad_accum_steps`), the architecture (trainer/recipe/architecture.py: the recipe's dict, a local directory,
 the hub cache, the table of known models), the vocabulary size, and the output directory (checked, and for
 training created and probed for writing). The plan, the DeepSpeed config, the data, the engines and the loop read
 the `ResolvedRun`; none of them recomputes these.
@@ -19,14 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainer import architecture as arch
+from trainer.recipe import architecture as arch
 from trainer.errors import ConfigError, HubError, Problem
-from trainer.execution import execution_of
+from trainer.recipe.execution import execution_of
 from trainer.paths import looks_local
-from trainer.recipe import COMMAND_LINE, Sources, load_recipe
-from trainer.resolved import ResolvedRun
-from trainer.rules import cross_check, warnings_of
-from trainer.schema import Recipe, TrainConfig
+from trainer.recipe.read import COMMAND_LINE, Sources, load_recipe
+from trainer.recipe.resolved import ResolvedRun
+from trainer.recipe.rules import cross_check, warnings_of
+from trainer.recipe.schema import Recipe, TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -134,7 +134,7 @@ def _tokenizer_size(r: Recipe, src: Sources, *, needed: bool) -> tuple[int | Non
     """len(tokenizer): the byte tokenizer's size, or a tokenizer found locally (a directory or the hub cache). When
     `needed` (nothing else sizes the vocabulary) the network is tried too, and failing is a problem; otherwise an
     unavailable tokenizer gives None and the checks that need it wait for the build."""
-    from trainer.tokenizer import BYTE_VOCAB_SIZE, build_tokenizer
+    from trainer.model.tokenizer import BYTE_VOCAB_SIZE, build_tokenizer
 
     if r.model.tokenizer == "byte":
         return BYTE_VOCAB_SIZE, []

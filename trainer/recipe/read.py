@@ -1,4 +1,4 @@
-"""Reading a recipe: a YAML file plus `dotted.key=value` overrides -> a typed `Recipe` (trainer/schema.py), with
+"""Reading a recipe: a YAML file plus `dotted.key=value` overrides -> a typed `Recipe` (trainer/recipe/schema.py), with
 every problem collected as a `Problem` naming the key, the value, where it came from and what to do.
 
 Nothing here looks at the world size, the environment or a model: resolve.py does that, after this. A recipe
@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from trainer.errors import CheckpointError, Problem, show_value
-from trainer.schema import Recipe, Section, field_at
+from trainer.recipe.schema import Recipe, Section, field_at
 
 MAX_RECIPE_BYTES = 4 * 2**20
 MAX_ALIASES = 100

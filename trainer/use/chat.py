@@ -22,13 +22,13 @@ from transformers.initialization import no_init_weights
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.base_identity import identify
 from trainer.adapters.merge import BASE_FILE, load_base, trained_base, warn_if_other_base
-from trainer.architecture import max_positions
+from trainer.recipe.architecture import max_positions
 from trainer.checkpoint.layout import read_manifest
 from trainer.checkpoint.state import recorded_base
 from trainer.errors import TrainerError, fetching_from_hub
-from trainer.export import load_full_weights, resolve_checkpoint
-from trainer.inference import for_inference
-from trainer.recipe import saved_recipe
+from trainer.use.export import load_full_weights, resolve_checkpoint
+from trainer.model.inference import for_inference
+from trainer.recipe.read import saved_recipe
 
 log = logging.getLogger(__name__)
 

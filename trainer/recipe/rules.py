@@ -10,9 +10,9 @@ from typing import Callable
 
 from trainer.engine.specs import engine_problems
 from trainer.errors import Problem
-from trainer import nonfinite
-from trainer.execution import execution_of
-from trainer.schema import LOW_RANK, QuantConfig, Recipe
+from trainer.engine import nonfinite
+from trainer.recipe.execution import execution_of
+from trainer.recipe.schema import LOW_RANK, QuantConfig, Recipe
 
 Source = Callable[[str], str]
 BUILTIN_SOURCES = ("builtin:python_stdlib",)

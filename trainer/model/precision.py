@@ -4,7 +4,7 @@ for fp16.
 fp16 uses torch.amp.GradScaler: the loss is multiplied by the scale before backward; at the step the
 gradients are unscaled, and if any is inf/nan the step is skipped and the scale halved; after
 `loss_scale_growth_interval` clean steps it doubles. What a run of skipped steps means is the non-finite policy's
-to decide (trainer/nonfinite.py), for every engine alike.
+to decide (trainer/engine/nonfinite.py), for every engine alike.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, ContextManager
 import torch
 
 from trainer.dtypes import torch_dtype
-from trainer.schema import PrecisionConfig
+from trainer.recipe.schema import PrecisionConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from trainer.errors import TrainerError
-from trainer.schema import LoggingConfig
+from trainer.recipe.schema import LoggingConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.activation_offload import ActivationOffload
+from trainer.model.activation_offload import ActivationOffload
 from trainer.adapters.base_identity import Identity, identify
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.choose import peek_resume, verified_resume
@@ -30,17 +30,17 @@ from trainer.engine.build import build_engine, model_init_context
 from trainer.errors import EXIT_RECIPE, CheckpointError
 from trainer.faults import Faults
 from trainer.logs import add_run_log
-from trainer.loss import token_loss_sum
-from trainer.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
-from trainer.model import build_model, save_model_files
-from trainer.nonfinite import NonFinitePolicy
-from trainer.preemption import PreemptionFlag
+from trainer.model.loss import token_loss_sum
+from trainer.run.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
+from trainer.model.build import build_model, save_model_files
+from trainer.engine.nonfinite import NonFinitePolicy
+from trainer.run.preemption import PreemptionFlag
 from trainer.plan.preflight import check_disk, check_memory
-from trainer.recipe import COMMAND_LINE, to_yaml
-from trainer.resolved import ResolvedRun
+from trainer.recipe.read import COMMAND_LINE, to_yaml
+from trainer.recipe.resolved import ResolvedRun
 from trainer.run_lock import output_dir_lock
-from trainer.sharding_check import check_base_sharded
-from trainer.tokenizer import build_tokenizer, settle_chat_template
+from trainer.model.sharding_check import check_base_sharded
+from trainer.model.tokenizer import build_tokenizer, settle_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
     for i, b in enumerate(batches):
         with t.engine.accumulate(is_last=i == len(batches) - 1):
-            # the logits die inside the loss, which keeps only their gradient (trainer/loss.py)
+            # the logits die inside the loss, which keeps only their gradient (trainer/model/loss.py)
             loss_sum = token_loss_sum(_logits(t, b), b.labels.to(dev))
             if t.engine.updates_in_backward:  # weights change inside backward: check before it, on every rank
                 _check_before_backward(t, step, loss_sum)
@@ -176,7 +176,7 @@ def _logits(t: Training, b: Batch) -> torch.Tensor:
 
 def _check_before_backward(t: Training, step: int, loss_sum: torch.Tensor) -> None:
     """Per-layer updates: a non-finite micro-batch loss on any rank stops the run before its backward applies
-    anything (train.max_nonfinite_steps must be 0 with them: trainer/nonfinite.py)."""
+    anything (train.max_nonfinite_steps must be 0 with them: trainer/engine/nonfinite.py)."""
     bad = all_reduce_sum(0.0 if bool(torch.isfinite(loss_sum)) else 1.0, t.dist.device)
     t.nonfinite.check_before_backward(step, bad > 0, t.checkpointer.last_good)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from trainer.engine.base import StepResult
 from trainer.errors import KeySource, LossScaleCollapsed, Problem, TrainingDiverged
-from trainer.schema import Recipe
+from trainer.recipe.schema import Recipe
 
 log = logging.getLogger(__name__)
 

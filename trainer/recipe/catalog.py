@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trainer.errors import TrainerError
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PLAN = re.compile(r"# plan: (\d+) x (\S+), planned peak ([\d.]+ GiB)")
 
 

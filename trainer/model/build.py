@@ -10,7 +10,7 @@ Order of the transforms (each needs the one before):
    checkpointed blocks have something to differentiate), then attach LoRA (peft). Preparing comes first
    because it freezes every parameter: done after attaching it would freeze the adapter too;
 4. INT8 weights (precision.weights: int8): the low-rank optimizer's targets become INT8 training weights
-   (trainer/int8_weights.py), after the vocabulary is matched (resizing would replace the head, not a target)
+   (trainer/model/int8_weights.py), after the vocabulary is matched (resizing would replace the head, not a target)
    and from the initialized fp32 or bf16 values, so a from-scratch INT8 run starts from the same weights
    rounded once;
 5. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
@@ -41,13 +41,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from trainer import adapters, int8_weights
+from trainer import adapters
+
+from trainer.model import int8_weights
 from trainer.adapters import streamed
 from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.errors import fetching_from_hub
 from trainer.optim.lowrank_groups import member, targets_of
-from trainer.resolved import ResolvedRun
+from trainer.recipe.resolved import ResolvedRun
 
 log = logging.getLogger(__name__)
 Gather = Callable[[list[nn.Parameter]], ContextManager[Any]]

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from trainer.errors import fetching_from_hub
-from trainer.schema import DataConfig, ModelConfig
+from trainer.recipe.schema import DataConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from trainer.data.plans import RUN_PLAN_DIR
 from trainer.data.store import describe_dropped, describe_too_long
 from trainer.distributed import restart_count
 from trainer.faults import Faults
-from trainer.resolved import ResolvedRun
-from trainer.tokenizer import build_tokenizer, settle_chat_template
+from trainer.recipe.resolved import ResolvedRun
+from trainer.model.tokenizer import build_tokenizer, settle_chat_template
 
 
 def too_long_report(manifest: dict[str, Any], seq_len: int) -> str:

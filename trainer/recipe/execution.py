@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from trainer.schema import Recipe
+from trainer.recipe.schema import Recipe
 
 EngineName = Literal["native", "deepspeed"]
 AdapterMode = Literal["none", "lora", "qlora"]

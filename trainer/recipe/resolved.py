@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import architecture as arch
-from trainer.execution import Execution
-from trainer.recipe import Sources
-from trainer.schema import Recipe
+from trainer.recipe import architecture as arch
+from trainer.recipe.execution import Execution
+from trainer.recipe.read import Sources
+from trainer.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from trainer.data.batches import DataPosition, TrainData
-from trainer.loss import IGNORE
-from trainer.resolved import ResolvedRun
-from trainer.tokenizer import build_tokenizer, settle_chat_template
+from trainer.model.loss import IGNORE
+from trainer.recipe.resolved import ResolvedRun
+from trainer.model.tokenizer import build_tokenizer, settle_chat_template
 
 OPEN, CLOSE = "\x1b[42m\x1b[30m", "\x1b[0m"  # loss tokens on a green background, in a terminal
 PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"  # elsewhere

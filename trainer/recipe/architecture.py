@@ -1,9 +1,9 @@
 """The architecture of a recipe's model (a transformers config), found without downloading weights.
 
 From scratch (`model.config`): the recipe's dict, with the vocabulary the tokenizer needs. Pretrained
-(`model.name_or_path`): a local directory, the hub cache, the table of well-known models (trainer/known_models.py,
-so the shipped recipes plan offline), and only then the network (config.json, a few kB). Errors are
-`ArchitectureError`s about the arguments; resolve.py turns them into recipe problems.
+(`model.name_or_path`): a local directory, the hub cache, the table of well-known models
+(trainer/recipe/known_models.py, so the shipped recipes plan offline), and only then the network (config.json, a
+few kB). Errors are `ArchitectureError`s about the arguments; resolve.py turns them into recipe problems.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.errors import hub_problem
-from trainer.known_models import KNOWN
-from trainer.schema import ModelConfig
+from trainer.recipe.known_models import KNOWN
+from trainer.recipe.schema import ModelConfig
 
 
 class ArchitectureError(ValueError):

@@ -1,0 +1,1 @@
+"""The run: the one training loop, its metrics and preemption signals."""
