@@ -16,12 +16,13 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, NoReturn
+from typing import Any, Iterator, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SETTLE_S = 0.2  # GIL-free pause before destroying a process group (teardown)
 ERROR_TEARDOWN_WAIT_S = 60.0  # at most this (and a tenth of the collective timeout) a failing rank waits for peers
 _abandoned = False  # a failing rank left its process group with a barrier unanswered (teardown)
@@ -111,7 +112,7 @@ def distributed_context(backend: str = "auto", timeout_s: int = 1800) -> Iterato
     launched = world_size > 1 or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
     if launched and not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        kwargs = {"device_id": device} if chosen == "nccl" else {}
+        kwargs: dict[str, Any] = {"device_id": device} if chosen == "nccl" else {}
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(chosen, timeout=timeout, store=_attempt_store(rank, world_size, timeout),
                                 rank=rank, world_size=world_size, **kwargs)
@@ -209,16 +210,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather_objects(obj: object) -> list[object]:
+def gather_objects(obj: T) -> list[T]:
     """Every rank's small picklable object, on every rank (in-memory only, never from a file)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
-    out: list[object] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: T, src: int = 0) -> T:
     """Send a small picklable object from src to every rank (in-memory only, never from a file)."""
     if not (dist.is_available() and dist.is_initialized()):
         return obj

@@ -74,9 +74,9 @@ def keep_going_without_console() -> None:
     """Make sys.stdout and sys.stderr survive a closed console. Called first thing, so that every handler, progress
     bar and library that takes sys.stderr later takes the surviving one."""
     if not isinstance(sys.stdout, SurvivingConsole):
-        sys.stdout = SurvivingConsole(sys.stdout, "stdout")  # type: ignore[assignment]
+        sys.stdout = SurvivingConsole(sys.stdout, "stdout")
     if not isinstance(sys.stderr, SurvivingConsole):
-        sys.stderr = SurvivingConsole(sys.stderr, "stderr")  # type: ignore[assignment]
+        sys.stderr = SurvivingConsole(sys.stderr, "stderr")
 
 
 def _not_file_only(record: logging.LogRecord) -> bool:

@@ -170,7 +170,7 @@ def output_dir_lock(output_dir: Path, dist: DistInfo, job: str) -> Iterator[None
             lock.acquire()
         except OutputDirBusy as e:
             refusal = str(e)
-    refusal = broadcast_object(refusal)  # type: ignore[assignment]
+    refusal = broadcast_object(refusal)
     if refusal is not None:
         raise OutputDirBusy(refusal)
     try:

@@ -25,6 +25,7 @@ from trainer.adapters.lora import is_norm
 from trainer.adapters.quant import expected_4bit_bytes, quant_state_bytes, quantized_weight_bytes
 from trainer.adapters.targets import find_targets
 from trainer.dtypes import torch_dtype
+from trainer.model.causal_lm import CausalLM
 from trainer.recipe.schema import AdapterConfig
 
 BNB_MIN_8BIT_SIZE = 4096
@@ -74,7 +75,7 @@ def _quantized(name: str, p: torch.Tensor, adapter: AdapterConfig, storage: str)
     return FrozenTensor(name, (numel + 1) // (2 * itemsize), itemsize, constants)
 
 
-def frozen_tensors(meta: nn.Module, adapter: AdapterConfig, precision: str,
+def frozen_tensors(meta: CausalLM, adapter: AdapterConfig, precision: str,
                    storage: str = "uint8") -> list[FrozenTensor]:
     """Every frozen tensor of an adapter run's base (tied ones once), from the shapes of `meta`: quantized linear
     layers (not the head) in `storage`, norm scales in fp32, the rest in the precision's dtype."""
@@ -129,7 +130,7 @@ def _state_bytes(value: Any) -> int:
     return _tensor_bytes(value)
 
 
-def held_frozen_bytes(model: nn.Module) -> int:
+def held_frozen_bytes(model: CausalLM) -> int:
     """Bytes of the frozen weights this process holds now, on any device: for a ZeRO-3 parameter its partition
     (ds_tensor) plus what its .data holds (an empty placeholder once partitioned; the whole tensor while gathered,
     or if it was never partitioned), and for a 4-bit weight its quantization constants, which bitsandbytes keeps
@@ -140,12 +141,13 @@ def held_frozen_bytes(model: nn.Module) -> int:
             continue
         seen.add(id(p))
         total += _tensor_bytes(getattr(p, "ds_tensor", None)) + _tensor_bytes(p.data)
-        if type(p).__name__ == "Params4bit" and p.quant_state is not None:
-            total += sum(quant_state_bytes(p.quant_state).values())
+        state = getattr(p, "quant_state", None)
+        if type(p).__name__ == "Params4bit" and state is not None:
+            total += sum(quant_state_bytes(state).values())
     return total
 
 
-def measured(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def measured(model: CausalLM, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Model-state bytes held by real tensors (4-bit weights with their quantization state), after a step."""
     weights, seen = quantized_weight_bytes(model), set()
     for p in model.parameters():

@@ -23,6 +23,7 @@ from torch import nn
 from trainer.adapters.base_identity import absolute_if_local
 from trainer.adapters.quant import logical_numel
 from trainer.adapters.targets import ALL_LINEAR
+from trainer.model.causal_lm import CausalLM
 from trainer.recipe.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,12 @@ def lora_config(adapter: AdapterConfig) -> Any:
     from peft import LoraConfig
 
     targets = adapter.target_modules if adapter.target_modules == ALL_LINEAR else list(adapter.target_modules)
-    return LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+    # peft annotates lora_alpha as int but scales by alpha / r in floating point: a fractional alpha works
+    return LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,  # type: ignore[arg-type]
                       target_modules=targets, use_dora=adapter.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
-def no_cpu_repacking(model: nn.Module) -> None:
+def no_cpu_repacking(model: CausalLM) -> None:
     """bitsandbytes' CPU backend repacks a 4-bit weight for an inference-only kernel at the first forward in eval
     mode without grad. After an evaluation every later training step would use that kernel, whose backward is wrong
     (gradients measured off by 100%, loss shifted), and for some shapes (hidden 128) it fails outright in
@@ -53,7 +55,7 @@ def is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def prepare_frozen(model: nn.Module, gradient_checkpointing: bool) -> None:
+def prepare_frozen(model: CausalLM, gradient_checkpointing: bool) -> None:
     """Freeze every base weight, keep norm scales in fp32, and let checkpointed blocks see an input that needs
     grad (with the embeddings frozen nothing upstream of block 0 would otherwise require one)."""
     for p in model.parameters():
@@ -78,7 +80,7 @@ def _residual_stream_in_fp32(module: nn.Module, inputs: Any, output: torch.Tenso
     return output.float()
 
 
-def attach(model: nn.Module, adapter: AdapterConfig, seed: int) -> nn.Module:
+def attach(model: CausalLM, adapter: AdapterConfig, seed: int) -> CausalLM:
     """Wrap `model` in a peft model with fresh LoRA (or DoRA) weights; the same seed gives the same weights."""
     from peft import get_peft_model
 
@@ -97,21 +99,21 @@ def is_adapted(module: nn.Module) -> bool:
     return isinstance(module, PeftModel)
 
 
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
+def parameter_counts(model: CausalLM) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count the elements they stand for."""
     trainable = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(logical_numel(p) for p in model.parameters())
     return trainable, total
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state(model: CausalLM) -> dict[str, torch.Tensor]:
     """The adapter's weights as peft saves them (adapter name stripped from the keys)."""
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
-def save_adapter(model: nn.Module, directory: Path) -> None:
+def save_adapter(model: CausalLM, directory: Path) -> None:
     """A peft adapter directory (adapter_config.json + adapter_model.safetensors) that
     `PeftModel.from_pretrained(base, directory)` loads. A local base is recorded (`base_model_name_or_path`) as an
     absolute path, so that the base is found from any working directory; a hub id as given."""
@@ -126,7 +128,7 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
     config.save_pretrained(str(directory))
 
 
-def load_adapter(model: nn.Module, directory: Path) -> None:
+def load_adapter(model: CausalLM, directory: Path) -> None:
     """Put the weights of a saved adapter into `model` (same architecture and adapter settings); every
     trainable tensor must be restored, or resume would silently continue from fresh LoRA weights."""
     from peft import set_peft_model_state_dict
@@ -139,5 +141,5 @@ def load_adapter(model: nn.Module, directory: Path) -> None:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter in {directory} does not fit this model: missing {missing[:3]}, "
                          f"unexpected {extra[:3]}")
-    result = set_peft_model_state_dict(model, state)
-    assert not result.unexpected_keys, result.unexpected_keys
+    unexpected = getattr(set_peft_model_state_dict(model, state), "unexpected_keys", [])
+    assert not unexpected, unexpected

@@ -18,13 +18,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from trainer.adapters import ADAPTER_DIR, load_kwargs
 from trainer.adapters.base_identity import Identity, describe, identify, mismatch, mismatch_line
 from trainer.adapters.lora import no_cpu_repacking
 from trainer.dtypes import torch_dtype
 from trainer.errors import CheckpointError
+from trainer.model.causal_lm import CausalLM
 from trainer.model.inference import for_inference
 from trainer.paths import looks_local
 from trainer.recipe.read import saved_recipe
@@ -33,10 +33,11 @@ from trainer.recipe.schema import AdapterConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 
-def load_base(model: ModelConfig, adapter: AdapterConfig, precision: str, device: torch.device) -> nn.Module:
+def load_base(model: ModelConfig, adapter: AdapterConfig, precision: str, device: torch.device) -> CausalLM:
     """The base model as an adapter run loads it: quantized for qlora, frozen weights in the precision dtype."""
     from transformers import AutoModelForCausalLM
 
+    assert model.name_or_path is not None, "an adapter run names its base (validated)"
     extra = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
     base = AutoModelForCausalLM.from_pretrained(model.name_or_path, revision=model.revision,
                                                 trust_remote_code=model.trust_remote_code,
@@ -46,7 +47,7 @@ def load_base(model: ModelConfig, adapter: AdapterConfig, precision: str, device
 
 
 def merged_model(adapter_dir: Path, model: ModelConfig, adapter: AdapterConfig, precision: str,
-                 dtype: torch.dtype) -> nn.Module:
+                 dtype: torch.dtype) -> CausalLM:
     """A plain transformers model (no peft, no quantization) whose weights hold base + adapter, in `dtype`."""
     from peft import PeftModel
 

@@ -92,9 +92,11 @@ def quantized_weight_bytes(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         p = module._parameters.get("weight")  # its own parameter: peft's wrappers only forward `.weight`
-        kind = type(p).__name__
-        if kind == "Params4bit" and p.quant_state is not None:
-            total += whole_bytes(p) + sum(quant_state_bytes(p.quant_state).values())
+        if p is None:
+            continue
+        kind, state = type(p).__name__, getattr(p, "quant_state", None)
+        if kind == "Params4bit" and state is not None:
+            total += whole_bytes(p) + sum(quant_state_bytes(state).values())
         elif kind == "Int8Params":
             total += _tensor_bytes(p.data) + _tensor_bytes(int8_scale(module))
     return total

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from trainer.adapters.lora import is_norm
+from trainer.model.causal_lm import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def skeleton(config: Any, dtype: torch.dtype, quantization_config: Any, trust_remote_code: bool) -> nn.Module:
+def skeleton(config: Any, dtype: torch.dtype, quantization_config: Any, trust_remote_code: bool) -> CausalLM:
     """The causal LM with every parameter on the meta device (no storage) and its buffers computed as its own
     `__init__` computes them; with a quantization config, its linear layers replaced by transformers' quantizer
     exactly as `from_pretrained` replaces them (same layers, same settings, the head kept)."""
@@ -116,7 +117,8 @@ def _materialize(module: nn.Module, key: str, value: torch.Tensor, dtype: torch.
 
         settings = {k: v for k, v in old.__dict__.items() if k not in ("data", "requires_grad")}
         value = value.to(device=device, dtype=dtype)
-        return bnb.nn.Params4bit(value, requires_grad=False, **settings).to(device)
+        quantized: Any = bnb.nn.Params4bit(value, requires_grad=False, **settings)
+        return quantized.to(device)
     target = torch.float32 if is_norm(module) and value.is_floating_point() else dtype
     return nn.Parameter(value.to(device=device, dtype=target), requires_grad=False)
 

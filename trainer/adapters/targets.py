@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.model.causal_lm import CausalLM
 from trainer.recipe.schema import AdapterConfig
 
 ALL_LINEAR = "all-linear"
@@ -29,7 +30,7 @@ class Target:
     out_features: int
 
 
-def meta_model(config: Any) -> nn.Module:
+def meta_model(config: Any) -> CausalLM:
     """The causal LM of a transformers config, with parameters on the meta device (no storage)."""
     from transformers import AutoModelForCausalLM
 
@@ -45,7 +46,7 @@ def _describe(module: nn.Module) -> tuple[str, int, int]:
     return type(module).__name__, 0, 0
 
 
-def linear_names(model: nn.Module) -> list[str]:
+def linear_names(model: CausalLM) -> list[str]:
     """Short names of the linear layers LoRA could adapt (the output head excluded), e.g. ['q_proj', ...]."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     seen: dict[str, None] = {}
@@ -55,7 +56,7 @@ def linear_names(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[Target]:
+def find_targets(model: CausalLM, target_modules: list[str] | str) -> list[Target]:
     """The modules peft adapts for `target_modules` (a list of names, or 'all-linear'), in model order."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists

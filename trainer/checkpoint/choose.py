@@ -143,4 +143,4 @@ def verified_resume(resume: str, output_dir: Path, dist: DistInfo, start_over: b
     """The checkpoint a resume would continue from, its checksums verified by every rank as at resume, read."""
     path = choose_checkpoint(resume, output_dir, dist, start_over)
     point = peek_resume(output_dir, str(path)) if path is not None and dist.is_main else None
-    return broadcast_object(point)  # type: ignore[return-value]
+    return broadcast_object(point)

@@ -49,7 +49,8 @@ def _value(recipe: dict[str, Any], key: str) -> Any:
 
 def compare_recipes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(blocking differences, allowed differences), each as 'key: old -> new', by the schema's resume rules."""
-    blocking, allowed = [], []
+    blocking: list[str] = []
+    allowed: list[str] = []
     for key, rule in resume_rules().items():
         old, new = _value(saved, key), _value(current, key)
         if rule == "ignored" or _tuples_to_lists(old) == _tuples_to_lists(new):

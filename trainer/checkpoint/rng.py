@@ -14,7 +14,7 @@ import torch
 
 def rng_state() -> dict[str, Any]:
     """This process's generator states, as tensors and plain values (saved with weights_only-safe torch.save)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(), "torch": torch.get_rng_state(),
         "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),

@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypedDict
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+    def model_inputs(self, device: torch.device) -> ModelInputs:
         """The model's keyword arguments on `device`: packed rows pass their position ids and no attention mask, so
         that transformers confines attention to each run of increasing positions (padding is a run of its own)."""
         if self.position_ids is not None:
@@ -63,6 +63,14 @@ class Batch:
                     "position_ids": self.position_ids.to(device)}
         return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
                 "position_ids": None}
+
+
+class ModelInputs(TypedDict):
+    """The keyword arguments of one micro-batch's forward (Engine.forward)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
 
 
 @dataclass
@@ -218,7 +226,7 @@ class TrainData:
     @property
     def dropped(self) -> list[tuple[str, int, str]]:
         """The first dropped rows of every source: (file or dataset, line or row counted from 1, reason)."""
-        return [tuple(d) for s in self.stores for d in s.manifest["first_dropped"]]  # type: ignore[misc]
+        return [tuple(d) for s in self.stores for d in s.manifest["first_dropped"]]
 
     def _summary(self) -> dict[str, Any]:
         ms = [s.manifest for s in self.stores]

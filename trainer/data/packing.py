@@ -73,6 +73,8 @@ class Samples:
     def __init__(self, part: Part, seq_len: int, mode: str, document_mask: bool, seed: int,
                  plan_dir: Path | None = None) -> None:
         self.part, self.seq_len, self.mode, self.document_mask = part, seq_len, mode, document_mask
+        self.bin_offsets: np.ndarray
+        self.items: np.ndarray
         if mode == "concat":
             self.count = part.num_tokens // seq_len
         elif mode == "isolated":

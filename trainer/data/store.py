@@ -344,19 +344,20 @@ def build(request: StoreRequest, folder: Path, num_proc: int, progress: bool,
     workers = num_proc if size is None or size >= PARALLEL_FROM_BYTES else 1
     documents = rows_read = dropped = 0
     first_dropped: list[list[Any]] = []
-    too_long = {"choice": request.too_long if chat else None, "rows": 0, "tokens_cut": 0, "first": []}
+    long_rows, tokens_cut = 0, 0
+    first_long: list[list[Any]] = []
     bar = _progress(size, progress)
     for done, encoded in enumerate(_encoded(encoder, _chunks(rows(spec)), workers), 1):
-        masks = encoded.masks or [None] * len(encoded.ids)
+        masks: list[np.ndarray | None] = list(encoded.masks) if encoded.masks else [None] * len(encoded.ids)
         for ids, mask in zip(encoded.ids, masks):
             writers["eval" if held_out(documents, request.eval_fraction) else "train"].add(ids, mask)
             documents += 1
         rows_read += encoded.rows
         dropped += len(encoded.dropped)
         first_dropped += [list(d) for d in encoded.dropped[:FIRST_DROPPED - len(first_dropped)]]
-        too_long["rows"] += len(encoded.too_long)
-        too_long["tokens_cut"] += encoded.tokens_cut
-        too_long["first"] += [list(d) for d in encoded.too_long[:FIRST_DROPPED - len(too_long["first"])]]
+        long_rows += len(encoded.too_long)
+        tokens_cut += encoded.tokens_cut
+        first_long += [list(d) for d in encoded.too_long[:FIRST_DROPPED - len(first_long)]]
         bar.update(encoded.chars)  # characters: about the bytes read, for plain text
         bar.set_postfix_str(f"{documents:,} documents, {writers['train'].count + writers['eval'].count:,} tokens",
                             refresh=False)
@@ -371,7 +372,9 @@ def build(request: StoreRequest, folder: Path, num_proc: int, progress: bool,
         files.update(_write_plans(folder, writers, request.seq_len, request.plan_seed))
     manifest = {"fingerprint": request.fingerprint(), "dtype": dtype.name, "vocab_size": len(request.tokenizer),
                 "format": spec.format, "source": spec.source, "rows": rows_read, "documents": documents,
-                "dropped": dropped, "first_dropped": first_dropped, "too_long": too_long,
+                "dropped": dropped, "first_dropped": first_dropped,
+                "too_long": {"choice": request.too_long if chat else None, "rows": long_rows, "tokens_cut": tokens_cut,
+                             "first": first_long},
                 "tokens": {split: w.count for split, w in writers.items()},
                 "train_documents": writers["train"].documents, "content": content, "files": files,
                 "seconds": round(time.perf_counter() - started, 2), "workers": workers}

@@ -99,7 +99,8 @@ def _training_problems(r: Recipe, src: KeySource) -> list[Problem]:
 
 def _adapter_problems(r: Recipe, src: KeySource) -> list[Problem]:
     """LoRA/QLoRA under ZeRO 1-3."""
-    d, q, out = r.distributed, r.adapter.quant, []
+    d, q = r.distributed, r.adapter.quant
+    out: list[Problem] = []
     if r.adapter.type == "none":
         return out
     if r.precision.dtype == "fp16":

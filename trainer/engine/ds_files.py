@@ -34,7 +34,7 @@ SAFE_GLOBALS = (
 )
 
 
-def _safe_classes() -> list[type]:
+def _safe_classes() -> list[Any]:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

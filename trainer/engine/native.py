@@ -37,7 +37,7 @@ class NativeEngine:
     """Plain PyTorch: autocast + GradScaler, DDP with no_sync on accumulation micro-steps, clip, step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, dist: DistInfo,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, precision: Precision, dist: DistInfo,
                  grad_clip: float | None, per_layer: PerLayerUpdates | None = None) -> None:
         # build_engine moved the model before creating the optimizer: moving it again would swap the tensors of
         # INT8 weights (a tensor subclass), which drops the per-layer hooks already registered on them
@@ -49,7 +49,8 @@ class NativeEngine:
         self.dist = dist
         self.grad_clip = grad_clip
         self.per_layer = per_layer  # updates run inside backward (optim/per_layer.py), which also syncs ranks
-        self.sharded = isinstance(optimizer, ShardedOptimizer)  # distributed.zero_stage 1
+        # distributed.zero_stage 1: this rank's own optimizer over the parameters it owns
+        self.shard = optimizer if isinstance(optimizer, ShardedOptimizer) else None
         self.wrapped: nn.Module = self.module
         if dist.is_distributed and per_layer is None:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -127,8 +128,8 @@ class NativeEngine:
         parameters are read."""
         groups = self.optimizer.param_groups
         sizes = [len(g["params"]) for g in groups]
-        if self.sharded:
-            keep = [owner == self.dist.rank for owner in self.optimizer.owners]
+        if self.shard is not None:
+            keep = [owner == self.dist.rank for owner in self.shard.owners]
         else:
             keep = [True] * sum(sizes)
         if saved_owners is None:  # one full optimizer state, written by rank 0
@@ -141,23 +142,23 @@ class NativeEngine:
             raise CheckpointError(f"{directory}: its optimizer state covers {len(owners)} parameters, this model has "
                                   f"{len(keep)}", on_every_rank=True)
         per_param, settings = merge_shards(shards, owners)
-        target = self.optimizer.optim if self.sharded else self.optimizer
+        target = self.shard.optim if self.shard is not None else self.optimizer
         target.load_state_dict(select_state(per_param, settings, sizes, keep))
 
     def save(self, directory: Path) -> None:
         """Rank 0 writes weights and optimizer state: under DDP every rank holds the same copy. An adapter run
         writes only the adapter (a peft directory): the frozen base is re-read from its source on resume.
         With sharded optimizer state every rank writes its own shard first."""
-        if self.sharded:
-            save_tensors(self.optimizer.optim.state_dict(), directory / optimizer_shard_file(self.dist.rank))
+        if self.shard is not None:
+            save_tensors(self.shard.optim.state_dict(), directory / optimizer_shard_file(self.dist.rank))
         if not self.dist.is_main:
             return
         if adapters.is_adapted(self.module):
             adapters.save_adapter(self.module, directory / adapters.ADAPTER_DIR)
         else:
             self._save_weights(directory)
-        save_tensors({"optimizer": {} if self.sharded else self.optimizer.state_dict(),
-                      "optimizer_owners": list(self.optimizer.owners) if self.sharded else None,
+        save_tensors({"optimizer": {} if self.shard is not None else self.optimizer.state_dict(),
+                      "optimizer_owners": list(self.shard.owners) if self.shard is not None else None,
                       "schedule_step": self.scheduler.last_epoch, "precision": self.precision.state_dict(),
                       "per_layer": self.per_layer.state_dict() if self.per_layer else {}}, directory / STATE_FILE)
 
@@ -196,10 +197,11 @@ class NativeEngine:
             self._load_weights(directory)
         state = load_tensors(directory / STATE_FILE)
         saved_owners = state.get("optimizer_owners")
-        same_layout = saved_world_size == self.dist.world_size and (saved_owners is not None) == self.sharded
-        if same_layout and self.sharded:
-            self.optimizer.optim.load_state_dict(load_tensors(directory / optimizer_shard_file(self.dist.rank)))
-        elif same_layout or (saved_owners is None and not self.sharded):
+        sharded = self.shard is not None
+        same_layout = saved_world_size == self.dist.world_size and (saved_owners is not None) == sharded
+        if same_layout and self.shard is not None:
+            self.shard.optim.load_state_dict(load_tensors(directory / optimizer_shard_file(self.dist.rank)))
+        elif same_layout or (saved_owners is None and self.shard is None):
             self.optimizer.load_state_dict(state["optimizer"])
         else:
             self._load_resharded_optimizer(directory, state, saved_owners)

@@ -76,8 +76,9 @@ class HostBuffers:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder stack: the longest ModuleList in the model (model.layers, transformer.h, peft-wrapped too)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    longest = max(lists, key=lambda stack: len(list(stack)), default=None)
+    return list(longest) if longest is not None else []
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class ActivationOffload:
                              tuple(torch.empty(0).new_empty(tensor.size()).stride()), 0)
         else:  # the whole storage, once for every saved tensor that views it
             view = SavedView(self._storage_key(storage), tensor.dtype, tuple(tensor.size()), tuple(tensor.stride()),
-                             tensor.storage_offset())
+                             int(tensor.storage_offset()))
         self.moved[view.key].views += 1
         return view
 

@@ -48,6 +48,7 @@ from trainer.adapters import streamed
 from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.errors import fetching_from_hub
+from trainer.model.causal_lm import CausalLM
 from trainer.optim.lowrank_groups import member, targets_of
 from trainer.recipe.resolved import ResolvedRun
 
@@ -87,7 +88,7 @@ class Placement:
 WHOLE = Placement()  # the native engine, DeepSpeed ZeRO-1/2: every rank holds whole parameters
 
 
-def initialize_by_name(model: nn.Module, seed: int, gathered: Gather = _no_gather) -> None:
+def initialize_by_name(model: CausalLM, seed: int, gathered: Gather = _no_gather) -> None:
     """Initialize every module with the model's own rule, from a generator seeded by (seed, module name), in fp32
     on the CPU; `gathered` makes a partitioned module's parameters whole while it is initialized (ZeRO-3)."""
     for name, module in model.named_modules():
@@ -105,7 +106,7 @@ def initialize_by_name(model: nn.Module, seed: int, gathered: Gather = _no_gathe
                 p.data = target
 
 
-def save_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+def save_model_files(model: CausalLM, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
     """What a checkpoint needs to be exported or used without the recipe's sources (its `hf/`): the model's config
     and generation config with inference defaults, and the tokenizer (with the chat template the run used)."""
     config = copy.deepcopy(model.config)
@@ -117,7 +118,7 @@ def save_model_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path:
     tokenizer.save_pretrained(path)
 
 
-def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition) -> nn.Module:
+def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition) -> CausalLM:
     """An adapter run's base read module by module, each partitioned once loaded (see the module docstring), with
     the config and generation defaults `from_pretrained` would give it (its name too: peft writes it into the
     adapter's config as the base to load)."""
@@ -140,7 +141,7 @@ def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition)
     return model
 
 
-def _quantize_targets(model: nn.Module, run: ResolvedRun) -> None:
+def _quantize_targets(model: CausalLM, run: ResolvedRun) -> None:
     """INT8 master weights for exactly the matrices GaLore or APOLLO projects (their target rule)."""
     targets, _ = targets_of(model, run.recipe.optimizer)
     count = int8_weights.quantize_weights(model, targets)
@@ -149,7 +150,7 @@ def _quantize_targets(model: nn.Module, run: ResolvedRun) -> None:
 
 
 def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None,
-                placement: Placement = WHOLE) -> nn.Module:
+                placement: Placement = WHOLE) -> CausalLM:
     """The causal LM in fp32 on the CPU (a qlora base: quantized on `device`), vocabulary matched, adapters
     attached, checkpointing applied; the engine moves it (or, `placement.partition` given, partitions it here)."""
     m, adapter, precision = run.recipe.model, run.recipe.adapter, run.recipe.precision
@@ -164,7 +165,8 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
             load["dtype"] = torch_dtype(precision.dtype)  # the model itself in bf16: no fp32 master copy
         if m.rope_scaling:  # the resolved architecture carries it, merged into the model's own RoPE settings
             extra["config"] = copy.deepcopy(run.architecture)
-        with fetching_from_hub(m.name_or_path or ""):
+        assert m.name_or_path is not None, "no model.config: name_or_path is set (validated)"
+        with fetching_from_hub(m.name_or_path):
             model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, **load, **extra)
     else:
         dtype = torch.float32 if precision.master_weights else torch_dtype(precision.dtype)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
+
+from trainer.model.causal_lm import CausalLM
 
 
-def for_inference(model: nn.Module) -> nn.Module:
+def for_inference(model: CausalLM) -> CausalLM:
     """The KV cache on: training turns it off, and a saved `use_cache: false` makes generate() recompute every
     token (about 45x slower for 200 new tokens)."""
     model.config.use_cache = True

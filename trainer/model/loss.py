@@ -56,7 +56,7 @@ def _chunked_sum(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor
 
 class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # viewed as rows below
         total = _chunked_sum(logits, targets, grad)
         ctx.save_for_backward(grad)
@@ -64,7 +64,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor, None]:
         if ctx.done:
             raise RuntimeError("token_loss_sum's backward ran twice (retain_graph): its gradient was consumed")
         ctx.done = True

@@ -45,7 +45,7 @@ def check_base_sharded(run: ResolvedRun, model: nn.Module) -> None:
         return
     held = held_frozen_bytes(model)
     expected = base_bytes_per_rank(run, shapes(run))
-    per_rank = [int(x) for x in gather_objects(held)]  # type: ignore[call-overload]
+    per_rank = [int(x) for x in gather_objects(held)]
     worst = max(range(len(per_rank)), key=lambda r: per_rank[r])
     log.info("frozen base held per rank: %s MiB (plan: %.1f MiB per rank)",
              ", ".join(f"{b / 2**20:.1f}" for b in per_rank), expected / 2**20)

@@ -148,8 +148,8 @@ class ChatRenderer:
             self.marker = ""
 
     def render(self, messages: Messages, tools: list | None = None, gen: bool = False) -> str:
-        return self.tok.apply_chat_template(messages, tools=tools, chat_template=self.template, tokenize=False,
-                                            add_generation_prompt=gen)
+        return str(self.tok.apply_chat_template(messages, tools=tools, chat_template=self.template, tokenize=False,
+                                                add_generation_prompt=gen))
 
     def spans(self, messages: Messages, tools: list | None = None) -> tuple[str, list[Span]]:
         """The full render and the (start, end) character span of every assistant reply in it."""

@@ -53,8 +53,11 @@ class Update(Protocol):
 class Projection(Protocol):
     """A member's projection strategy: how a target's low-rank moments are fed and used."""
 
-    name: str  # for messages: "GaLore", "APOLLO"
-    keys: tuple[str, ...]  # its settings in a parameter group (the recipe's values win on resume)
+    @property
+    def name(self) -> str: ...  # for messages: "GaLore", "APOLLO"
+
+    @property
+    def keys(self) -> tuple[str, ...]: ...  # its settings in a parameter group (the recipe's values win on resume)
 
     def needs_full_gradient(self, state: dict[str, Any], group: dict[str, Any]) -> bool: ...
 
@@ -168,6 +171,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     """AdamW with low-rank moments for the groups that set `rank`, projected by `projection` (see the module
     docstring). Members construct it with their strategy (GaLoreAdamW, ApolloAdamW)."""
 
+    _group_cache: dict[Tensor, dict[str, Any]] | None = None  # parameter -> its group (_group_of)
+
     def __init__(self, params: Iterable[Any], projection: Projection, defaults: dict[str, Any]) -> None:
         if defaults["bits"] not in (8, 32):
             raise ValueError(f"bits must be 8 or 32, got {defaults['bits']}")
@@ -182,7 +187,7 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         """The group holding p (cached: per-layer hooks ask for every parameter on every step)."""
-        cache: dict[Tensor, dict[str, Any]] | None = getattr(self, "_group_cache", None)
+        cache: dict[Tensor, dict[str, Any]] | None = self._group_cache
         if cache is None or p not in cache:
             cache = {q: g for g in self.param_groups for q in g["params"]}
             self._group_cache = cache

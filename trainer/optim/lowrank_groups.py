@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.model.causal_lm import CausalLM
 from trainer.optim.apollo import ApolloAdamW
 from trainer.optim.apollo import expected_state_bytes as apollo_state_bytes
 from trainer.optim.galore import GaLoreAdamW
@@ -46,7 +47,7 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
-def select_targets(model: nn.Module, patterns: list[str] | None,
+def select_targets(model: CausalLM, patterns: list[str] | None,
                    rank: int) -> tuple[dict[nn.Parameter, str], dict[nn.Parameter, str]]:
     """({target weight: name}, {too-small matched weight: name}) by the rule in the module docstring."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -94,13 +95,13 @@ def rank_of(cfg: OptimizerConfig) -> int:
     return cfg.galore.rank
 
 
-def targets_of(model: nn.Module, cfg: OptimizerConfig) -> tuple[dict[nn.Parameter, str], dict[nn.Parameter, str]]:
+def targets_of(model: CausalLM, cfg: OptimizerConfig) -> tuple[dict[nn.Parameter, str], dict[nn.Parameter, str]]:
     """select_targets with the recipe's rank and patterns."""
     return select_targets(model, cfg.low_rank.target_modules, rank_of(cfg))  # type: ignore[union-attr]
 
 
-def lowrank_param_groups(model: nn.Module, cfg: OptimizerConfig, announce: bool = True) -> tuple[
-        list[dict[str, Any]], dict[nn.Parameter, str]]:
+def lowrank_param_groups(model: CausalLM, cfg: OptimizerConfig, announce: bool = True) -> tuple[
+        list[dict[str, Any]], dict[torch.Tensor, str]]:
     """Parameter groups (targets; other matrices; no-decay) and the names of every trainable one; `announce`
     logs the two lists (the memory plan builds the groups quietly)."""
     rank, who = rank_of(cfg), member(cfg)
@@ -109,7 +110,7 @@ def lowrank_param_groups(model: nn.Module, cfg: OptimizerConfig, announce: bool 
         side = max((min(p.shape) for p in small), default=0)
         raise ValueError(f"no target matrix has both sides larger than rank {rank} (the largest smaller side is "
                          f"{side}), so {who} would project nothing")
-    names: dict[nn.Parameter, str] = {}
+    names: dict[torch.Tensor, str] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             names.setdefault(p, name)
@@ -157,17 +158,19 @@ def lowrank_defaults(cfg: OptimizerConfig) -> dict[str, Any]:
                 bits=8 if cfg.name == "galore_adamw8bit" else 32)
 
 
-def build_lowrank(model: nn.Module, cfg: OptimizerConfig, shard_state: bool) -> torch.optim.Optimizer:
+def build_lowrank(model: CausalLM, cfg: OptimizerConfig, shard_state: bool) -> torch.optim.Optimizer:
     """GaLoreAdamW or ApolloAdamW over the model; with shard_state, each rank owns whole parameters and keeps
     only their state, balanced by state bytes (trainer/optim/sharded.py)."""
     groups, names = lowrank_param_groups(model, cfg)
     kwargs, cls = lowrank_defaults(cfg), optimizer_class(cfg)
     if not shard_state:
-        opt = cls(groups, **kwargs)  # type: ignore[arg-type]
+        opt = cls(groups, **kwargs)
         opt.param_names = names
         return opt
     sharded = ShardedOptimizer(groups, cls, state_cost, **kwargs)
-    sharded.optim.param_names = names
+    own = sharded.optim
+    assert isinstance(own, LowRankAdamW)
+    own.param_names = names
     log.info("%s state sharded over %d ranks by whole parameters: planned bytes per rank %s", member(cfg),
              sharded.world_size, sharded.rank_costs(state_cost))
     return sharded

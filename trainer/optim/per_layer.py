@@ -63,12 +63,12 @@ class PerLayerUpdates:
     """Post-accumulate-grad hooks that run a low-rank-family optimizer's per-parameter update inside backward."""
 
     def __init__(self, model: nn.Module, optimizer: LowRankAdamW, grad_clip: float | None, world_size: int) -> None:
-        params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
+        params: list[Tensor] = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.world_size = world_size
-        self.order = params[::-1]  # until the first forward has shown the order of use (record_first_use)
-        self.position = {p: i for i, p in enumerate(self.order)}
+        self.order: list[Tensor] = params[::-1]  # until the first forward shows the order of use (record_first_use)
+        self.position: dict[Tensor, int] = {p: i for i, p in enumerate(self.order)}
         self.used: dict[Tensor, None] = {}
         self.use_hooks = record_first_use(model, self.used) if world_size > 1 else []
         self.is_last = True

@@ -72,12 +72,12 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 def setting(doc: str, default: Any = None, *, resume: Resume | None = None, **bounds: Any) -> Any:
     """A key: its default, one-line doc, bounds (ge, le, gt) and, where it differs from its section's, its
     resume rule."""
-    extra = {"resume": resume} if resume else None
+    extra: dict[str, Any] | None = {"resume": resume} if resume else None
     return Field(default, description=doc, json_schema_extra=extra, **bounds)
 
 
 def section(cls: type[BaseModel], doc: str, *, resume: Resume | None = None) -> Any:
-    extra = {"resume": resume} if resume else None
+    extra: dict[str, Any] | None = {"resume": resume} if resume else None
     return Field(default_factory=cls, description=doc, json_schema_extra=extra)
 
 

@@ -158,8 +158,8 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
             t.engine.backward(loss_sum / max(loss_tokens, 1.0))
         local_sum += loss_sum.detach()
     t.faults.after_backward(step, t.engine.module)
-    tokens = sum(b.num_tokens() for b in batches)
-    total, tokens, stop = all_reduce_sums([local_sum.item(), tokens, float(t.preemption.requested)], dev)
+    local_tokens = sum(b.num_tokens() for b in batches)
+    total, tokens, stop = all_reduce_sums([local_sum.item(), local_tokens, float(t.preemption.requested)], dev)
     loss = total / max(loss_tokens, 1.0)
     t.nonfinite.check_loss(step, loss, t.checkpointer.last_good)  # raises unless steps may be skipped
     result = t.engine.step()
@@ -185,13 +185,13 @@ def _check_before_backward(t: Training, step: int, loss_sum: torch.Tensor) -> No
 def evaluate(t: Training) -> dict[str, float]:
     """Mean token loss and perplexity over the eval split (all ranks)."""
     t.engine.train(False)
-    dev, loss, count = t.dist.device, 0.0, 0
+    dev, local_loss, local_count = t.dist.device, 0.0, 0
     for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
         logits = t.engine.forward(**b.model_inputs(dev))
-        loss += token_loss_sum(logits, b.labels.to(dev)).item()
-        count += b.num_loss_tokens()
+        local_loss += token_loss_sum(logits, b.labels.to(dev)).item()
+        local_count += b.num_loss_tokens()
     t.engine.train(True)
-    loss, count = all_reduce_sums([loss, count], dev)
+    loss, count = all_reduce_sums([local_loss, local_count], dev)
     mean = loss / max(count, 1.0)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
@@ -251,7 +251,7 @@ def check_resume_base(run: ResolvedRun, point: SavedRun, dist: DistInfo) -> None
     than it was trained on (`train --force` skips this; restore() then resumes with a warning)."""
     current = base_identity(run) if dist.is_main else None
     why = base_refusal(point, current) if current is not None else None
-    why = broadcast_object(why)  # type: ignore[assignment]
+    why = broadcast_object(why)
     if why:
         raise CheckpointError(why, on_every_rank=True, exit_code=EXIT_RECIPE)
 
@@ -271,7 +271,7 @@ def train(run: ResolvedRun, *, force: bool = False) -> Summary:
     d = run.recipe.distributed
     with distributed_context(d.backend, d.timeout_s) as dist, output_dir_lock(run.output_dir, dist, job_id()):
         point = peek_resume(run.output_dir, run.recipe.checkpoint.resume) if dist.is_main else None
-        point = broadcast_object(point)  # type: ignore[assignment]
+        point = broadcast_object(point)
         if point is not None and point.step >= run.recipe.train.max_steps:  # done, if its checkpoint is sound
             point = verified_resume(run.recipe.checkpoint.resume, run.output_dir, dist, start_over=force)
         if point is not None and point.step >= run.recipe.train.max_steps:

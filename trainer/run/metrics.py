@@ -14,7 +14,7 @@ import resource
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,7 +46,7 @@ def start_wandb(cfg: LoggingConfig, output_dir: Path, run_config: dict[str, Any]
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
 
-    def init(mode: str) -> Any:
+    def init(mode: Literal["online", "offline"]) -> Any:
         return wandb.init(project=w.project, entity=w.entity, name=w.name or output_dir.name, mode=mode, tags=w.tags,
                           config=run_config, dir=str(output_dir), id=run_id, resume="allow",
                           settings=wandb.Settings(init_timeout=w.init_timeout_s))

@@ -25,6 +25,7 @@ from trainer.adapters.merge import BASE_FILE, load_base, trained_base, warn_if_o
 from trainer.recipe.architecture import max_positions
 from trainer.checkpoint.layout import read_manifest
 from trainer.checkpoint.state import recorded_base
+from trainer.model.causal_lm import CausalLM
 from trainer.errors import TrainerError, fetching_from_hub
 from trainer.use.export import load_full_weights, resolve_checkpoint
 from trainer.model.inference import for_inference
@@ -81,9 +82,10 @@ def _from_export(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
         if recorded is not None:
             warn_if_other_base(folder, recorded, identify(base_name))
         with fetching_from_hub(base_name):
-            base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype).to(device)
-        return PeftModel.from_pretrained(base, str(folder))
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+            base: CausalLM = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype)
+        return PeftModel.from_pretrained(base.to(device), str(folder))
+    model: CausalLM = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.to(device)
 
 
 def _recorded_base_of_export(folder: Path) -> dict[str, Any] | None:
@@ -140,7 +142,7 @@ def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 128, temperature
         log.warning("generating %d tokens instead of %d: the prompt's %d and the model's context of %d leave no "
                     "room for more", room, max_new_tokens, len(ids), loaded.context)
     new = _generate(loaded, ids, min(max_new_tokens, room), temperature, seed, {"eos_token_id": _eos(loaded.tokenizer)})
-    return loaded.tokenizer.decode(new, skip_special_tokens=True)
+    return str(loaded.tokenizer.decode(new, skip_special_tokens=True))
 
 
 END_OF_TURN_PROBE = "\u2063end-of-turn probe\u2063"
@@ -151,7 +153,7 @@ def end_of_turn(tok: PreTrainedTokenizerBase) -> str | None:
     Llama 3, ...): found by rendering one exchange, so any template works. None when the template shows none."""
     exchange = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
     try:
-        text = tok.apply_chat_template(exchange, tokenize=False)
+        text = str(tok.apply_chat_template(exchange, tokenize=False))
     except Exception as e:  # a template with rules of its own (a required system turn, ...): fall back to EOS
         log.debug("chat template rendering for the end-of-turn marker failed: %s", e)
         return None
@@ -215,7 +217,7 @@ def reply(loaded: Loaded, messages: list[dict[str, str]], max_new_tokens: int = 
     fitted = fit(tok, messages, loaded.context, max_new_tokens)
     marker = end_of_turn(tok)
     new = _generate(loaded, fitted.ids, fitted.new_tokens, temperature, seed, turn_stops(tok, marker))
-    answer = tok.decode(new, skip_special_tokens=False)
+    answer = str(tok.decode(new, skip_special_tokens=False))
     for stop in (marker, tok.eos_token):
         if stop and stop in answer:
             answer = answer[:answer.index(stop)]
