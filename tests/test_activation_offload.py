@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import QUICKSTART, TEST_DATA, read_metrics, tiny
-from tests.test_adapters import recipe_args
+from tests.helpers import QUICKSTART, TEST_DATA, read_metrics, tiny
+from tests.helpers import recipe_args
 from trainer.model.activation_offload import ActivationOffload, decoder_layers
 from trainer.distributed import distributed_context
 from trainer.run.loop import Training, run_loop, setup, train_step

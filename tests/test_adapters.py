@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import LLAMA, QUICKSTART, QWEN2, save_base
+from tests.helpers import (LLAMA, QUICKSTART, QWEN2, adapter_run, fixed_ids, linear_weights, logits_of, lora_formula,
+                           qlora, recipe_args, same_shape_other_base, save_base)
 from trainer import adapters
 from trainer.__main__ import main
 from trainer.adapters.base_identity import differences, identify, mismatch
@@ -25,53 +25,13 @@ from trainer.adapters.quant import bits_per_param, expected_4bit_bytes
 from trainer.adapters.targets import find_targets, lora_param_count, meta_model
 from trainer.model.build import build_model
 from trainer.optim import build_optimizer
-from trainer.recipe.resolve import resolve_recipe
-from trainer.recipe.resolved import ResolvedRun
 from trainer.recipe.schema import (
     AdapterConfig,
-    DataConfig,
     ModelConfig,
     OptimizerConfig,
-    PrecisionConfig,
     QuantConfig,
-    Recipe,
-    TrainConfig,
 )
 from trainer.model.tokenizer import byte_tokenizer
-
-
-def adapter_run(base: Path, adapter: AdapterConfig, precision: str, seed: int = 0) -> ResolvedRun:
-    """A run over a saved base with these adapter settings (the byte tokenizer, built-in data)."""
-    recipe = Recipe(model=ModelConfig(name_or_path=str(base), tokenizer="byte"), adapter=adapter,
-                    precision=PrecisionConfig(dtype=precision), train=TrainConfig(seed=seed),
-                    data=DataConfig(source="builtin:python_stdlib"))
-    return resolve_recipe(recipe, world_size=1)
-
-
-def recipe_args(out: Path, base: Path, data: Path, *extra: str, steps: int = 8) -> list[str]:
-    """QLoRA on Alpaca over a saved base, as overrides of the quickstart recipe."""
-    return [f"output_dir={out}", "model.config=null", f"model.name_or_path={base}", "model.tokenizer=null",
-            f"data.source={data / 'alpaca_tasks.json'}", "data.format=alpaca", "data.seq_len=256",
-            "data.max_documents=200",
-            "data.eval_fraction=0", "train.eval_every_steps=0", f"train.max_steps={steps}",
-            "train.micro_batch_size=2", "precision.dtype=bf16", "adapter.type=qlora", "adapter.rank=8",
-            "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "optimizer.schedule=constant", "logging.every_steps=1",
-            "logging.progress_bar=false", "logging.plot=false", "checkpoint.every_steps=0", *extra]
-
-
-def qlora(**quant: Any) -> AdapterConfig:
-    return AdapterConfig(type="qlora", rank=8, quant=QuantConfig(**quant))
-
-
-def fixed_ids() -> torch.Tensor:
-    return torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
-
-
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, autocast: bool = True) -> torch.Tensor:
-    model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        return model(input_ids=fixed_ids()).logits.float()
 
 
 def randomize_lora_b(model: torch.nn.Module, seed: int = 1) -> None:
@@ -80,11 +40,6 @@ def randomize_lora_b(model: torch.nn.Module, seed: int = 1) -> None:
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
-def linear_weights(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    head = model.get_output_embeddings()
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
 
 
 # ---------------------------------------------------------------------------------------------- quantization
@@ -138,15 +93,6 @@ def test_int8_base_is_llm_int8(llama_base: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- adapter shapes
-
-def lora_formula(arch: dict[str, Any], rank: int, targets: set[str]) -> int:
-    """r*(in+out) summed over adapted linear layers, written out from the architecture's sizes."""
-    h, f, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
-    hd = h // arch["num_attention_heads"]
-    q, kv = arch["num_attention_heads"] * hd, arch["num_key_value_heads"] * hd
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, f),
-              "up_proj": (h, f), "down_proj": (f, h)}
-    return layers * sum(rank * (i + o) for name, (i, o) in shapes.items() if name in targets)
 
 
 @pytest.mark.parametrize("family,targets", [("llama", "all-linear"), ("qwen2", "all-linear"),
@@ -309,17 +255,6 @@ def test_model_state_formula_matches_real_tensors(tmp_path: Path, adapter: Adapt
 
 
 # ------------------------------------------------------------------------------------------------ base identity
-
-def same_shape_other_base(base: Path, other: Path) -> Path:
-    """A copy of `base` with every weight changed a little: the same config, file sizes and safetensors header
-    (names, dtypes, shapes, offsets, metadata), other weights: what an export replaced by another fine-tune is."""
-    shutil.copytree(base, other, dirs_exist_ok=True)
-    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = {name: t + 0.01 for name, t in load_file(str(base / "model.safetensors")).items()}
-    save_file(tensors, str(other / "model.safetensors"), metadata=metadata)
-    return other
-
 
 def header_bytes(f: Path) -> bytes:
     data = f.read_bytes()

@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from tests import deepspeed_probe
-from tests.conftest import LLAMA, QUICKSTART, TEST_DATA, read_metrics, run_cli, save_base
-from tests.test_adapters import adapter_run, fixed_ids, logits_of, qlora, recipe_args
-from tests.test_checkpoint import losses, ok
+from tests.helpers import LLAMA, QUICKSTART, TEST_DATA, read_metrics, run_cli, save_base
+from tests.helpers import adapter_run, fixed_ids, logits_of, qlora, recipe_args
+from tests.helpers import losses, ok
 from trainer import adapters
 from trainer.adapters import streamed
 from trainer.adapters.footprint import held_frozen_bytes

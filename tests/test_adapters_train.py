@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import LLAMA, QUICKSTART, QWEN2, ROOT, TEST_DATA, read_metrics, run_cli
-from tests.test_adapters import linear_weights, logits_of, lora_formula, qlora, recipe_args, same_shape_other_base
+from tests.helpers import LLAMA, QUICKSTART, QWEN2, ROOT, TEST_DATA, read_metrics, run_cli, same_shape_other_base
+from tests.helpers import linear_weights, logits_of, lora_formula, qlora, recipe_args
 from trainer import adapters
 from trainer.adapters.merge import load_base
 from trainer.checkpoint.layout import complete_checkpoints

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import QUICKSTART
+from tests.helpers import QUICKSTART, small_llama
 from trainer.errors import ConfigError
 from trainer.optim.apollo import ApolloAdamW, expected_state_bytes, projection_seed, random_projection
 from trainer.optim.lowrank import state_bytes
@@ -144,9 +144,8 @@ def test_projection_is_regenerated_from_the_seed_never_stored() -> None:
 def test_apollo_mini_state_is_sgd_like() -> None:
     """APOLLO-Mini on a Llama: the targets' state is two 1 x n vectors each; against AdamW's 2 mn the whole state
     shrinks to the plain-AdamW tensors' (embeddings, norms) plus a few KB."""
-    from tests.test_galore import llama
 
-    model = llama()
+    model = small_llama()
     cfg = OptimizerConfig(name="apollo_mini", lr=1e-3)
     opt = build_lowrank(model, cfg, shard_state=False)
     for p in model.parameters():

@@ -13,12 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_galore_train import killed_at_8_resumes_bitwise, max_diff, train_in_process
+from tests.helpers import APOLLO, killed_at_8_resumes_bitwise, max_diff, train_in_process
 from trainer.checkpoint.layout import complete_checkpoints
 
-# rank 16 = hidden 64 / 4; new projections at steps 1, 5, 9 (update_gap 4), so 10 steps cross two renewals.
-APOLLO = ["optimizer.name=apollo_adamw", "optimizer.apollo.rank=16", "optimizer.apollo.update_gap=4",
-          "precision.dtype=fp32"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,15 +17,14 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import QUICKSTART, ROOT, free_port, read_metrics, run_cli, tiny
+from tests.helpers import (QUICKSTART, ROOT, assert_bitwise_equal, final_weights, free_port, losses, ok,
+                           read_metrics, run_cli, tiny)
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.data.batches import TrainData
 from trainer.data.identity import data_changes
 from trainer.distributed import distributed_context
-from trainer.engine.ds_shards import consolidated_weights
 from trainer.errors import CheckpointError, UnsafeFileError
 from trainer.use.export import export
 from trainer.run.loop import run_loop, setup, train
@@ -38,35 +37,6 @@ from trainer.model.tokenizer import byte_tokenizer
 def ckpt_args(out: Path, *extra: str, steps: int = 12) -> list[str]:
     return ["train", str(QUICKSTART), *tiny(out, "checkpoint.every_steps=4", "train.micro_batch_size=2", *extra,
                                              steps=steps)]
-
-
-def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's fp32 weights: model.safetensors, or (DeepSpeed ZeRO-3 by default writes none) consolidated
-    from DeepSpeed's shards, as export does."""
-    if not (path / "model.safetensors").is_file():
-        return dict(consolidated_weights(path))
-    return load_file(str(path / "model.safetensors"))
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    """The newest checkpoint's fp32 weights."""
-    return checkpoint_weights(complete_checkpoints(out)[-1][1])
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-def losses(out: Path, steps: range) -> list[float]:
-    by_step = {r["step"]: r["loss"] for r in read_metrics(out)}
-    return [by_step[s] for s in steps]
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import prerequisite_overrides
+from tests.helpers import prerequisite_overrides
 from trainer.__main__ import main
 from trainer.errors import ConfigError
 from trainer.recipe.read import load_recipe

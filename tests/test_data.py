@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tests.conftest import QUICKSTART, TEST_DATA
+from tests.helpers import QUICKSTART, TEST_DATA
 from trainer.__main__ import main
 from trainer.data.batches import Batch, DataPosition, TrainData, collate
 from trainer.data.order import Permutation, seed_int

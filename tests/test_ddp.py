@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
+from tests.helpers import QUICKSTART, read_metrics, run_cli, tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.timeout(600)]
 

@@ -31,8 +31,8 @@ import torch
 import yaml
 
 from tests import deepspeed_probe
-from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_metrics, run_cli, tiny
-from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
+from tests.helpers import QUICKSTART, ROOT, TEST_DATA, read_metrics, run_cli, tiny
+from tests.helpers import assert_bitwise_equal, final_weights, losses, ok
 from trainer.__main__ import main
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.errors import UnsafeFileError

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests import deepspeed_probe
-from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_metrics, tiny
-from tests.test_adapters import recipe_args
+from tests.helpers import QUICKSTART, ROOT, TEST_DATA, read_metrics, tiny
+from tests.helpers import recipe_args
 from trainer.checkpoint.layout import complete_checkpoints, writer_of
 
 FP32 = ["precision.dtype=fp32", "optimizer.warmup_steps=0", "logging.every_steps=1", "checkpoint.keep_last=3"]

@@ -40,9 +40,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests import deepspeed_probe
-from tests.conftest import QUICKSTART, TEST_DATA, read_metrics, tiny
-from tests.test_adapters import recipe_args
-from tests.test_checkpoint import checkpoint_weights
+from tests.helpers import QUICKSTART, TEST_DATA, read_metrics, tiny
+from tests.helpers import recipe_args
+from tests.helpers import checkpoint_weights
 from trainer import adapters
 from trainer.checkpoint.layout import MANIFEST, complete_checkpoints, step_name, writer_of
 from trainer.use.export import export

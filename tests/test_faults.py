@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICKSTART, ROOT, read_metrics, run_cli, tiny
+from tests.helpers import QUICKSTART, ROOT, read_metrics, run_cli, tiny
 from trainer.__main__ import main
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.engine import op_builds

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import QUICKSTART
+from tests.helpers import QUICKSTART, small_llama
 from trainer.errors import ConfigError
 from trainer.optim.galore import (
     PROJ_TYPES,
@@ -35,13 +34,6 @@ SHAPES = {"tall": (48, 20), "wide": (20, 48)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def llama(tie: bool = False) -> LlamaForCausalLM:
-    """A Llama with every kind of matrix: square q/o, wide k/v (kv heads), tall gate/up, wide down."""
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
 
 
 def galore_cfg(**galore: object) -> OptimizerConfig:
@@ -96,7 +88,7 @@ def test_randomized_svd_finds_the_subspace_seeded_and_leaves_the_rng_alone() -> 
 
 
 def test_default_targets_are_attention_and_mlp_projections(caplog: pytest.LogCaptureFixture) -> None:
-    model = llama()
+    model = small_llama()
     targets, small = select_targets(model, None, rank=8)
     kinds = sorted({name.split(".")[-2] for name in targets.values()})
     assert kinds == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -107,12 +99,12 @@ def test_default_targets_are_attention_and_mlp_projections(caplog: pytest.LogCap
     assert "plain AdamW on 7 tensors (embed_tokens 1, input_layernorm 2, post_attention_layernorm 2, norm 1, " \
            "lm_head 1)" in caplog.text
     assert [len(g["params"]) for g in groups] == [14, 2, 5]  # targets; embed + head; norms
-    tied = select_targets(llama(tie=True), None, rank=8)[0]  # the head tied to the embeddings is no target
+    tied = select_targets(small_llama(tie=True), None, rank=8)[0]  # the head tied to the embeddings is no target
     assert len(tied) == 14
 
 
 def test_target_patterns_too_small_matrices_and_unknown_names(caplog: pytest.LogCaptureFixture) -> None:
-    model = llama()
+    model = small_llama()
     targets, small = select_targets(model, ["q_proj", "model.layers.1.mlp.*"], rank=8)
     assert sorted(targets.values()) == sorted(["model.layers.0.self_attn.q_proj.weight",
                                                "model.layers.1.self_attn.q_proj.weight",
@@ -172,7 +164,7 @@ def test_state_bytes_equal_the_formula(rank: int, bits: int) -> None:
     """Counted from the real state tensors after a step, for every proj_type; 8-bit with bitsandbytes'
     threshold (4096 elements: only embeddings and head quantize at this size) and with every moment
     quantized (threshold 256)."""
-    model = llama()
+    model = small_llama()
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     for proj_type in PROJ_TYPES:
@@ -285,7 +277,7 @@ def test_state_round_trips_with_weights_only_and_continues_bitwise() -> None:
 
 def test_builder_names_and_sharding_flag() -> None:
     cfg = OptimizerConfig(name="galore_adamw8bit", galore=GaloreConfig(rank=16))
-    opt = build_lowrank(llama(), cfg, shard_state=False)
+    opt = build_lowrank(small_llama(), cfg, shard_state=False)
     assert isinstance(opt, GaLoreAdamW) and {g["bits"] for g in opt.param_groups} == {8}
     assert "model.layers.0.mlp.up_proj.weight" in opt.param_names.values()
 
@@ -327,7 +319,7 @@ def test_sharding_partition_balances_state_bytes_not_sizes() -> None:
     model the embedding holds full AdamW state while a projected matrix of the same size holds a fraction;
     balancing bytes splits the real state evenly where balancing element counts would not."""
     assert partition([100, 60, 50, 40, 10], 2) == [0, 1, 1, 0, 1]  # loads 140 / 120
-    model = llama(tie=True)
+    model = small_llama(tie=True)
     groups, _ = lowrank_param_groups(model, galore_cfg(rank=8))
     flat = [(p, {"rank": None, "proj_type": "std", "bits": 32, "min_8bit_size": 4096, **g})
             for g in groups for p in g["params"]]

@@ -11,65 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
-from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
+from tests.helpers import GALORE, QUICKSTART, killed_at_8_resumes_bitwise, max_diff, tiny, train_in_process
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.distributed import distributed_context
-from trainer.run.loop import Training, run_loop, setup, token_loss_sum
+from trainer.run.loop import Training, setup, token_loss_sum
 from trainer.optim.per_layer import PerLayerUpdates
 from trainer.recipe.resolve import resolve
 from trainer.safeio import load_tensors
-
-# rank 16 = hidden 64 / 4; refreshes at steps 1, 5, 9 (update_gap 4), so 10 steps cross two of them.
-GALORE = ["optimizer.name=galore_adamw", "optimizer.galore.rank=16", "optimizer.galore.update_gap=4",
-          "precision.dtype=fp32"]
-
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds contention on a busy machine
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def killed_at_8_resumes_bitwise(tmp_path: Path, overrides: list[str]) -> Path:
-    """A 10-step run with checkpoints every 3 steps, and the same run killed after step 8 and resumed from step 6:
-    losses, gradient norms and final weights bitwise equal. Returns the resumed run's output_dir."""
-    def args(out: Path) -> list[str]:
-        return ["train", str(QUICKSTART), *tiny(out, *overrides, "checkpoint.every_steps=3", steps=10)]
-
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    ok(run_cli(args(ref), env=ONE_THREAD))
-    assert run_cli(args(out), env={**ONE_THREAD, "TRAINER_FAULT": "sigkill@8"}).returncode != 0
-    resumed = ok(run_cli(args(out), env=ONE_THREAD))
-    assert "resume: auto picked step-000006" in resumed.stderr
-    assert losses(out, range(1, 11)) == losses(ref, range(1, 11))
-    assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(ref)]
-    assert_bitwise_equal(final_weights(out), final_weights(ref))
-    return out
-
-
 def snapshot(run: Training) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
-
-
-def train_in_process(overrides: list[str], steps: int = 10) -> tuple[dict[str, torch.Tensor], list[dict],
-                                                                     dict[str, torch.Tensor]]:
-    """Final parameters, metrics rows and initial parameters of a run in this process."""
-    out = Path([o for o in overrides if o.startswith("output_dir=")][-1].split("=", 1)[1])
-    cfg = resolve(QUICKSTART, [*tiny(out, steps=steps), "checkpoint.save_final=false", *overrides])
-    with distributed_context() as dist:
-        run = setup(cfg, dist)
-        initial = snapshot(run)
-        try:
-            run_loop(run)
-        finally:
-            run.metrics.close()
-        return snapshot(run), read_metrics(out), initial
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
@@ -157,17 +112,6 @@ def test_per_layer_never_holds_a_full_set_of_gradients(tmp_path: Path, monkeypat
     plain = [t for last, full, _, t in seen if not full]
     assert plain and max(plain) <= 1  # non-refresh steps: only the target being folded/applied
     assert max(t for *_, t in seen) == n_targets  # step 1 refreshes: summed gradients are needed
-
-
-def tensor_bytes(obj: object) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
 
 
 # --- resume with 8-bit moments (the 2-process tests of the family: tests/test_lowrank_ddp.py) ---------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, gpu_available, read_metrics, run_cli, tiny
+from tests.helpers import QUICKSTART, gpu_available, read_metrics, run_cli, tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")]
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import QUICKSTART, ROOT
+from tests.helpers import QUICKSTART, ROOT
 
 PACKAGE = ROOT / "trainer"
 
@@ -169,3 +169,16 @@ def test_the_execution_is_derived_in_one_place() -> None:
     found = [hit for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(ROOT).as_posix() not in DERIVES
              for hit in derivations(p)]
     assert not found, "read ResolvedRun.execution instead of re-deriving it:\n" + "\n".join(found)
+
+
+def test_test_modules_share_helpers_through_helpers_py() -> None:
+    """A test module imports what tests share from tests/helpers.py (or the probes), never from another test
+    module or from conftest.py."""
+    tests = ROOT / "tests"
+    crossing = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tests."):
+                if node.module.split(".")[1].startswith(("test_", "conftest")):
+                    crossing.append(f"{path.name}: from {node.module} import ...")
+    assert not crossing, crossing

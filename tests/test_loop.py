@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
+from tests.helpers import QUICKSTART, read_metrics, run_cli, tiny
 from trainer.__main__ import enable_faulthandler
 from trainer.distributed import distributed_context
 from trainer.run.loop import Training, run_loop, setup, token_loss_sum

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import trainer.model.loss as loss_module
-from tests.conftest import QUICKSTART
+from tests.helpers import QUICKSTART
 from tests.memory_probe import loss_bytes_per_logit
 from trainer.model.loss import token_loss_sum
 from trainer.plan.activations import logits_bytes

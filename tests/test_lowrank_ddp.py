@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, run_cli, tiny
-from tests.test_apollo_train import APOLLO
-from tests.test_checkpoint import assert_bitwise_equal, final_weights, losses, ok
-from tests.test_galore_train import GALORE, ONE_THREAD, max_diff, tensor_bytes
+from tests.helpers import QUICKSTART, run_cli, tiny
+from tests.helpers import APOLLO
+from tests.helpers import assert_bitwise_equal, final_weights, losses, ok
+from tests.helpers import GALORE, ONE_THREAD, max_diff, tensor_bytes
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.safeio import load_tensors
 

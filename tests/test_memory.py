@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, ROOT
+from tests.helpers import QUICKSTART, ROOT
 from tests.memory_probe import measure, tied_gradient_held
 from trainer.plan.activations import forward_backward_bytes
 from trainer.plan.items import GiB, Param, Shapes

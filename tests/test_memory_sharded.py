@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests import deepspeed_probe
-from tests.conftest import QUICKSTART, TEST_DATA, tiny
-from tests.test_adapters import recipe_args
+from tests.helpers import QUICKSTART, TEST_DATA, tiny
+from tests.helpers import recipe_args
 from trainer.plan.optimizer_state import sharded_state_loads
 from trainer.plan.peak import plan
 from trainer.plan.shapes import shapes

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LLAMA, QUICKSTART, save_base, tiny
+from tests.helpers import LLAMA, QUICKSTART, save_base, tiny
 from tests.deepspeed_probe import count_native_bytes
 from trainer.distributed import distributed_context
 from trainer.run.loop import setup, train_step

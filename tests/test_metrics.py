@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, read_metrics, run_cli, tiny
+from tests.helpers import QUICKSTART, read_metrics, run_cli, tiny
 from trainer.run.metrics import Metrics, plot
 from trainer.recipe.schema import LoggingConfig
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import LLAMA, QWEN2, QUICKSTART, TEST_DATA, read_only, run_cli, snapshot, tiny
+from tests.helpers import LLAMA, QWEN2, QUICKSTART, TEST_DATA, read_only, run_cli, snapshot, tiny
 from trainer.data.batches import Batch, DataPosition, TrainData, collate, open_stores
 from trainer.data.plans import best_fit_decreasing
 from trainer.model.loss import IGNORE, token_loss_sum

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import QUICKSTART, ROOT, prerequisite_overrides
+from tests.helpers import QUICKSTART, ROOT, prerequisite_overrides
 from trainer.__main__ import main
 from trainer.errors import ConfigError
 from trainer.plan.shapes import shapes

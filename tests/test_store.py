@@ -18,7 +18,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tests.conftest import QUICKSTART, ROOT, TEST_DATA, read_only
+from tests.helpers import QUICKSTART, ROOT, TEST_DATA, read_only, run_cli, tiny
 from trainer.data.batches import DataPosition, TrainData, open_stores
 from trainer.data.store import MANIFEST, token_dtype
 from trainer.errors import DataError
@@ -189,7 +189,6 @@ def test_an_empty_source_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_train_logs_whether_it_built_or_opened_the_store(tmp_path: Path) -> None:
-    from tests.conftest import run_cli, tiny
 
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     first = run_cli(["train", str(QUICKSTART), *tiny(tmp_path / "a", cache, steps=1)])

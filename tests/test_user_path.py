@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tests.conftest import QUICKSTART, ROOT, TEST_DATA, run_cli, tiny
+from tests.helpers import QUICKSTART, ROOT, TEST_DATA, run_cli, tiny
 from trainer.__main__ import main
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.model.tokenizer import CHATML
