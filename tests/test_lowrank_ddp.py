@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import QUICKSTART, run_cli, tiny
-from tests.helpers import APOLLO
-from tests.helpers import assert_bitwise_equal, final_weights, losses, ok
-from tests.helpers import GALORE, ONE_THREAD, max_diff, tensor_bytes
+from tests import deepspeed_probe
+from tests.helpers import (APOLLO, GALORE, ONE_THREAD, QUICKSTART, assert_bitwise_equal, final_weights, losses,
+                           max_diff, ok, run_cli, tensor_bytes, tiny)
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.safeio import load_tensors
 
@@ -40,29 +39,39 @@ class References:
     family: Family
     ddp: Path  # standard updates under DDP, 2 processes, micro-batch 1 x accumulation 2, 12 steps
     sharded: Path  # the same with zero_stage 1
+    per_layer: Path  # the same with per-layer updates under DDP
+
+
+def overrides(family: Family, out: Path, *extra: str) -> list[str]:
+    return tiny(out, *family.recipe, "optimizer.grad_clip=null", "train.micro_batch_size=1",
+                "train.grad_accum_steps=2", "checkpoint.every_steps=3", *extra, steps=12)
 
 
 def ddp_args(family: Family, out: Path, *extra: str) -> list[str]:
-    return ["train", str(QUICKSTART), *tiny(out, *family.recipe, "optimizer.grad_clip=null",
-                                             "train.micro_batch_size=1", "train.grad_accum_steps=2",
-                                             "checkpoint.every_steps=3", *extra, steps=12)]
+    return ["train", str(QUICKSTART), *overrides(family, out, *extra)]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def refs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> References:
-    family = FAMILIES[request.param]
-    ddp = tmp_path_factory.mktemp(f"{request.param}-ddp") / "run"
-    sharded = tmp_path_factory.mktemp(f"{request.param}-zero1") / "run"
-    ok(run_cli(ddp_args(family, ddp), nproc=2, env=ONE_THREAD))
-    ok(run_cli(ddp_args(family, sharded, "distributed.zero_stage=1"), nproc=2, env=ONE_THREAD))
-    return References(family, ddp, sharded)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, References]:
+    """For both families, the DDP, sharded and per-layer runs, trained in one 2-rank launch."""
+    root = tmp_path_factory.mktemp("lowrank-ddp")
+    spec = []
+    for name, family in FAMILIES.items():
+        for kind, extra in (("ddp", []), ("sharded", ["distributed.zero_stage=1"]), ("per_layer", [family.per_layer])):
+            spec.append({"name": f"{name}-{kind}", "overrides": overrides(family, root / f"{name}-{kind}", *extra)})
+    deepspeed_probe.launch(root, spec, QUICKSTART, timeout=1200)
+    return {name: References(family, root / f"{name}-ddp", root / f"{name}-sharded", root / f"{name}-per_layer")
+            for name, family in FAMILIES.items()}
 
 
-def test_ddp_per_layer_equals_standard(tmp_path: Path, refs: References) -> None:
-    out = tmp_path / "run"
-    ok(run_cli(ddp_args(refs.family, out, refs.family.per_layer), nproc=2, env=ONE_THREAD))
-    assert max_diff(final_weights(refs.ddp), final_weights(out)) <= 1e-5
-    assert losses(out, range(1, 13)) == pytest.approx(losses(refs.ddp, range(1, 13)), abs=1e-5)
+@pytest.fixture(params=list(FAMILIES))
+def refs(request: pytest.FixtureRequest, runs: dict[str, References]) -> References:
+    return runs[request.param]
+
+
+def test_ddp_per_layer_equals_standard(refs: References) -> None:
+    assert max_diff(final_weights(refs.ddp), final_weights(refs.per_layer)) <= 1e-5
+    assert losses(refs.per_layer, range(1, 13)) == pytest.approx(losses(refs.ddp, range(1, 13)), abs=1e-5)
 
 
 def test_sharded_state_same_trajectory_split_per_rank(refs: References) -> None:
