@@ -48,7 +48,10 @@ def qwen_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n 2 --dist loadgroup`): tests that launch several processes run one at a time on one
     worker (each already uses every core), and each other module stays on one worker, so its module fixtures are
-    built once; the two workers then run a multi-process test and single-process modules side by side."""
+    built once; the two workers then run a multi-process test and single-process modules side by side. Without
+    pytest-xdist the groups mean nothing and are not added (its `xdist_group` marker would be unknown)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
     for item in items:
         group = "multiprocess" if item.get_closest_marker("multiprocess") else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
