@@ -347,6 +347,25 @@ def test_prepare_and_data_show_report_long_examples(tmp_path: Path, capsys: pyte
             in capsys.readouterr().out)
 
 
+def test_data_show_reports_the_fill_of_the_training_samples_only(tok: Any, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The held-out rows are not in the training samples: `data --show` once divided every token, eval included, by
+    the training positions (60.5% against train's log of 47.9% on the chat example). Reference: the samples."""
+    source = str(DATA / "alpaca_tasks.json")
+    overrides = [f"data.source={source}", "data.format=alpaca", "data.seq_len=128", "data.packing=false",
+                 "data.eval_fraction=0.25", "train.micro_batch_size=2", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]
+    assert main(["data", str(QUICKSTART), "--show", "1", *overrides]) == 0
+    shown = float(re.search(r"([\d.]+)% of their positions hold tokens", capsys.readouterr().out).group(1))
+    data = make(tok, source=source, format="alpaca", seq_len=128, packing=False, eval_fraction=0.25,
+                cache_dir=str(tmp_path / "cache"))
+    (samples,) = data.train_sets
+    real = sum(len(samples.get(i)[0]) for i in range(len(samples)))
+    assert data.num_eval_samples > 0.2 * len(samples)  # enough held out for the old figure to be far off
+    assert shown == pytest.approx(100 * real / (len(samples) * 128), abs=0.05)
+    assert shown == pytest.approx(100 * data.train_fill, abs=0.05)  # the figure `train` logs
+
+
 # --------------------------------------------------------------------------------------------- bad rows
 
 def test_bad_alpaca_rows_are_counted_with_row_numbers(tok: Any, tmp_path: Path,

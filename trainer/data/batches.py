@@ -235,16 +235,20 @@ class TrainData:
         s, c = self.summary, self.cfg
         modes = ", ".join(sorted({x.mode + (" with documents kept apart" if x.document_mask else "")
                                   for x in self.train_sets}))
-        fill = sum(x.fill * len(x) for x in self.train_sets) / max(1, sum(len(x) for x in self.train_sets))
         log.info("data: %d documents (%d dropped), %d tokens -> %d train / %d eval samples of <= %d tokens (%s; "
                  "%.1f%% of their positions hold tokens); one epoch = %d optimizer steps of %d samples",
                  s["documents"], s["dropped"], s["tokens"], self.num_train_samples, self.num_eval_samples, c.seq_len,
-                 modes, 100 * fill, self.steps_per_epoch, self.global_batch_size)
+                 modes, 100 * self.train_fill, self.steps_per_epoch, self.global_batch_size)
         if len(self.specs) > 1:
             parts = [f"{spec.source}: {share} samples ({share / max(1, self.num_train_samples):.1%}), "
                      f"{store.train.num_tokens:,} tokens" for spec, share, store in zip(self.specs, self.shares,
                                                                                           self.stores)]
             log.info("data: mixture per epoch: %s", "; ".join(parts))
+
+    @property
+    def train_fill(self) -> float:
+        """The share of the training samples' positions that hold tokens (eval samples are not trained on)."""
+        return sum(x.fill * len(x) for x in self.train_sets) / max(1, sum(len(x) for x in self.train_sets))
 
     def _check_sizes(self) -> None:
         g, n, c = self.global_batch_size, self.num_train_samples, self.cfg
