@@ -188,6 +188,23 @@ def test_shipped_recipes_are_listed_and_copied(tmp_path: Path, capsys: pytest.Ca
     assert main(["recipes", "copy", "nope", str(tmp_path)]) == 1 and "lists them" in capsys.readouterr().err
 
 
+def test_recipes_lists_the_plans_peak_not_the_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header's planned peak is a note for its reader and can lag behind the plan (11.64 GiB stated, 11.63 planned):
+    `recipes` prints the plan's own figure for the header's number of GPUs."""
+    from trainer import catalog
+    from trainer.plan.peak import plan
+    from trainer.resolve import resolve
+
+    shipped = (ROOT / "recipes" / "24gb" / "llama3-8b-qlora.yaml").read_text()
+    (tmp_path / "24gb").mkdir()
+    stale = tmp_path / "24gb" / "llama3-8b-qlora.yaml"
+    stale.write_text(re.sub(r"planned peak [\d.]+ GiB", "planned peak 99.99 GiB", shipped))
+    monkeypatch.setattr(catalog, "RECIPES", tmp_path)
+    listing = catalog.table()
+    planned = plan(resolve(stale)).peak_bytes / 2**30
+    assert "99.99" not in listing and f"1 x 24GiB   {planned:.2f} GiB per GPU" in listing, listing
+
+
 @pytest.mark.slow
 def test_the_wheel_carries_the_recipes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
@@ -196,6 +213,7 @@ def test_the_wheel_carries_the_recipes(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("trainer-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "trainer/recipes/quickstart.yaml" in names and "trainer/recipes/24gb/llama3-8b-qlora.yaml" in names
+    assert "trainer/data/corpora/shakespeare.txt.gz" in names  # builtin:shakespeare, the quickstart's data
 
 
 def test_data_show_marks_the_tokens_that_carry_the_loss(capsys: pytest.CaptureFixture[str]) -> None:
