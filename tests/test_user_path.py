@@ -260,13 +260,14 @@ def test_the_local_chat_example_runs_end_to_end(tmp_path: Path) -> None:
                  "train.eval_every_steps=0", "data.eval_fraction=0", "logging.plot=false"],
                 ["export", str(runs / "quickstart"), "--out", str(runs / "quickstart-export")],
                 ["train", "recipes/examples/chat-qlora-local.yaml", f"output_dir={runs / 'chat'}",
-                 f"model.name_or_path={runs / 'quickstart-export'}", "train.max_steps=4", "train.eval_every_steps=2"]]
+                 f"model.name_or_path={runs / 'quickstart-export'}", "train.max_steps=4", "data.eval_fraction=0.1",
+                 "train.eval_every_steps=2"]]
     for args in commands:
         started = time.time()
         proc = run_cli(args, timeout=900)
         assert proc.returncode == 0, (args, proc.stderr[-3000:])
         print(f"{args[0]}: {time.time() - started:.0f} s")
     chat = subprocess.run([sys.executable, "-m", "trainer", "chat", str(runs / "chat"), "--max-new-tokens", "8"],
-                          input="What is 2 plus 3?\n", capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          input="What is the capital of France?\n", capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert "model> " in chat.stdout
