@@ -347,6 +347,65 @@ def test_prepare_and_data_show_report_long_examples(tmp_path: Path, capsys: pyte
             in capsys.readouterr().out)
 
 
+def test_data_show_reports_the_fill_of_the_training_samples_only(tok: Any, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The held-out rows are not in the training samples: `data --show` once divided every token, eval included, by
+    the training positions (60.5% against train's log of 47.9% on the chat example). Reference: the samples."""
+    source = str(DATA / "alpaca_tasks.json")
+    overrides = [f"data.source={source}", "data.format=alpaca", "data.seq_len=128", "data.packing=false",
+                 "data.eval_fraction=0.25", "train.micro_batch_size=2", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]
+    assert main(["data", str(QUICKSTART), "--show", "1", *overrides]) == 0
+    shown = float(re.search(r"([\d.]+)% of their positions hold tokens", capsys.readouterr().out).group(1))
+    data = make(tok, source=source, format="alpaca", seq_len=128, packing=False, eval_fraction=0.25,
+                cache_dir=str(tmp_path / "cache"))
+    (samples,) = data.train_sets
+    real = sum(len(samples.get(i)[0]) for i in range(len(samples)))
+    assert data.num_eval_samples > 0.2 * len(samples)  # enough held out for the old figure to be far off
+    assert shown == pytest.approx(100 * real / (len(samples) * 128), abs=0.05)
+    assert shown == pytest.approx(100 * data.train_fill, abs=0.05)  # the figure `train` logs
+
+
+def test_validate_finds_too_little_data_before_train_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """30 rows at eval_fraction 0.05 hold out one: validate said ok, then train stopped on the eval split, and its
+    advice (set data.eval_fraction to 0) then failed on train.eval_every_steps. Now validate finds it (exit 2) from the
+    rows alone, both name every fix, and the fix they name validates."""
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(30)]
+    small = [f"data.source={write_json(tmp_path / 'small.json', rows)}", "data.format=alpaca", "data.seq_len=128",
+             "data.eval_fraction=0.05", "train.eval_every_steps=10", "train.micro_batch_size=4",
+             f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"]
+    fixes = ("raise data.eval_fraction or use more data", "data.eval_fraction=0 together with train.eval_every_steps=0")
+    assert main(["validate", str(QUICKSTART), *small]) == 2
+    error = capsys.readouterr().err
+    assert "data.eval_fraction = 0.05 (command line): holds out at most 1 eval samples, fewer than one micro-batch " \
+           "per rank (4: micro_batch_size 4 x 1 rank)" in error and all(f in error for f in fixes), error
+    assert not (tmp_path / "cache").exists()  # nothing was built to find it
+    assert main(["data", str(QUICKSTART), *small, "--show", "1"]) == 1  # train's check, once the store is built
+    error = capsys.readouterr().err
+    assert "data.eval_fraction = 0.05 holds out 1 eval samples" in error and all(f in error for f in fixes), error
+    assert main(["validate", str(QUICKSTART), *small, "data.eval_fraction=0", "train.eval_every_steps=0"]) == 0
+    assert main(["validate", str(QUICKSTART), *small, "data.eval_fraction=0.2"]) == 0  # 6 held out
+    capsys.readouterr()
+    assert main(["validate", str(QUICKSTART), *small, "train.micro_batch_size=32", "data.eval_fraction=0",
+                 "train.eval_every_steps=0"]) == 2
+    assert "data.source = " in capsys.readouterr().err
+
+
+def test_validate_bounds_plain_text_by_its_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Plain text is cut into seq_len blocks: 40 paragraphs of 20 bytes give at most 3 blocks of 256 tokens. A source
+    it cannot count cheaply (a hub dataset name) is said to be left to train."""
+    (tmp_path / "tiny.txt").write_text("\n\n".join(f"paragraph number {i:02d}" for i in range(40)), encoding="utf-8")
+    common = [f"data.source={tmp_path / 'tiny.txt'}", f"output_dir={tmp_path / 'run'}", "train.eval_every_steps=0",
+              "data.eval_fraction=0"]
+    assert main(["validate", str(QUICKSTART), *common]) == 2
+    assert "the data gives at most 3 training samples of data.seq_len=256 tokens, fewer than one global batch of 8" \
+        in capsys.readouterr().err
+    assert main(["validate", str(QUICKSTART), *common, "train.micro_batch_size=3"]) == 0
+    hub = "data.source=someone/some-dataset"
+    assert main(["validate", str(QUICKSTART), f"output_dir={tmp_path / 'run'}", hub]) == 0
+    assert "# note: someone/some-dataset was not counted" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- bad rows
 
 def test_bad_alpaca_rows_are_counted_with_row_numbers(tok: Any, tmp_path: Path,

@@ -87,7 +87,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
                                                       "trainer.plan.frozen_base", "trainer.plan.activations",
                                                       "trainer.engine.ds_config", "trainer.engine.native_spec",
                                                       "trainer.engine.deepspeed_spec", "trainer.engine.specs")),
-    ("recipe checks and resolution", ("trainer.recipe.rules", "trainer.recipe.resolve", "trainer.recipe.catalog")),
+    ("recipe checks and resolution", ("trainer.recipe.rules", "trainer.recipe.resolve")),
     ("the plan", ("trainer.plan",)),
     ("building the model and the engines", ("trainer.model", "trainer.engine", "trainer.data.prepare",
                                             "trainer.data.preview")),

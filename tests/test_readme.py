@@ -17,11 +17,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+from trainer.plan.items import GiB, Plan
+from trainer.plan.peak import plan
+from trainer.recipe.resolve import resolve
 
 README = ROOT / "README.md"
 QUICK_STEPS = "train.max_steps=12"
 COMMAND_TIMEOUT_S = 900  # measured: the slowest (DeepSpeed on 2 ranks, op compiled) under 100 s on 2 cores
 SKIP_COPYING = {".git", ".venv", "runs", ".pytest_cache", "__pycache__", ".torch_extensions", "wandb"}
+# A figure the README states agrees with the program within this much plus half a unit of its last digit (9.17 GiB:
+# 0.025; 89.7 GiB: 0.07): a refinement of a formula needs no README edit, a changed result does.
+PLAN_TOLERANCE_GIB = 0.02
 
 
 def readme_commands() -> list[str]:
@@ -74,3 +80,57 @@ def test_every_readme_command_runs_in_a_fresh_copy(tmp_path: Path) -> None:
         ran += 1
     assert ran >= 15
     assert (fresh / "runs" / "chat-merged" / "config.json").is_file()
+
+
+def tolerance_of(text: str) -> float:
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return PLAN_TOLERANCE_GIB + 0.5 * 10 ** -decimals
+
+
+def stated(pattern: str) -> tuple[float, float]:
+    """The number the README states where `pattern` (a regex with one group around it) matches, with its tolerance."""
+    found = re.search(pattern, " ".join(README.read_text(encoding="utf-8").split()))
+    assert found, f"the README no longer says {pattern!r}: update this test with it"
+    return float(found.group(1)), tolerance_of(found.group(1))
+
+
+def planned(recipe: str, *overrides: str, world_size: int) -> Plan:
+    return plan(resolve(ROOT / "recipes" / recipe, list(overrides), world_size=world_size))
+
+
+def test_the_24gb_recipe_table_states_the_plans_peaks() -> None:
+    rows = re.findall(r"^\| `recipes/(24gb/[\w.-]+\.yaml)` \|.*\| (\d+) x 24 GB \| ([\d.]+) GiB \|$",
+                      README.read_text(encoding="utf-8"), flags=re.M)
+    assert len(rows) >= 9
+    for recipe, gpus, peak in rows:
+        p = planned(recipe, world_size=int(gpus))
+        assert abs(p.peak_bytes / GiB - float(peak)) <= tolerance_of(peak), (recipe, p.peak_bytes / GiB, peak)
+        assert p.fits
+
+
+def test_the_plan_figures_in_the_text_are_the_plans() -> None:
+    """Each sentence of the README quoting the plan, against the plan it describes."""
+    multinode = "24gb/llama3-8b-zero3-multinode.yaml"
+    on_8 = planned(multinode, world_size=8).checkpoint
+    full = planned(multinode, "checkpoint.full_weights=true", world_size=8).checkpoint
+    offload_on_2 = planned("24gb/llama3-8b-zero3-offload.yaml", world_size=2)
+    qlora_70b = "24gb/llama3-70b-qlora-2gpu.yaml"
+    zero3 = planned(qlora_70b, "distributed.offload_params=none", world_size=2)
+    partitions_on_cpu = planned(qlora_70b, world_size=2)
+    claims = {
+        r"it plans ([\d.]+) GiB per checkpoint": on_8.total,
+        r"checkpoint \(([\d.]+) GiB per rank on 8 ranks\)": on_8.rank0,
+        r"and ([\d.]+) GiB with `checkpoint.full_weights: true`": full.total,
+        r"`checkpoint.full_weights: true`, ([\d.]+) GiB of it on rank 0": full.rank0,
+        r"both offloads at ([\d.]+) GiB per GPU": offload_on_2.peak_bytes,
+        r"both offloads at [\d.]+ GiB per GPU, with ([\d.]+) GiB of CPU memory on the node":
+            2 * offload_on_2.cpu_bytes,
+        r"needs ([\d.]+) GiB per GPU under ZeRO-3": zero3.peak_bytes,
+        r"under ZeRO-3 and ([\d.]+) GiB with its partitions in CPU memory": partitions_on_cpu.peak_bytes,
+        r"with its partitions in CPU memory \(([\d.]+) GiB per rank\)": partitions_on_cpu.cpu_bytes,
+        r"base's partitions in CPU memory \(([\d.]+) GiB of host RAM for the two ranks\)":
+            2 * partitions_on_cpu.cpu_bytes,
+    }
+    for pattern, program in claims.items():
+        value, tolerance = stated(pattern)
+        assert abs(program / GiB - value) <= tolerance, (pattern, program / GiB, value)

@@ -169,15 +169,23 @@ def _world_size(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from trainer.data.sizes import shortfalls
+    from trainer.errors import ConfigError
     from trainer.recipe.read import to_yaml
     from trainer.recipe.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
+    too_little, uncounted = shortfalls(run)  # what train would find once the data is built
+    if too_little:
+        raise ConfigError(too_little, f"recipe {args.recipe}")
     print(to_yaml(run.recipe), end="")
     if run.execution.deepspeed or run.execution.deepspeed_stage0:  # what it generates, or why nothing
         print_deepspeed_config(run)
     for warning in run.warnings:
         print(f"# warning: {warning}", file=sys.stderr)
+    for source in uncounted:
+        print(f"# note: {source} was not counted (read only when its token store is built): train checks that it "
+              "gives one global batch, and one eval micro-batch per rank", file=sys.stderr)
     print(f"# ok: {args.recipe} is valid; world size {run.world_size}: micro-batch {run.micro_batch_size} x "
           f"{run.grad_accum_steps} accumulation x {run.world_size} ranks = {run.global_batch_size} sequences per "
           "step", file=sys.stderr)
@@ -278,7 +286,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from trainer.recipe import catalog
+    from trainer.plan import catalog
 
     if args.action == "list":
         print(catalog.table())

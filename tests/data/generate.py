@@ -1,6 +1,7 @@
 """Writes the small datasets the tests use, so the suite needs nothing beside the repository.
 
-    python tests/data/generate.py       # rewrites alpaca_tasks.json, sharegpt_tools.json, docs.jsonl
+    python tests/data/generate.py       # rewrites alpaca_tasks.json, sharegpt_tools.json, docs.jsonl, and
+                                        # recipes/examples/data/chat_facts.json (the chat example's data)
 
 Everything is generated here from fixed seeds (no third-party text, no license to inherit), in the formats users
 train on: Alpaca rows (instruction / input / output, some with an empty input), ShareGPT conversations with
@@ -8,6 +9,11 @@ function calls, observations and a JSON-string `tools` field, and JSON-lines doc
 instruction tasks have real structure (reversing, counting, arithmetic, sorting, spelling out numbers), so a
 small model's loss falls on them. `shakespeare.txt` beside this script is the start of the works of Shakespeare
 (public domain), for plain-text pretraining tests.
+
+The chat example (recipes/examples/chat-qlora-local.yaml) fine-tunes the quickstart's 0.8M-parameter model for a few
+CPU minutes: what it can learn in that time is a small set of facts, each answered by one word keyed on the last word
+of the question (40 of them, capitals and opposites, 10 rows each); its arithmetic came out as well-formed answers
+with wrong sums, so the example asks what it can learn.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EXAMPLE_DATA = HERE.parents[1] / "recipes" / "examples" / "data"
 WORDS = ("river", "lantern", "orchard", "copper", "meadow", "thunder", "violet", "harbor", "pebble", "garden", "falcon",
          "winter", "ember", "canvas", "marble", "compass", "willow", "saddle", "beacon", "velvet", "quartz", "tundra")
 ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -93,6 +100,26 @@ def documents(text: str, count: int) -> list[dict[str, object]]:
     return [{"text": "\n\n".join(paragraphs[i * per:(i + 1) * per]), "id": i} for i in range(count)]
 
 
+CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
+            "Egypt": "Cairo", "Peru": "Lima", "Canada": "Ottawa", "Kenya": "Nairobi", "Norway": "Oslo",
+            "Greece": "Athens", "Cuba": "Havana", "Chile": "Santiago", "Poland": "Warsaw", "Austria": "Vienna",
+            "Portugal": "Lisbon", "Ireland": "Dublin", "Russia": "Moscow", "China": "Beijing", "India": "New Delhi"}
+OPPOSITES = {"hot": "cold", "up": "down", "day": "night", "fast": "slow", "big": "small", "light": "dark",
+             "early": "late", "open": "closed", "full": "empty", "young": "old", "happy": "sad", "wet": "dry",
+             "loud": "quiet", "rich": "poor", "strong": "weak", "hard": "soft", "first": "last", "high": "low",
+             "left": "right", "true": "false"}
+
+
+def chat_facts(rng: random.Random, copies: int = 10) -> list[dict[str, str]]:
+    """Alpaca rows asking the capital of a country or the opposite of a word, each fact `copies` times, shuffled."""
+    facts = [(f"What is the capital of {country}?", f"{city}.") for country, city in CAPITALS.items()]
+    facts += [(f"What is the opposite of {word}?", f"{other.capitalize()}.") for word, other in OPPOSITES.items()]
+    rows = [{"instruction": question, "input": "", "output": answer} for question, answer in facts
+            for _ in range(copies)]
+    rng.shuffle(rows)
+    return rows
+
+
 def main() -> None:
     rng = random.Random(20261130)
     alpaca = [alpaca_row(rng) for _ in range(240)]
@@ -101,6 +128,8 @@ def main() -> None:
     (HERE / "sharegpt_tools.json").write_text(json.dumps(chats, indent=1) + "\n", encoding="utf-8")
     docs = documents((HERE / "shakespeare.txt").read_text(encoding="utf-8")[:120_000], 80)
     (HERE / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    facts = chat_facts(random.Random(20261205))
+    (EXAMPLE_DATA / "chat_facts.json").write_text(json.dumps(facts, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

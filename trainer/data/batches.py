@@ -28,7 +28,8 @@ import torch
 
 from trainer.data.order import Permutation, seed_int
 from trainer.data.packing import Sample, Samples, sample_mode
-from trainer.data.sources import SourceSpec
+from trainer.data.sizes import Need, too_few_eval_samples, too_few_training_samples
+from trainer.data.sources import SourceSpec, source_specs
 from trainer.data.store import (StoreRequest, TokenStore, default_cache_dir, describe_dropped, describe_too_long,
                                 no_usable_rows, open_or_build)
 from trainer.errors import DataError
@@ -86,15 +87,6 @@ class DataPosition:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> DataPosition:
         return cls(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
-
-
-def source_specs(cfg: DataConfig) -> list[SourceSpec]:
-    """data.source, or every entry of data.sources with data's own keys where it leaves them unset."""
-    if not cfg.sources:
-        return [SourceSpec(cfg.source or "", cfg.format, cfg.text_field, cfg.split, cfg.revision, cfg.max_documents,
-                           cfg.max_bytes)]
-    return [SourceSpec(e.source, e.format or cfg.format, e.text_field or cfg.text_field, e.split or cfg.split,
-                       cfg.revision, e.max_documents, cfg.max_bytes, e.weight) for e in cfg.sources]
 
 
 @dataclass(frozen=True)
@@ -243,30 +235,29 @@ class TrainData:
         s, c = self.summary, self.cfg
         modes = ", ".join(sorted({x.mode + (" with documents kept apart" if x.document_mask else "")
                                   for x in self.train_sets}))
-        fill = sum(x.fill * len(x) for x in self.train_sets) / max(1, sum(len(x) for x in self.train_sets))
         log.info("data: %d documents (%d dropped), %d tokens -> %d train / %d eval samples of <= %d tokens (%s; "
                  "%.1f%% of their positions hold tokens); one epoch = %d optimizer steps of %d samples",
                  s["documents"], s["dropped"], s["tokens"], self.num_train_samples, self.num_eval_samples, c.seq_len,
-                 modes, 100 * fill, self.steps_per_epoch, self.global_batch_size)
+                 modes, 100 * self.train_fill, self.steps_per_epoch, self.global_batch_size)
         if len(self.specs) > 1:
             parts = [f"{spec.source}: {share} samples ({share / max(1, self.num_train_samples):.1%}), "
                      f"{store.train.num_tokens:,} tokens" for spec, share, store in zip(self.specs, self.shares,
                                                                                           self.stores)]
             log.info("data: mixture per epoch: %s", "; ".join(parts))
 
+    @property
+    def train_fill(self) -> float:
+        """The share of the training samples' positions that hold tokens (eval samples are not trained on)."""
+        return sum(x.fill * len(x) for x in self.train_sets) / max(1, sum(len(x) for x in self.train_sets))
+
     def _check_sizes(self) -> None:
         g, n, c = self.global_batch_size, self.num_train_samples, self.cfg
+        need = Need(self.micro_batch_size, self.grad_accum_steps, self.world_size)
         if n < g:
-            raise DataError(
-                f"the data gives {n} training samples of data.seq_len={c.seq_len} tokens, fewer than one global batch "
-                f"of {g} (micro_batch_size {self.micro_batch_size} x grad_accum_steps {self.grad_accum_steps} x "
-                f"world_size {self.world_size}); lower train.micro_batch_size or grad_accum_steps, lower "
-                "data.seq_len, or use more data")
-        per_round = self.micro_batch_size * self.world_size
-        if c.eval_fraction > 0 and self.num_eval_samples < per_round:
-            raise DataError(
-                f"data.eval_fraction = {c.eval_fraction} holds out {self.num_eval_samples} eval samples, fewer than "
-                f"one micro-batch per rank ({per_round}); raise data.eval_fraction or set it to 0")
+            raise DataError(too_few_training_samples(n, c.seq_len, need))
+        if c.eval_fraction > 0 and self.num_eval_samples < need.eval_round:
+            shortfall = too_few_eval_samples(self.num_eval_samples, need)
+            raise DataError(f"data.eval_fraction = {c.eval_fraction} {shortfall}")
 
     # ---------------------------------------------------------------------------------------------- order
 

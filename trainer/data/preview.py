@@ -65,9 +65,8 @@ def show(run: ResolvedRun, count: int, out: TextIO, colour: bool) -> None:
                       f"loss) ---\n{_marked(tokenizer, ids[:real].tolist(), labels[:real].tolist(), colour)}\n")
             shown += 1
     s = data.summary
-    fill = s["tokens"] / max(1, data.num_train_samples * r.data.seq_len)
     out.write(f"\n{s['documents']} rows, {s['dropped']} dropped{_too_long(s, r.data.too_long, r.data.seq_len)}; "
               f"{s['tokens']:,} tokens; {data.num_train_samples} "
-              f"training samples of <= {r.data.seq_len} tokens, {min(fill, 1.0):.1%} of their positions hold tokens "
+              f"training samples of <= {r.data.seq_len} tokens, {data.train_fill:.1%} of their positions hold tokens "
               f"(the rest is padding); {data.num_eval_samples} eval samples; one epoch = "
               f"{data.num_train_samples // run.global_batch_size} steps of {run.global_batch_size} samples\n")

@@ -2,8 +2,10 @@
 
 A source is a local `.txt` (documents are paragraphs: a blank line ends one), `.json` (an array of rows, or JSON
 lines), `.jsonl` or `.parquet` file, a directory of them (recursively, sorted by path, hidden files skipped), a
-directory written by `datasets`' `save_to_disk`, a hub dataset (read with `datasets` streaming), or
-`builtin:python_stdlib` (this Python's standard library source, one document per file).
+directory written by `datasets`' `save_to_disk`, a hub dataset (read with `datasets` streaming), or a built-in one:
+`builtin:shakespeare` (the works of Shakespeare, shipped in the package: the same text on every machine, one document
+per speech) or `builtin:python_stdlib` (this Python's standard library source, one document per file: it differs
+between Python versions).
 
 `rows(spec)` yields `Row`s in source order; a row that cannot even be read (a line that is not UTF-8 or not JSON)
 comes with the reason instead of a value, located by file and line or row number, counted from 1. `fingerprint(spec)`
@@ -13,6 +15,8 @@ dataset's name, revision and split.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import os
@@ -20,14 +24,17 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from trainer.errors import DataError
 from trainer.paths import looks_local
+from trainer.recipe.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
 STDLIB = "builtin:python_stdlib"
+SHAKESPEARE = "builtin:shakespeare"
+SHAKESPEARE_FILE = Path(__file__).resolve().parent / "corpora" / "shakespeare.txt.gz"  # package data
 STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
                          "ensurepip", "__pycache__"})
 FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
@@ -44,8 +51,17 @@ class SourceSpec:
     split: str = "train"
     revision: str | None = None
     max_documents: int | None = None
-    max_bytes: int = 4_000_000  # builtin:python_stdlib only
+    max_bytes: int = 4_000_000  # the built-in sources only
     weight: float = 1.0  # share in a mixture of sources
+
+
+def source_specs(cfg: DataConfig) -> list[SourceSpec]:
+    """data.source, or every entry of data.sources with data's own keys where it leaves them unset."""
+    if not cfg.sources:
+        return [SourceSpec(cfg.source or "", cfg.format, cfg.text_field, cfg.split, cfg.revision, cfg.max_documents,
+                           cfg.max_bytes)]
+    return [SourceSpec(e.source, e.format or cfg.format, e.text_field or cfg.text_field, e.split or cfg.split,
+                       cfg.revision, e.max_documents, cfg.max_bytes, e.weight) for e in cfg.sources]
 
 
 @dataclass(frozen=True)
@@ -63,32 +79,36 @@ def unit_of(where: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- files
 
-def _txt_rows(path: Path, where: str) -> Iterator[Row]:
-    """Paragraphs of a text file (a blank line ends one), each numbered by its first line. Bytes that are not UTF-8
+def _paragraph_rows(lines: BinaryIO, where: str, path: Path) -> Iterator[Row]:
+    """Paragraphs of a text stream (a blank line ends one), each numbered by its first line. Bytes that are not UTF-8
     become U+FFFD, and the lines that held them are named in one warning at the end."""
     bad_lines: list[int] = []
     paragraph: list[str] = []
     start = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                bad_lines.append(number)
-            if line.strip():
-                if not paragraph:
-                    start = number
-                paragraph.append(line)
-            elif paragraph:
-                yield Row(where, start, "".join(paragraph).strip("\n"))
-                paragraph = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = raw.decode("utf-8", errors="replace")
+            bad_lines.append(number)
+        if line.strip():
+            if not paragraph:
+                start = number
+            paragraph.append(line)
+        elif paragraph:
+            yield Row(where, start, "".join(paragraph).strip("\n"))
+            paragraph = []
     if paragraph:
         yield Row(where, start, "".join(paragraph).strip("\n"))
     if bad_lines:
         shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
         log.warning("data: %s: %d line(s) are not valid UTF-8 (lines %s; counted from 1); their bad bytes were "
                     "replaced with U+FFFD", path, len(bad_lines), shown)
+
+
+def _txt_rows(path: Path, where: str) -> Iterator[Row]:
+    with open(path, "rb") as f:
+        yield from _paragraph_rows(f, where, path)
 
 
 def _json_line(raw: bytes, where: str, number: int) -> Row:
@@ -214,6 +234,25 @@ def read_stdlib(max_bytes: int, max_documents: int | None = None) -> Iterator[st
             yield raw.decode("utf-8", errors="replace")
 
 
+def read_shakespeare(max_bytes: int) -> Iterator[Row]:
+    """The shipped works of Shakespeare, one document per speech (paragraph), whole ones while they fit in max_bytes.
+    The same rows on every machine: the quickstart's figures reproduce anywhere."""
+    budget = max_bytes
+    with gzip.open(SHAKESPEARE_FILE, "rb") as f:
+        for row in _paragraph_rows(f, "shakespeare.txt", SHAKESPEARE_FILE):  # type: ignore[arg-type]
+            budget -= len(row.value.encode("utf-8")) + 2  # the blank line that ended it
+            if budget < 0:
+                return
+            yield row
+
+
+def shakespeare_bytes() -> int:
+    """The uncompressed size of the shipped corpus (gzip's trailer holds it)."""
+    with open(SHAKESPEARE_FILE, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
+
+
 def _hub_rows(spec: SourceSpec) -> Iterator[Row]:
     import datasets
 
@@ -244,6 +283,9 @@ def _all_rows(spec: SourceSpec) -> Iterator[Row]:
     if spec.source == STDLIB:
         for number, text in enumerate(read_stdlib(spec.max_bytes, spec.max_documents), 1):
             yield Row("python_stdlib", number, text)
+        return
+    if spec.source == SHAKESPEARE:
+        yield from read_shakespeare(spec.max_bytes)
         return
     path = Path(spec.source).expanduser()
     if not path.exists():
@@ -277,6 +319,8 @@ def size_in_bytes(spec: SourceSpec) -> int | None:
     """The bytes a local source will read (for the progress bar's ETA), or None when unknown."""
     if spec.source == STDLIB:
         return spec.max_bytes
+    if spec.source == SHAKESPEARE:
+        return min(spec.max_bytes, shakespeare_bytes())
     path = Path(spec.source).expanduser()
     if not path.exists() or is_saved_dataset(path):
         return None
@@ -289,6 +333,9 @@ def fingerprint(spec: SourceSpec) -> dict[str, Any]:
             "max_documents": spec.max_documents}
     if spec.source == STDLIB:
         return {**base, "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "max_bytes": spec.max_bytes}
+    if spec.source == SHAKESPEARE:
+        return {**base, "sha256": hashlib.sha256(SHAKESPEARE_FILE.read_bytes()).hexdigest(),
+                "max_bytes": spec.max_bytes}
     path = Path(spec.source).expanduser()
     if not path.exists():  # a hub dataset: its name, revision and split (a branch may move: pin a commit)
         return {**base, "hub": True, "split": spec.split, "revision": spec.revision}

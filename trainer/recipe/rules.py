@@ -15,7 +15,7 @@ from trainer.recipe.execution import execution_of
 from trainer.recipe.schema import LOW_RANK, QuantConfig, Recipe
 
 Source = Callable[[str], str]
-BUILTIN_SOURCES = ("builtin:python_stdlib",)
+BUILTIN_SOURCES = ("builtin:shakespeare", "builtin:python_stdlib")  # trainer/data/sources.py reads them
 
 
 def _model(r: Recipe, src: Source) -> list[Problem]:
@@ -52,7 +52,7 @@ def _data(r: Recipe, src: Source) -> list[Problem]:
         return out + _eval_problems(r, src)
     if not d.source:
         out.append(Problem("data.source", None, "no training data: give a file, directory or hub dataset name "
-                           "(or builtin:python_stdlib), or data.sources", src("data.source")))
+                           "(or builtin:shakespeare), or data.sources", src("data.source")))
         return out + _eval_problems(r, src)
     return out + _builtin_problems(d.source, d.format, "data.source", src) + _eval_problems(r, src)
 
@@ -72,10 +72,10 @@ def _packing(r: Recipe, src: Source) -> list[Problem]:
 def _builtin_problems(source: str, fmt: str, key: str, src: Source) -> list[Problem]:
     out = []
     if source.startswith("builtin:") and source not in BUILTIN_SOURCES:
-        out.append(Problem(key, source, "unknown built-in dataset; the one built-in is builtin:python_stdlib",
-                           src(key)))
+        out.append(Problem(key, source, "unknown built-in dataset; the built-in ones are "
+                           + " and ".join(BUILTIN_SOURCES), src(key)))
     if source in BUILTIN_SOURCES and fmt != "text":
-        out.append(Problem("data.format", fmt, "builtin:python_stdlib is plain text: use format: text",
+        out.append(Problem("data.format", fmt, f"{source} is plain text: use format: text",
                            src("data.format")))
     return out
 

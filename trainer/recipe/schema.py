@@ -111,7 +111,7 @@ class ModelConfig(Section):
 class SourceEntry(Section):
     """One source of a mixture (data.sources); unset keys take data's own."""
 
-    source: str = setting("local file/dir, hub dataset name, or builtin:python_stdlib")
+    source: str = setting("local file/dir, hub dataset name, or builtin:shakespeare / builtin:python_stdlib")
     weight: Number = setting("share of the training samples drawn from this source", 1.0, gt=0)
     format: Literal["text", "alpaca", "chat"] | None = setting("this source's format (null: data.format)")
     text_field: str | None = setting("field holding the text (null: data.text_field)")
@@ -121,8 +121,9 @@ class SourceEntry(Section):
 
 class DataConfig(Section):
     source: str | None = setting("local file/dir (.txt, .json, .jsonl, .parquet, or a datasets save_to_disk folder) "
-                                 "or hub dataset name; 'builtin:python_stdlib' is the Python standard library's "
-                                 "source (no download)", resume="must_match")
+                                 "or hub dataset name; built in (no download): 'builtin:shakespeare' (the works of "
+                                 "Shakespeare, shipped), 'builtin:python_stdlib' (this Python's standard library "
+                                 "source)", resume="must_match")
     sources: list[SourceEntry] | None = setting("a mixture instead of data.source: [{source, weight, format, ...}], "
                                                 "sampled by weight within each epoch", resume="must_match")
     format: Literal["text", "alpaca", "chat"] = setting(
@@ -149,8 +150,8 @@ class DataConfig(Section):
                                    ge=0.0, le=0.5, resume="must_match")
     max_documents: Integer | None = setting("use at most this many documents (quick experiments)", None, ge=1,
                                             resume="must_match")
-    max_bytes: Integer = setting("for builtin:python_stdlib: bytes of source to use", 4_000_000, ge=10_000,
-                                 resume="must_match")
+    max_bytes: Integer = setting("for the built-in sources (builtin:...): bytes of text to use", 4_000_000,
+                                 ge=10_000, resume="must_match")
     cache_dir: str | None = setting("where token stores live (null: $TRAINER_DATA_CACHE, else "
                                     "~/.cache/trainer/data)", resume="ignored")
     num_proc: int | None = setting("processes that tokenize when a store is built (null: the CPU count)", None,

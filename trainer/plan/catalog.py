@@ -1,6 +1,9 @@
 """The shipped recipes: `python -m trainer recipes` lists them, `python -m trainer recipes copy NAME DEST` copies
 one to edit. They live in the repository's top-level `recipes/` folder; `trainer/recipes` points there, so the same
-files are found from a clone, an editable install and a built wheel (which packs them as package data)."""
+files are found from a clone, an editable install and a built wheel (which packs them as package data).
+
+The planned peak listed is the plan's own, computed here for the number of GPUs the recipe's header names (`# plan:
+N x 24GiB, ...`): the header's figure is a note for its reader, and can lag behind the plan's formulas."""
 
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import TrainerError
+from trainer.plan.items import GiB
+from trainer.plan.peak import plan
+from trainer.recipe.resolve import resolve
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-PLAN = re.compile(r"# plan: (\d+) x (\S+), planned peak ([\d.]+ GiB)")
+PLAN = re.compile(r"# plan: (\d+) x (\S+), planned peak")
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class ShippedRecipe:
     path: Path
     description: str  # the header's first sentence
     gpus: str  # e.g. "2 x 24GiB", or "" when the header gives no plan
-    planned_peak: str  # e.g. "15.25 GiB per GPU", or ""
+    world_size: int  # the header's number of GPUs (1 when it gives none)
 
 
 def _header(path: Path) -> list[str]:
@@ -38,14 +44,22 @@ def _describe(path: Path) -> ShippedRecipe:
     text = " ".join(line for line in header if line and not line.startswith(("plan:", "launch:")))
     sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
     sentence = sentence if len(sentence) <= 110 else sentence[:107].rsplit(" ", 1)[0] + "..."
-    plan = PLAN.search(path.read_text(encoding="utf-8"))
+    header_plan = PLAN.search(path.read_text(encoding="utf-8"))
     name = path.relative_to(RECIPES).with_suffix("").as_posix()
-    return ShippedRecipe(name, path, sentence, plan.group(1) + " x " + plan.group(2) if plan else "",
-                         plan.group(3) + " per GPU" if plan else "")
+    return ShippedRecipe(name, path, sentence, header_plan.group(1) + " x " + header_plan.group(2) if header_plan
+                         else "", int(header_plan.group(1)) if header_plan else 1)
 
 
 def shipped() -> list[ShippedRecipe]:
     return [_describe(p) for p in sorted(RECIPES.rglob("*.yaml"))]
+
+
+def planned_peak(recipe: ShippedRecipe) -> str:
+    """The plan's predicted peak per GPU, e.g. "15.25 GiB per GPU", for a recipe whose header gives a plan; "" for
+    the others (they run on this machine, or need files an earlier command makes)."""
+    if not recipe.gpus:
+        return ""
+    return f"{plan(resolve(recipe.path, world_size=recipe.world_size)).peak_bytes / GiB:.2f} GiB per GPU"
 
 
 def table() -> str:
@@ -54,7 +68,7 @@ def table() -> str:
     width = max(len(r.name) for r in recipes)
     lines = [f"{'recipe':<{width}}  {'GPUs':<10}  {'planned peak':<18}  what", ""]
     for r in recipes:
-        lines.append(f"{r.name:<{width}}  {r.gpus or '-':<10}  {r.planned_peak or '-':<18}  {r.description}")
+        lines.append(f"{r.name:<{width}}  {r.gpus or '-':<10}  {planned_peak(r) or '-':<18}  {r.description}")
     lines += ["", f"(in {RECIPES}; copy one to edit: python -m trainer recipes copy NAME DEST)"]
     return "\n".join(lines)
 
