@@ -137,7 +137,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path: Path) -> None:
     assert 3 <= step < 60
     assert read_metrics(out)[-1]["step"] == step
     assert f"stopped at step {step}" in stdout
-    ok(run_cli(args))
+    resumed = ok(run_cli(args))
+    first = next(r["loss"] for r in read_metrics(out) if r["step"] == step + 1 and r.get("split", "train") == "train")
+    assert f"trained to step 60: resumed at step {step}; loss {first:.4f} (step {step + 1}) -> " in resumed.stdout
     assert losses(out, range(1, 61)) == losses(ref, range(1, 61))
     assert_bitwise_equal(final_weights(out), final_weights(ref))
 

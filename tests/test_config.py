@@ -44,6 +44,9 @@ BAD = [
     (["train.max_steps=abc"], "train.max_steps", "must be an integer"),
     (["train.max_steps=0"], "train.max_steps", "must be >= 1"),
     (["precision.dtype=bf32"], "precision.dtype", "must be one of: fp32, bf16, fp16"),
+    (["precision.dtype=float16"], "precision.dtype", "did you mean 'fp16'"),  # torch's spelling
+    (["precision.dtype=BF16"], "precision.dtype", "did you mean 'bf16'"),
+    (["distributed.engine=ddp"], "distributed.engine", "did you mean 'native'"),
     (["optimizer.lr=-1"], "optimizer.lr", "must be > 0"),
     (["train.micro_batch_size=2.5"], "train.micro_batch_size", "must be an integer"),
     (["data.seq_len=4"], "data.seq_len", "must be >= 8"),
@@ -114,6 +117,21 @@ def test_bad_yaml_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "not valid YAML at line" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_a_missing_recipe_path_gets_the_recipe_it_probably_meant(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A shipped recipe named without its path, a file of the same folder misspelled, a shipped recipe misspelled."""
+    (tmp_path / "my-run.yaml").write_text("train: {max_steps: 1}\n")
+    cases = {"quickstart": "'quickstart' is a shipped recipe: give its path, recipes/quickstart.yaml",
+             "llama3-8b-qlora": "python -m trainer recipes copy 24gb/llama3-8b-qlora .",
+             str(tmp_path / "my-rnu.yaml"): f"did you mean {tmp_path / 'my-run.yaml'}?",
+             "24gb/llama3-8b-qlroa": "did you mean the shipped recipe 24gb/llama3-8b-qlora",
+             str(tmp_path / "unrelated.yaml"): "`python -m trainer recipes` lists the shipped ones"}
+    for given, hint in cases.items():
+        assert main(["validate", given]) == 2
+        error = capsys.readouterr().err
+        assert f"recipe = '{given}'" in error and "file not found" in error and hint in error, error
 
 
 def test_overrides_are_typed_and_null_clears() -> None:

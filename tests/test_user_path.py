@@ -10,7 +10,6 @@ import re
 import stat
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -249,26 +248,3 @@ def test_checkpoint_files_are_readable_like_any_other(tmp_path: Path) -> None:
     ckpt = complete_checkpoints(tmp_path)[-1][1]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ckpt.rglob("*") if p.is_file()}
     assert modes["model.safetensors"] == modes["config.yaml"] == 0o644, modes
-
-
-@pytest.mark.slow
-def test_the_local_chat_example_runs_end_to_end(tmp_path: Path) -> None:
-    """recipes/examples/chat-qlora-local.yaml as its header says (shortened): quickstart, export, QLoRA over the
-    export, chat with it. Nothing is downloaded."""
-    runs = tmp_path / "runs"
-    commands = [["train", "recipes/quickstart.yaml", f"output_dir={runs / 'quickstart'}", "train.max_steps=20",
-                 "train.eval_every_steps=0", "data.eval_fraction=0", "logging.plot=false"],
-                ["export", str(runs / "quickstart"), "--out", str(runs / "quickstart-export")],
-                ["train", "recipes/examples/chat-qlora-local.yaml", f"output_dir={runs / 'chat'}",
-                 f"model.name_or_path={runs / 'quickstart-export'}", "train.max_steps=4", "data.eval_fraction=0.1",
-                 "train.eval_every_steps=2"]]
-    for args in commands:
-        started = time.time()
-        proc = run_cli(args, timeout=900)
-        assert proc.returncode == 0, (args, proc.stderr[-3000:])
-        print(f"{args[0]}: {time.time() - started:.0f} s")
-    chat = subprocess.run([sys.executable, "-m", "trainer", "chat", str(runs / "chat"), "--max-new-tokens", "8"],
-                          input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
-    assert chat.returncode == 0, chat.stderr[-3000:]
-    assert "model> " in chat.stdout

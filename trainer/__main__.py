@@ -235,8 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped at step {summary.steps} (Ctrl-C, SIGTERM or SIGUSR1); checkpoint saved in "
               f"{summary.output_dir}/checkpoints; run the same command to continue")
     else:
-        print(f"trained to step {summary.steps}: loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; "
-              f"outputs in {summary.output_dir}")
+        print(f"trained to step {summary.steps}: {summary.losses()}; outputs in {summary.output_dir}")
     return 0
 
 

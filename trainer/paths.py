@@ -1,8 +1,12 @@
-"""How a recipe's path-or-name values are read: a local path, or a hub name."""
+"""How a recipe's path-or-name values are read: a local path, or a hub name; where the shipped recipes are."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# The shipped recipes: the repository's top-level recipes/ folder, which trainer/recipes links to, so a clone, an
+# editable install and a built wheel (which packs them as package data) all find them here.
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 def looks_local(value: str) -> bool:

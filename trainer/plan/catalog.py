@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import TrainerError
+from trainer.paths import SHIPPED_RECIPES
 from trainer.plan.items import GiB
 from trainer.plan.peak import plan
 from trainer.recipe.resolve import resolve
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = SHIPPED_RECIPES
 PLAN = re.compile(r"# plan: (\d+) x (\S+), planned peak")
 
 

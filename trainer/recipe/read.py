@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from trainer.errors import CheckpointError, Problem, show_value
+from trainer.paths import SHIPPED_RECIPES
 from trainer.recipe.schema import Recipe, Section, field_at
 
 MAX_RECIPE_BYTES = 4 * 2**20
@@ -70,13 +71,34 @@ def _file_problem(path: str | Path, message: str, source: str = RECIPE_FILE) -> 
     return [Problem("recipe", str(path), message, source)]
 
 
+def _missing_recipe_hint(path: Path) -> str:
+    """What a recipe path that does not exist probably meant: a shipped recipe named without its path
+    (`quickstart`), a file of the same folder spelled differently, or else an example of a path."""
+    shipped = {p.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix(): p for p in SHIPPED_RECIPES.rglob("*.yaml")}
+    name = path.as_posix().removesuffix(".yaml").removeprefix("recipes/")
+    by_stem = {p.stem: rel for rel, p in shipped.items()}
+    match = name if name in shipped else by_stem.get(name)
+    if match is not None:
+        return (f"'{match}' is a shipped recipe: give its path, recipes/{match}.yaml in a clone, or copy it here "
+                f"with `python -m trainer recipes copy {match} .`")
+    folder = path.parent if path.parent.is_dir() else None
+    near = [f.name for f in folder.glob("*.y*ml")] if folder else []
+    close = difflib.get_close_matches(path.name, near, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {path.parent / close[0]}?"
+    close = difflib.get_close_matches(name, list(shipped), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean the shipped recipe {close[0]} (recipes/{close[0]}.yaml)?"
+    return "give the path of a YAML recipe (e.g. recipes/quickstart.yaml); `python -m trainer recipes` lists the " \
+           "shipped ones"
+
+
 def read_text(path: str | Path) -> tuple[str, list[Problem]]:
     """The recipe file's text, or the reason it cannot be read (missing, a directory, unreadable, too big, not
     UTF-8)."""
     p = Path(path)
     if not p.exists():
-        return "", _file_problem(path, "file not found; give the path of a YAML recipe (e.g. recipes/quickstart.yaml)",
-                                 COMMAND_LINE)
+        return "", _file_problem(path, f"file not found; {_missing_recipe_hint(p)}", COMMAND_LINE)
     if p.is_dir():
         return "", _file_problem(path, "is a directory; give the path of a YAML recipe file", COMMAND_LINE)
     try:
@@ -242,6 +264,23 @@ def did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
     return f"valid keys here: {', '.join(sorted(choices))}"
 
 
+# Other spellings of a choice that users bring from torch and other tools, and the choice they mean.
+VALUE_ALIASES = {"float16": "fp16", "half": "fp16", "torch.float16": "fp16", "bfloat16": "bf16",
+                 "torch.bfloat16": "bf16", "float32": "fp32", "float": "fp32", "torch.float32": "fp32", "adam": "adamw",
+                 "ddp": "native"}
+
+
+def did_you_mean_value(value: str, choices: list[str]) -> str:
+    """A did-you-mean hint for a value outside its choices: a known other spelling (float16 for fp16), a choice
+    spelled differently in case or close to it, or "" when nothing fits."""
+    lowered = value.strip().lower()
+    aliased = VALUE_ALIASES.get(lowered, lowered)
+    if aliased in choices:
+        return f"did you mean '{aliased}'?"
+    close = difflib.get_close_matches(lowered, choices, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
 def type_name(tp: Any) -> str:
     """How a message names a type: 'an integer', 'fp32 | bf16 | fp16', 'a list of string or null'."""
     origin = typing.get_origin(tp)
@@ -312,7 +351,7 @@ def _message(error: Any, holder: type[BaseModel] | None, annotation: Any, unknow
         return "must be a finite number (not inf or nan; at most about 1.8e308)"
     if kind == "literal_error" and isinstance(value, (str, int)):
         choices = [str(c) for c in typing.get_args(_literal_of(annotation))]
-        hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""
+        hint = did_you_mean_value(str(value), choices) if isinstance(value, str) else ""
         text = f"must be one of: {', '.join(choices)}"
         return f"{text}; {hint}" if hint.startswith("did") else text
     if kind in ("model_type", "model_attributes_type", "dict_type") and isinstance(annotation, type) \

@@ -77,13 +77,22 @@ class Summary:
     """How a run ended (returned by `train`, printed by the CLI)."""
 
     steps: int
-    first_loss: float
+    first_loss: float  # the loss of this start's first step (after a resume: the step after the checkpoint)
     last_loss: float
-    tokens: int
+    tokens: int  # trained on by this start
     seconds: float
     output_dir: str
     preempted: bool = False
     already_done: bool = False  # the run had reached train.max_steps before this start: nothing was touched
+    resumed_at: int = 0  # the step of the checkpoint this start resumed from (0: a fresh run)
+
+    def losses(self) -> str:
+        """'loss 5.5550 -> 2.2426', or after a resume 'resumed at step 100; loss 2.3063 (step 101) -> 2.2426', so a
+        first loss that is not the run's first does not read like a divergence."""
+        if self.resumed_at:
+            return (f"resumed at step {self.resumed_at}; loss {self.first_loss:.4f} (step {self.resumed_at + 1}) -> "
+                    f"{self.last_loss:.4f}")
+        return f"loss {self.first_loss:.4f} -> {self.last_loss:.4f}"
 
 
 def seed_everything(seed: int) -> None:
@@ -203,6 +212,7 @@ def run_loop(t: Training, until_step: int | None = None) -> Summary:
     end = min(until_step or r.train.max_steps, r.train.max_steps)
     t.engine.train(True)
     start, first_loss, loss, stop = time.perf_counter(), math.nan, math.nan, False
+    resumed_at, tokens_before = s.step, s.tokens
     window_t, window_tokens = time.perf_counter(), 0
     while s.step < end and not stop:
         batches, s.position = t.data.step_batches(s.position)
@@ -227,7 +237,8 @@ def run_loop(t: Training, until_step: int | None = None) -> Summary:
         if stop or t.checkpointer.due(s.step, r.train.max_steps):
             t.checkpointer.save(t.engine, s)
     barrier()
-    return Summary(s.step, first_loss, loss, s.tokens, time.perf_counter() - start, r.output_dir, stop)
+    return Summary(s.step, first_loss, loss, s.tokens - tokens_before, time.perf_counter() - start, r.output_dir, stop,
+                   resumed_at=resumed_at)
 
 
 BATCH_KEYS = ("train.global_batch_size", "train.grad_accum_steps")
@@ -291,6 +302,6 @@ def train(run: ResolvedRun, *, force: bool = False) -> Summary:
             t.metrics.close()
         if dist.is_main:
             how = "preempted after" if summary.preempted else "done:"
-            log.info("%s %d steps, loss %.4f -> %.4f, %d tokens in %.1f s; outputs in %s", how, summary.steps,
-                     summary.first_loss, summary.last_loss, summary.tokens, summary.seconds, summary.output_dir)
+            log.info("%s %d steps, %s, %d tokens in %.1f s; outputs in %s", how, summary.steps, summary.losses(),
+                     summary.tokens, summary.seconds, summary.output_dir)
         return summary
