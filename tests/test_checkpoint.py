@@ -237,6 +237,7 @@ def test_malicious_pickle_is_refused_unit(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_file_is_refused(tmp_path: Path) -> None:
     out, marker = tmp_path / "run", tmp_path / "pwned"
     ok(run_cli(ckpt_args(out, steps=4)))
@@ -253,6 +254,7 @@ def test_malicious_checkpoint_file_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_incompatible_and_logs_allowed_changes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     ok(run_cli(ckpt_args(out, steps=4)))
@@ -301,6 +303,7 @@ def test_two_nodes_through_launch_script_match_single_node(tmp_path: Path, refer
         assert abs(a - b) <= 1e-5
 
 
+@pytest.mark.slow
 def test_resume_from_explicit_path_into_a_new_run(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     ok(run_cli(ckpt_args(first, steps=4)))

@@ -97,6 +97,14 @@ def setup_console(rank: int, world_size: int) -> None:
         logging.getLogger(muted).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=FutureWarning)
     _one_copy_of_hub_messages()
+    logging.getLogger("DeepSpeed").addFilter(_no_cpu_accelerator_notice)
+
+
+def _no_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
+    """DeepSpeed warns "Setting accelerator to CPU" whenever it is imported without a GPU, and transformers imports
+    it on every model load (export, generate, chat printed it). The trainer names its device itself; the filter stays
+    on the logger DeepSpeed creates at import (it sets a level and a handler, not filters)."""
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def _one_copy_of_hub_messages() -> None:
