@@ -8,9 +8,9 @@ tests/data/shakespeare.txt (its first 90%) with APOLLO (rank 16) and APOLLO-Mini
 the recipe defaults the trainer uses (trainer/optim/lowrank_groups.py), under each pair of conventions, for several
 seeds (the seed draws the initial weights and the batches; every convention of a seed sees the same ones). The
 held-out loss is the mean over every 128-token window of the last 10% of the file, after the last step. AdamW rows
-give the scale. One thread; about 10 s per run on a quiet CPU (36 runs by default).
+give the scale. One thread; 10-20 s per run (36 runs by default: 6-12 minutes).
 
-    PYTHONPATH=. python benchmarks/apollo_conventions.py [--steps 300] [--seeds 0 1 2 3] [--optimizers apollo_adamw]
+    PYTHONPATH=. python benchmarks/apollo_conventions.py [--steps 600] [--seeds 0 1 2 3] [--optimizers apollo_adamw]
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def print_table(results: dict[tuple[str, str | None, str | None], list[float]], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--optimizers", nargs="+", default=["apollo_adamw", "apollo_mini"],
                     choices=["apollo_adamw", "apollo_mini"])
