@@ -235,8 +235,8 @@ class SVDProjection:
                direction: Tensor) -> tuple[ProjectedBack, float]:
         return ProjectedBack(direction, state.get("proj_left"), state.get("proj_right")), group["scale"]
 
-    def state_shapes(self, shape: torch.Size, group: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]],
-                                                                              tuple[int, int]]:
+    def state_shapes(self, shape: torch.Size, group: dict[str, Any],
+                     state: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], tuple[int, int]]:
         side = projection_side(shape, group["proj_type"])
         projectors, low = state_shapes(shape, group["rank"], side)
         keys = [k for k, used in (("proj_left", side in ("left", "both")), ("proj_right", side in ("right", "both")))

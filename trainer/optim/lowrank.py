@@ -70,8 +70,10 @@ class Projection(Protocol):
     def update(self, state: dict[str, Any], group: dict[str, Any], consumed: Tensor, low: Tensor,
                direction: Tensor) -> tuple[Update, float]: ...
 
-    def state_shapes(self, shape: torch.Size, group: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]],
-                                                                              tuple[int, int]]: ...
+    def state_shapes(self, shape: torch.Size, group: dict[str, Any],
+                     state: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], tuple[int, int]]:
+        """(shapes of the strategy's own state tensors, shape of the moments) that `state`, a saved state of an
+        m x n target, must have."""
 
 
 def projection_side(shape: tuple[int, int] | torch.Size, proj_type: str) -> Side:
@@ -337,7 +339,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         if not self.is_target(p) or "exp_avg" not in state:
             return
         group = self._group_of(p)
-        extra, low = self.projection.state_shapes(p.shape, group)
+        extra, low = self.projection.state_shapes(p.shape, group, state)
         got = {k: tuple(state[k].shape) for k in extra if k in state}
         want = {k: v for k, v in extra.items() if k in state}
         moments = tuple(state["exp_avg"].shape)

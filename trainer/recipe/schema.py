@@ -206,13 +206,13 @@ class ApolloConfig(Section):
     rank: Integer | None = setting("rank of the random projection (null: 256 for apollo_adamw, 1 for apollo_mini)",
                                    None, ge=1, resume="must_match")
     scale_type: Literal["channel", "tensor"] | None = setting(
-        "learning-rate scale per channel or per tensor (null: channel for apollo_adamw, tensor for apollo_mini)",
-        None)
+        "learning-rate scale per channel (of the larger side; a square matrix's rows) or per tensor (null: channel "
+        "for apollo_adamw, tensor for apollo_mini)", None)
     update_gap: Integer = setting("steps between new random projections (a new seed)", 200, ge=1)
     scale: Number | None = setting("alpha, multiplies the update (null: 1 for apollo_adamw, sqrt(128) for "
                                    "apollo_mini; apollo-torch's scale is alpha squared)", None, gt=0)
-    norm_growth_limit: Number | None = setting("the update's norm grows at most this factor per step (Fira's "
-                                               "limiter; null: off)", 1.01, ge=1)
+    norm_growth_limit: Number | None = setting("the update's norm, measured before Adam's bias correction, grows "
+                                               "at most this factor per step (Fira's limiter; null: off)", 1.01, ge=1)
     target_modules: list[str] | None = setting("module name patterns that get APOLLO (default: attention and MLP "
                                                "projections)", resume="must_match")
     per_layer: bool = setting("update each weight inside backward and free its gradient at once", False,
