@@ -3,11 +3,14 @@ bitsandbytes NF4, peft) and the tiny Llama and Alpaca data the adapter tests use
 
 One torchrun launch of tests/deepspeed_probe.py trains every DeepSpeed run (module fixture `zero`); two
 single-process runs are the references (`single`). Tolerances:
-- DeepSpeed (2 ranks x micro-batch 1) vs one process (micro-batch 2), same global batch: 5e-4 on the loss, the
-  tolerance of the DDP adapter test (tests/test_adapters_train.py). The adapter runs keep fp32 LoRA weights under
-  bf16 autocast on every engine (DeepSpeed's torch_autocast); only the bf16 matmuls over other batch shapes round
-  differently. Measured over 6 steps: 1.4e-4 to 1.8e-4 for QLoRA (ZeRO-2, ZeRO-3, ZeRO-3 with both offloads),
-  2.0e-4 to 2.5e-4 for LoRA.
+- DeepSpeed (2 ranks x micro-batch 1) vs one process (micro-batch 2), same global batch. LoRA runs in fp32, where
+  the engines must agree up to the order of float sums: 1e-5 on the loss (measured over 6 steps: at most 5.3e-7 at
+  ZeRO-2). QLoRA computes in bf16 (fp32 LoRA weights under bf16 autocast on every engine, DeepSpeed's
+  torch_autocast), where bf16 matmuls over other batch shapes round differently: 5e-4, the tolerance of the DDP
+  adapter test (tests/test_adapters_train.py); measured 1.4e-4 to 3.5e-4 (ZeRO-2, ZeRO-3, ZeRO-3 with both
+  offloads). For scale: the same LoRA run in bf16 differs from itself in fp32 by up to 5.9e-4, and bf16 LoRA on
+  ZeRO-2 from one process by up to 8.6e-4 (one step; the others under 2.4e-4), which is why LoRA is checked in
+  fp32.
 - resume after SIGKILL: bitwise (== on floats), on both stages.
 - export: the peft adapter over the base as trained gives the logits the ZeRO-3 engine gave (same bf16
   autocast): measured identical, asserted within 1e-5; the merged model within the merged-export tolerance of
@@ -44,7 +47,8 @@ from trainer.model.tokenizer import byte_tokenizer
 STEPS = 6
 IDS = fixed_ids().tolist()
 ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"
-LORA = ["adapter.type=lora"]
+LORA = ["adapter.type=lora", "precision.dtype=fp32"]  # exact up to float sums: see the module docstring
+LORA_TOLERANCE, QLORA_TOLERANCE = 1e-5, 5e-4
 OFFLOAD = ["distributed.offload_optimizer=cpu", "distributed.offload_params=cpu"]
 
 
@@ -148,10 +152,12 @@ def test_zero2_and_zero3_match_one_process(zero_runs: dict[str, Any], single: di
         assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)), name
         worst = max(abs(got[s] - want[s]) for s in want)
         print(f"{name}: max loss difference to one process {worst:.2e}")
-        assert worst < 5e-4, (name, worst, got, want)
+        assert worst < (QLORA_TOLERANCE if "qlora" in name else LORA_TOLERANCE), (name, worst, got, want)
     qlora_losses = list(by_step(single["qlora"]).values())
     assert qlora_losses[-1] < qlora_losses[0] - 0.3  # it learns
-    assert "DeepSpeedCPUAdam" in zero_runs["log"] and "optimizer state in CPU memory" in zero_runs["log"]
+    offload_log = zero_runs["facts"][0]["z3_qlora_offload"]["log"]
+    assert "optimizer state and parameters in CPU memory, qlora adapters: bf16, optimizer DeepSpeedCPUAdam" \
+        in offload_log, offload_log
 
 
 @pytest.mark.slow
