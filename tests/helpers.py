@@ -27,7 +27,7 @@ from trainer.recipe.resolve import resolve, resolve_recipe
 from trainer.recipe.resolved import ResolvedRun
 from trainer.recipe.schema import (AdapterConfig, DataConfig, ModelConfig, PrecisionConfig, QuantConfig, Recipe,
                                    TrainConfig)
-from trainer.run.loop import run_loop, setup
+from trainer.run.loop import Training, run_loop, setup
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,11 @@ def killed_at_8_resumes_bitwise(tmp_path: Path, overrides: list[str]) -> Path:
     return out
 
 
+def weights_of(run: Training) -> dict[str, torch.Tensor]:
+    """A copy of the run's model weights now."""
+    return {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
+
+
 def train_in_process(overrides: list[str], steps: int = 10) -> tuple[dict[str, torch.Tensor], list[dict],
                                                                      dict[str, torch.Tensor]]:
     """Final parameters, metrics rows and initial parameters of a run in this process."""
@@ -244,12 +249,12 @@ def train_in_process(overrides: list[str], steps: int = 10) -> tuple[dict[str, t
     cfg = resolve(QUICKSTART, [*tiny(out, steps=steps), "checkpoint.save_final=false", *overrides])
     with distributed_context() as dist:
         run = setup(cfg, dist)
-        initial = snapshot(run)
+        initial = weights_of(run)
         try:
             run_loop(run)
         finally:
             run.metrics.close()
-        return snapshot(run), read_metrics(out), initial
+        return weights_of(run), read_metrics(out), initial
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

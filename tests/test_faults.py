@@ -44,11 +44,19 @@ def all_finite(ckpt: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
 
 
+def as_in_a_terminal() -> None:
+    """SIGINT at its default, as a terminal's foreground job has it. A suite started in the background of a
+    non-interactive shell (`pytest ... &`, nohup) inherits SIGINT ignored, and bash can never trap a signal ignored
+    when it started: launch/local.sh would not see the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None) -> subprocess.Popen:
     """A training process in the background (its own process group, so signals reach only it)."""
     cmd = command or [sys.executable, "-m", "trainer", *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
+                            preexec_fn=as_in_a_terminal)
 
 
 def wait_for_rows(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -295,7 +303,7 @@ def test_ctrl_c_with_the_console_piped_into_a_reader_that_died(tmp_path: Path, l
         ["bash", "launch/local.sh", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", "PYTHON": sys.executable}
     proc = subprocess.Popen(command, cwd=ROOT, stdout=pipe.write_end, stderr=pipe.write_end, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_in_a_terminal)
     os.close(pipe.write_end)
     try:
         wait_for_rows(tmp_path, 3, proc, timeout=300)

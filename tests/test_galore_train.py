@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import GALORE, QUICKSTART, killed_at_8_resumes_bitwise, max_diff, tiny, train_in_process
+from tests.helpers import GALORE, QUICKSTART, killed_at_8_resumes_bitwise, max_diff, tiny, train_in_process, weights_of
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.distributed import distributed_context
 from trainer.run.loop import Training, setup, token_loss_sum
@@ -21,10 +21,6 @@ from trainer.safeio import load_tensors
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def snapshot(run: Training) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
 
 
 @pytest.mark.slow
@@ -81,7 +77,7 @@ def test_per_layer_clipping_rule(tmp_path: Path) -> None:
     with distributed_context() as dist:
         run = setup(cfg, dist)
         norms = reference_clipped_run(run, clip, steps)
-        ref = snapshot(run)
+        ref = weights_of(run)
         run.metrics.close()
     assert min(norms) > 2 * clip  # clipping acted on every step
     assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)

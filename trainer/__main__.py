@@ -360,8 +360,12 @@ def fail(message: str, code: int, on_every_rank: bool = False) -> int:
         log.error("traceback of: %s", message.splitlines()[0], exc_info=True, extra=FILE_ONLY)
     error_file = elastic_error_file()
     if error_file:
+        # torchrun names the failure with the earliest timestamp (whole seconds) as the root cause: the other ranks
+        # of an error every rank raised date theirs after rank 0's grace, so the summary names rank 0, which printed
+        # the message (under load rank 0 could write a second later and rank 1 was named)
+        later = RANK0_GRACE_S if on_every_rank and env_rank() != 0 else 0
         summary = {"message": f"exit {code}: {message}", "extraInfo": {"py_callstack": message,
-                                                                       "timestamp": str(int(time.time()))}}
+                                                                       "timestamp": str(int(time.time() + later))}}
         Path(error_file).write_text(json.dumps({"message": summary}), encoding="utf-8")
         if on_every_rank and env_rank() != 0:
             let_rank0_report_first(code, RANK0_GRACE_S)
