@@ -156,7 +156,8 @@ def chat_replies(run: Path, questions: list[str]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_quickstart_and_the_chat_example_do_what_the_readme_says(tmp_path: Path) -> None:
-    """The quickstart as shipped (150 steps) gives the README's loss and perplexity within the stated bands; the chat
+    """The quickstart as shipped (150 steps) gives the README's loss and perplexity within the stated bands, with its
+    metrics, plot and resolved recipe written; the chat
     example as shipped (600 steps over the quickstart's export) answers every one of its 40 facts, each reply ending
     at the end of its turn. Measured: loss 5.5550 -> 2.2426, perplexity 14.98 / 9.03; 40 of 40 answered; about 25 s
     and 100-140 s of training on 2 cores."""
@@ -168,6 +169,11 @@ def test_the_quickstart_and_the_chat_example_do_what_the_readme_says(tmp_path: P
     at_50, at_150 = map(float, re.search(r"eval perplexity ([\d.]+) at step 50 -> ([\d.]+) at step 150",
                                          text).groups())  # type: ignore[union-attr]
     evals = {r["step"]: r["perplexity"] for r in read_metrics(quickstart, "eval")}
+    assert sorted(evals) == [50, 100, 150]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_bytes"):  # what it logs
+        assert key in read_metrics(quickstart)[-1], key
+    assert (quickstart / "loss.png").stat().st_size > 1000
+    assert (quickstart / "config.yaml").read_text().startswith("output_dir:")
     summary = re.search(r"trained to step 150: loss ([\d.]+) -> ([\d.]+)", proc.stdout)  # steps 1 and 150
     assert summary, proc.stdout
     got = {"first loss": (float(summary.group(1)), first), "last loss": (float(summary.group(2)), last)}
