@@ -34,6 +34,7 @@ from trainer.data.batches import Batch, TrainData, collate
 from trainer.distributed import distributed_context
 from trainer.errors import ConfigError
 from trainer.model.loss import IGNORE, token_loss_sum
+from trainer.plan.peak import plan
 from trainer.model.tokenizer import BYTE_SPECIAL_IDS, BYTE_VOCAB_SIZE, byte_tokenizer
 from trainer.recipe.architecture import from_recipe, model_class
 from trainer.recipe.resolve import resolve
@@ -348,3 +349,29 @@ def test_zero3_on_two_ranks_for_every_architecture(tmp_path: Path) -> None:
         assert z3[-1] < z3[0] - (0.3 if name in NAMES else 0.05)
     for name in MOE:
         assert facts[f"{name}-qlora-z3"]["base_held"] < facts[f"{name}-qlora-ddp"]["base_held"]
+
+
+# ------------------------------------------------------------------------------------------------ known models
+
+# parameters in total, and per token for a mixture of experts, as each model card states them
+PUBLISHED = {"Qwen/Qwen2.5-7B": (7.61e9, None), "Qwen/Qwen3-8B": (8.2e9, None),
+             "Qwen/Qwen3-30B-A3B": (30.5e9, 3.3e9), "mistralai/Mistral-7B-v0.3": (7.25e9, None),
+             "google/gemma-2-9b": (9.24e9, None), "microsoft/Phi-3-mini-4k-instruct": (3.8e9, None),
+             "microsoft/Phi-4-mini-instruct": (3.8e9, None), "mistralai/Mixtral-8x7B-v0.1": (46.7e9, 12.9e9)}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_known_models_plan_offline_with_their_published_sizes(name: str, tmp_path: Path) -> None:
+    """The table of known models (trainer/recipe/known_models.py, typed from each config.json) plans these
+    families without a download, and its numbers give the parameter counts their model cards publish (within 1%),
+    active parameters of the mixtures of experts included; their special ids fit their vocabularies."""
+    run = resolve(QUICKSTART, [f"output_dir={tmp_path}", "model.config=null", f"model.name_or_path={name}"])
+    assert run.architecture_source in ("known models table", "local")
+    p = plan(run)
+    total, active = PUBLISHED[name]
+    assert p.parameters == pytest.approx(total, rel=0.01)
+    if active is not None:
+        assert p.experts is not None and p.active_parameters == pytest.approx(active, rel=0.02)
+    config = run.architecture
+    assert all(getattr(config, key) is None or 0 <= getattr(config, key) < config.vocab_size
+               for key in ("pad_token_id", "bos_token_id", "eos_token_id"))

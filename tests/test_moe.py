@@ -39,6 +39,7 @@ from trainer.plan.states import autocast_copies
 from trainer.recipe.resolve import resolve
 from trainer.recipe.schema import AdapterConfig, QuantConfig
 from trainer.run.loop import run_loop, setup, train_step
+from trainer.use import chat
 from trainer.use.export import export
 
 H, LAYERS, EXPERTS, ACTIVE, FE = 64, 2, 4, 2, 64  # FE: one expert's intermediate size
@@ -247,6 +248,15 @@ def test_a_merged_moe_export_is_a_plain_transformers_model(family: str, bases: d
     print(f"{family}: merged vs trained {error:.2e}, base vs trained {moved:.2e} (largest logit "
           f"{trained.abs().max().item():.2f})")
     assert error < 0.03 * trained.abs().max().item() and moved > 20 * error
+
+    # --adapter-only, loaded by generate/chat over the plain base: its LoRA on the experts is found and loaded
+    export(tmp_path / "run", tmp_path / "adapter", adapter_only=True)
+    loaded = chat.load(tmp_path / "adapter").model
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    on_experts = {n: p for n, p in loaded.named_parameters() if ".experts." in n and "lora_" in n}
+    assert len(on_experts) == 2 * 2 * LAYERS * EXPERTS  # A and B of gate_up and down of every expert
+    for name, p in on_experts.items():
+        assert torch.equal(p.detach().float(), saved[name.replace(".default", "")].float()), name
 
 
 # ------------------------------------------------------------------------------------------ load-balancing loss
