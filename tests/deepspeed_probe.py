@@ -64,7 +64,7 @@ def backward_of_next_step(run: Training) -> None:
     dev = run.dist.device
     for i, b in enumerate(batches):
         with engine.accumulate(is_last=i == len(batches) - 1):
-            logits = engine.forward(**b.model_inputs(dev))
+            logits = engine.forward(**b.model_inputs(dev)).logits
             engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
 
 
@@ -152,7 +152,7 @@ def offload_facts(run: Training) -> dict[str, Any]:
 def logits_of(run: Training, ids: list[list[int]]) -> list[list[list[float]]]:
     run.engine.train(False)
     x = torch.tensor(ids, device=run.dist.device)
-    out = run.engine.forward(x, torch.ones_like(x)).float().cpu()
+    out = run.engine.forward(x, torch.ones_like(x)).logits.float().cpu()
     run.engine.train(True)
     return out.tolist()
 

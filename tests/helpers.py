@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.distributed import distributed_context
 from trainer.engine.ds_shards import consolidated_weights
-from trainer.model.tokenizer import byte_tokenizer
+from trainer.model.tokenizer import byte_tokenizer, save_tokenizer
 from trainer.recipe.resolve import resolve, resolve_recipe
 from trainer.recipe.resolved import ResolvedRun
 from trainer.recipe.schema import (AdapterConfig, DataConfig, ModelConfig, PrecisionConfig, QuantConfig, Recipe,
@@ -90,7 +90,7 @@ def save_base(directory: Path, arch: dict[str, Any]) -> Path:
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
+    save_tokenizer(tok, directory)
     return directory
 
 

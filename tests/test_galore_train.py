@@ -47,7 +47,8 @@ def reference_clipped_run(run: Training, clip: float, steps: int) -> list[float]
         batches, position = run.data.step_batches(position)
         tokens = sum(b.num_loss_tokens() for b in batches)
         for b in batches:
-            engine.backward(token_loss_sum(engine.forward(**b.model_inputs(torch.device("cpu"))), b.labels) / tokens)
+            logits = engine.forward(**b.model_inputs(torch.device("cpu"))).logits
+            engine.backward(token_loss_sum(logits, b.labels) / tokens)
         factor = 1.0 if not norms else min(1.0, clip / (norms[-1] + 1e-6))
         total = 0.0
         with torch.no_grad():

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.adapters.experts import describe_experts
 from trainer.adapters.lora import attach, is_adapted, load_adapter, parameter_counts, prepare_frozen, save_adapter
 from trainer.adapters.quant import bits_per_param, bnb_config, quantized_weight_bytes
 from trainer.dtypes import torch_dtype
@@ -71,7 +72,8 @@ def describe(model: nn.Module, adapter: AdapterConfig) -> str:
             bits = bits_per_param(q.double_quant)
             text += f", double quant {'on' if q.double_quant else 'off'}: {bits:.3f} bits/param"
         text += ")"
-    return text
+    experts = describe_experts(model)
+    return f"{text}; {experts}" if experts else text
 
 
 __all__ = ["ADAPTER_DIR", "load_kwargs", "apply", "describe", "is_adapted", "save_adapter", "load_adapter",

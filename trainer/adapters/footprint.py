@@ -101,7 +101,7 @@ def lora_numels(meta: nn.Module, adapter: AdapterConfig) -> list[int]:
     """Elements of every trainable LoRA tensor: A (r x in) and B (out x r) per adapted module, and DoRA's magnitude
     vector (out)."""
     lora = []
-    for t in find_targets(meta, adapter.target_modules):
+    for t in find_targets(meta, adapter.target_modules, adapter.target_experts):
         lora += [adapter.rank * t.in_features, t.out_features * adapter.rank]
         if adapter.use_dora:
             lora.append(t.out_features)

@@ -22,7 +22,7 @@ from torch import nn
 
 from trainer.adapters.base_identity import absolute_if_local
 from trainer.adapters.quant import logical_numel
-from trainer.adapters.targets import ALL_LINEAR
+from trainer.adapters.targets import peft_targets
 from trainer.model.causal_lm import CausalLM
 from trainer.recipe.schema import AdapterConfig
 
@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def lora_config(adapter: AdapterConfig) -> Any:
+def lora_config(adapter: AdapterConfig, model: CausalLM) -> Any:
     from peft import LoraConfig
 
-    targets = adapter.target_modules if adapter.target_modules == ALL_LINEAR else list(adapter.target_modules)
+    targets = peft_targets(model, adapter.target_modules, adapter.target_experts)
     # peft annotates lora_alpha as int but scales by alpha / r in floating point: a fractional alpha works
     return LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,  # type: ignore[arg-type]
                       target_modules=targets, use_dora=adapter.use_dora, bias="none", task_type="CAUSAL_LM")
@@ -86,7 +86,7 @@ def attach(model: CausalLM, adapter: AdapterConfig, seed: int) -> CausalLM:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A is random (Kaiming); B starts at zero so the model is unchanged at step 0
-        peft_model = get_peft_model(model, lora_config(adapter), autocast_adapter_dtype=True)
+        peft_model = get_peft_model(model, lora_config(adapter, model), autocast_adapter_dtype=True)
     return peft_model
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.adapters import ADAPTER_DIR, load_kwargs
+from trainer.adapters import ADAPTER_DIR, bnb_config, load_kwargs
+from trainer.adapters import streamed
+from trainer.adapters.experts import fuse_experts, splits_experts
 from trainer.adapters.base_identity import Identity, describe, identify, mismatch, mismatch_line
 from trainer.adapters.lora import no_cpu_repacking
 from trainer.dtypes import torch_dtype
@@ -34,14 +36,23 @@ log = logging.getLogger(__name__)
 
 
 def load_base(model: ModelConfig, adapter: AdapterConfig, precision: str, device: torch.device) -> CausalLM:
-    """The base model as an adapter run loads it: quantized for qlora, frozen weights in the precision dtype."""
-    from transformers import AutoModelForCausalLM
+    """The base model as an adapter run loads it: quantized for qlora, frozen weights in the precision dtype, a
+    mixture-of-experts base with its experts split (and quantized) as in training (adapters/experts.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     assert model.name_or_path is not None, "an adapter run names its base (validated)"
     extra = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
-    base = AutoModelForCausalLM.from_pretrained(model.name_or_path, revision=model.revision,
-                                                trust_remote_code=model.trust_remote_code,
-                                                **load_kwargs(adapter, precision, device), **extra)
+    config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                        trust_remote_code=model.trust_remote_code, **extra)
+    if splits_experts(adapter, config):
+        folder = streamed.checkpoint_folder(model.name_or_path, model.revision)
+        quantization = bnb_config(adapter.quant) if adapter.type == "qlora" else None
+        base = streamed.load_base(folder, config, quantization, torch_dtype(precision), device, None,
+                                  split_experts=True, trust_remote_code=model.trust_remote_code)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model.name_or_path, revision=model.revision,
+                                                    trust_remote_code=model.trust_remote_code,
+                                                    **load_kwargs(adapter, precision, device), **extra)
     no_cpu_repacking(base)
     return base
 
@@ -57,6 +68,7 @@ def merged_model(adapter_dir: Path, model: ModelConfig, adapter: AdapterConfig, 
     base = base.to(dtype)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
     merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse to write a NaN weight
+    fuse_experts(merged)  # a mixture-of-experts base: transformers' own layout again
     for_inference(merged)
     log.info("merged the adapter of %s with its base %s (read only, unchanged) in %s", adapter_dir,
              model.name_or_path, dtype)

@@ -11,6 +11,10 @@ exactly as `from_pretrained` does it (tests/test_adapters_deepspeed.py compares 
 the module goes to `partition` (the engine's: ZeRO-3 splits each tensor over the ranks and frees the whole copy).
 At any moment a rank holds its partitions plus one module's whole weights.
 
+A mixture-of-experts base has its fused experts split into one linear layer per expert first (adapters/experts.py),
+so that they are quantized like every other linear layer; each expert's weight is read from the checkpoint alone
+(one row of the fused tensor, or the hub's per-expert tensors), never the whole layer's experts at once.
+
 The dtypes are those of the adapter path after `prepare_frozen` (trainer/adapters/lora.py): quantized linear
 weights as 4-bit codes in `quant.storage_dtype`, norm scales in fp32, every other frozen weight in the precision's
 dtype. They are set before partitioning because a partitioned parameter cannot be cast any more.
@@ -26,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from trainer.adapters.experts import ExpertSource, mixtral_name, read_expert, sources, split_experts as split
 from trainer.adapters.lora import is_norm
 from trainer.model.causal_lm import CausalLM
 
@@ -63,10 +68,12 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def skeleton(config: Any, dtype: torch.dtype, quantization_config: Any, trust_remote_code: bool) -> CausalLM:
+def skeleton(config: Any, dtype: torch.dtype, quantization_config: Any, trust_remote_code: bool,
+             split_experts: bool = False) -> CausalLM:
     """The causal LM with every parameter on the meta device (no storage) and its buffers computed as its own
-    `__init__` computes them; with a quantization config, its linear layers replaced by transformers' quantizer
-    exactly as `from_pretrained` replaces them (same layers, same settings, the head kept)."""
+    `__init__` computes them; `split_experts`: fused MoE experts replaced by one linear layer per expert; with a
+    quantization config, its linear layers replaced by transformers' quantizer exactly as `from_pretrained` replaces
+    them (same layers, same settings, the head kept)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -74,6 +81,8 @@ def skeleton(config: Any, dtype: torch.dtype, quantization_config: Any, trust_re
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # a tied head is the embedding's tensor (no_init_weights skips the tying), loaded once
+    if split_experts:
+        split(model, copy_weights=False)
     if quantization_config is not None:
         from transformers.quantizers import AutoHfQuantizer
 
@@ -95,13 +104,20 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, name: str) -> torch.Tensor:
+    def _file(self, name: str) -> Any:
         from safetensors import safe_open
 
         path = self.files[name]
         if path not in self._open:
             self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path].get_tensor(name)
+        return self._open[path]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def read_row(self, name: str, index: int) -> torch.Tensor:
+        """`tensor[index]` read alone (one expert of a fused experts tensor)."""
+        return self._file(name).get_slice(name)[index]
 
     def close(self) -> None:
         self._open.clear()
@@ -123,6 +139,20 @@ def _materialize(module: nn.Module, key: str, value: torch.Tensor, dtype: torch.
     return nn.Parameter(value.to(device=device, dtype=target), requires_grad=False)
 
 
+def _read(reader: CheckpointReader, name: str, split: dict[str, ExpertSource]) -> torch.Tensor | None:
+    """The checkpoint's value of parameter `name`: one split expert's weight, the tensor of that name, or Mixtral's
+    under its hub name; None when the checkpoint has none."""
+    if name in split:
+        try:
+            return read_expert(split[name], reader)
+        except KeyError:
+            return None
+    for candidate in (name, mixtral_name(name)):
+        if candidate in reader:
+            return reader.read(candidate)
+    return None
+
+
 def _owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that own parameters, in model order, each once."""
     return [(name, m) for name, m in model.named_modules() if m._parameters]
@@ -135,6 +165,7 @@ def load_streamed(model: nn.Module, files: dict[str, Path], dtype: torch.dtype, 
     reader = CheckpointReader(files)
     loaded: dict[int, nn.Parameter] = {}  # id of the meta placeholder -> its loaded parameter (ties share it)
     missing: list[str] = []
+    split_sources = sources(model)
     try:
         for name, module in _owners(model):
             for key, old in list(module._parameters.items()):
@@ -143,11 +174,12 @@ def load_streamed(model: nn.Module, files: dict[str, Path], dtype: torch.dtype, 
                 full = f"{name}.{key}" if name else key
                 if id(old) in loaded:
                     module._parameters[key] = loaded[id(old)]
-                elif full in reader:
-                    module._parameters[key] = loaded[id(old)] = _materialize(module, key, reader.read(full), dtype,
-                                                                             device)
-                else:
+                    continue
+                value = _read(reader, full, split_sources)
+                if value is None:
                     missing.append(full)
+                else:
+                    module._parameters[key] = loaded[id(old)] = _materialize(module, key, value, dtype, device)
             if missing:
                 break
             for key, buffer in list(module._buffers.items()):
@@ -165,3 +197,16 @@ def load_streamed(model: nn.Module, files: dict[str, Path], dtype: torch.dtype, 
         for key, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.device != device:
                 module._buffers[key] = buffer.to(device)
+
+
+def load_base(folder: Path, config: Any, quantization_config: Any, dtype: torch.dtype, device: torch.device,
+              partition: Partition | None, *, split_experts: bool, trust_remote_code: bool) -> CausalLM:
+    """An adapter run's base read module by module from `folder` onto `device` (each module handed to `partition`
+    once loaded), with the generation defaults `from_pretrained` would give it."""
+    from transformers import GenerationConfig
+
+    model = skeleton(config, dtype, quantization_config, trust_remote_code, split_experts)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    load_streamed(model, checkpoint_files(folder), dtype, device, partition)
+    return model

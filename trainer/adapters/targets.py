@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.adapters.experts import EXPERT, SplitExperts, split_experts, splits_experts
 from trainer.model.causal_lm import CausalLM
 from trainer.recipe.schema import AdapterConfig
 
@@ -30,12 +31,16 @@ class Target:
     out_features: int
 
 
-def meta_model(config: Any) -> CausalLM:
-    """The causal LM of a transformers config, with parameters on the meta device (no storage)."""
+def meta_model(config: Any, adapter: AdapterConfig | None = None) -> CausalLM:
+    """The causal LM of a transformers config, with parameters on the meta device (no storage); for an adapter run
+    that splits a mixture-of-experts base's experts (adapters/experts.py), split as the run will build it."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    if adapter is not None and splits_experts(adapter, config):
+        split_experts(model)
+    return model
 
 
 def _describe(module: nn.Module) -> tuple[str, int, int]:
@@ -56,12 +61,27 @@ def linear_names(model: CausalLM) -> list[str]:
     return list(seen)
 
 
-def find_targets(model: CausalLM, target_modules: list[str] | str) -> list[Target]:
+def peft_targets(model: CausalLM, target_modules: list[str] | str, target_experts: bool) -> list[str] | str:
+    """The target_modules peft gets for the recipe's adapter on `model`. On a model with split experts
+    (adapters/experts.py) always a list of names: the experts' layers only with adapter.target_experts, and never
+    'all-linear', which peft (0.21, under transformers 5) rewrites for Mixtral and Qwen-MoE into LoRA on the router
+    and on the fused expert weights."""
+    split = [m for m in model.modules() if isinstance(m, SplitExperts)]
+    if not split:
+        return target_modules
+    expert_names = [f"{EXPERT}{i}" for i in range(max(m.num_experts for m in split))]
+    names = linear_names(model) if target_modules == ALL_LINEAR else list(target_modules)
+    names = [n for n in names if n not in expert_names]
+    return names + expert_names if target_experts else names
+
+
+def find_targets(model: CausalLM, target_modules: list[str] | str, target_experts: bool = False) -> list[Target]:
     """The modules peft adapts for `target_modules` (a list of names, or 'all-linear'), in model order."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    names = linear_names(model) if target_modules == ALL_LINEAR else list(target_modules)
+    wanted = peft_targets(model, target_modules, target_experts)
+    names = linear_names(model) if wanted == ALL_LINEAR else list(wanted)
     probe = LoraConfig(target_modules=names)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = []
@@ -86,7 +106,7 @@ def lora_param_count(targets: list[Target], rank: int, use_dora: bool = False) -
 
 def target_problems(adapter: AdapterConfig, config: Any) -> list[str]:
     """Why `adapter.target_modules` cannot work on this architecture (empty when it can)."""
-    model = meta_model(config)
+    model = meta_model(config, adapter)
     wanted = adapter.target_modules
     if wanted == ALL_LINEAR:
         return []

@@ -1,8 +1,9 @@
 """The seam between the loop and the machinery that runs a step (DDP, DeepSpeed ZeRO, per-layer GaLore).
 
 Contract for the loop:
-- `forward(input_ids, attention_mask, position_ids)` returns logits, under the engine's autocast. Packed samples
-  come with position ids and no attention mask: attention then stays inside each run of increasing positions.
+- `forward(input_ids, attention_mask, position_ids)` returns a `Forward`: the logits, under the engine's autocast,
+  and a mixture-of-experts model's load-balancing loss when its config computes one. Packed samples come with
+  position ids and no attention mask: attention then stays inside each run of increasing positions.
 - `accumulate(is_last)` wraps each micro-step; engines skip gradient sync until the last one.
 - `backward(loss)` takes this rank's share of the global loss (its token-loss sum divided by the number of
   loss tokens in the whole global batch); the engine makes the summed gradient come out right whatever its
@@ -36,6 +37,21 @@ MODEL_FILE = "model.safetensors"  # a full model's weights in a checkpoint, what
 
 
 @dataclass(frozen=True)
+class Forward:
+    """One forward's outputs: the logits, and the load-balancing loss of a mixture-of-experts model whose config
+    sets output_router_logits (transformers' aux_loss, not yet weighted by router_aux_loss_coef), else None."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+
+def forward_of(output: Any) -> Forward:
+    """A transformers causal-LM output as a `Forward`."""
+    aux = getattr(output, "aux_loss", None)
+    return Forward(output.logits, aux if isinstance(aux, torch.Tensor) else None)
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What one optimizer step did."""
 
@@ -50,7 +66,7 @@ class Engine(Protocol):
     module: nn.Module
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+                position_ids: torch.Tensor | None = None) -> Forward: ...
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]: ...
 

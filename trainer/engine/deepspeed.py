@@ -42,7 +42,7 @@ from torch import nn
 from trainer import adapters
 from trainer.distributed import DistInfo, all_reduce_sum, ensure_process_group
 from trainer.dtypes import torch_dtype
-from trainer.engine.base import MODEL_FILE, StepResult
+from trainer.engine.base import MODEL_FILE, Forward, StepResult, forward_of
 from trainer.engine.ds_config import DEEPSPEED_BUILT, final_ds_config, merge_overrides, precision_section, zero_section
 from trainer.engine.ds_files import DS_DIR, TAG, check_files, safe_load
 from trainer.engine.ds_reshard import load_resharded
@@ -218,9 +218,9 @@ class ZeroEngine:
                  type(self.ds.basic_optimizer).__name__)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ds(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
+                position_ids: torch.Tensor | None = None) -> Forward:
+        return forward_of(self.ds(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False))
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]:
         self._last_was_boundary = is_last

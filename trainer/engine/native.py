@@ -17,7 +17,7 @@ from trainer import adapters
 
 from trainer.model import int8_weights
 from trainer.distributed import DistInfo, all_reduce_sum
-from trainer.engine.base import MODEL_FILE, StepResult
+from trainer.engine.base import MODEL_FILE, Forward, StepResult, forward_of
 from trainer.errors import CheckpointError
 from trainer.optim import restore_schedule
 from trainer.optim.per_layer import PerLayerUpdates
@@ -59,11 +59,11 @@ class NativeEngine:
             self.wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None) -> Forward:
         with self.precision.autocast():
             out = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False)
-        return out.logits
+        return forward_of(out)
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]:
         if self.per_layer is not None:

@@ -4,7 +4,9 @@ Order of the transforms (each needs the one before):
 1. load: `from_pretrained` (hub id or directory) or `from_config` (architecture dict, from scratch), weights
    in fp32 (the master copy; autocast gives bf16/fp16 compute). For qlora the linear layers are quantized
    while loading (bitsandbytes through transformers' BitsAndBytesConfig): quantization has to see the
-   original weights, so it cannot come later, and loading an 8B model unquantized first would not fit;
+   original weights, so it cannot come later, and loading an 8B model unquantized first would not fit. A
+   mixture-of-experts base (qlora, or LoRA on its experts) is read module by module instead, its fused experts
+   split into one linear layer per expert so that they are quantized and adaptable (adapters/experts.py);
 2. match the vocabulary to the tokenizer (a from-scratch config takes the tokenizer's size);
 3. adapter runs: prepare for k-bit training (freeze the base, norms in fp32, inputs that require grad so
    checkpointed blocks have something to differentiate), then attach LoRA (peft). Preparing comes first
@@ -45,10 +47,12 @@ from trainer import adapters
 
 from trainer.model import int8_weights
 from trainer.adapters import streamed
+from trainer.adapters.experts import splits_experts
 from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.errors import fetching_from_hub
 from trainer.model.causal_lm import CausalLM
+from trainer.model.tokenizer import save_tokenizer
 from trainer.optim.lowrank_groups import member, targets_of
 from trainer.recipe.resolved import ResolvedRun
 
@@ -115,12 +119,13 @@ def save_model_files(model: CausalLM, tokenizer: PreTrainedTokenizerBase, path: 
     generation = copy.deepcopy(getattr(model, "generation_config", None)) or GenerationConfig.from_model_config(config)
     generation.use_cache = True
     generation.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
 
 
-def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition) -> CausalLM:
-    """An adapter run's base read module by module, each partitioned once loaded (see the module docstring), with
-    the config and generation defaults `from_pretrained` would give it (its name too: peft writes it into the
+def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition | None) -> CausalLM:
+    """An adapter run's base read module by module (see the module docstring): under ZeRO-3 each module partitioned
+    once loaded; a mixture-of-experts base has its experts split (and quantized, for qlora) one expert at a time.
+    With the config and generation defaults `from_pretrained` would give it (its name too: peft writes it into the
     adapter's config as the base to load)."""
     m, adapter, precision = run.recipe.model, run.recipe.adapter, run.recipe.precision
     folder = streamed.checkpoint_folder(m.name_or_path, m.revision)  # type: ignore[arg-type]
@@ -131,13 +136,11 @@ def _streamed_base(run: ResolvedRun, device: torch.device, partition: Partition)
     config.name_or_path = m.name_or_path
     if m.attn_implementation:
         config._attn_implementation = m.attn_implementation
-    quantization = adapters.bnb_config(adapter.quant, zero3=True) if adapter.type == "qlora" else None
-    dtype = torch_dtype(precision.dtype)
-    model = streamed.skeleton(config, dtype, quantization, m.trust_remote_code)
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    streamed.load_streamed(model, streamed.checkpoint_files(folder), dtype, device, partition)
-    log.info("base loaded module by module and partitioned as it loaded (%s)", m.name_or_path)
+    quantization = adapters.bnb_config(adapter.quant, zero3=run.execution.zero3) if adapter.type == "qlora" else None
+    model = streamed.load_base(folder, config, quantization, torch_dtype(precision.dtype), device, partition,
+                               split_experts=splits_experts(adapter, config), trust_remote_code=m.trust_remote_code)
+    how = "partitioned as it loaded" if partition is not None else "experts split"
+    log.info("base loaded module by module, %s (%s)", how, m.name_or_path)
     return model
 
 
@@ -157,7 +160,8 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
     extra: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
         extra["attn_implementation"] = m.attn_implementation
-    if m.config is None and adapter.type != "none" and placement.partition is not None:
+    if m.config is None and adapter.type != "none" and (placement.partition is not None
+                                                        or splits_experts(adapter, run.architecture)):
         model = _streamed_base(run, device or torch.device("cpu"), placement.partition)
     elif m.config is None:
         load = adapters.load_kwargs(adapter, precision.dtype, device or torch.device("cpu"))

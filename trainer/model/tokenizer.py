@@ -8,7 +8,9 @@ always has an EOS token (documents are separated by it) and a pad token (micro-b
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 BYTE_VOCAB_SIZE = 256 + 3  # the 256 bytes, then PAD, BOS, EOS (resolve.py sizes a model by it without building)
+BYTE_SPECIAL_IDS = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -81,6 +84,21 @@ def ensure_special_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerBase, path: Path) -> None:
+    """`tok.save_pretrained(path)`, recording `unk_token: null` when it has no unknown token. transformers 5 loads a
+    folder whose config.json names some model types (qwen2 among them) with that model's own tokenizer class,
+    whatever tokenizer_config.json says, and Qwen2's adds its default unknown token `<|endoftext|>` when the file
+    names none: one token more than the model's embeddings have rows, so a from-scratch Qwen2 on the byte tokenizer
+    could not be fine-tuned from its own export (adapters refuse a tokenizer larger than the embeddings)."""
+    tok.save_pretrained(path)
+    if tok.unk_token is not None:
+        return
+    file = Path(path) / "tokenizer_config.json"
+    config = json.loads(file.read_text(encoding="utf-8"))
+    config["unk_token"] = None
+    file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------ chat templates

@@ -26,6 +26,23 @@ class Param:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts model's experts as the plan counts them (plan/shapes.py finds them)."""
+
+    layers: int  # decoder layers whose MLP is a mixture of experts
+    count: int  # experts per such layer
+    active: int  # experts each token goes through (top-k)
+    intermediate: int  # one expert's intermediate size
+    parameters: int  # the weights of every expert of every layer
+    router_parameters: int  # the routers' weights, every layer
+
+    @property
+    def inactive_parameters(self) -> int:
+        """Expert weights a token does not go through."""
+        return self.parameters * (self.count - self.active) // self.count
+
+
 @dataclass
 class Shapes:
     """What the plan needs to know about the architecture (plan/shapes.py builds it on the meta device)."""
@@ -40,10 +57,17 @@ class Shapes:
     vocab: int
     linear_names: set[str]  # module names of nn.Linear layers (LoRA / quantization targets)
     meta: Any = None  # the model on the meta device: the adapter and GaLore rules select from it
+    experts: Experts | None = None  # a mixture-of-experts model's experts
+    qk_norm: bool = False  # attention normalizes queries and keys (Qwen3, OLMo 2): saves more for backward
 
     @property
     def total(self) -> int:
         return sum(p.numel for p in self.params)
+
+    @property
+    def active(self) -> int:
+        """Parameters one token goes through: all, less the experts it is not routed to."""
+        return self.total - (self.experts.inactive_parameters if self.experts else 0)
 
 
 class Kind(Enum):
@@ -112,7 +136,9 @@ class Plan:
     activations_with_checkpointing: int
     parameters: int
     trainable: int
-    offloaded_activations: int = 0  # model.activation_offload: per micro-batch, in pinned CPU memory
+    offloaded_activations: int = 0
+    active_parameters: int = 0  # per token: a mixture-of-experts model's parameters less the experts not used
+    experts: Experts | None = None  # model.activation_offload: per micro-batch, in pinned CPU memory
     checkpoint: CheckpointSize = CheckpointSize(total=0, rank0=0)
     suggestions: list[Suggestion] = field(default_factory=list)
 

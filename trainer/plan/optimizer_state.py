@@ -77,4 +77,4 @@ def int8_targets(run: ResolvedRun, sh: Shapes) -> set[str]:
 
 def lora_targets(run: ResolvedRun, sh: Shapes) -> list[Any]:
     """The linear layers LoRA adapts, by the adapter package's own rule."""
-    return find_targets(sh.meta, run.recipe.adapter.target_modules)
+    return find_targets(sh.meta, run.recipe.adapter.target_modules, run.recipe.adapter.target_experts)

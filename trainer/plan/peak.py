@@ -40,7 +40,7 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
     mask = act.packed_mask_bytes(run)
     if mask:
         items.append(Item(Kind.ATTENTION_MASKS, "block-diagonal attention masks of packed rows", mask,
-                          note=f"{m.attn_implementation or 'sdpa'}; none with flash_attention_2"))
+                          note=f"{act.attention_of(run)}; none with flash_attention_2"))
     items.append(Item(Kind.LOGITS, "logits and loss (logits, their gradient, one fp32 chunk)",
                       act.logits_bytes(run, sh)))
     return items
@@ -80,4 +80,5 @@ def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) 
     return Plan(run.world_size, gpu_bytes, items, base + allowance,
                 "forward/backward" if forward >= step else "optimizer step",
                 act.activation_bytes(run, sh, False), act.activation_bytes(run, sh, True), sh.total,
-                states.trainable, act.offloaded_bytes(run, sh), checkpoint=checkpoint_size(run, sh))
+                states.trainable, act.offloaded_bytes(run, sh), checkpoint=checkpoint_size(run, sh),
+                active_parameters=sh.active, experts=sh.experts)

@@ -72,6 +72,12 @@ def render(p: Plan, title: str, gpus_per_node: int | None = None) -> str:
              f"trainable), {p.world_size} GPU{'s' if p.world_size > 1 else ''}, per rank:", ""]
     lines += _item_lines(p)
     lines.append("")
+    if p.experts:
+        e = p.experts
+        lines.append(f"  mixture of experts: {e.layers} layers x {e.count} experts of intermediate size "
+                     f"{e.intermediate}, {e.active} active per token; experts {_count(e.parameters)}, routers "
+                     f"{_count(e.router_parameters)}; {_count(p.active_parameters)} of the {_count(p.parameters)} "
+                     "parameters active per token")
     lines.append(f"  activations would be {p.activations_without_checkpointing / GiB:.2f} GiB without gradient "
                  f"checkpointing and {p.activations_with_checkpointing / GiB:.2f} GiB with it")
     if p.offloaded_activations:
@@ -99,6 +105,8 @@ def as_json(p: Plan) -> str:
                        "phase": p.phase, "activations_without_checkpointing": p.activations_without_checkpointing,
                        "activations_with_checkpointing": p.activations_with_checkpointing,
                        "offloaded_activations": p.offloaded_activations,
+                       "active_parameters": p.active_parameters,
+                       "experts": asdict(p.experts) if p.experts else None,
                        "checkpoint_bytes": p.checkpoint.total, "checkpoint_rank0_bytes": p.checkpoint.rank0,
                        "items": items, "suggestions": [suggestion_json(s) for s in p.suggestions]}, indent=2)
 

@@ -29,13 +29,21 @@ def _custom_code(e: Exception) -> bool:
     return "trust_remote_code" in text or "does not recognize this architecture" in text
 
 
-def from_recipe(arch: dict[str, Any], vocab_size: int) -> Any:
-    """A from-scratch model's config: the recipe's dict, vocab_size defaulting to the tokenizer's size."""
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def from_recipe(arch: dict[str, Any], vocab_size: int, special_ids: dict[str, int | None] | None = None) -> Any:
+    """A from-scratch model's config: the recipe's dict, vocab_size defaulting to the tokenizer's size and the
+    special token ids to the tokenizer's (None where unknown: the build sets the tokenizer's). Never a config
+    class's own defaults: those are ids of its family's tokenizer (Phi-3's pad 32000, OLMo 2's eos 50279), outside
+    a small vocabulary, where the embedding's padding_idx fails."""
     from transformers import AutoConfig
 
     values = dict(arch)
     model_type = values.pop("model_type")
     values.setdefault("vocab_size", vocab_size)
+    for name in SPECIAL_IDS:
+        values.setdefault(name, (special_ids or {}).get(name))
     try:
         return AutoConfig.for_model(model_type, **values)
     except Exception as e:  # transformers' ValueError, KeyError, TypeError; huggingface_hub's StrictDataclassError
@@ -105,3 +113,46 @@ def max_positions(config: Any) -> int | None:
             or "original_max_position_embeddings" in rope:
         return int(limit)
     return int(limit * float(rope.get("factor", 1.0)))
+
+
+# a transformers model class says which attention implementations it supports by these flags
+_ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                    "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+
+
+def model_class(config: Any) -> Any:
+    """The transformers causal-LM class of a config, or None (model code that comes with the model)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
+
+
+def attention_problem(config: Any, requested: str) -> str | None:
+    """Why this architecture cannot run the `requested` attention implementation (None when it can, or when its
+    class does not say): Gemma 2 has no sdpa path, since sdpa cannot soft-cap the attention logits."""
+    cls, flag = model_class(config), _ATTENTION_FLAGS.get(requested)
+    if cls is None or flag is None or getattr(cls, flag, True):
+        return None
+    supported = ["eager", *(name for name, f in _ATTENTION_FLAGS.items() if getattr(cls, f, False))]
+    return (f"{cls.__name__} ({config.model_type}) has no {requested} attention in transformers; use one of "
+            f"{', '.join(supported)} (or null: its default, {default_attention(config)})")
+
+
+def default_attention(config: Any) -> str:
+    """The attention implementation transformers picks for this architecture when none is asked for (on a machine
+    without flash-attn): sdpa where the class supports it, else eager."""
+    cls = model_class(config)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def router_aux_loss_coef(config: Any) -> float:
+    """The weight of a mixture-of-experts model's load-balancing loss in the training loss: its config's
+    router_aux_loss_coef when output_router_logits is on (then transformers computes the loss in every forward),
+    else 0. Dense models have neither."""
+    text = text_config(config)
+    if not getattr(text, "output_router_logits", False):
+        return 0.0
+    return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)

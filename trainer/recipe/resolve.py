@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,21 +131,33 @@ def _path_problems(r: Recipe, src: Sources) -> list[Problem]:
 
 # ---------------------------------------------------------------------------------------- architecture
 
-def _tokenizer_size(r: Recipe, src: Sources, *, needed: bool) -> tuple[int | None, list[Problem]]:
-    """len(tokenizer): the byte tokenizer's size, or a tokenizer found locally (a directory or the hub cache). When
-    `needed` (nothing else sizes the vocabulary) the network is tried too, and failing is a problem; otherwise an
-    unavailable tokenizer gives None and the checks that need it wait for the build."""
-    from trainer.model.tokenizer import BYTE_VOCAB_SIZE, build_tokenizer
+@dataclass(frozen=True)
+class Vocabulary:
+    """What validation needs of the tokenizer: its size and its special token ids (None where it has none)."""
+
+    size: int
+    special_ids: dict[str, int | None]
+
+
+def _vocabulary_of(tok: Any) -> Vocabulary:
+    return Vocabulary(len(tok), {name: getattr(tok, name) for name in arch.SPECIAL_IDS})
+
+
+def _tokenizer_vocabulary(r: Recipe, src: Sources, *, needed: bool) -> tuple[Vocabulary | None, list[Problem]]:
+    """The tokenizer's size and special ids: the byte tokenizer's, or a tokenizer found locally (a directory or the
+    hub cache). When `needed` (nothing else sizes the vocabulary) the network is tried too, and failing is a
+    problem; otherwise an unavailable tokenizer gives None and the checks that need it wait for the build."""
+    from trainer.model.tokenizer import BYTE_SPECIAL_IDS, BYTE_VOCAB_SIZE, build_tokenizer
 
     if r.model.tokenizer == "byte":
-        return BYTE_VOCAB_SIZE, []
+        return Vocabulary(BYTE_VOCAB_SIZE, dict(BYTE_SPECIAL_IDS)), []
     try:
-        return len(build_tokenizer(r.model, local_files_only=True)), []
+        return _vocabulary_of(build_tokenizer(r.model, local_files_only=True)), []
     except (OSError, ValueError):
         if not needed:
             return None, []
     try:
-        return len(build_tokenizer(r.model)), []
+        return _vocabulary_of(build_tokenizer(r.model)), []
     except HubError as e:
         return None, [Problem("model.tokenizer", r.model.tokenizer or r.model.name_or_path, f"cannot be loaded: {e}",
                               src("model.tokenizer"))]
@@ -154,12 +167,26 @@ def _tokenizer_size(r: Recipe, src: Sources, *, needed: bool) -> tuple[int | Non
                               "id", src("model.tokenizer"))]
 
 
+def _special_id_problems(config: dict[str, Any], rows: int, src: Sources) -> list[Problem]:
+    """A special token id the recipe sets itself must name a row of the embeddings (an id past them fails inside
+    the model, e.g. as an embedding's padding_idx)."""
+    out = []
+    for name in arch.SPECIAL_IDS:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < rows:
+            out.append(Problem(f"model.config.{name}", value, f"outside the vocabulary of {rows} tokens (ids 0 to "
+                               f"{rows - 1}); remove it (the tokenizer's own id is used) or give an id below {rows}",
+                               src("model.config")))
+    return out
+
+
 def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[Problem]]:
     """(config, where it came from, tokenizer size if known, problems)."""
     m = r.model
     if m.config is not None:
         given = m.config.get("vocab_size")
-        size, problems = _tokenizer_size(r, src, needed=given is None)
+        vocabulary, problems = _tokenizer_vocabulary(r, src, needed=given is None)
+        size = vocabulary.size if vocabulary else None
         if given is None and size is None:
             return None, "recipe", None, problems + [Problem(
                 "model.config.vocab_size", None, "the tokenizer cannot be loaded to size the vocabulary; set "
@@ -168,8 +195,13 @@ def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[P
             return None, "recipe", size, [Problem("model.config.vocab_size", given, f"smaller than the tokenizer's "
                                                   f"{size} tokens; remove it (it defaults to the tokenizer's size) "
                                                   f"or set >= {size}", src("model.config"))]
+        rows = given or size
+        assert rows is not None  # one of them was found (checked above)
+        wrong_ids = _special_id_problems(m.config, rows, src)
+        if wrong_ids:
+            return None, "recipe", size, wrong_ids
         try:
-            config = arch.from_recipe(m.config, given or size)  # type: ignore[arg-type]
+            config = arch.from_recipe(m.config, rows, vocabulary.special_ids if vocabulary else None)
             return _scaled(config, m.rope_scaling), "recipe", size, []
         except arch.ArchitectureError as e:
             return None, "recipe", size, [Problem("model.config.model_type", m.config.get("model_type"), str(e),
@@ -182,7 +214,8 @@ def _architecture(r: Recipe, src: Sources) -> tuple[Any, str, int | None, list[P
     config = _scaled(config, m.rope_scaling)
     size = None
     if r.adapter.type != "none":  # adapters freeze the embeddings: the tokenizer must fit them
-        size, _ = _tokenizer_size(r, src, needed=False)
+        vocabulary, _ = _tokenizer_vocabulary(r, src, needed=False)
+        size = vocabulary.size if vocabulary else None
     return config, where, size, []
 
 
@@ -200,6 +233,10 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
                            f"(max_position_embeddings); lower data.seq_len to <= {limit}, or extend the positions "
                            "with a RoPE scaling (model.rope_scaling: {rope_type: linear, factor: "
                            f"{-(-r.data.seq_len // limit)}.0}})", src("data.seq_len")))
+    attention = r.model.attn_implementation
+    why = arch.attention_problem(config, attention) if attention else None
+    if why:
+        out.append(Problem("model.attn_implementation", attention, why, src("model.attn_implementation")))
     rows = arch.text_config(config).vocab_size
     if r.adapter.type != "none" and tokenizer_size is not None and tokenizer_size > rows:
         out.append(Problem("model.tokenizer", r.model.tokenizer, f"has {tokenizer_size} tokens but the base model's "
@@ -213,7 +250,43 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
                 for why in target_problems(r.adapter, config)]
     if r.optimizer.low_rank is not None:
         out += _low_rank_target_problems(r, config, src, meta_model)
-    return out
+    return out + _expert_problems(r, config, src, meta_model)
+
+
+def _expert_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
+    """Mixture-of-experts rules: adapter.target_experts needs experts; an adapter run splits the fused experts
+    (adapters/experts.py), which must be a layout it knows; GaLore and APOLLO project 2-D matrices, and fused experts
+    are 3-D."""
+    from trainer.adapters.experts import fused_experts, is_moe, unsupported_experts
+
+    a, o = r.adapter, r.optimizer
+    if not is_moe(config):
+        if a.target_experts and a.type != "none":
+            return [Problem("adapter.target_experts", True, f"this {config.model_type} model has no experts (not a "
+                            "mixture-of-experts model); remove it", src("adapter.target_experts"))]
+        return []
+    if a.type == "none" and o.low_rank is None:
+        return []
+    from trainer.adapters.targets import meta_model
+
+    model = model if model is not None else meta_model(config)
+    fused = fused_experts(model)
+    if a.type != "none":
+        unsupported = unsupported_experts(model)
+        if unsupported:
+            return [Problem("adapter.type", a.type, f"{config.model_type}'s experts cannot be split into one linear "
+                            f"layer per expert ({unsupported[0]}), so they could be neither quantized nor adapted; "
+                            "train it with adapter.type: none", src("adapter.type"))]
+    if o.low_rank is not None and fused:
+        name, module = fused[0]
+        share = sum(p.numel() for _, m in fused for p in m.parameters()) / max(sum(p.numel() for p in
+                                                                                   model.parameters()), 1)
+        shapes = ", ".join(f"{n} {'x'.join(map(str, p.shape))}" for n, p in module.named_parameters())
+        return [Problem("optimizer.name", o.name, f"{config.model_type}'s experts are fused 3-D weights ({name}: "
+                        f"{shapes}; {share:.0%} of the parameters), which GaLore and APOLLO do not project: they "
+                        "would keep full AdamW state; use optimizer.name: adamw or adamw8bit, or adapter.type: qlora "
+                        "(4-bit experts)", src("optimizer.name"))]
+    return []
 
 
 def _low_rank_target_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:

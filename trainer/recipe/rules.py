@@ -160,6 +160,10 @@ def _precision(r: Recipe, src: Source) -> list[Problem]:
 def _adapter(r: Recipe, src: Source) -> list[Problem]:
     a, out = r.adapter, []
     if a.type == "none":
+        if a.target_experts:
+            return [Problem("adapter.target_experts", True, "applies to adapter.type lora or qlora (it puts LoRA on "
+                            "the experts); full training trains the experts anyway: remove it",
+                            src("adapter.target_experts"))]
         return []
     if not r.model.name_or_path:
         return [Problem("adapter.type", a.type, "adapters train on top of a pretrained model, and model.config "

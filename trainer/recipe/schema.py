@@ -273,6 +273,9 @@ class AdapterConfig(Section):
     dropout: Number = setting("LoRA dropout", 0.0, ge=0, le=1)
     target_modules: list[str] | str = setting("module names to adapt, or 'all-linear'", "all-linear")
     use_dora: bool = setting("weight-decomposed LoRA (DoRA)", False)
+    target_experts: bool = setting("mixture-of-experts models: LoRA on every expert's projections too (the experts "
+                                   "are frozen either way, and 4-bit under qlora); false adapts attention and dense "
+                                   "layers only", False)
     quant: QuantConfig = section(QuantConfig, "quantization of the base model (qlora)")
 
 

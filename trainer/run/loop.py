@@ -25,7 +25,7 @@ from trainer.data.batches import Batch, TrainData
 from trainer.data.plans import RUN_PLAN_DIR
 from trainer.distributed import (DistInfo, all_reduce_sum, all_reduce_sums, barrier, broadcast_object,
                                  distributed_context, job_id, restart_count)
-from trainer.engine.base import Engine, StepResult
+from trainer.engine.base import Engine, Forward, StepResult
 from trainer.engine.build import build_engine, model_init_context
 from trainer.errors import EXIT_RECIPE, CheckpointError
 from trainer.faults import Faults
@@ -36,6 +36,7 @@ from trainer.model.build import build_model, save_model_files
 from trainer.engine.nonfinite import NonFinitePolicy
 from trainer.run.preemption import PreemptionFlag
 from trainer.plan.preflight import check_disk, check_memory
+from trainer.recipe.architecture import router_aux_loss_coef
 from trainer.recipe.read import COMMAND_LINE, to_yaml
 from trainer.recipe.resolved import ResolvedRun
 from trainer.run_lock import output_dir_lock
@@ -70,6 +71,7 @@ class StepOutcome:
     tokens: int  # tokens in the global batch (padding excluded)
     stop_requested: bool  # some rank received a preemption signal
     result: StepResult
+    aux_loss: float | None = None  # MoE load-balancing loss, mean over the micro-batches of every rank
 
 
 @dataclass(frozen=True)
@@ -154,29 +156,50 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
 def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     """Forward/backward over this rank's micro-batches and one optimizer step. The global loss, token count and
     whether any rank was asked to stop come back in one collective, before the update: a NaN/inf loss (outside
-    fp16's loss scaling) stops the run, or skips the step, before anything is applied."""
+    fp16's loss scaling) stops the run, or skips the step, before anything is applied.
+
+    What is differentiated: the mean token loss over the global batch, plus, for a mixture-of-experts model whose
+    config sets output_router_logits, router_aux_loss_coef times its load-balancing loss averaged over the
+    micro-batches of every rank (what transformers adds to its own loss for one batch). The logged `loss` stays the
+    token loss, so it compares with dense models and evaluation; the load-balancing loss is logged as `aux_loss`."""
     dev, step = t.dist.device, t.state.step + 1
     loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev)
+    aux_weight = router_aux_loss_coef(t.run.architecture) / (len(batches) * t.dist.world_size)
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    local_aux = torch.zeros((), dtype=torch.float64, device=dev)
+    has_aux = False
     for i, b in enumerate(batches):
         with t.engine.accumulate(is_last=i == len(batches) - 1):
-            # the logits die inside the loss, which keeps only their gradient (trainer/model/loss.py)
-            loss_sum = token_loss_sum(_logits(t, b), b.labels.to(dev))
+            loss_sum, aux = _losses(t, b)
             if t.engine.updates_in_backward:  # weights change inside backward: check before it, on every rank
                 _check_before_backward(t, step, loss_sum)
-            t.engine.backward(loss_sum / max(loss_tokens, 1.0))
+            objective = loss_sum / max(loss_tokens, 1.0)
+            if aux is not None:
+                objective = objective + aux_weight * aux
+                local_aux += aux.detach()
+                has_aux = True
+            t.engine.backward(objective)
         local_sum += loss_sum.detach()
     t.faults.after_backward(step, t.engine.module)
     local_tokens = sum(b.num_tokens() for b in batches)
-    total, tokens, stop = all_reduce_sums([local_sum.item(), local_tokens, float(t.preemption.requested)], dev)
+    total, tokens, stop, aux_total = all_reduce_sums([local_sum.item(), local_tokens, float(t.preemption.requested),
+                                                      local_aux.item()], dev)
     loss = total / max(loss_tokens, 1.0)
     t.nonfinite.check_loss(step, loss, t.checkpointer.last_good)  # raises unless steps may be skipped
     result = t.engine.step()
     t.nonfinite.judge(step, loss, result, t.checkpointer.last_good)
-    return StepOutcome(loss, int(tokens), stop > 0, result)
+    aux_mean = aux_total / (len(batches) * t.dist.world_size) if has_aux else None
+    return StepOutcome(loss, int(tokens), stop > 0, result, aux_mean)
 
 
-def _logits(t: Training, b: Batch) -> torch.Tensor:
+def _losses(t: Training, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch's summed token loss and its load-balancing loss (None without one). The logits die here,
+    inside the loss, which keeps only their gradient (trainer/model/loss.py)."""
+    out = _forward(t, b)
+    return token_loss_sum(out.logits, b.labels.to(t.dist.device)), out.aux_loss
+
+
+def _forward(t: Training, b: Batch) -> Forward:
     """One micro-batch's forward; with activation offload, what it saves for backward goes to host memory (the
     loss's own saved gradient stays: it is consumed first in backward)."""
     with t.offload.saving() if t.offload else contextlib.nullcontext():
@@ -196,8 +219,7 @@ def evaluate(t: Training) -> dict[str, float]:
     t.engine.train(False)
     dev, local_loss, local_count = t.dist.device, 0.0, 0
     for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
-        logits = t.engine.forward(**b.model_inputs(dev))
-        local_loss += token_loss_sum(logits, b.labels.to(dev)).item()
+        local_loss += token_loss_sum(t.engine.forward(**b.model_inputs(dev)).logits, b.labels.to(dev)).item()
         local_count += b.num_loss_tokens()
     t.engine.train(True)
     loss, count = all_reduce_sums([local_loss, local_count], dev)
@@ -226,10 +248,11 @@ def run_loop(t: Training, until_step: int | None = None) -> Summary:
         now = time.perf_counter()
         tok_s = window_tokens / max(now - window_t, 1e-9)
         if s.step % r.logging.every_steps == 0 or s.step == r.train.max_steps or stop:
-            m.log({"step": s.step, "split": "train", "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            row = {"step": s.step, "split": "train", "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
                    "tokens": s.tokens, "tokens_per_s": round(tok_s, 1), "epoch": s.position.epoch,
                    "peak_mem_bytes": peak_memory_bytes(t.dist.device), "loss_scale": result.loss_scale,
-                   "skipped_steps": t.nonfinite.counts.overflows if result.loss_scale is not None else None})
+                   "skipped_steps": t.nonfinite.counts.overflows if result.loss_scale is not None else None}
+            m.log(row if outcome.aux_loss is None else {**row, "aux_loss": outcome.aux_loss})
             window_t, window_tokens = now, 0
         m.advance(s.step, loss, result.lr, tok_s)
         if r.train.eval_every_steps and s.step % r.train.eval_every_steps == 0:

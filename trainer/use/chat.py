@@ -21,6 +21,7 @@ from transformers.initialization import no_init_weights
 
 from trainer.adapters import ADAPTER_DIR
 from trainer.adapters.base_identity import identify
+from trainer.adapters.experts import split_experts
 from trainer.adapters.merge import BASE_FILE, load_base, trained_base, warn_if_other_base
 from trainer.recipe.architecture import max_positions
 from trainer.checkpoint.layout import read_manifest
@@ -83,6 +84,7 @@ def _from_export(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
             warn_if_other_base(folder, recorded, identify(base_name))
         with fetching_from_hub(base_name):
             base: CausalLM = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype)
+        split_experts(base)  # a mixture-of-experts base as training held it: LoRA on its experts finds them
         return PeftModel.from_pretrained(base.to(device), str(folder))
     model: CausalLM = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.to(device)

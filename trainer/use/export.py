@@ -28,6 +28,7 @@ from trainer.engine.base import MODEL_FILE
 from trainer.engine.ds_shards import consolidated_weights, has_zero_checkpoint
 from trainer.errors import CheckpointError
 from trainer.model.inference import for_inference
+from trainer.model.tokenizer import save_tokenizer
 from trainer.safeio import current_umask
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def export(source: Path, out: Path, *, dtype: str = "fp32", adapter_only: bool =
         load_full_weights(model, ckpt)
         model.to(torch_dtype(dtype))
         for_inference(model).save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    save_tokenizer(AutoTokenizer.from_pretrained(ckpt / "hf"), tmp)
     (tmp / EXPORT_MARKER).write_text(f"exported from {ckpt}\n", encoding="utf-8")
     readable_by_all(tmp)
     if out.exists():
