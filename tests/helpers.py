@@ -19,10 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from tests.memory_probe import measure
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.distributed import distributed_context
 from trainer.engine.ds_shards import consolidated_weights
 from trainer.model.tokenizer import byte_tokenizer, save_tokenizer
+from trainer.plan.activations import forward_backward_bytes
+from trainer.plan.shapes import shapes
+from trainer.plan.states import autocast_copies
 from trainer.recipe.resolve import resolve, resolve_recipe
 from trainer.recipe.resolved import ResolvedRun
 from trainer.recipe.schema import (AdapterConfig, DataConfig, ModelConfig, PrecisionConfig, QuantConfig, Recipe,
@@ -293,3 +297,12 @@ def same_shape_other_base(base: Path, other: Path) -> Path:
     tensors = {name: t + 0.01 for name, t in load_file(str(base / "model.safetensors")).items()}
     save_file(tensors, str(other / "model.safetensors"), metadata=metadata)
     return other
+
+
+def planned_and_measured_activations(overrides: list[str]) -> tuple[int, int]:
+    """For the quickstart with these overrides: the plan's forward and backward bytes (autocast copies included),
+    and the peak RSS delta of one forward and backward as tests/memory_probe.py measures it."""
+    (measured,) = measure(str(QUICKSTART), [overrides])
+    run = resolve(QUICKSTART, overrides)
+    sh = shapes(run)
+    return forward_backward_bytes(run, sh) + autocast_copies(run, sh), measured

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import QUICKSTART, ROOT
-from tests.memory_probe import measure, tied_gradient_held
-from trainer.plan.activations import forward_backward_bytes
+from tests.helpers import QUICKSTART, ROOT, planned_and_measured_activations
+from tests.memory_probe import tied_gradient_held
 from trainer.plan.items import GiB, Param, Shapes
 from trainer.plan.peak import plan
 from trainer.plan.shapes import shapes
-from trainer.plan.states import autocast_copies
 from trainer.recipe.resolve import resolve
 
 GB = 1e9
@@ -130,10 +128,7 @@ def test_activation_prediction_within_15_percent(size: str, checkpointing: bool,
     with and without gradient checkpointing, in fp32 and bf16 autocast; one probe process per case."""
     overrides = [*SIZES[size], f"model.gradient_checkpointing={str(checkpointing).lower()}", "data.seq_len=512",
                  "model.config.max_position_embeddings=512", "train.micro_batch_size=4", f"precision.dtype={dtype}"]
-    (got,) = measure(str(QUICKSTART), [overrides])
-    run = resolve(QUICKSTART, overrides)
-    sh = shapes(run)
-    predicted = forward_backward_bytes(run, sh) + autocast_copies(run, sh)
+    predicted, got = planned_and_measured_activations(overrides)
     error = abs(got - predicted) / got
     print(f"{size} {dtype} checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, measured "
           f"{got / 2**20:.1f} MiB (error {error:.1%})")

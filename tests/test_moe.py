@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.deepspeed_probe import count_native_bytes
-from tests.helpers import QUICKSTART, TEST_DATA, adapter_run, read_metrics, save_base, tiny
-from tests.memory_probe import measure
+from tests.helpers import QUICKSTART, TEST_DATA, adapter_run, planned_and_measured_activations, read_metrics
+from tests.helpers import save_base, tiny
 from trainer.adapters import parameter_counts
 from trainer.adapters.experts import SplitExperts, split_experts
 from trainer.adapters.footprint import held_frozen_bytes
@@ -30,12 +30,10 @@ from trainer.distributed import distributed_context
 from trainer.errors import ConfigError
 from trainer.model.build import build_model
 from trainer.model.tokenizer import byte_tokenizer
-from trainer.plan.activations import forward_backward_bytes
 from trainer.plan.frozen_base import base_tensors, whole_base_bytes
 from trainer.plan.peak import plan
 from trainer.plan.report import render
 from trainer.plan.shapes import shapes
-from trainer.plan.states import autocast_copies
 from trainer.recipe.resolve import resolve
 from trainer.recipe.schema import AdapterConfig, QuantConfig
 from trainer.run.loop import run_loop, setup, train_step
@@ -366,10 +364,7 @@ def test_moe_activations_within_15_percent(family: str, dtype: str, checkpointin
     arch["moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"] = 128
     overrides = [f"model.config={json.dumps(arch)}", "data.seq_len=512", "train.micro_batch_size=4",
                  f"precision.dtype={dtype}", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
-    (got,) = measure(str(QUICKSTART), [overrides])
-    run = resolve(QUICKSTART, overrides)
-    sh = shapes(run)
-    predicted = forward_backward_bytes(run, sh) + autocast_copies(run, sh)
+    predicted, got = planned_and_measured_activations(overrides)
     error = abs(got - predicted) / got
     print(f"{family} {dtype} checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, measured "
           f"{got / 2**20:.1f} MiB (error {error:.1%})")
