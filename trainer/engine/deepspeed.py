@@ -49,6 +49,8 @@ from trainer.engine.ds_reshard import load_resharded
 from trainer.engine.op_builds import prepare_builds
 from trainer.errors import CheckpointError, ConfigError, Problem
 from trainer.model.build import Placement
+from trainer.model.sequence_parallel import (SequenceGroup, sequence_group, shard_inputs,
+                                             use_sequence_parallel_attention)
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 from trainer.recipe.resolved import ResolvedRun
 from trainer.safeio import fsync_file
@@ -203,6 +205,7 @@ class ZeroEngine:
             self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=client,
                                                     config=config, dist_init_required=False)
         self.module: nn.Module = self.ds.module
+        self.sequence = self._sequence_parallel(run)
         self.adapted = adapters.is_adapted(self.module)
         if run.execution.zero3 and not self.adapted:  # adapter runs: fp32 LoRA over a frozen base
             expected = torch_dtype(precision.dtype)
@@ -217,10 +220,26 @@ class ZeroEngine:
         log.info("%s: %s, optimizer %s", run.execution.describe(), precision.dtype,
                  type(self.ds.basic_optimizer).__name__)
 
+    def _sequence_parallel(self, run: ResolvedRun) -> SequenceGroup | None:
+        """distributed.sequence_parallel > 1: this rank's group, and the model's attention exchanged over it. The
+        gradients need nothing more: DeepSpeed reduces them over every rank, which sums the groups' shards."""
+        size = run.execution.sequence_parallel
+        if size == 1:
+            return None
+        group = sequence_group(size)
+        core = use_sequence_parallel_attention(self.module)
+        log.info("sequence parallel: groups of %d ranks, %d tokens of each sequence per rank, %s attention inside "
+                 "the exchange", size, run.seq_len // size, core)
+        return group
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> Forward:
-        return forward_of(self.ds(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False))
+        if self.sequence is None:
+            return forward_of(self.ds(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=False))
+        shard = shard_inputs(input_ids, attention_mask, position_ids, self.sequence)
+        out = forward_of(self.ds(**shard.kwargs, use_cache=False))
+        return Forward(out.logits, out.aux_loss, shard.columns)
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]:
         self._last_was_boundary = is_last

@@ -72,15 +72,19 @@ class _TokenCrossEntropy(torch.autograd.Function):
         return grad.mul_(float(upstream)), None  # the stored gradient becomes the result, scaled in place
 
 
-def shifted_targets(labels: Tensor) -> Tensor:
-    """The label of position t is token t+1; the last position of each row predicts nothing."""
+def shifted_targets(labels: Tensor, columns: slice | None = None) -> Tensor:
+    """The label of position t is token t+1; the last position of each row predicts nothing. `columns`: only the
+    positions a sequence-parallel rank computed (shifted over the whole row first: a slice's last position
+    predicts the first token of the next slice)."""
     pad = labels.new_full((labels.size(0), 1), IGNORE)
-    return torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)
+    shifted = torch.cat([labels[:, 1:], pad], dim=1)
+    return (shifted if columns is None else shifted[:, columns]).reshape(-1)
 
 
-def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Sum of next-token cross-entropy (fp32) over positions whose label is not -100."""
-    targets = shifted_targets(labels)
+def token_loss_sum(logits: Tensor, labels: Tensor, columns: slice | None = None) -> Tensor:
+    """Sum of next-token cross-entropy (fp32) over positions whose label is not -100. `columns`: the logits are
+    those of these positions of the rows (sequence parallelism), the labels the whole rows'."""
+    targets = shifted_targets(labels, columns)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TokenCrossEntropy.apply(logits, targets)
     return _chunked_sum(logits, targets, None)

@@ -250,7 +250,7 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
                 for why in target_problems(r.adapter, config)]
     if r.optimizer.low_rank is not None:
         out += _low_rank_target_problems(r, config, src, meta_model)
-    return out + _expert_problems(r, config, src, meta_model)
+    return out + _expert_problems(r, config, src, meta_model) + _heads_problems(r, config, src)
 
 
 def _expert_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
@@ -311,8 +311,30 @@ def _low_rank_target_problems(r: Recipe, config: Any, src: Sources, model: Any =
     return []
 
 
+def _heads_problems(r: Recipe, config: Any, src: Sources) -> list[Problem]:
+    """Sequence parallelism gives each rank heads / N of every attention layer's heads (and key/value heads)."""
+    n = r.distributed.sequence_parallel
+    text = arch.text_config(config)
+    heads = getattr(text, "num_attention_heads", None)
+    if n == 1 or not isinstance(heads, int):
+        return []
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % n == 0 and kv_heads % n == 0:
+        return []
+    fitting = [d for d in range(2, kv_heads + 1) if heads % d == 0 and kv_heads % d == 0]
+    return [Problem("distributed.sequence_parallel", n, f"must divide the model's {heads} attention heads and "
+                    f"{kv_heads} key/value heads (each rank attends with heads / {n} of them); use "
+                    f"{' or '.join(map(str, fitting)) if fitting else '1 (no sequence parallelism)'}",
+                    src("distributed.sequence_parallel"))]
+
+
 def _world_problems(r: Recipe, world_size: int, src: Sources) -> list[Problem]:
     """Rules that need the number of processes."""
+    n = r.distributed.sequence_parallel
+    if world_size % n:
+        return [Problem("distributed.sequence_parallel", n, f"must divide the number of ranks ({world_size} here): "
+                        f"each group of {n} ranks shares its sequences; launch a multiple of {n} processes or lower "
+                        "it", src("distributed.sequence_parallel"))]
     if r.precision.weights != "int8" or world_size == 1:
         return []
     return [Problem("precision.weights", "int8", f"INT8 weights run in one process in this version ({world_size} "
@@ -336,9 +358,12 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
 
     recipe = command_line_batch_wins(recipe, sources)
     add(cross_check(recipe, sources))
-    accum, batch = accumulation(recipe.train, world_size, sources)
-    add(batch)
     add(_world_problems(recipe, world_size, sources))
+    # sequence parallelism: each group of N ranks shares its sequences, so world / N groups split the batch
+    sequence_parallel = recipe.distributed.sequence_parallel
+    data_parallel = world_size // sequence_parallel if world_size % sequence_parallel == 0 else world_size
+    accum, batch = accumulation(recipe.train, data_parallel, sources)
+    add(batch)
     add(_path_problems(recipe, sources))
     add(make_output_dir(recipe.output_dir, sources) if make_output else output_dir_problems(recipe.output_dir,
                                                                                          sources))
@@ -352,7 +377,7 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
     if problems:
         raise ConfigError(problems, origin)
     return ResolvedRun(recipe=recipe, world_size=world_size, grad_accum_steps=accum,
-                       global_batch_size=recipe.train.micro_batch_size * accum * world_size, architecture=config,
+                       global_batch_size=recipe.train.micro_batch_size * accum * data_parallel, architecture=config,
                        architecture_source=where, output_dir=Path(recipe.output_dir).expanduser(),
                        execution=execution_of(recipe), warnings=tuple(warnings_of(recipe)), sources=sources,
                        recipe_path=recipe_path)
