@@ -43,6 +43,17 @@ class ResolvedRun:
         return rank // self.execution.sequence_parallel
 
     @property
+    def mlp_tiles(self) -> int:
+        """model.tiled_mlp resolved: auto is one tile per hidden_size tokens of the sequence each rank computes
+        (at least 1, so a short sequence stays untiled)."""
+        chosen = self.recipe.model.tiled_mlp
+        if chosen != "auto":
+            return int(chosen)
+        hidden = int(getattr(arch.text_config(self.architecture), "hidden_size", 0) or 0)
+        local = self.seq_len // self.execution.sequence_parallel
+        return max(1, -(-local // hidden)) if hidden else 1
+
+    @property
     def micro_batch_size(self) -> int:
         return self.recipe.train.micro_batch_size
 
