@@ -50,5 +50,5 @@ def tile_mlps(model: nn.Module, tiles: int) -> int:
     """Compute every dense MLP of the model in `tiles` tiles; returns how many MLPs were tiled."""
     mlps = dense_mlps(model)
     for mlp in mlps:
-        mlp.forward = functools.partial(_tiled_forward, mlp.forward, tiles)  # type: ignore[method-assign]
+        mlp.forward = functools.partial(_tiled_forward, mlp.forward, tiles)
     return len(mlps)
