@@ -48,6 +48,10 @@ def _sequence_problems(r: Recipe, src: KeySource) -> list[Problem]:
     """Sequence parallelism (model/sequence_parallel.py): every rank holds seq_len / N tokens of each row, and
     attention is exchanged through one of the implementations it wraps. (Heads: resolve.py, with the model.)"""
     n, out = r.distributed.sequence_parallel, list[Problem]()
+    if r.model.head_in_loss and r.distributed.zero_stage == 3:
+        out.append(Problem("model.head_in_loss", True, "the loss reads the LM head's whole weight, which ZeRO-3 "
+                           "partitions; use distributed.zero_stage: 1 or 2, or head_in_loss: false",
+                           src("model.head_in_loss")))
     if n == 1:
         return out
     seq_len = r.data.seq_len

@@ -200,15 +200,25 @@ class ShardedInputs:
 
 def shard_inputs(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
                  group: SequenceGroup) -> ShardedInputs:
-    """This rank's tokens of every row, with their global positions; attention gets the whole rows' layout."""
-    seq_len = input_ids.size(1)
-    assert seq_len % group.size == 0, f"seq_len {seq_len} not a multiple of sequence_parallel {group.size}"
+    """This rank's tokens of every row, with their global positions; attention gets the whole rows' layout.
+    Rows shorter than a multiple of the group (a batch of packed rows is as long as its longest) are padded at
+    the end with tokens no real token sees and whose columns carry no label (`token_loss_sum` pads the labels)."""
+    rows, width = input_ids.shape
     if position_ids is None:
-        position_ids = torch.arange(seq_len, device=input_ids.device).expand(input_ids.size(0), seq_len)
+        position_ids = torch.arange(width, device=input_ids.device).expand(rows, width)
+    extra = -width % group.size
+    if extra:
+        input_ids = torch.nn.functional.pad(input_ids, (0, extra))
+        if attention_mask is not None:  # padding: positions go on, the keys are masked
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, extra))
+            tail = torch.arange(width, width + extra, device=input_ids.device)
+        else:  # packed rows: the padding is a document of its own (positions restart)
+            tail = torch.arange(extra, device=input_ids.device)
+        position_ids = torch.cat([position_ids, tail.expand(rows, extra)], dim=1)
     keys_valid = None
     if attention_mask is not None and not bool(attention_mask.all()):
         keys_valid = attention_mask.bool()
-    cols = group.columns(seq_len)
+    cols = group.columns(width + extra)
     layout = SequenceLayout(group, position_ids, keys_valid)
     kwargs = {"input_ids": input_ids[:, cols], "position_ids": position_ids[:, cols].contiguous(),
               "attention_mask": None, "sequence_layout": layout}

@@ -52,3 +52,4 @@ def tile_mlps(model: nn.Module, tiles: int) -> int:
     for mlp in mlps:
         mlp.forward = functools.partial(_tiled_forward, mlp.forward, tiles)
     return len(mlps)
+

@@ -104,6 +104,9 @@ class ModelConfig(Section):
                                        "checkpointing each layer's input, without it every saved activation",
                                        False)
     attn_implementation: str | None = setting("transformers attention backend (eager, sdpa, flash_attention_2)")
+    head_in_loss: bool = setting("compute the LM head inside the chunked loss, a chunk of tokens at a time, so the "
+                                 "whole sequence's full-vocabulary logits never exist (long sequences; not with "
+                                 "ZeRO-3)", False)
     tiled_mlp: TileCount = setting("compute each layer's MLP in this many tiles along the sequence, each "
                                    "recomputed in backward, so only one tile's intermediate activations exist at a "
                                    "time (1: untiled; auto: tiles of about hidden_size tokens)", 1)

@@ -30,7 +30,7 @@ from trainer.engine.build import build_engine, model_init_context
 from trainer.errors import EXIT_RECIPE, CheckpointError
 from trainer.faults import Faults
 from trainer.logs import add_run_log
-from trainer.model.loss import token_loss_sum
+from trainer.model.loss import head_into_loss, token_loss_sum
 from trainer.run.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
 from trainer.model.build import build_model, save_model_files
 from trainer.engine.nonfinite import NonFinitePolicy
@@ -61,6 +61,7 @@ class Training:
     faults: Faults
     nonfinite: NonFinitePolicy
     offload: ActivationOffload | None = None  # model.activation_offload
+    head: torch.Tensor | None = None  # model.head_in_loss: the LM head's weight, applied inside the loss
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,9 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
                       wandb_run=wandb_run)
     nonfinite = NonFinitePolicy(r, state.nonfinite)  # counts into the state the checkpoint saves
     offload = ActivationOffload(engine.module, dist.device) if r.model.activation_offload else None
-    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload)
+    head = head_into_loss(engine.module) if r.model.head_in_loss else None
+    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload,
+                    head)
 
 
 def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
@@ -200,7 +203,7 @@ def _losses(t: Training, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch's summed token loss and its load-balancing loss (None without one). The logits die here,
     inside the loss, which keeps only their gradient (trainer/model/loss.py)."""
     out = _forward(t, b)
-    return token_loss_sum(out.logits, b.labels.to(t.dist.device), out.columns), out.aux_loss
+    return token_loss_sum(out.logits, b.labels.to(t.dist.device), out.columns, t.head), out.aux_loss
 
 
 def _forward(t: Training, b: Batch) -> Forward:
@@ -224,7 +227,7 @@ def evaluate(t: Training) -> dict[str, float]:
     dev, local_loss, local_count = t.dist.device, 0.0, 0
     for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
         out = t.engine.forward(**b.model_inputs(dev))
-        local_loss += token_loss_sum(out.logits, b.labels.to(dev), out.columns).item()
+        local_loss += token_loss_sum(out.logits, b.labels.to(dev), out.columns, t.head).item()
         local_count += b.num_loss_tokens()
     t.engine.train(True)
     loss, count = all_reduce_sums([local_loss, local_count], dev)
