@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-node", type=whole_number(1, 1024), default=8, help="GPUs per node, for the CPU "
                    "memory an offloaded plan needs per node (default 8, at most the world size)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument("--seq-len-max", action="store_true", help="print the longest data.seq_len this recipe fits at "
+                   "on this GPU (everything else kept) instead of the plan")
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint",
                        description="Write a Hugging Face directory (config, safetensors, tokenizer) from a run's "
                                    "newest complete checkpoint or from a given checkpoint folder.")
@@ -214,6 +216,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.recipe.resolve import resolve
 
     run = resolve(args.recipe, args.overrides, _world_size(args))
+    if args.seq_len_max:
+        from trainer.plan.longest import longest_seq_len, render_longest
+
+        print(render_longest(longest_seq_len(run, args.gpu_memory), args.gpu_memory, args.recipe))
+        return 0
     p = full_plan(run, args.gpu_memory)
     print(as_json(p) if args.json else render(p, args.recipe, args.gpus_per_node))
     return 0
