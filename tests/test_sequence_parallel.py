@@ -187,3 +187,35 @@ def test_the_world_must_be_a_multiple_of_the_sequence_parallel_size(tmp_path: Pa
     run = resolve(QUICKSTART, [*args, "train.global_batch_size=16"], world_size=4)
     assert (run.data_parallel_size, run.grad_accum_steps, run.global_batch_size) == (2, 2, 16)
     assert [run.data_rank(r) for r in range(4)] == [0, 0, 1, 1]
+
+
+PLAN_SIZE = ["model.config.hidden_size=512", "model.config.intermediate_size=1376", "model.config.num_hidden_layers=4",
+             "model.config.num_attention_heads=8", "model.config.num_key_value_heads=4", "data.seq_len=2048",
+             "model.config.max_position_embeddings=2048", "train.micro_batch_size=2", "train.global_batch_size=4",
+             "distributed.engine=deepspeed", "distributed.zero_stage=2", "distributed.sequence_parallel=2"]
+PLAN_CASES = {"sp2": [], "sp2-tiled": ["model.tiled_mlp=4"],
+              "sp2-tiled-checkpointed": ["model.tiled_mlp=4", "model.gradient_checkpointing=true"]}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_plan_per_rank_matches_the_measured_activations_under_sp2(tmp_path: Path) -> None:
+    """Each rank's peak RSS delta of one forward+backward of its 1024 of the 2048 tokens (the activation probe's
+    method, tests/memory_probe.py, on 2 gloo ranks) against the plan's per-rank activations, within the 15% of the
+    single-process activation check. Measured (fp32): +1.8%, +8.1% and -1.4% off the plan for the three cases;
+    bf16 autocast with a tiled MLP measured 12-14% above the plan, too close to the bound to be a check."""
+    from tests.memory_probe import measure_sequence_parallel
+    from trainer.plan.activations import forward_backward_bytes
+    from trainer.plan.shapes import shapes
+    from trainer.plan.states import autocast_copies
+    from trainer.recipe.resolve import resolve
+
+    configs = [[*PLAN_SIZE, f"output_dir={tmp_path / name}", *extra] for name, extra in PLAN_CASES.items()]
+    measured = measure_sequence_parallel(str(QUICKSTART), configs)
+    for name, overrides, ranks in zip(PLAN_CASES, configs, measured):
+        run = resolve(QUICKSTART, overrides, world_size=2)
+        sh = shapes(run)
+        planned = forward_backward_bytes(run, sh) + autocast_copies(run, sh)
+        for rank, got in enumerate(ranks):
+            assert abs(got - planned) / got < 0.15, (name, rank, planned, got)

@@ -170,13 +170,25 @@ def _world_size(args: argparse.Namespace) -> int:
     return getattr(args, "world_size", None) or env_world_size()
 
 
+def _planning_world_size(args: argparse.Namespace) -> int:
+    """validate and plan: the ranks given (--world-size, WORLD_SIZE), else the fewest a sequence-parallel recipe
+    runs on (its distributed.sequence_parallel), so that `plan RECIPE` alone shows it as it can launch."""
+    from trainer.recipe.read import load_recipe
+
+    given = _world_size(args)
+    if given > 1:
+        return given
+    recipe, _, problems = load_recipe(args.recipe, args.overrides)
+    return 1 if problems else recipe.distributed.sequence_parallel
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from trainer.data.sizes import shortfalls
     from trainer.errors import ConfigError
     from trainer.recipe.read import to_yaml
     from trainer.recipe.resolve import resolve
 
-    run = resolve(args.recipe, args.overrides, _world_size(args))
+    run = resolve(args.recipe, args.overrides, _planning_world_size(args))
     too_little, uncounted = shortfalls(run)  # what train would find once the data is built
     if too_little:
         raise ConfigError(too_little, f"recipe {args.recipe}")
@@ -215,7 +227,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.plan.suggest import full_plan
     from trainer.recipe.resolve import resolve
 
-    run = resolve(args.recipe, args.overrides, _world_size(args))
+    run = resolve(args.recipe, args.overrides, _planning_world_size(args))
     if args.seq_len_max:
         from trainer.plan.longest import longest_seq_len, render_longest
 

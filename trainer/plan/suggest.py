@@ -94,7 +94,7 @@ def _sharding_changes(run: ResolvedRun, low_rank: bool) -> list[Change]:
 def _sequence_parallel_changes(run: ResolvedRun, low_rank: bool) -> list[Change]:
     """Sequence parallelism over 2, 4, ... of the launch's GPUs (DeepSpeed; ZeRO-2 unless the recipe has a stage):
     each GPU holds seq_len / N tokens of every sequence. Accumulation grows by N so the global batch is kept."""
-    e, r = run.execution, run.recipe
+    e = run.execution
     if low_rank or e.sequence_parallel > 1 or run.world_size == 1:
         return []
     stage = e.zero_stage if e.deepspeed else 2
@@ -102,8 +102,9 @@ def _sequence_parallel_changes(run: ResolvedRun, low_rank: bool) -> list[Change]
     for n in (2, 4, 8):
         if run.world_size % n or run.seq_len % n:
             continue
-        accumulation = () if r.train.global_batch_size is not None else (
-            f"train.grad_accum_steps={run.grad_accum_steps * n}",)
+        # the global batch stated, accumulation derived from it (a recipe's grad_accum_steps would be multiplied
+        # by N here and by a smaller micro-batch's change too)
+        accumulation = (f"train.global_batch_size={run.global_batch_size}", "train.grad_accum_steps=null")
         out.append(Change(f"sequence parallel over {n} GPUs (DeepSpeed ZeRO-{stage})", (
             "distributed.engine=deepspeed", f"distributed.zero_stage={stage}", f"distributed.sequence_parallel={n}",
             *accumulation), 4))
