@@ -36,6 +36,9 @@ Z3_ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage
 PACKED = [f"data.source={TEST_DATA / 'alpaca_tasks.json'}", "data.format=alpaca", "data.packing=isolated",
           "data.seq_len=256"]
 QLORA = ["adapter.type=qlora", "adapter.rank=4", "adapter.quant.compute_dtype=fp32"]
+# what the long-context recipes combine (recipes/24gb/llama3-8b-qlora-long-*.yaml), FlashAttention-2 apart
+LONG = [*QLORA, "model.gradient_checkpointing=true", "model.activation_offload=true", "model.tiled_mlp=3",
+        "data.document_mask=true"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[st
         ("packed_sp2", [*sp(2), *PACKED]),
         ("qlora_sp1", [*sp(1), *QLORA]),
         ("qlora_sp2", [*sp(2), *QLORA]),
+        ("long_sp1", [*sp(1), *LONG]),
+        ("long_sp2", [*sp(2), *LONG, "model.head_in_loss=true"]),
         # an SP 2 checkpoint (step 2) resumed with SP 1: the data position is global
         ("resumed_sp1", [*sp(1), f"checkpoint.resume={base / 'sp2' / 'checkpoints' / 'step-000002'}"]),
         ("z3_sp1", sp(1, 3)),  # ZeRO-3 last (see the probe)
@@ -76,7 +81,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[st
     ]
     spec = [{"name": name, "overrides": tiny(base / name, *model, *COMMON, *extra, steps=STEPS)}
             for name, extra in cases]
-    spec[7]["overrides"].remove("checkpoint.resume=never")  # the resume's own checkpoint.resume comes last anyway
     return {"base": base, **deepspeed_probe.launch(base, spec, QUICKSTART)}
 
 
@@ -133,6 +137,15 @@ def test_qlora_sp2_trains_like_sp1(runs: dict[str, Any]) -> None:
         return load_file(str(last / "adapter" / "adapter_model.safetensors"))
 
     assert_same_weights(adapter("qlora_sp1"), adapter("qlora_sp2"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_the_long_context_recipes_combination_under_sp2_trains_like_sp1(runs: dict[str, Any]) -> None:
+    """QLoRA with checkpointed layer inputs offloaded, tiled MLP, documents kept apart and the LM head inside the
+    loss, on SP 2, against the same without sequence parallelism and with the model's own head."""
+    assert_same_training(runs, "long_sp1", "long_sp2")
 
 
 @pytest.mark.slow
