@@ -36,6 +36,7 @@ Z3_ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage
 PACKED = [f"data.source={TEST_DATA / 'alpaca_tasks.json'}", "data.format=alpaca", "data.packing=isolated",
           "data.seq_len=256"]
 QLORA = ["adapter.type=qlora", "adapter.rank=4", "adapter.quant.compute_dtype=fp32"]
+EVAL = ["data.eval_fraction=0.05", "train.eval_every_steps=2", "train.eval_batches=2"]
 # what the long-context recipes combine (recipes/24gb/llama3-8b-qlora-long-*.yaml), FlashAttention-2 apart
 LONG = [*QLORA, "model.gradient_checkpointing=true", "model.activation_offload=true", "model.tiled_mlp=3",
         "data.document_mask=true"]
@@ -65,8 +66,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[st
     base = tmp_path_factory.mktemp("sp")
     model = ["model.config=null", f"model.name_or_path={saved_model}"]
     cases: list[tuple[str, list[str]]] = [
-        ("sp1", sp(1)),
-        ("sp2", [*sp(2), "checkpoint.every_steps=2"]),
+        ("sp1", [*sp(1), *EVAL]),
+        ("sp2", [*sp(2), *EVAL, "checkpoint.every_steps=2"]),
         ("sp2_tiled", [*sp(2), "model.tiled_mlp=3", "model.gradient_checkpointing=true"]),
         ("packed_sp1", [*sp(1), *PACKED]),
         ("packed_sp2", [*sp(2), *PACKED]),
@@ -75,7 +76,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[st
         ("long_sp1", [*sp(1), *LONG]),
         ("long_sp2", [*sp(2), *LONG, "model.head_in_loss=true"]),
         # an SP 2 checkpoint (step 2) resumed with SP 1: the data position is global
-        ("resumed_sp1", [*sp(1), f"checkpoint.resume={base / 'sp2' / 'checkpoints' / 'step-000002'}"]),
+        ("resumed_sp1", [*sp(1), *EVAL, f"checkpoint.resume={base / 'sp2' / 'checkpoints' / 'step-000002'}"]),
         ("z3_sp1", sp(1, 3)),  # ZeRO-3 last (see the probe)
         ("z3_sp2", sp(2, 3)),
     ]
@@ -113,6 +114,8 @@ def test_sp2_trains_like_sp1_at_zero2_and_zero3(runs: dict[str, Any]) -> None:
     for a, b in (("sp1", "sp2"), ("z3_sp1", "z3_sp2")):
         assert_same_training(runs, a, b)
         assert_same_weights(final_weights(runs["base"] / a), final_weights(runs["base"] / b))
+    evals = [[row["loss"] for row in read_metrics(runs["base"] / name, "eval")] for name in ("sp1", "sp2")]
+    assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], abs=1e-5)  # evaluation under SP 2 too
     assert metrics(runs, "sp1")[-1]["loss"] < metrics(runs, "sp1")[0]["loss"]  # it trains
 
 
@@ -176,6 +179,9 @@ def test_an_sp2_checkpoint_resumes_with_sp1(runs: dict[str, Any]) -> None:
      "distributed.sequence_parallel", "runs on the DeepSpeed engine"),
     (["distributed.sequence_parallel=2", "model.attn_implementation=flex_attention"], "model.attn_implementation",
      "sequence parallelism wraps sdpa, eager, flash_attention_2"),
+    (["model.head_in_loss=true", "distributed.zero_stage=3"], "model.head_in_loss", "ZeRO-3 partitions"),
+    (["model.head_in_loss=true", "adapter.type=lora", "adapter.target_modules=[q_proj,lm_head]"],
+     "model.head_in_loss", "puts LoRA on the LM head"),
 ])
 def test_impossible_sequence_parallel_recipes_are_refused(tmp_path: Path, overrides: list[str], key: str,
                                                           advice: str) -> None:
@@ -232,3 +238,26 @@ def test_plan_per_rank_matches_the_measured_activations_under_sp2(tmp_path: Path
         planned = forward_backward_bytes(run, sh) + autocast_copies(run, sh)
         for rank, got in enumerate(ranks):
             assert abs(got - planned) / got < 0.15, (name, rank, planned, got)
+
+
+def test_the_readme_long_context_figures_are_the_plans() -> None:
+    """The README's planned long-context table: the longest sequence, the recipe's, its peak and host memory, per
+    row, against `plan --seq-len-max` and `plan` of the shipped recipes (no GPU involved: these are plans)."""
+    import re
+
+    from tests.helpers import ROOT
+    from trainer.plan.items import GiB
+    from trainer.plan.longest import longest_seq_len
+    from trainer.plan.peak import plan
+    from trainer.recipe.resolve import resolve
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = r"^\| (\d) x 24 GB[^|]* \| ([\d,]+) tokens \| ([\d,]+) \| ([\d.]+) GiB[^|]* \| ([\d.]+) GiB[^|]* \|$"
+    rows = re.findall(row, readme, flags=re.M)
+    assert len(rows) == 2
+    for (gpus, longest, seq_len, peak, host), name in zip(rows, ("long-1gpu", "long-2gpu")):
+        run = resolve(ROOT / "recipes" / "24gb" / f"llama3-8b-qlora-{name}.yaml", [], world_size=int(gpus))
+        assert run.seq_len == int(seq_len.replace(",", ""))
+        p = plan(run)
+        assert abs(p.peak_bytes / GiB - float(peak)) < 0.01 and abs(p.cpu_bytes / GiB - float(host)) < 0.01
+        assert longest_seq_len(run, 24 * GiB).seq_len == int(longest.replace(",", ""))

@@ -250,7 +250,8 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
                 for why in target_problems(r.adapter, config)]
     if r.optimizer.low_rank is not None:
         out += _low_rank_target_problems(r, config, src, meta_model)
-    return out + _expert_problems(r, config, src, meta_model) + _heads_problems(r, config, src)
+    return (out + _expert_problems(r, config, src, meta_model) + _heads_problems(r, config, src)
+            + _head_in_loss_problems(r, config, src))
 
 
 def _expert_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
@@ -326,6 +327,22 @@ def _heads_problems(r: Recipe, config: Any, src: Sources) -> list[Problem]:
                     f"{kv_heads} key/value heads (each rank attends with heads / {n} of them); use "
                     f"{' or '.join(map(str, fitting)) if fitting else '1 (no sequence parallelism)'}",
                     src("distributed.sequence_parallel"))]
+
+
+def _head_in_loss_problems(r: Recipe, config: Any, src: Sources) -> list[Problem]:
+    """model.head_in_loss applies the head's plain weight inside the loss: a head that does more (soft-capped
+    logits, a LoRA adapter on it) would be skipped."""
+    if not r.model.head_in_loss:
+        return []
+    if getattr(arch.text_config(config), "final_logit_softcapping", None):
+        return [Problem("model.head_in_loss", True, f"{config.model_type} soft-caps its logits after the head, which "
+                        "the loss does not; set model.head_in_loss: false", src("model.head_in_loss"))]
+    targets = r.adapter.target_modules
+    if r.adapter.type != "none" and isinstance(targets, list) and any("lm_head" in t for t in targets):
+        return [Problem("model.head_in_loss", True, "adapter.target_modules puts LoRA on the LM head, which the loss "
+                        "would apply without its adapter; remove lm_head from the targets or set "
+                        "model.head_in_loss: false", src("model.head_in_loss"))]
+    return []
 
 
 def _world_problems(r: Recipe, world_size: int, src: Sources) -> list[Problem]:
