@@ -36,7 +36,7 @@ Z3_ALL_PARTITIONED = "distributed.deepspeed_overrides={zero_optimization: {stage
 PACKED = [f"data.source={TEST_DATA / 'alpaca_tasks.json'}", "data.format=alpaca", "data.packing=isolated",
           "data.seq_len=256"]
 QLORA = ["adapter.type=qlora", "adapter.rank=4", "adapter.quant.compute_dtype=fp32"]
-EVAL = ["data.eval_fraction=0.05", "train.eval_every_steps=2", "train.eval_batches=2"]
+EVAL = ["data.eval_fraction=0.05", "train.eval_every_steps=2"]
 # what the long-context recipes combine (recipes/24gb/llama3-8b-qlora-long-*.yaml), FlashAttention-2 apart
 LONG = [*QLORA, "model.gradient_checkpointing=true", "model.activation_offload=true", "model.tiled_mlp=3",
         "data.document_mask=true"]
@@ -66,9 +66,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[st
     base = tmp_path_factory.mktemp("sp")
     model = ["model.config=null", f"model.name_or_path={saved_model}"]
     cases: list[tuple[str, list[str]]] = [
-        ("sp1", [*sp(1), *EVAL]),
-        ("sp2", [*sp(2), *EVAL, "checkpoint.every_steps=2"]),
-        ("sp2_tiled", [*sp(2), "model.tiled_mlp=3", "model.gradient_checkpointing=true"]),
+        # evaluation: train.eval_batches micro-batches per data-parallel rank, the same 4 sequences either way
+        ("sp1", [*sp(1), *EVAL, "train.eval_batches=1"]),
+        ("sp2", [*sp(2), *EVAL, "train.eval_batches=2", "checkpoint.every_steps=2"]),
+        ("sp2_tiled", [*sp(2), *EVAL, "model.tiled_mlp=3", "model.gradient_checkpointing=true"]),
         ("packed_sp1", [*sp(1), *PACKED]),
         ("packed_sp2", [*sp(2), *PACKED]),
         ("qlora_sp1", [*sp(1), *QLORA]),
