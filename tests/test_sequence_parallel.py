@@ -262,3 +262,22 @@ def test_the_readme_long_context_figures_are_the_plans() -> None:
         p = plan(run)
         assert abs(p.peak_bytes / GiB - float(peak)) < 0.01 and abs(p.cpu_bytes / GiB - float(host)) < 0.01
         assert longest_seq_len(run, 24 * GiB).seq_len == int(longest.replace(",", ""))
+
+
+def test_a_long_sequence_that_does_not_fit_gets_the_long_sequence_suggestions() -> None:
+    """Llama-3.1-8B QLoRA at 64K tokens does not fit one 24 GB card as the short recipe is written: the plan
+    suggests the tiled MLP and the head inside the loss; on two GPUs sequence parallelism too, with the global batch
+    kept."""
+    from tests.helpers import ROOT
+    from trainer.plan.items import GiB
+    from trainer.plan.suggest import changes, full_plan
+    from trainer.recipe.resolve import resolve
+
+    long = ["model.name_or_path=meta-llama/Llama-3.1-8B", "data.seq_len=65536"]
+    one = resolve(ROOT / "recipes" / "24gb" / "llama3-8b-qlora.yaml", long)
+    p = full_plan(one, 24 * GiB)
+    assert not p.fits and p.suggestions and p.suggestions[0].fits
+    assert {"model.tiled_mlp=auto", "model.head_in_loss=true"} <= set(p.suggestions[0].overrides)
+    two = resolve(ROOT / "recipes" / "24gb" / "llama3-8b-qlora.yaml", long, world_size=2)
+    parallel = [c for c in changes(two) if "distributed.sequence_parallel=2" in c.overrides]
+    assert parallel and f"train.global_batch_size={two.global_batch_size}" in parallel[0].overrides
