@@ -181,6 +181,8 @@ def test_an_sp2_checkpoint_resumes_with_sp1(runs: dict[str, Any]) -> None:
     (["distributed.sequence_parallel=2", "model.attn_implementation=flex_attention"], "model.attn_implementation",
      "sequence parallelism wraps sdpa, eager, flash_attention_2"),
     (["model.head_in_loss=true", "distributed.zero_stage=3"], "model.head_in_loss", "ZeRO-3 partitions"),
+    (["distributed.sequence_parallel=2", "model.config.model_type=mistral", "model.config.sliding_window=32"],
+     "distributed.sequence_parallel", "sliding window of 32 tokens"),
     (["model.head_in_loss=true", "adapter.type=lora", "adapter.target_modules=[q_proj,lm_head]"],
      "model.head_in_loss", "puts LoRA on the LM head"),
 ])

@@ -313,12 +313,19 @@ def _low_rank_target_problems(r: Recipe, config: Any, src: Sources, model: Any =
 
 
 def _heads_problems(r: Recipe, config: Any, src: Sources) -> list[Problem]:
-    """Sequence parallelism gives each rank heads / N of every attention layer's heads (and key/value heads)."""
+    """Sequence parallelism gives each rank heads / N of every attention layer's heads (and key/value heads), and
+    masks causally over the whole row (no sliding window)."""
     n = r.distributed.sequence_parallel
     text = arch.text_config(config)
     heads = getattr(text, "num_attention_heads", None)
     if n == 1 or not isinstance(heads, int):
         return []
+    window = getattr(text, "sliding_window", None)
+    if isinstance(window, int) and window < r.data.seq_len and getattr(text, "use_sliding_window", True):
+        return [Problem("distributed.sequence_parallel", n, f"{config.model_type} attends within a sliding window of "
+                        f"{window} tokens, which the exchanged attention does not apply (it masks causally over the "
+                        f"whole row): use data.seq_len <= {window} or sequence_parallel: 1",
+                        src("distributed.sequence_parallel"))]
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     if heads % n == 0 and kv_heads % n == 0:
         return []
