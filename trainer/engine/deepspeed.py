@@ -9,6 +9,10 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
   count (we pass `scale_wrt_gas=False`, the loop already weighted every token) and averages gradients over the
   ranks (we multiply by the world size, like DDP in the native engine). The update is then the native
   engine's for the same recipe (tests/test_deepspeed.py compares the trajectories).
+- Sequence parallelism (distributed.sequence_parallel: N): every rank of a group of N consecutive ranks gets the
+  same rows and computes seq_len / N of their tokens (model/sequence_parallel.py exchanges attention over the
+  group); `forward` returns the logits of its columns. DeepSpeed's data parallelism stays every rank, so its
+  gradient reduction sums the shards, and the loop's loss (each rank's own tokens over the global count) is unchanged.
 - LR: our schedule (trainer.optim.build_scheduler) drives the LR of DeepSpeed's optimizer, advanced once per
   optimizer step, also when fp16 skips one (as in the native engine). DeepSpeed gets no scheduler.
 - fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
