@@ -32,16 +32,20 @@ from trainer.recipe.schema import Recipe, TrainConfig
 
 # ---------------------------------------------------------------------------------------------- batch
 
-def accumulation(train: TrainConfig, world_size: int, src: Sources = Sources()) -> tuple[int, list[Problem]]:
-    """Micro-batches per optimizer step on each rank at this world size, and the problems when the sizes do not
-    divide or contradict each other."""
+def accumulation(train: TrainConfig, world_size: int, src: Sources = Sources(),
+                 sequence_parallel: int = 1) -> tuple[int, list[Problem]]:
+    """Micro-batches per optimizer step on each rank at this world size (of data-parallel groups, under sequence
+    parallelism), and the problems when the sizes do not divide or contradict each other."""
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size is None:
         return train.grad_accum_steps or 1, []
     if train.global_batch_size % per_step:
         nearest = per_step * max(1, round(train.global_batch_size / per_step))
+        whole = world_size * sequence_parallel
+        ranks = "world size" if sequence_parallel == 1 else \
+            f"data-parallel groups (world size {whole} / sequence_parallel {sequence_parallel})"
         return 1, [Problem("train.global_batch_size", train.global_batch_size, f"must be a multiple of "
-                           f"micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}; "
+                           f"micro_batch_size x {ranks} = {train.micro_batch_size} x {world_size} = {per_step}; "
                            f"e.g. {nearest}", src("train.global_batch_size"))]
     accum = train.global_batch_size // per_step
     if train.grad_accum_steps is not None and train.grad_accum_steps != accum:
@@ -386,7 +390,7 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
     # sequence parallelism: each group of N ranks shares its sequences, so world / N groups split the batch
     sequence_parallel = recipe.distributed.sequence_parallel
     data_parallel = world_size // sequence_parallel if world_size % sequence_parallel == 0 else world_size
-    accum, batch = accumulation(recipe.train, data_parallel, sources)
+    accum, batch = accumulation(recipe.train, data_parallel, sources, world_size // data_parallel)
     add(batch)
     add(_path_problems(recipe, sources))
     add(make_output_dir(recipe.output_dir, sources) if make_output else output_dir_problems(recipe.output_dir,
