@@ -2,9 +2,11 @@
 ranks sharing every sequence train like two ranks each taking whole sequences of the same global batch.
 
 One torchrun launch of tests/deepspeed_probe.py (2 ranks) trains every case (a launch is the suite's biggest
-cost): fp32 ZeRO-2 and ZeRO-3, SP 1 and SP 2, full training and QLoRA, isolated packing (documents packed into a
-row with padding, where the mask of the whole rows must survive the all-to-all), tiled MLP with gradient
-checkpointing, and a resume of an SP 2 checkpoint with SP 1.
+cost, about 45 s here for its 16 runs): fp32 ZeRO-1, -2 (also with optimizer offload) and -3, SP 1 and SP 2, full
+training and QLoRA, evaluation, isolated packing (documents packed into a row with padding, where the mask of the
+whole rows must survive the all-to-all), tiled MLP with gradient checkpointing, the long-context recipes'
+combination, and a resume of an SP 2 checkpoint with SP 1. A second launch (plain gloo, no DeepSpeed) measures
+each rank's activations against the plan.
 
 Tolerance: the runs differ only in the order of floating-point sums (attention over the same keys on another
 rank, the gradient reduction of 2 ranks summing other shards), the 1-vs-2-rank noise of these recipes: measured
@@ -70,6 +72,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[st
         ("sp1", [*sp(1), *EVAL, "train.eval_batches=1"]),
         ("sp2", [*sp(2), *EVAL, "train.eval_batches=2", "checkpoint.every_steps=2"]),
         ("sp2_tiled", [*sp(2), *EVAL, "model.tiled_mlp=3", "model.gradient_checkpointing=true"]),
+        ("z1_sp2", [*sp(2, 1), *EVAL]),
+        ("z2_offload_sp2", [*sp(2), *EVAL, "distributed.offload_optimizer=cpu"]),
         ("packed_sp1", [*sp(1), *PACKED]),
         ("packed_sp2", [*sp(2), *PACKED]),
         ("qlora_sp1", [*sp(1), *QLORA]),
@@ -110,8 +114,12 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
-def test_sp2_trains_like_sp1_at_zero2_and_zero3(runs: dict[str, Any]) -> None:
+def test_sp2_trains_like_sp1_at_zero1_to_3_and_with_offload(runs: dict[str, Any]) -> None:
+    """ZeRO-1, -2 (and with the optimizer state in CPU memory: DeepSpeedCPUAdam, 1e-7 from torch's AdamW in
+    fp32, tests/test_deepspeed.py) and -3 with SP 2, against SP 1."""
     assert "sequence parallel: groups of 2 ranks, 32 tokens of each sequence per rank" in runs["log"]
+    assert_same_training(runs, "sp1", "z1_sp2")
+    assert_same_training(runs, "sp1", "z2_offload_sp2")
     for a, b in (("sp1", "sp2"), ("z3_sp1", "z3_sp2")):
         assert_same_training(runs, a, b)
         assert_same_weights(final_weights(runs["base"] / a), final_weights(runs["base"] / b))
