@@ -291,3 +291,20 @@ def test_a_long_sequence_that_does_not_fit_gets_the_long_sequence_suggestions() 
     two = resolve(ROOT / "recipes" / "24gb" / "llama3-8b-qlora.yaml", long, world_size=2)
     parallel = [c for c in changes(two) if "distributed.sequence_parallel=2" in c.overrides]
     assert parallel and f"train.global_batch_size={two.global_batch_size}" in parallel[0].overrides
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_an_sp2_checkpoint_resumes_on_one_rank(runs: dict[str, Any], saved_model: Path, tmp_path: Path) -> None:
+    """The SP 2 run's step-2 checkpoint (2 ranks) resumed by one process: ZeRO-2's partitions resharded for one
+    rank, the data position global; the losses of steps 3-4 are the uninterrupted run's."""
+    step2 = runs["base"] / "sp2" / "checkpoints" / "step-000002"
+    overrides = tiny(tmp_path / "one", "model.config=null", f"model.name_or_path={saved_model}", *COMMON, *sp(1),
+                     *EVAL, f"checkpoint.resume={step2}", steps=STEPS)
+    deepspeed_probe.launch(tmp_path, [{"name": "one", "overrides": overrides}], QUICKSTART, nproc=1)
+    resumed = read_metrics(tmp_path / "one")
+    assert [r["step"] for r in resumed] == [3, 4]
+    uninterrupted = {r["step"]: r["loss"] for r in metrics(runs, "sp2")}
+    for row in resumed:
+        assert abs(row["loss"] - uninterrupted[row["step"]]) < 1e-5, row
