@@ -84,6 +84,7 @@ def test_head_in_loss_gives_the_loss_and_gradients_of_the_logits(dtype: str, tie
     import trainer.model.loss as loss_module
 
     monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS", 7 * 300)
+    monkeypatch.setattr(loss_module, "HEAD_MIN_ROWS", 1)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
 

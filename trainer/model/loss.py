@@ -27,6 +27,16 @@ def chunk_rows(vocab: int) -> int:
     return max(1, LOSS_CHUNK_ELEMENTS // vocab)
 
 
+HEAD_MIN_ROWS = 256  # model.head_in_loss: each chunk multiplies by the whole head, so chunks are kept this tall
+
+
+def head_chunk_rows(vocab: int) -> int:
+    """Rows per chunk when the loss applies the head itself: every chunk reads the head's whole weight (1 GiB for
+    Llama-3's in bf16), so a chunk of 32 rows (a 128K vocabulary's share of LOSS_CHUNK_ELEMENTS) would read it
+    thousands of times per 100K tokens; 256 rows cost 0.4 GiB of fp32 work at that vocabulary."""
+    return max(chunk_rows(vocab), HEAD_MIN_ROWS)
+
+
 def _chunk(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
     """Summed loss of these rows; writes d(loss)/d(logits) into grad when given."""
     x = logits.float()
@@ -97,7 +107,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        rows = chunk_rows(weight.size(0))
+        rows = head_chunk_rows(weight.size(0))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, flat.size(0), rows):

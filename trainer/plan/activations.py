@@ -17,7 +17,7 @@ Attention that normalizes queries and keys (Qwen3's QK-norm) keeps `6 (h + kv)` 
 from __future__ import annotations
 
 from trainer.data.packing import sample_mode
-from trainer.model.loss import chunk_rows
+from trainer.model.loss import chunk_rows, head_chunk_rows
 from trainer.plan.items import Shapes
 from trainer.plan.optimizer_state import int8_targets, lora_targets
 from trainer.recipe.architecture import default_attention
@@ -169,7 +169,7 @@ def logits_bytes(run: ResolvedRun, sh: Shapes) -> int:
     compute = 4 if run.recipe.precision.dtype == "fp32" else 2
     chunk = min(tokens, chunk_rows(sh.vocab)) * sh.vocab
     if run.recipe.model.head_in_loss:
-        return head_in_loss_bytes(run, sh, tokens, compute, chunk)
+        return head_in_loss_bytes(run, sh, tokens, compute, min(tokens, head_chunk_rows(sh.vocab)) * sh.vocab)
     return 2 * compute * tokens * sh.vocab + (4 if compute == 4 else 8) * chunk
 
 
