@@ -64,12 +64,14 @@ def tiled_mlp(run: ResolvedRun, sh: Shapes) -> bool:
 
 
 def mlp_tile_bytes(run: ResolvedRun, sh: Shapes) -> int:
-    """Tiled MLP: the intermediate activations of the one tile being computed (in the forward, and recomputed in
-    backward): the untiled MLP's per-token bytes for 1/tiles of the tokens."""
+    """Tiled MLP: the one tile recomputed in backward, its intermediates (the untiled MLP's per-token bytes for
+    1/tiles of the tokens) and the gradients of three of them (gate, up, their product: 3f per token in the
+    compute dtype), 7/4 of the intermediates in fp32 and in bf16 (16f + 12f, 8f + 6f); the forward's tile holds
+    less."""
     if not tiled_mlp(run, sh):
         return 0
     tokens = -(-micro_batch_tokens(run) // run.mlp_tiles)
-    return tokens * _mlp_bytes_per_token(sh, run.recipe.precision.dtype == "fp32")
+    return tokens * _mlp_bytes_per_token(sh, run.recipe.precision.dtype == "fp32") * 7 // 4
 
 
 def exchange_bytes(run: ResolvedRun, sh: Shapes) -> int:
