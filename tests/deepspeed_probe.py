@@ -65,8 +65,8 @@ def backward_of_next_step(run: Training) -> None:
     dev = run.dist.device
     for i, b in enumerate(batches):
         with engine.accumulate(is_last=i == len(batches) - 1):
-            logits = engine.forward(**b.model_inputs(dev)).logits
-            engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
+            out = engine.forward(**b.model_inputs(dev))  # under sequence parallelism, this rank's columns
+            engine.backward(token_loss_sum(out.logits, b.labels.to(dev), out.columns) / max(b.num_loss_tokens(), 1))
 
 
 def count_bytes(run: Training) -> dict[str, int]:

@@ -29,7 +29,10 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
     checkpointing = "with" if m.gradient_checkpointing else "without"
     saved = act.activation_bytes(run, sh, m.gradient_checkpointing)
     moved = act.offloaded_bytes(run, sh)
-    tokens = f"{run.recipe.train.micro_batch_size} x {run.recipe.data.seq_len} tokens, {act.packing_label(run)}"
+    sp = run.execution.sequence_parallel
+    per_rank = f" ({run.seq_len // sp} per rank, sequence parallel over {sp})" if sp > 1 else ""
+    tokens = f"{run.recipe.train.micro_batch_size} x {run.recipe.data.seq_len} tokens{per_rank}, " \
+             f"{act.packing_label(run)}"
     if moved:
         items = [Item(Kind.ACTIVATIONS, f"activations on the GPU ({tokens}, {checkpointing} checkpointing, "
                       "offloaded)", saved - moved + act.offload_window_bytes(run, sh),
@@ -41,8 +44,20 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
     if mask:
         items.append(Item(Kind.ATTENTION_MASKS, "block-diagonal attention masks of packed rows", mask,
                           note=f"{act.attention_of(run)}; none with flash_attention_2"))
-    items.append(Item(Kind.LOGITS, "logits and loss (logits, their gradient, one fp32 chunk)",
-                      act.logits_bytes(run, sh)))
+    if run.recipe.model.head_in_loss:
+        items.append(Item(Kind.LOGITS, "LM head inside the loss (hidden-state gradient, one chunk of logits)",
+                          act.logits_bytes(run, sh), note="no logits of the whole sequence"))
+    else:
+        items.append(Item(Kind.LOGITS, "logits and loss (logits, their gradient, one fp32 chunk)",
+                          act.logits_bytes(run, sh)))
+    tile = act.mlp_tile_bytes(run, sh)
+    if tile:
+        items.append(Item(Kind.MLP_TILE, f"one MLP tile's intermediates ({run.mlp_tiles} tiles)", tile,
+                          note="inside a layer: not alive with the logits"))
+    exchange = act.exchange_bytes(run, sh)
+    if exchange:
+        items.append(Item(Kind.EXCHANGE, "all-to-all buffers of one attention layer (sequence parallel)", exchange,
+                          note="inside a layer: not alive with the logits"))
     return items
 
 

@@ -30,7 +30,7 @@ from trainer.engine.build import build_engine, model_init_context
 from trainer.errors import EXIT_RECIPE, CheckpointError
 from trainer.faults import Faults
 from trainer.logs import add_run_log
-from trainer.model.loss import token_loss_sum
+from trainer.model.loss import head_into_loss, token_loss_sum
 from trainer.run.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
 from trainer.model.build import build_model, save_model_files
 from trainer.engine.nonfinite import NonFinitePolicy
@@ -61,6 +61,7 @@ class Training:
     faults: Faults
     nonfinite: NonFinitePolicy
     offload: ActivationOffload | None = None  # model.activation_offload
+    head: torch.Tensor | None = None  # model.head_in_loss: the LM head's weight, applied inside the loss
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,9 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     template = settle_chat_template(tokenizer, r.data)
     if template:
         log.info("chat template: %s", template)
-    data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
+    # sequence parallelism: the ranks of a group take the same sequences (each computes its own tokens of them)
+    data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=run.data_rank(dist.rank),
+                     world_size=run.data_parallel_size,
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps, job=job_id(),
                      progress=dist.is_main and r.logging.progress_bar, on_chunk=faults.during_prepare,
                      plan_dir=out / RUN_PLAN_DIR)
@@ -150,7 +153,9 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
                       wandb_run=wandb_run)
     nonfinite = NonFinitePolicy(r, state.nonfinite)  # counts into the state the checkpoint saves
     offload = ActivationOffload(engine.module, dist.device) if r.model.activation_offload else None
-    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload)
+    head = head_into_loss(engine.module) if r.model.head_in_loss else None
+    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload,
+                    head)
 
 
 def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
@@ -163,7 +168,8 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     micro-batches of every rank (what transformers adds to its own loss for one batch). The logged `loss` stays the
     token loss, so it compares with dense models and evaluation; the load-balancing loss is logged as `aux_loss`."""
     dev, step = t.dist.device, t.state.step + 1
-    loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev)
+    copies = t.run.execution.sequence_parallel  # ranks holding each batch (each computes its own columns)
+    loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev) / copies
     aux_weight = router_aux_loss_coef(t.run.architecture) / (len(batches) * t.dist.world_size)
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
     local_aux = torch.zeros((), dtype=torch.float64, device=dev)
@@ -184,6 +190,7 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     local_tokens = sum(b.num_tokens() for b in batches)
     total, tokens, stop, aux_total = all_reduce_sums([local_sum.item(), local_tokens, float(t.preemption.requested),
                                                       local_aux.item()], dev)
+    tokens /= copies
     loss = total / max(loss_tokens, 1.0)
     t.nonfinite.check_loss(step, loss, t.checkpointer.last_good)  # raises unless steps may be skipped
     result = t.engine.step()
@@ -196,7 +203,7 @@ def _losses(t: Training, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch's summed token loss and its load-balancing loss (None without one). The logits die here,
     inside the loss, which keeps only their gradient (trainer/model/loss.py)."""
     out = _forward(t, b)
-    return token_loss_sum(out.logits, b.labels.to(t.dist.device)), out.aux_loss
+    return token_loss_sum(out.logits, b.labels.to(t.dist.device), out.columns, t.head), out.aux_loss
 
 
 def _forward(t: Training, b: Batch) -> Forward:
@@ -219,10 +226,12 @@ def evaluate(t: Training) -> dict[str, float]:
     t.engine.train(False)
     dev, local_loss, local_count = t.dist.device, 0.0, 0
     for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
-        local_loss += token_loss_sum(t.engine.forward(**b.model_inputs(dev)).logits, b.labels.to(dev)).item()
+        out = t.engine.forward(**b.model_inputs(dev))
+        local_loss += token_loss_sum(out.logits, b.labels.to(dev), out.columns, t.head).item()
         local_count += b.num_loss_tokens()
     t.engine.train(True)
     loss, count = all_reduce_sums([local_loss, local_count], dev)
+    count /= t.run.execution.sequence_parallel  # each batch was counted by every rank of its group
     mean = loss / max(count, 1.0)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
@@ -293,7 +302,7 @@ def check_resume_base(run: ResolvedRun, point: SavedRun, dist: DistInfo) -> None
 def check_resume_batch(run: ResolvedRun, point: SavedRun) -> None:
     """Before anything is built: a resume on another number of ranks keeps the global batch, or is refused with
     the numbers and the overrides that would keep it."""
-    why = batch_change_problem(point, run.micro_batch_size, run.world_size,
+    why = batch_change_problem(point, run.micro_batch_size, run.data_parallel_size,
                                run.global_batch_size, explicit_batch(run))
     if why:
         raise CheckpointError(f"cannot resume from {point.path}: {why}", on_every_rank=True, exit_code=EXIT_RECIPE)
