@@ -39,7 +39,7 @@ SERVER_ENV = "TRAINER_FORK_SERVER"
 ALLOWED_ENV = ("TRAINER_", "OMP_NUM_THREADS", "WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_", "CUDA_MODULE_LOADING",
-               "PYTHONFAULTHANDLER", "PYTHONUNBUFFERED")
+               "PYTHONFAULTHANDLER", "PYTHONUNBUFFERED", "PYTEST_CURRENT_TEST")
 # Not peft: trainer/adapters/lora.py skips work while nothing has imported it. Not datasets: pyarrow starts a
 # thread at import (jemalloc), and the trainer imports it only for the formats that need it.
 WARM_MODULES = ("trainer.__main__", "trainer.run.loop", "trainer.use.export", "trainer.engine.deepspeed",
