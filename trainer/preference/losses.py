@@ -3,7 +3,8 @@ tokens). Each returns per-example losses and the implicit rewards that the metri
 and divides by the examples of the global batch, as it divides the token loss by its tokens.
 
 - DPO (Rafailov et al. 2023): h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l));
-  sigmoid: -log sigmoid(beta h), with label smoothing eps (cDPO): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h);
+  sigmoid: -log sigmoid(beta h), with label smoothing eps (cDPO):
+  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h);
   ipo (Azar et al. 2023): (h - 1 / (2 beta))^2; hinge (SLiC): max(0, 1 - beta h). Rewards: beta (log pi - log ref).
 - SimPO (Meng et al. 2024): -log sigmoid(beta / |y_w| log pi(y_w) - beta / |y_l| log pi(y_l) - gamma): length-
   normalised, no reference. Rewards: beta / |y| log pi(y).
