@@ -262,10 +262,11 @@ class TrainData:
                         "; ..." if m["dropped"] > 5 else "")
         long = m["too_long"]
         if long["rows"] and long["choice"] == "truncate":
-            log.warning("data: %d examples of %s were longer than data.seq_len=%d and were truncated to it, keeping "
-                        "their end-of-turn marker (data.too_long: truncate): %d tokens cut; %s%s", long["rows"],
-                        spec.source, self.cfg.seq_len, long["tokens_cut"], describe_too_long(m),
-                        "; ..." if long["rows"] > 5 else "")
+            how = "their prompt cut first, alike in both sequences of a pair" if spec.format in PREFERENCE_FORMATS \
+                else "keeping their end-of-turn marker"
+            log.warning("data: %d examples of %s were longer than data.seq_len=%d and were truncated to it, %s "
+                        "(data.too_long: truncate): %d tokens cut; %s%s", long["rows"], spec.source, self.cfg.seq_len,
+                        how, long["tokens_cut"], describe_too_long(m), "; ..." if long["rows"] > 5 else "")
 
     @property
     def dropped(self) -> list[tuple[str, int, str]]:
