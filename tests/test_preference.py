@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tests.helpers import QUICKSTART, read_metrics
+from tests.helpers import QUICKSTART, ok, read_metrics, run_cli
 from trainer import adapters
 from trainer.data.batches import Batch, DataPosition, TrainData
 from trainer.distributed import distributed_context
@@ -157,7 +158,10 @@ def run_args(out: Path, base: Path, data: Path, *extra: str, steps: int = 30) ->
 def live_models() -> int:
     """Causal LMs alive in this process (a reference copy of the base would be a second one)."""
     gc.collect()
-    return sum(isinstance(o, PreTrainedModel) and type(o).__name__.endswith("ForCausalLM") for o in gc.get_objects())
+    with warnings.catch_warnings():  # isinstance on torch's deprecated module-level objects warns
+        warnings.simplefilter("ignore")
+        return sum(isinstance(o, PreTrainedModel) and type(o).__name__.endswith("ForCausalLM")
+                   for o in gc.get_objects())
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +212,67 @@ def test_the_adapter_reference_is_the_base_without_a_copy(lora_dpo: dict[str, An
         want, _ = sequence_logps(frozen(input_ids=first.input_ids, attention_mask=first.attention_mask).logits,
                                  first.labels)
     assert torch.allclose(lora_dpo["disabled"], want, rtol=1e-5, atol=1e-4)
+
+
+def full_args(out: Path, base: Path, data: Path, *extra: str, steps: int = 4) -> list[str]:
+    """Full-training DPO (reference log-probs stored): a global batch of 4 pairs, 2 per micro-batch."""
+    return run_args(out, base, data, "adapter.type=none", "optimizer.lr=3e-4", "train.micro_batch_size=2",
+                    "train.global_batch_size=4", *extra, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def full_dpo(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> dict[str, Any]:
+    """4 full-training DPO steps in this process; the stored reference log-probs and how many models were alive."""
+    tmp = tmp_path_factory.mktemp("full-dpo")
+    data = write_json(tmp / "pairs.json", separable_pairs())
+    cfg = resolve(QUICKSTART, full_args(tmp / "run", llama_base, data))
+    with distributed_context() as dist:
+        t = setup(cfg, dist)
+        models = live_models()
+        assert t.data.reference is not None
+        stored = np.array(t.data.reference[0]["train"])
+        documents = [t.data.train_sets[0].document(d) for d in range(t.data.stores[0].train.documents)]
+        run_loop(t)
+        t.metrics.close()
+    return {"tmp": tmp, "data": data, "out": tmp / "run", "stored": stored, "documents": documents,
+            "models": models}
+
+
+@pytest.mark.slow
+def test_stored_reference_log_probs_equal_the_base_on_the_fly(full_dpo: dict[str, Any], llama_base: Path) -> None:
+    """Every document's stored log-prob equals a frozen copy of the base's, computed one sequence at a time; the run
+    held one model (no reference model), and its first step is ln 2 with zero rewards."""
+    assert full_dpo["models"] == 1
+    frozen = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32).eval()
+    want = []
+    with torch.no_grad():
+        for ids, labels in full_dpo["documents"]:
+            logps, _ = sequence_logps(frozen(input_ids=torch.from_numpy(ids)[None]).logits,
+                                      torch.from_numpy(labels)[None])
+            want.append(float(logps[0]))
+    assert len(want) == 128 and np.allclose(full_dpo["stored"], want, rtol=1e-5, atol=1e-4)
+    first = read_metrics(full_dpo["out"])[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["reward_margin"] == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_stored_reference_is_reused_by_a_resume_on_two_ranks(full_dpo: dict[str, Any], llama_base: Path) -> None:
+    """2 steps on 1 process, then resumed on 2 ranks: the stored log-probs are read, not computed again (the folder
+    is untouched), and steps 3 and 4 (rewards included) equal the uninterrupted run's."""
+    out = full_dpo["tmp"] / "resumed"
+    ok(run_cli(["train", str(QUICKSTART), *full_args(out, llama_base, full_dpo["data"], "checkpoint.every_steps=2",
+                                                    steps=2)]))
+    (folder,) = (full_dpo["tmp"] / "cache").glob("*.reference/*")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    proc = ok(run_cli(["train", str(QUICKSTART), *full_args(out, llama_base, full_dpo["data"])], nproc=2,
+                      timeout=600))
+    assert "reference log-probs read from" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    whole, resumed = read_metrics(full_dpo["out"]), read_metrics(out)
+    for step in (3, 4):
+        a, b = whole[step - 1], resumed[step - 1]
+        assert b["step"] == step
+        for name in ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (step, name)
