@@ -130,14 +130,14 @@ def single(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> dict[s
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> dict[str, Any]:
-    """One launch: QLoRA and LoRA at ZeRO-2 and ZeRO-3, QLoRA at ZeRO-3 with both offloads, and a ZeRO-3 QLoRA
-    run whose base is loaded whole on every rank (the sharding check must stop it)."""
+    """One launch: QLoRA and LoRA at ZeRO-2 and ZeRO-3, QLoRA at ZeRO-3 with both offloads, QLoRA DPO at ZeRO-3,
+    and a ZeRO-3 QLoRA run whose base is loaded whole on every rank (the sharding check must stop it)."""
     base = tmp_path_factory.mktemp("zero")
     spec = [{"name": name, "overrides": args(base / name, llama_base, "train.micro_batch_size=1",
                                              "checkpoint.resume=never", *extra),
              "logits": IDS if name == "z3_qlora" else None} for name, extra in RUNS.items()]
-    spec.append({"name": "z3_qlora_dpo", "overrides": args(base / "z3_qlora_dpo", llama_base, "train.micro_batch_size=1",
-                                                           "checkpoint.resume=never", *zero(3), *DPO)})
+    dpo = args(base / "z3_qlora_dpo", llama_base, "train.micro_batch_size=1", "checkpoint.resume=never", *zero(3), *DPO)
+    spec.append({"name": "z3_qlora_dpo", "overrides": dpo})
     spec.append({"name": "z3_qlora_whole", "load_whole": True,
                  "overrides": args(base / "z3_qlora_whole", llama_base, "train.micro_batch_size=1", *zero(3))})
     return {"base": base, **deepspeed_probe.launch(base, spec, QUICKSTART)}
