@@ -6,7 +6,8 @@ turn marker included) carries the loss.
 Pair rows, in the forms the common datasets use:
 - `prompt`, `chosen`, `rejected` as text (a user turn and the assistant's replies), or as message lists (the prompt's
   turns; each response's assistant turns); an optional `system`;
-- `chosen` and `rejected` as whole conversations (no `prompt`): the turns before the last are the prompt;
+- `chosen` and `rejected` as whole conversations (no `prompt`): the turns before the last are the prompt (with a
+  `prompt` too, a response's turns up to its last non-assistant one repeat the prompt and are skipped);
 - ShareGPT `conversations` (or OpenAI `messages`) as the prompt, with `chosen` and `rejected` each a message or text.
 KTO rows: `prompt` and `completion` (text or messages) and `label` (true: desirable).
 
@@ -53,7 +54,11 @@ def _turns(value: Any, default_role: str, name: str) -> Messages:
 
 
 def _response(value: Any, name: str) -> Messages:
+    """The assistant turns at the end of `value`: a response given as a whole conversation (UltraFeedback's
+    `chosen` repeats the prompt's user turn) keeps only its reply."""
     turns = _turns(value, "assistant", name)
+    start = max((i + 1 for i, t in enumerate(turns) if t["role"] != "assistant"), default=0)
+    turns = turns[start:]
     if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
         raise BadRow(f"{name!r} has no assistant text")
     return turns

@@ -82,6 +82,7 @@ class Kind(Enum):
     OFFLOADED_ACTIVATIONS = "offloaded activations"  # model.activation_offload: in pinned CPU memory
     ATTENTION_MASKS = "attention masks"
     LOGITS = "logits"
+    REFERENCE = "reference"  # a preference run's reference forward (no_grad): its logits, before the policy's
     CAST_COPIES = "cast copies"  # autocast's bf16/fp16 copies of fp32 weights
     DEQUANTIZED = "dequantized"  # an INT8 layer dequantized inside one matmul
     STEP_TEMPORARIES = "step temporaries"
