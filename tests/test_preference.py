@@ -77,7 +77,8 @@ def separable_pairs(n: int = 64) -> list[dict[str, str]]:
      "rejected": {"from": "gpt", "value": "no"}},
     {"chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}],
      "rejected": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "no"}]},
-    {"prompt": "Say hi", "chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}],
+    {"prompt": "Say hi",
+     "chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}],
      "rejected": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "no"}]},
 ], ids=["text", "messages", "sharegpt", "whole-conversations", "prompt-and-whole-conversations"])
 def test_pair_forms_give_the_same_pair_with_loss_on_the_responses_only(tok: Any, tmp_path: Path,

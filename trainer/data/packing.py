@@ -102,7 +102,8 @@ class Samples:
             return 1.0
         tokens = min(self.part.num_tokens, self.count * self.seq_len) if self.mode == "isolated" else \
             self.part.num_tokens
-        return tokens / (self.count * self.seq_len)
+        sequences = 2 * self.count if self.mode == "pairs" else self.count
+        return tokens / (sequences * self.seq_len)
 
     def get(self, index: int) -> Sample:
         """(input ids, labels, position ids) of sample `index`, int64; position ids only where attention is confined

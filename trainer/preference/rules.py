@@ -42,6 +42,6 @@ def problems(r: Recipe, src: Source) -> list[Problem]:
         out.append(Problem("objective.beta", o.beta, f"objective.name {o.name} has no beta (orpo's weight is "
                            "objective.orpo_lambda); remove it", src("objective.beta")))
     if o.preference and r.model.activation_offload:
-        out.append(Problem("model.activation_offload", True, "not with a preference objective yet (its reference "
-                           "forward saves nothing to offload); set it to false", src("model.activation_offload")))
+        out.append(Problem("model.activation_offload", True, "not yet tested with a preference objective (two "
+                           "forwards per micro-batch); set it to false", src("model.activation_offload")))
     return out

@@ -144,9 +144,12 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     if dist.is_main:
         (out / "config.yaml").write_text(to_yaml(r), encoding="utf-8")
         truncate_rows(out / "metrics.jsonl", state.step)  # rows a crashed attempt logged after its checkpoint
-    log.info("world size %d, micro-batch %d x %d accumulation = global batch %d sequences of %d tokens; "
-             "%s, %s, %d steps", dist.world_size, r.train.micro_batch_size, run.grad_accum_steps,
-             run.global_batch_size, r.data.seq_len, r.precision.dtype, r.optimizer.name, r.train.max_steps)
+    unit = "sequences" if r.objective.name == "sft" else "pairs" if data.train_sets[0].mode == "pairs" else \
+        "completions"
+    log.info("world size %d, micro-batch %d x %d accumulation = global batch %d %s of %d tokens; "
+             "%s, %s, %d steps%s", dist.world_size, r.train.micro_batch_size, run.grad_accum_steps,
+             run.global_batch_size, unit, r.data.seq_len, r.precision.dtype, r.optimizer.name, r.train.max_steps,
+             f", objective {r.objective.name}" if r.objective.preference else "")
     for warning in run.warnings:
         log.warning("%s", warning)
     metrics = Metrics(r.logging, out, enabled=dist.is_main, max_steps=r.train.max_steps, start_step=state.step,
