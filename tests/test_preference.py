@@ -173,7 +173,8 @@ def lora_dpo(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> dict
     taken with the adapters disabled after training."""
     tmp = tmp_path_factory.mktemp("lora-dpo")
     data = write_json(tmp / "pairs.json", separable_pairs())
-    cfg = resolve(QUICKSTART, run_args(tmp / "run", llama_base, data))
+    cfg = resolve(QUICKSTART, run_args(tmp / "run", llama_base, data, "data.eval_fraction=0.125",
+                                       "train.eval_every_steps=15", "train.eval_batches=2"))
     with distributed_context() as dist:
         t = setup(cfg, dist)
         models = live_models()
@@ -196,6 +197,10 @@ def test_lora_dpo_starts_at_ln2_with_zero_rewards(lora_dpo: dict[str, Any]) -> N
 
 @pytest.mark.slow
 def test_lora_dpo_margins_grow_and_accuracy_rises(lora_dpo: dict[str, Any]) -> None:
+    """On the training pairs, and on held-out ones (evaluated at steps 15 and 30)."""
+    evals = read_metrics(lora_dpo["out"], "eval")
+    assert [r["step"] for r in evals] == [15, 30] and "perplexity" not in evals[0]
+    assert evals[1]["reward_margin"] > evals[0]["reward_margin"] > 0 and evals[1]["loss"] < math.log(2)
     rows = read_metrics(lora_dpo["out"])
     early, late = rows[:5], rows[-5:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
@@ -279,3 +284,32 @@ def test_stored_reference_is_reused_by_a_resume_on_two_ranks(full_dpo: dict[str,
         assert b["step"] == step
         for name in ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen"):
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (step, name)
+
+
+def kto_rows() -> list[dict[str, Any]]:
+    """Each separable pair as two unpaired rows: the chosen reply desirable, the rejected one not."""
+    return [{"prompt": p["prompt"], "completion": reply, "label": label} for p in separable_pairs(32)
+            for reply, label in ((p["chosen"], True), (p["rejected"], False))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["kto", "simpo", "orpo"])
+def test_kto_simpo_and_orpo_train_in_the_loop(objective: str, tmp_path: Path, llama_base: Path) -> None:
+    """Three steps of each; KTO starts at its step-0 value (every log-ratio 0: 1 - sigmoid(0) = 0.5 per completion)
+    with zero rewards; SimPO and ORPO (no reference) log their rewards, margins and log-probs."""
+    rows, fmt = (kto_rows(), "kto") if objective == "kto" else (separable_pairs(), "preference")
+    data = write_json(tmp_path / "rows.json", rows)
+    cfg = resolve(QUICKSTART, run_args(tmp_path / "run", llama_base, data, f"objective.name={objective}",
+                                       f"data.format={fmt}", steps=3))
+    with distributed_context() as dist:
+        t = setup(cfg, dist)
+        run_loop(t)
+        t.metrics.close()
+    metrics = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["logps_chosen"]) for r in metrics)
+    if objective == "kto":
+        assert metrics[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+        assert metrics[0]["rewards_chosen"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert {"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} <= set(metrics[0])
