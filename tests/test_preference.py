@@ -313,3 +313,20 @@ def test_kto_simpo_and_orpo_train_in_the_loop(objective: str, tmp_path: Path, ll
         assert metrics[0]["rewards_chosen"] == pytest.approx(0.0, abs=1e-6)
     else:
         assert {"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} <= set(metrics[0])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_reference_log_probs_computed_on_two_ranks_equal_one_process(tmp_path: Path, llama_base: Path) -> None:
+    """The reference pass shares its micro-batches between the ranks (31 of them here: the second rank repeats the
+    last one and drops it) and adds the results up: the stored log-probs equal those of one process."""
+    data = write_json(tmp_path / "pairs.json", separable_pairs(62))
+    stored = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"on{nproc}" / "run"
+        ok(run_cli(["train", str(QUICKSTART), *full_args(out, llama_base, data, steps=1)], nproc=nproc, timeout=300))
+        (folder,) = (out.parent / "cache").glob("*.reference/*")
+        stored[nproc] = np.fromfile(folder / "train.bin", dtype=np.float64)
+    assert len(stored[1]) == 124 and (stored[1] < 0).all()
+    assert np.allclose(stored[2], stored[1], rtol=1e-6, atol=1e-5)
