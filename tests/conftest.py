@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 import torch
 
+from tests import forked_cli
 from tests.helpers import LLAMA, QWEN2, TEST_DATA, save_base
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -43,6 +44,12 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def qwen_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_base(tmp_path_factory.mktemp("qwen2"), QWEN2)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The server the trainer's processes are forked from (tests/forked_cli.py) imports beside the collection."""
+    if forked_cli.enabled():
+        forked_cli.start_server()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import torch
 
+from tests import forked_cli
 from trainer.adapters.footprint import held_frozen_bytes, measured
 from trainer.errors import TrainerError
 from trainer.logs import setup_console
@@ -64,8 +65,8 @@ def backward_of_next_step(run: Training) -> None:
     dev = run.dist.device
     for i, b in enumerate(batches):
         with engine.accumulate(is_last=i == len(batches) - 1):
-            logits = engine.forward(**b.model_inputs(dev)).logits
-            engine.backward(token_loss_sum(logits, b.labels.to(dev)) / max(b.num_loss_tokens(), 1))
+            out = engine.forward(**b.model_inputs(dev))  # under sequence parallelism, this rank's columns
+            engine.backward(token_loss_sum(out.logits, b.labels.to(dev), out.columns) / max(b.num_loss_tokens(), 1))
 
 
 def count_bytes(run: Training) -> dict[str, int]:
@@ -270,9 +271,12 @@ def launch(base: Path, runs: list[dict[str, Any]], recipe: Path, timeout: int = 
     spec = base / "spec.json"
     spec.write_text(json.dumps({"recipe": str(recipe), "runs": runs}))
     # -m from the repository root: the trainer package next to these tests is the one imported
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "tests.deepspeed_probe", str(spec), str(base)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    python_m = ["-m"]
+    if forked_cli.can_fork(env):  # the ranks forked from pre-imported libraries
+        python_m, env = forked_cli.client_command()[1:], forked_cli.client_env(env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *python_m,
+           "tests.deepspeed_probe", str(spec), str(base)]
     for attempt in (1, 2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1],
                               env=env)

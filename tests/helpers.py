@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from tests import forked_cli
 from tests.memory_probe import measure
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.distributed import distributed_context
@@ -60,16 +61,21 @@ def free_port() -> int:
 
 
 def run_cli(args: list[str], *, nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300,
-            torchrun: bool = False) -> subprocess.CompletedProcess[str]:
-    """`python -m trainer ...`, or under torchrun with nproc processes (always when nproc > 1)."""
+            torchrun: bool = False, fresh: bool = False) -> subprocess.CompletedProcess[str]:
+    """`python -m trainer ...`, or under torchrun with nproc processes (always when nproc > 1). The trainer's
+    processes are forked from pre-imported libraries (tests/forked_cli.py) unless `fresh` or the environment
+    asks for a fresh interpreter."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+                **(env or {})}
+    python_m = [sys.executable, "-m"]
+    if not fresh and forked_cli.can_fork(full_env):
+        python_m, full_env = forked_cli.client_command(), forked_cli.client_env(full_env)
     if nproc > 1 or torchrun:
         # --standalone picks a free port itself: no race with other tests choosing ports at the same time.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trainer", *args]
+               *python_m[1:], "trainer", *args]
     else:
-        cmd = [sys.executable, "-m", "trainer", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-                **(env or {})}
+        cmd = [*python_m, "trainer", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
 
 

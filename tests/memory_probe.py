@@ -155,12 +155,72 @@ def _loss(batch: int, seq: int, vocab: int, dtype_name: str) -> list[float]:
     return out
 
 
-KINDS: dict[str, Callable[..., Any]] = {"activations": _activations, "tied": _tied, "loss": _loss}
+def _sequence_parallel(recipe: str, configs: list[list[str]]) -> list[list[int]]:
+    """Under torchrun (gloo): per config, each rank's peak RSS delta of one forward+backward of its share of the
+    sequences, as the DeepSpeed engine runs it (sequence group, exchanged attention, sharded inputs, the loss of
+    its columns); the model itself is built without DeepSpeed (its weights and gradients are allocated before the
+    measurement either way). Returns [config][rank] on rank 0."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from trainer.model.build import build_model
+    from trainer.model.loss import head_into_loss, token_loss_sum
+    from trainer.model.precision import Precision
+    from trainer.model.sequence_parallel import sequence_group, shard_inputs, use_sequence_parallel_attention
+    from trainer.model.tokenizer import build_tokenizer
+    from trainer.recipe.resolve import resolve
+
+    dist.init_process_group("gloo")
+    results = []
+    for overrides in configs:
+        run = resolve(recipe, overrides, world_size=dist.get_world_size())
+        tok = build_tokenizer(run.recipe.model)
+        model = build_model(run, tok).train()
+        group = sequence_group(run.execution.sequence_parallel)
+        if group.size > 1:
+            use_sequence_parallel_attention(model)
+        head = head_into_loss(model) if run.recipe.model.head_in_loss else None
+        prec = Precision(run.recipe.precision, torch.device("cpu"))
+        ids = torch.randint(0, len(tok), (run.micro_batch_size, run.seq_len),
+                            generator=torch.Generator().manual_seed(0))
+
+        def step(model: Any = model, ids: torch.Tensor = ids, prec: Precision = prec, group: Any = group,
+                 head: Any = head) -> None:
+            shard = shard_inputs(ids, None, None, group)
+            with prec.autocast():
+                out = [model(**shard.kwargs, use_cache=False).logits]
+                loss = token_loss_sum(out.pop(), ids, shard.columns, head)
+            loss.backward()
+
+        step()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        gc.collect()
+        dist.barrier()
+        mine = peak_rss_above_start(step, 0.0005)
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        results.append(every)
+        del model, step
+        gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    return results
 
 
-def _run(kind: str, *args: Any) -> Any:
-    """KINDS[kind](*args) in a fresh process (see the module docstring); returns its JSON result."""
-    proc = subprocess.run([sys.executable, "-m", "tests.memory_probe", kind, json.dumps(args)], capture_output=True,
+KINDS: dict[str, Callable[..., Any]] = {"activations": _activations, "tied": _tied, "loss": _loss,
+                                        "sequence_parallel": _sequence_parallel}
+
+
+def _run(kind: str, *args: Any, nproc: int = 0) -> Any:
+    """KINDS[kind](*args) in a fresh process (see the module docstring), or under torchrun on `nproc` ranks;
+    returns its JSON result (rank 0's)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    proc = subprocess.run([sys.executable, *launcher, "-m", "tests.memory_probe", kind, json.dumps(args)],
+                          capture_output=True,
                           text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1",
                                # large blocks straight from mmap: freed memory leaves the RSS at once
@@ -174,6 +234,12 @@ def measure(recipe: str, configs: list[list[str]]) -> list[int]:
     """Peak RSS delta (bytes) of one forward+backward with gradients already allocated, per config (one
     process measures them one after the other: freed blocks leave the RSS, so each starts from its own base)."""
     return _run("activations", recipe, configs)
+
+
+def measure_sequence_parallel(recipe: str, configs: list[list[str]], nproc: int = 2) -> list[list[int]]:
+    """Per config, every rank's peak RSS delta of one forward+backward under sequence parallelism (one torchrun
+    launch of `nproc` gloo ranks for every config)."""
+    return _run("sequence_parallel", recipe, configs, nproc=nproc)
 
 
 def tied_gradient_held(recipe: str, overrides: list[str]) -> int:
@@ -196,4 +262,6 @@ if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)
-    print(json.dumps(KINDS[sys.argv[1]](*json.loads(sys.argv[2]))))
+    result = KINDS[sys.argv[1]](*json.loads(sys.argv[2]))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result))

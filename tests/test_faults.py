@@ -193,7 +193,7 @@ def test_export_never_writes_onto_the_run(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path) -> None:
-    first = start(["train", str(QUICKSTART), *tiny(tmp_path, "checkpoint.every_steps=5", steps=400)])
+    first = start(["train", str(QUICKSTART), *tiny(tmp_path, "checkpoint.every_steps=5", steps=4000)])
     try:
         wait_for_rows(tmp_path, 2, first)
         second = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, "checkpoint.every_steps=5", steps=400)])

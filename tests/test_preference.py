@@ -146,6 +146,15 @@ def test_an_objective_without_its_data_is_refused_naming_the_key(overrides: list
     assert f"{key} = " in str(caught.value)
 
 
+@pytest.mark.parametrize("key, value", [("model.head_in_loss", "true"), ("distributed.sequence_parallel", "2")])
+def test_what_splits_or_replaces_the_logits_is_refused_with_a_preference_objective(key: str, value: str) -> None:
+    """Per-sequence log-probs need each sequence's whole logits on one rank."""
+    with pytest.raises(ConfigError) as caught:
+        resolve(QUICKSTART, ["objective.name=dpo", "data.format=preference", f"{key}={value}"], world_size=2)
+    line = next(x for x in str(caught.value).splitlines() if "a preference objective" in x)
+    assert f"{key} = " in line
+
+
 # ------------------------------------------------------------------------------------------------- runs
 
 def run_args(out: Path, base: Path, data: Path, *extra: str, steps: int = 30) -> list[str]:

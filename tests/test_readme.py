@@ -184,7 +184,7 @@ def test_the_quickstart_and_the_chat_example_do_what_the_readme_says(tmp_path: P
     for step, stated_value in ((50, at_50), (150, at_150)):
         assert abs(evals[step] - stated_value) <= QUICKSTART_PERPLEXITY_BAND, (step, evals[step], stated_value)
 
-    proc = run_cli(["export", str(quickstart), "--out", str(export)])
+    proc = run_cli(["export", str(quickstart), "--out", str(export)], fresh=True)  # imports in this process
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Setting accelerator" not in proc.stderr  # DeepSpeed's import notice (transformers imports it)
     proc = run_cli(["train", "recipes/examples/chat-qlora-local.yaml", f"output_dir={chat}",

@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-node", type=whole_number(1, 1024), default=8, help="GPUs per node, for the CPU "
                    "memory an offloaded plan needs per node (default 8, at most the world size)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument("--seq-len-max", action="store_true", help="print the longest data.seq_len this recipe fits at "
+                   "on this GPU (everything else kept) instead of the plan")
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint",
                        description="Write a Hugging Face directory (config, safetensors, tokenizer) from a run's "
                                    "newest complete checkpoint or from a given checkpoint folder.")
@@ -168,13 +170,25 @@ def _world_size(args: argparse.Namespace) -> int:
     return getattr(args, "world_size", None) or env_world_size()
 
 
+def _planning_world_size(args: argparse.Namespace) -> int:
+    """validate and plan: the ranks given (--world-size, WORLD_SIZE), else the fewest a sequence-parallel recipe
+    runs on (its distributed.sequence_parallel), so that `plan RECIPE` alone shows it as it can launch."""
+    from trainer.recipe.read import load_recipe
+
+    given = _world_size(args)
+    if given > 1:
+        return given
+    recipe, _, problems = load_recipe(args.recipe, args.overrides)
+    return 1 if problems else recipe.distributed.sequence_parallel
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from trainer.data.sizes import shortfalls
     from trainer.errors import ConfigError
     from trainer.recipe.read import to_yaml
     from trainer.recipe.resolve import resolve
 
-    run = resolve(args.recipe, args.overrides, _world_size(args))
+    run = resolve(args.recipe, args.overrides, _planning_world_size(args))
     too_little, uncounted = shortfalls(run)  # what train would find once the data is built
     if too_little:
         raise ConfigError(too_little, f"recipe {args.recipe}")
@@ -187,9 +201,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"# note: {source} was not counted (read only when its token store is built): train checks that it "
               "gives one global batch, and one eval micro-batch per rank", file=sys.stderr)
     unit = {"sft": "sequences", "kto": "completions"}.get(run.recipe.objective.name, "pairs")
+    sp = run.execution.sequence_parallel
+    groups = f"{run.data_parallel_size} group(s) of {sp} ranks sharing each sequence" if sp > 1 else \
+        f"{run.world_size} ranks"
     print(f"# ok: {args.recipe} is valid; world size {run.world_size}: micro-batch {run.micro_batch_size} x "
-          f"{run.grad_accum_steps} accumulation x {run.world_size} ranks = {run.global_batch_size} {unit} per "
-          "step", file=sys.stderr)
+          f"{run.grad_accum_steps} accumulation x {groups} = {run.global_batch_size} {unit} per step",
+          file=sys.stderr)
     return 0
 
 
@@ -214,7 +231,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.plan.suggest import full_plan
     from trainer.recipe.resolve import resolve
 
-    run = resolve(args.recipe, args.overrides, _world_size(args))
+    run = resolve(args.recipe, args.overrides, _planning_world_size(args))
+    if args.seq_len_max:
+        from trainer.plan.longest import longest_seq_len, render_longest
+
+        print(render_longest(longest_seq_len(run, args.gpu_memory), args.gpu_memory, args.recipe))
+        return 0
     p = full_plan(run, args.gpu_memory)
     print(as_json(p) if args.json else render(p, args.recipe, args.gpus_per_node))
     return 0

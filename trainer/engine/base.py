@@ -3,7 +3,9 @@
 Contract for the loop:
 - `forward(input_ids, attention_mask, position_ids)` returns a `Forward`: the logits, under the engine's autocast,
   and a mixture-of-experts model's load-balancing loss when its config computes one. Packed samples come with
-  position ids and no attention mask: attention then stays inside each run of increasing positions.
+  position ids and no attention mask: attention then stays inside each run of increasing positions. Under
+  sequence parallelism every rank of a group is handed the same whole rows and returns the logits of its own
+  columns of them (`Forward.columns`).
 - `accumulate(is_last)` wraps each micro-step; engines skip gradient sync until the last one.
 - `backward(loss)` takes this rank's share of the global loss (its token-loss sum divided by the number of
   loss tokens in the whole global batch); the engine makes the summed gradient come out right whatever its
@@ -43,6 +45,7 @@ class Forward:
 
     logits: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    columns: slice | None = None  # sequence parallelism: the positions of the rows these logits are (else all)
 
 
 def forward_of(output: Any) -> Forward:

@@ -9,6 +9,10 @@ How the loop's contract maps onto DeepSpeed (base.py states the contract):
   count (we pass `scale_wrt_gas=False`, the loop already weighted every token) and averages gradients over the
   ranks (we multiply by the world size, like DDP in the native engine). The update is then the native
   engine's for the same recipe (tests/test_deepspeed.py compares the trajectories).
+- Sequence parallelism (distributed.sequence_parallel: N): every rank of a group of N consecutive ranks gets the
+  same rows and computes seq_len / N of their tokens (model/sequence_parallel.py exchanges attention over the
+  group); `forward` returns the logits of its columns. DeepSpeed's data parallelism stays every rank, so its
+  gradient reduction sums the shards, and the loop's loss (each rank's own tokens over the global count) is unchanged.
 - LR: our schedule (trainer.optim.build_scheduler) drives the LR of DeepSpeed's optimizer, advanced once per
   optimizer step, also when fp16 skips one (as in the native engine). DeepSpeed gets no scheduler.
 - fp16: DeepSpeed's dynamic loss scaler with the recipe's settings (ds_config.py); an overflow skips the step
@@ -49,6 +53,8 @@ from trainer.engine.ds_reshard import load_resharded
 from trainer.engine.op_builds import prepare_builds
 from trainer.errors import CheckpointError, ConfigError, Problem
 from trainer.model.build import Placement
+from trainer.model.sequence_parallel import (SequenceGroup, sequence_group, shard_inputs,
+                                             use_sequence_parallel_attention)
 from trainer.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 from trainer.recipe.resolved import ResolvedRun
 from trainer.safeio import fsync_file
@@ -203,6 +209,7 @@ class ZeroEngine:
             self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=client,
                                                     config=config, dist_init_required=False)
         self.module: nn.Module = self.ds.module
+        self.sequence = self._sequence_parallel(run)
         self.adapted = adapters.is_adapted(self.module)
         if run.execution.zero3 and not self.adapted:  # adapter runs: fp32 LoRA over a frozen base
             expected = torch_dtype(precision.dtype)
@@ -217,10 +224,26 @@ class ZeroEngine:
         log.info("%s: %s, optimizer %s", run.execution.describe(), precision.dtype,
                  type(self.ds.basic_optimizer).__name__)
 
+    def _sequence_parallel(self, run: ResolvedRun) -> SequenceGroup | None:
+        """distributed.sequence_parallel > 1: this rank's group, and the model's attention exchanged over it. The
+        gradients need nothing more: DeepSpeed reduces them over every rank, which sums the groups' shards."""
+        size = run.execution.sequence_parallel
+        if size == 1:
+            return None
+        group = sequence_group(size)
+        core = use_sequence_parallel_attention(self.module)
+        log.info("sequence parallel: groups of %d ranks, %d tokens of each sequence per rank, %s attention inside "
+                 "the exchange", size, run.seq_len // size, core)
+        return group
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> Forward:
-        return forward_of(self.ds(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False))
+        if self.sequence is None:
+            return forward_of(self.ds(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=False))
+        shard = shard_inputs(input_ids, attention_mask, position_ids, self.sequence)
+        out = forward_of(self.ds(**shard.kwargs, use_cache=False))
+        return Forward(out.logits, out.aux_loss, shard.columns)
 
     def accumulate(self, is_last: bool) -> ContextManager[Any]:
         self._last_was_boundary = is_last

@@ -28,6 +28,9 @@ from trainer.recipe.schema import Recipe
 NAME = "deepspeed"
 
 
+# The attention implementations sequence parallelism runs inside its exchange (model/sequence_parallel.py).
+SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
 # ------------------------------------------------------------------------------------------------ problems
 
 def problems(r: Recipe, src: KeySource) -> list[Problem]:
@@ -37,7 +40,31 @@ def problems(r: Recipe, src: KeySource) -> list[Problem]:
         return []
     out = _zero_problems(r, src) + _override_problems(r, src) + _low_rank_problems(r, src)
     if execution_of(r).deepspeed:
-        out += _training_problems(r, src) + _adapter_problems(r, src)
+        out += _training_problems(r, src) + _adapter_problems(r, src) + _sequence_problems(r, src)
+    return out
+
+
+def _sequence_problems(r: Recipe, src: KeySource) -> list[Problem]:
+    """Sequence parallelism (model/sequence_parallel.py): every rank holds seq_len / N tokens of each row, and
+    attention is exchanged through one of the implementations it wraps. (Heads: resolve.py, with the model.)"""
+    n, out = r.distributed.sequence_parallel, list[Problem]()
+    if r.model.head_in_loss and r.distributed.zero_stage == 3:
+        out.append(Problem("model.head_in_loss", True, "the loss reads the LM head's whole weight, which ZeRO-3 "
+                           "partitions; use distributed.zero_stage: 1 or 2, or head_in_loss: false",
+                           src("model.head_in_loss")))
+    if n == 1:
+        return out
+    seq_len = r.data.seq_len
+    if seq_len % n:
+        lower, upper = seq_len - seq_len % n, seq_len + n - seq_len % n
+        out.append(Problem("data.seq_len", seq_len, f"must be a multiple of distributed.sequence_parallel={n} (each "
+                           f"rank holds seq_len / {n} tokens of every row): use {lower} or {upper}",
+                           src("data.seq_len")))
+    attention = r.model.attn_implementation
+    if attention is not None and attention not in SEQUENCE_PARALLEL_ATTENTION:
+        out.append(Problem("model.attn_implementation", attention, f"sequence parallelism wraps "
+                           f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)} "
+                           "attention; choose one of them", src("model.attn_implementation")))
     return out
 
 

@@ -96,7 +96,7 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
     |--------------------------------------|-------------------------------------------------|
     | train_micro_batch_size_per_gpu       | train.micro_batch_size                          |
     | gradient_accumulation_steps          | train.grad_accum_steps / global_batch_size      |
-    | train_batch_size                     | micro x accumulation x world size               |
+    | train_batch_size                     | micro x accumulation x world size (all ranks)   |
     | managed_gradient_accumulation: false | the loop's accumulate(is_last)/step() own it    |
     | gradient_clipping                    | optimizer.grad_clip (0 = off)                   |
     | bf16 / fp16 (+ loss scaling)         | precision.* (adapter runs: torch_autocast)      |
@@ -107,7 +107,9 @@ def build_ds_config(run: ResolvedRun) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": run.micro_batch_size,
         "gradient_accumulation_steps": run.grad_accum_steps,
-        "train_batch_size": run.global_batch_size,
+        # DeepSpeed's data parallelism is every rank (the ranks of a sequence-parallel group reduce their gradients
+        # with the others, model/sequence_parallel.py), so its batch counts each group's sequences once per rank
+        "train_batch_size": run.global_batch_size * run.execution.sequence_parallel,
         "managed_gradient_accumulation": False,
         "gradient_clipping": optimizer.grad_clip or 0.0,
         "steps_per_print": None,  # our metrics log the steps; DeepSpeed's own progress lines would duplicate them

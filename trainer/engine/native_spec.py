@@ -31,7 +31,18 @@ def problems(r: Recipe, src: KeySource) -> list[Problem]:
     out = _named_problems(r, src) if r.distributed.engine == NAME else []
     if execution_of(r).engine == NAME:
         out += _running_problems(r, src)
+        out += _sequence_parallel_problems(r, src)
     return out
+
+
+def _sequence_parallel_problems(r: Recipe, src: KeySource) -> list[Problem]:
+    """Sequence parallelism runs over DeepSpeed only (its ZeRO reduction sums the sequence shards' gradients)."""
+    n = r.distributed.sequence_parallel
+    if n == 1:
+        return []
+    return [Problem("distributed.sequence_parallel", n, "sequence parallelism runs on the DeepSpeed engine: set "
+                    "distributed.engine: deepspeed with distributed.zero_stage: 1, 2 or 3",
+                    src("distributed.sequence_parallel"))]
 
 
 def _named_problems(r: Recipe, src: KeySource) -> list[Problem]:

@@ -15,7 +15,9 @@ Order of the transforms (each needs the one before):
    (trainer/model/int8_weights.py), after the vocabulary is matched (resizing would replace the head, not a target)
    and from the initialized fp32 or bf16 values, so a from-scratch INT8 run starts from the same weights
    rounded once;
-5. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
+5. tiled MLP (model.tiled_mlp): each dense MLP's forward runs in tiles of the sequence (trainer/model/tiled_mlp.py),
+   after the adapters so their LoRA layers are inside the tiles;
+6. gradient checkpointing (non-reentrant), last, so it wraps the final modules, LoRA layers included.
 
 Under DeepSpeed ZeRO-3 an adapter run's base is read one module at a time and each module is partitioned as soon as
 its weights are in (adapters/streamed.py; transformers would load a quantized base whole on every rank), and the
@@ -52,6 +54,7 @@ from trainer.adapters.streamed import Partition
 from trainer.dtypes import torch_dtype
 from trainer.errors import fetching_from_hub
 from trainer.model.causal_lm import CausalLM
+from trainer.model.tiled_mlp import tile_mlps
 from trainer.model.tokenizer import save_tokenizer
 from trainer.optim.lowrank_groups import member, targets_of
 from trainer.recipe.resolved import ResolvedRun
@@ -193,6 +196,9 @@ def build_model(run: ResolvedRun, tokenizer: PreTrainedTokenizerBase, device: to
         log.info("adapter: %s", adapters.describe(model, adapter))
     if precision.weights == "int8":
         _quantize_targets(model, run)
+    if run.mlp_tiles > 1:
+        tiled = tile_mlps(model, run.mlp_tiles)
+        log.info("tiled MLP: %d layers' MLPs computed in %d tiles of the sequence", tiled, run.mlp_tiles)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

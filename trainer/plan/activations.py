@@ -17,7 +17,7 @@ Attention that normalizes queries and keys (Qwen3's QK-norm) keeps `6 (h + kv)` 
 from __future__ import annotations
 
 from trainer.data.packing import sample_mode
-from trainer.model.loss import chunk_rows
+from trainer.model.loss import chunk_rows, head_chunk_rows
 from trainer.plan.items import Shapes
 from trainer.plan.optimizer_state import int8_targets, lora_targets
 from trainer.recipe.architecture import default_attention
@@ -35,7 +35,9 @@ def sequences_per_micro_batch(run: ResolvedRun) -> int:
 
 
 def micro_batch_tokens(run: ResolvedRun) -> int:
-    return sequences_per_micro_batch(run) * run.recipe.data.seq_len
+    """Tokens of one micro-batch that this rank computes: each row's (a pair's two), under sequence
+    parallelism seq_len / N of each row."""
+    return sequences_per_micro_batch(run) * run.recipe.data.seq_len // run.execution.sequence_parallel
 
 
 def reference_forward_bytes(run: ResolvedRun, sh: Shapes) -> int:
@@ -56,7 +58,8 @@ def layer_bytes_per_token(run: ResolvedRun, sh: Shapes) -> int:
     h, kv, a = sh.hidden, sh.kv_dim, sh.heads
     fp32 = run.recipe.precision.dtype == "fp32"
     per = (32 * h + 8 * kv + 4 * a + 8) if fp32 else (30 * h + 4 * kv + 4 * a + 8)
-    per += _mlp_bytes_per_token(sh, fp32)
+    if not tiled_mlp(run, sh):  # tiled: the MLP keeps only its input (views of it); one tile is recomputed at a time
+        per += _mlp_bytes_per_token(sh, fp32)
     if sh.qk_norm:
         per += (6 if fp32 else 4) * (h + kv)
     if sh.model_type not in LLAMA_LIKE:  # GPT-2 style: LayerNorm and GELU keep a little more; approximate
@@ -75,6 +78,32 @@ def _mlp_bytes_per_token(sh: Shapes, fp32: bool) -> int:
         return dense
     routed = e.active * (10 * sh.hidden + (16 if fp32 else 15) * e.intermediate)
     return (e.layers * routed + (sh.layers - e.layers) * dense) // sh.layers
+
+
+def tiled_mlp(run: ResolvedRun, sh: Shapes) -> bool:
+    """model.tiled_mlp applies: more than one tile, dense MLPs (mixture-of-experts blocks are left untiled)."""
+    return run.mlp_tiles > 1 and sh.experts is None
+
+
+def mlp_tile_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """Tiled MLP: the one tile recomputed in backward, its intermediates (the untiled MLP's per-token bytes for
+    1/tiles of the tokens) and the gradients of three of them (gate, up, their product: 3f per token in the
+    compute dtype), 7/4 of the intermediates in fp32 and in bf16 (16f + 12f, 8f + 6f); the forward's tile holds
+    less."""
+    if not tiled_mlp(run, sh):
+        return 0
+    tokens = -(-micro_batch_tokens(run) // run.mlp_tiles)
+    return tokens * _mlp_bytes_per_token(sh, run.recipe.precision.dtype == "fp32") * 7 // 4
+
+
+def exchange_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """Sequence parallelism: one attention layer's all-to-all buffers, alive while it runs (forward, and again in
+    backward): queries, keys and values sent and received, then the output sent and received, in the compute
+    dtype (model/sequence_parallel.py)."""
+    if run.execution.sequence_parallel == 1:
+        return 0
+    compute = 4 if run.recipe.precision.dtype == "fp32" else 2
+    return 2 * micro_batch_tokens(run) * (2 * sh.hidden + 2 * sh.kv_dim) * compute
 
 
 def activation_bytes(run: ResolvedRun, sh: Shapes, checkpointing: bool) -> int:
@@ -116,10 +145,12 @@ def forward_backward_bytes(run: ResolvedRun, sh: Shapes) -> int:
     if run.recipe.model.activation_offload:
         saved += offload_window_bytes(run, sh) - offloaded_bytes(run, sh)
     saved += packed_mask_bytes(run)
+    # a layer's transients (not alive with the logits): its MLP tile, or its attention's all-to-all buffers
+    inside_layer = max(mlp_tile_bytes(run, sh), exchange_bytes(run, sh))
     if not checkpointing:
-        return saved + logits
+        return saved + max(logits, inside_layer)
     recomputed = micro_batch_tokens(run) * layer_bytes_per_token(run, sh)
-    return saved - recomputed + max(recomputed, logits)
+    return saved - recomputed + max(recomputed + inside_layer, logits)
 
 
 def _formats(run: ResolvedRun) -> set[str]:
@@ -156,11 +187,28 @@ def packing_label(run: ResolvedRun) -> str:
 
 def logits_bytes(run: ResolvedRun, sh: Shapes) -> int:
     """The logits and their gradient in the compute dtype, plus one chunk of the loss's fp32 work (the softmax,
-    and an fp32 copy when the logits are bf16/fp16): trainer/model/loss.py never copies the whole logits to fp32."""
+    and an fp32 copy when the logits are bf16/fp16): trainer/model/loss.py never copies the whole logits to fp32.
+    With model.head_in_loss no logits of the whole sequence exist: see head_in_loss_bytes."""
     tokens = micro_batch_tokens(run)
     compute = 4 if run.recipe.precision.dtype == "fp32" else 2
     chunk = min(tokens, chunk_rows(sh.vocab)) * sh.vocab
+    if run.recipe.model.head_in_loss:
+        return head_in_loss_bytes(run, sh, tokens, compute, min(tokens, head_chunk_rows(sh.vocab)) * sh.vocab)
     return 2 * compute * tokens * sh.vocab + (4 if compute == 4 else 8) * chunk
+
+
+def head_in_loss_bytes(run: ResolvedRun, sh: Shapes, tokens: int, compute: int, chunk: int) -> int:
+    """model.head_in_loss (trainer/model/loss.py): the gradient of the hidden states (fp32, tokens x hidden),
+    one chunk's logits and their gradient in the compute dtype with its fp32 work, the head's weight cast to the
+    compute dtype (bf16/fp16), and when the head trains its fp32 gradient (vocab x hidden) and that gradient in the
+    weight's dtype."""
+    head = sh.vocab * sh.hidden
+    out = 4 * tokens * sh.hidden + (2 * compute + 8) * chunk
+    if compute != 4:
+        out += compute * head
+    if not run.execution.adapted:
+        out += 4 * head + (4 if run.recipe.precision.master_weights else compute) * head
+    return out
 
 
 def dequantized_in_flight(run: ResolvedRun, sh: Shapes) -> int:

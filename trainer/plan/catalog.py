@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import TrainerError
-from trainer.paths import SHIPPED_RECIPES
+from trainer.paths import SHIPPED_RECIPES, shipped_recipes
 from trainer.plan.items import GiB
 from trainer.plan.peak import plan
 from trainer.recipe.resolve import resolve
@@ -40,19 +40,18 @@ def _header(path: Path) -> list[str]:
     return lines
 
 
-def _describe(path: Path) -> ShippedRecipe:
+def _describe(name: str, path: Path) -> ShippedRecipe:
     header = _header(path)
     text = " ".join(line for line in header if line and not line.startswith(("plan:", "launch:")))
     sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
     sentence = sentence if len(sentence) <= 110 else sentence[:107].rsplit(" ", 1)[0] + "..."
     header_plan = PLAN.search(path.read_text(encoding="utf-8"))
-    name = path.relative_to(RECIPES).with_suffix("").as_posix()
     return ShippedRecipe(name, path, sentence, header_plan.group(1) + " x " + header_plan.group(2) if header_plan
                          else "", int(header_plan.group(1)) if header_plan else 1)
 
 
 def shipped() -> list[ShippedRecipe]:
-    return [_describe(p) for p in sorted(RECIPES.rglob("*.yaml"))]
+    return [_describe(name, path) for name, path in shipped_recipes(RECIPES).items()]
 
 
 def planned_peak(recipe: ShippedRecipe) -> str:

@@ -31,7 +31,9 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
     moved = act.offloaded_bytes(run, sh)
     mb, rows = run.recipe.train.micro_batch_size, act.sequences_per_micro_batch(run)
     pairs = f"{mb} pair{'s' if mb > 1 else ''} = " if rows != mb else ""
-    tokens = f"{pairs}{rows} x {run.recipe.data.seq_len} tokens, {act.packing_label(run)}"
+    sp = run.execution.sequence_parallel
+    per_rank = f" ({run.seq_len // sp} per rank, sequence parallel over {sp})" if sp > 1 else ""
+    tokens = f"{pairs}{rows} x {run.recipe.data.seq_len} tokens{per_rank}, {act.packing_label(run)}"
     if moved:
         items = [Item(Kind.ACTIVATIONS, f"activations on the GPU ({tokens}, {checkpointing} checkpointing, "
                       "offloaded)", saved - moved + act.offload_window_bytes(run, sh),
@@ -43,8 +45,12 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
     if mask:
         items.append(Item(Kind.ATTENTION_MASKS, "block-diagonal attention masks of packed rows", mask,
                           note=f"{act.attention_of(run)}; none with flash_attention_2"))
-    items.append(Item(Kind.LOGITS, "logits and loss (logits, their gradient, one fp32 chunk)",
-                      act.logits_bytes(run, sh)))
+    if run.recipe.model.head_in_loss:
+        items.append(Item(Kind.LOGITS, "LM head inside the loss (hidden-state gradient, one chunk of logits)",
+                          act.logits_bytes(run, sh), note="no logits of the whole sequence"))
+    else:
+        items.append(Item(Kind.LOGITS, "logits and loss (logits, their gradient, one fp32 chunk)",
+                          act.logits_bytes(run, sh)))
     reference = act.reference_forward_bytes(run, sh)
     if reference:
         stored = run.recipe.objective.reference == "stored" or (run.recipe.objective.reference == "auto"
@@ -53,6 +59,14 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
                if stored else "every micro-batch, the base with its adapters disabled: no copy of the model")
         items.append(Item(Kind.REFERENCE, "reference forward (no_grad; its logits, one layer in flight)", reference,
                           note=f"{how}; a phase of its own, before the policy's forward"))
+    tile = act.mlp_tile_bytes(run, sh)
+    if tile:
+        items.append(Item(Kind.MLP_TILE, f"one MLP tile's intermediates ({run.mlp_tiles} tiles)", tile,
+                          note="inside a layer: not alive with the logits"))
+    exchange = act.exchange_bytes(run, sh)
+    if exchange:
+        items.append(Item(Kind.EXCHANGE, "all-to-all buffers of one attention layer (sequence parallel)", exchange,
+                          note="inside a layer: not alive with the logits"))
     return items
 
 

@@ -5,6 +5,7 @@ ranks, and the order in which the ranks reduce the gradients (found by one forwa
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from trainer.optim.per_layer import MAX_IN_FLIGHT, record_first_use
 from trainer.plan.items import Item, Kind, Shapes
 from trainer.recipe.resolved import ResolvedRun
+
+log = logging.getLogger(__name__)
 
 
 def per_layer_gradients(run: ResolvedRun, sh: Shapes, weight_bytes: int) -> Item:
@@ -50,13 +53,19 @@ def reduction_order(sh: Shapes) -> list[str]:
     for key, value in small.items():
         if getattr(text, key, None) is not None:
             setattr(text, key, value)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(text, key, None)
+        if isinstance(token_id, int) and token_id >= small["vocab_size"]:  # the narrow embedding would refuse the
+            setattr(text, key, 0)  # real vocabulary's pad id as its padding_idx
     used: dict[Any, None] = {}
     try:  # the random init draws from a forked RNG: planning never moves the run's random streams
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model = AutoModelForCausalLM.from_config(narrow)
             record_first_use(model, used)
             model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
-    except Exception:  # noqa: BLE001  an architecture that does not shrink: registration order, reversed
+    except Exception as e:  # noqa: BLE001  an architecture that does not shrink: registration order, reversed
+        log.info("reduction order of per-layer updates planned from the registration order (%s: %s)",
+                 type(e).__name__, e)
         return names[::-1]
     by_param = {p: n for n, p in model.named_parameters()}
     first = [by_param[p] for p in used if p in by_param]

@@ -2,7 +2,8 @@
 first, then quality), combined up to three at a time, cheapest first, each planned again.
 
 The changes: gradient checkpointing (about +30% compute), activation offload (copies that overlap with compute,
-pinned CPU memory), a smaller micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO
+pinned CPU memory), a tiled MLP and the LM head inside the loss (long sequences), sequence parallelism over the
+launch's GPUs, a smaller micro-batch with more accumulation (same global batch), an 8-bit optimizer, ZeRO
 stages 1-3 (several GPUs; for adapter runs too, where ZeRO-3 partitions the 4-bit base), offloading the optimizer
 state or the parameters to CPU memory, 8-bit GaLore or APOLLO-Mini with per-layer updates, INT8 weights for them
 (one GPU), and QLoRA. The first few combinations that fit are shown (or, when none does, the one that comes
@@ -19,6 +20,7 @@ from trainer.errors import ConfigError
 from trainer.plan.items import Plan, Shapes, Suggestion
 from trainer.plan.peak import plan
 from trainer.plan.shapes import shapes
+from trainer.recipe import architecture as arch
 from trainer.recipe.read import with_overrides
 from trainer.recipe.resolve import resolve_recipe
 from trainer.recipe.resolved import ResolvedRun
@@ -56,6 +58,13 @@ def _activation_changes(run: ResolvedRun) -> list[Change]:
         out.append(Change("gradient checkpointing (about 30% more compute)", ("model.gradient_checkpointing=true",), 1))
     if not r.model.activation_offload:  # the copies overlap with compute on a GPU; needs pinned CPU memory
         out.append(Change("activation offload to pinned CPU memory", ("model.activation_offload=true",), 1))
+    hidden = int(getattr(arch.text_config(run.architecture), "hidden_size", 0) or 0)
+    if r.model.tiled_mlp == 1 and hidden and run.seq_len // run.execution.sequence_parallel > hidden:
+        out.append(Change("tiled MLP (each layer's MLP in sequence tiles, recomputed in backward)",
+                          ("model.tiled_mlp=auto",), 1))
+    if not r.model.head_in_loss and not run.execution.zero3:
+        out.append(Change("LM head inside the chunked loss (no full-vocabulary logits of the sequence)",
+                          ("model.head_in_loss=true",), 1))
     if r.train.micro_batch_size > 1:  # half the micro-batch; the global batch stays what it was
         half = r.train.micro_batch_size // 2
         more = () if r.train.global_batch_size is not None else (f"train.grad_accum_steps={run.grad_accum_steps * 2}",)
@@ -72,12 +81,33 @@ def _sharding_changes(run: ResolvedRun, low_rank: bool) -> list[Change]:
             if not e.zero_at_least(stage):
                 out.append(Change(f"DeepSpeed ZeRO-{stage} over {run.world_size} GPUs",
                                   ("distributed.engine=deepspeed", f"distributed.zero_stage={stage}"), 3 + stage))
+    out += _sequence_parallel_changes(run, low_rank)
     if not low_rank and not e.offload_optimizer:
         out.append(Change("optimizer state in CPU memory (DeepSpeed offload)", (
             "distributed.engine=deepspeed", "distributed.offload_optimizer=cpu", "optimizer.name=adamw"), 7))
     if not low_rank and not e.offload_params:
         out.append(Change("parameters in CPU memory (ZeRO-3 offload)", (
             "distributed.engine=deepspeed", "distributed.zero_stage=3", "distributed.offload_params=cpu"), 8))
+    return out
+
+
+def _sequence_parallel_changes(run: ResolvedRun, low_rank: bool) -> list[Change]:
+    """Sequence parallelism over 2, 4, ... of the launch's GPUs (DeepSpeed; ZeRO-2 unless the recipe has a stage):
+    each GPU holds seq_len / N tokens of every sequence. Accumulation grows by N so the global batch is kept."""
+    e = run.execution
+    if low_rank or e.sequence_parallel > 1 or run.world_size == 1:
+        return []
+    stage = e.zero_stage if e.deepspeed else 2
+    out = []
+    for n in (2, 4, 8):
+        if run.world_size % n or run.seq_len % n:
+            continue
+        # the global batch stated, accumulation derived from it (a recipe's grad_accum_steps would be multiplied
+        # by N here and by a smaller micro-batch's change too)
+        accumulation = (f"train.global_batch_size={run.global_batch_size}", "train.grad_accum_steps=null")
+        out.append(Change(f"sequence parallel over {n} GPUs (DeepSpeed ZeRO-{stage})", (
+            "distributed.engine=deepspeed", f"distributed.zero_stage={stage}", f"distributed.sequence_parallel={n}",
+            *accumulation), 4))
     return out
 
 

@@ -41,6 +41,13 @@ def problems(r: Recipe, src: Source) -> list[Problem]:
     if o.beta is not None and o.name in ("sft", "orpo"):
         out.append(Problem("objective.beta", o.beta, f"objective.name {o.name} has no beta (orpo's weight is "
                            "objective.orpo_lambda); remove it", src("objective.beta")))
+    if o.preference and r.distributed.sequence_parallel > 1:
+        out.append(Problem("distributed.sequence_parallel", r.distributed.sequence_parallel, "a preference objective "
+                           "compares whole sequences' log-probs, which sequence parallelism splits over ranks; set it "
+                           "to 1", src("distributed.sequence_parallel")))
+    if o.preference and r.model.head_in_loss:
+        out.append(Problem("model.head_in_loss", True, "a preference objective takes per-sequence log-probs from the "
+                           "logits; set it to false", src("model.head_in_loss")))
     if o.preference and r.model.activation_offload:
         out.append(Problem("model.activation_offload", True, "not yet tested with a preference objective (two "
                            "forwards per micro-batch); set it to false", src("model.activation_offload")))

@@ -85,4 +85,5 @@ def execution_of(recipe: Recipe) -> Execution:
     deepspeed = d.engine == "deepspeed" and d.zero_stage > 0
     return Execution(engine="deepspeed" if deepspeed else "native", named_engine=d.engine, zero_stage=d.zero_stage,
                      offload_optimizer=deepspeed and d.offload_optimizer == "cpu",
-                     offload_params=deepspeed and d.offload_params == "cpu", adapter=recipe.adapter.type)
+                     offload_params=deepspeed and d.offload_params == "cpu", adapter=recipe.adapter.type,
+                     sequence_parallel=d.sequence_parallel)

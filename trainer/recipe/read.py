@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from trainer.errors import CheckpointError, Problem, show_value
-from trainer.paths import SHIPPED_RECIPES
+from trainer.paths import shipped_recipes
 from trainer.recipe.schema import Recipe, Section, field_at
 
 MAX_RECIPE_BYTES = 4 * 2**20
@@ -74,7 +74,7 @@ def _file_problem(path: str | Path, message: str, source: str = RECIPE_FILE) -> 
 def _missing_recipe_hint(path: Path) -> str:
     """What a recipe path that does not exist probably meant: a shipped recipe named without its path
     (`quickstart`), a file of the same folder spelled differently, or else an example of a path."""
-    shipped = {p.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix(): p for p in SHIPPED_RECIPES.rglob("*.yaml")}
+    shipped = shipped_recipes()
     name = path.as_posix().removesuffix(".yaml").removeprefix("recipes/")
     by_stem = {p.stem: rel for rel, p in shipped.items()}
     match = name if name in shipped else by_stem.get(name)

@@ -32,16 +32,20 @@ from trainer.recipe.schema import Recipe, TrainConfig
 
 # ---------------------------------------------------------------------------------------------- batch
 
-def accumulation(train: TrainConfig, world_size: int, src: Sources = Sources()) -> tuple[int, list[Problem]]:
-    """Micro-batches per optimizer step on each rank at this world size, and the problems when the sizes do not
-    divide or contradict each other."""
+def accumulation(train: TrainConfig, world_size: int, src: Sources = Sources(),
+                 sequence_parallel: int = 1) -> tuple[int, list[Problem]]:
+    """Micro-batches per optimizer step on each rank at this world size (of data-parallel groups, under sequence
+    parallelism), and the problems when the sizes do not divide or contradict each other."""
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size is None:
         return train.grad_accum_steps or 1, []
     if train.global_batch_size % per_step:
         nearest = per_step * max(1, round(train.global_batch_size / per_step))
+        whole = world_size * sequence_parallel
+        ranks = "world size" if sequence_parallel == 1 else \
+            f"data-parallel groups (world size {whole} / sequence_parallel {sequence_parallel})"
         return 1, [Problem("train.global_batch_size", train.global_batch_size, f"must be a multiple of "
-                           f"micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}; "
+                           f"micro_batch_size x {ranks} = {train.micro_batch_size} x {world_size} = {per_step}; "
                            f"e.g. {nearest}", src("train.global_batch_size"))]
     accum = train.global_batch_size // per_step
     if train.grad_accum_steps is not None and train.grad_accum_steps != accum:
@@ -250,7 +254,8 @@ def _architecture_problems(r: Recipe, config: Any, tokenizer_size: int | None, s
                 for why in target_problems(r.adapter, config)]
     if r.optimizer.low_rank is not None:
         out += _low_rank_target_problems(r, config, src, meta_model)
-    return out + _expert_problems(r, config, src, meta_model)
+    return (out + _expert_problems(r, config, src, meta_model) + _heads_problems(r, config, src)
+            + _head_in_loss_problems(r, config, src))
 
 
 def _expert_problems(r: Recipe, config: Any, src: Sources, model: Any = None) -> list[Problem]:
@@ -311,8 +316,53 @@ def _low_rank_target_problems(r: Recipe, config: Any, src: Sources, model: Any =
     return []
 
 
+def _heads_problems(r: Recipe, config: Any, src: Sources) -> list[Problem]:
+    """Sequence parallelism gives each rank heads / N of every attention layer's heads (and key/value heads), and
+    masks causally over the whole row (no sliding window)."""
+    n = r.distributed.sequence_parallel
+    text = arch.text_config(config)
+    heads = getattr(text, "num_attention_heads", None)
+    if n == 1 or not isinstance(heads, int):
+        return []
+    window = getattr(text, "sliding_window", None)
+    if isinstance(window, int) and window < r.data.seq_len and getattr(text, "use_sliding_window", True):
+        return [Problem("distributed.sequence_parallel", n, f"{config.model_type} attends within a sliding window of "
+                        f"{window} tokens, which the exchanged attention does not apply (it masks causally over the "
+                        f"whole row): use data.seq_len <= {window} or sequence_parallel: 1",
+                        src("distributed.sequence_parallel"))]
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % n == 0 and kv_heads % n == 0:
+        return []
+    fitting = [d for d in range(2, kv_heads + 1) if heads % d == 0 and kv_heads % d == 0]
+    return [Problem("distributed.sequence_parallel", n, f"must divide the model's {heads} attention heads and "
+                    f"{kv_heads} key/value heads (each rank attends with heads / {n} of them); use "
+                    f"{' or '.join(map(str, fitting)) if fitting else '1 (no sequence parallelism)'}",
+                    src("distributed.sequence_parallel"))]
+
+
+def _head_in_loss_problems(r: Recipe, config: Any, src: Sources) -> list[Problem]:
+    """model.head_in_loss applies the head's plain weight inside the loss: a head that does more (soft-capped
+    logits, a LoRA adapter on it) would be skipped."""
+    if not r.model.head_in_loss:
+        return []
+    if getattr(arch.text_config(config), "final_logit_softcapping", None):
+        return [Problem("model.head_in_loss", True, f"{config.model_type} soft-caps its logits after the head, which "
+                        "the loss does not; set model.head_in_loss: false", src("model.head_in_loss"))]
+    targets = r.adapter.target_modules
+    if r.adapter.type != "none" and isinstance(targets, list) and any("lm_head" in t for t in targets):
+        return [Problem("model.head_in_loss", True, "adapter.target_modules puts LoRA on the LM head, which the loss "
+                        "would apply without its adapter; remove lm_head from the targets or set "
+                        "model.head_in_loss: false", src("model.head_in_loss"))]
+    return []
+
+
 def _world_problems(r: Recipe, world_size: int, src: Sources) -> list[Problem]:
     """Rules that need the number of processes."""
+    n = r.distributed.sequence_parallel
+    if world_size % n:
+        return [Problem("distributed.sequence_parallel", n, f"must divide the number of ranks ({world_size} here): "
+                        f"each group of {n} ranks shares its sequences; launch a multiple of {n} processes or lower "
+                        "it", src("distributed.sequence_parallel"))]
     if r.precision.weights != "int8" or world_size == 1:
         return []
     return [Problem("precision.weights", "int8", f"INT8 weights run in one process in this version ({world_size} "
@@ -336,9 +386,12 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
 
     recipe = command_line_batch_wins(recipe, sources)
     add(cross_check(recipe, sources))
-    accum, batch = accumulation(recipe.train, world_size, sources)
-    add(batch)
     add(_world_problems(recipe, world_size, sources))
+    # sequence parallelism: each group of N ranks shares its sequences, so world / N groups split the batch
+    sequence_parallel = recipe.distributed.sequence_parallel
+    data_parallel = world_size // sequence_parallel if world_size % sequence_parallel == 0 else world_size
+    accum, batch = accumulation(recipe.train, data_parallel, sources, world_size // data_parallel)
+    add(batch)
     add(_path_problems(recipe, sources))
     add(make_output_dir(recipe.output_dir, sources) if make_output else output_dir_problems(recipe.output_dir,
                                                                                          sources))
@@ -352,7 +405,7 @@ def resolve_recipe(recipe: Recipe, world_size: int, *, sources: Sources = Source
     if problems:
         raise ConfigError(problems, origin)
     return ResolvedRun(recipe=recipe, world_size=world_size, grad_accum_steps=accum,
-                       global_batch_size=recipe.train.micro_batch_size * accum * world_size, architecture=config,
+                       global_batch_size=recipe.train.micro_batch_size * accum * data_parallel, architecture=config,
                        architecture_source=where, output_dir=Path(recipe.output_dir).expanduser(),
                        execution=execution_of(recipe), warnings=tuple(warnings_of(recipe)), sources=sources,
                        recipe_path=recipe_path)

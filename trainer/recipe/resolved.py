@@ -23,7 +23,7 @@ class ResolvedRun:
     recipe: Recipe
     world_size: int
     grad_accum_steps: int  # micro-batches per optimizer step on each rank
-    global_batch_size: int  # sequences per optimizer step over all ranks
+    global_batch_size: int  # sequences per optimizer step over all ranks (a sequence-parallel group counts once)
     architecture: Any  # the model's transformers config (vocab_size resolved)
     architecture_source: str  # recipe | local | known models table | hub
     output_dir: Path
@@ -31,6 +31,27 @@ class ResolvedRun:
     warnings: tuple[str, ...] = ()  # allowed but probably not meant: printed by validate and train
     sources: Sources = Sources()
     recipe_path: str | None = None
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Groups of ranks that take different sequences: the world size over distributed.sequence_parallel
+        (the ranks of a group share every sequence, each computing seq_len / N of its tokens)."""
+        return self.world_size // self.execution.sequence_parallel
+
+    def data_rank(self, rank: int) -> int:
+        """Which share of each step's sequences `rank` takes: its group's (groups are consecutive ranks)."""
+        return rank // self.execution.sequence_parallel
+
+    @property
+    def mlp_tiles(self) -> int:
+        """model.tiled_mlp resolved: auto is one tile per hidden_size tokens of the sequence each rank computes
+        (at least 1, so a short sequence stays untiled)."""
+        chosen = self.recipe.model.tiled_mlp
+        if chosen != "auto":
+            return int(chosen)
+        hidden = int(getattr(arch.text_config(self.architecture), "hidden_size", 0) or 0)
+        local = self.seq_len // self.execution.sequence_parallel
+        return max(1, -(-local // hidden)) if hidden else 1
 
     @property
     def micro_batch_size(self) -> int:

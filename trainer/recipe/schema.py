@@ -69,6 +69,7 @@ DataFormat = Literal["text", "alpaca", "chat", "preference", "kto"]
 PREFERENCE_FORMATS = ("preference", "kto")  # one sample is a pair of sequences, or one completion with its label
 Packing = Annotated[Literal["auto", "isolated", "concat", "none"], BeforeValidator(_packing)]
 Dtype = Literal["fp32", "bf16", "fp16"]
+TileCount = Annotated[int, Field(ge=1, le=MAX_INT)] | Literal["auto"]
 
 
 def setting(doc: str, default: Any = None, *, resume: Resume | None = None, **bounds: Any) -> Any:
@@ -105,6 +106,12 @@ class ModelConfig(Section):
                                        "checkpointing each layer's input, without it every saved activation",
                                        False)
     attn_implementation: str | None = setting("transformers attention backend (eager, sdpa, flash_attention_2)")
+    head_in_loss: bool = setting("compute the LM head inside the chunked loss, a chunk of tokens at a time, so the "
+                                 "whole sequence's full-vocabulary logits never exist (long sequences; not with "
+                                 "ZeRO-3)", False)
+    tiled_mlp: TileCount = setting("compute each layer's MLP in this many tiles along the sequence, each "
+                                   "recomputed in backward, so only one tile's intermediate activations exist at a "
+                                   "time (1: untiled; auto: tiles of about hidden_size tokens)", 1)
     rope_scaling: FreeMapping | None = setting("RoPE scaling applied on top of the model's own, to train longer "
                                                "sequences than max_position_embeddings, e.g. {rope_type: linear, "
                                                "factor: 2.0}", resume="must_match")
@@ -325,6 +332,9 @@ class DistributedConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = setting("torch.distributed backend (auto: nccl on GPU, else gloo)",
                                                        "auto")
     timeout_s: int = setting("collective timeout in seconds", 1800, ge=10, le=365 * 24 * 3600)
+    sequence_parallel: Integer = setting("DeepSpeed: ranks that share each sequence, each holding seq_len / N "
+                                         "tokens (Ulysses: attention heads exchanged for tokens by all-to-all); "
+                                         "data parallel groups = world size / N", 1, ge=1)
 
 
 class CheckpointConfig(Section):

@@ -30,7 +30,7 @@ from trainer.engine.build import build_engine, model_init_context
 from trainer.errors import EXIT_RECIPE, CheckpointError
 from trainer.faults import Faults
 from trainer.logs import add_run_log
-from trainer.model.loss import token_loss_sum
+from trainer.model.loss import head_into_loss, token_loss_sum
 from trainer.run.metrics import Metrics, peak_memory_bytes, start_wandb, truncate_rows
 from trainer.model.build import build_model, save_model_files
 from trainer.engine.nonfinite import NonFinitePolicy
@@ -63,6 +63,7 @@ class Training:
     faults: Faults
     nonfinite: NonFinitePolicy
     offload: ActivationOffload | None = None  # model.activation_offload
+    head: torch.Tensor | None = None  # model.head_in_loss: the LM head's weight, applied inside the loss
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     template = settle_chat_template(tokenizer, r.data)
     if template:
         log.info("chat template: %s", template)
-    data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=dist.rank, world_size=dist.world_size,
+    # sequence parallelism: the ranks of a group take the same sequences (each computes its own tokens of them)
+    data = TrainData(r.data, tokenizer, seed=r.train.seed, rank=run.data_rank(dist.rank),
+                     world_size=run.data_parallel_size,
                      micro_batch_size=r.train.micro_batch_size, grad_accum_steps=run.grad_accum_steps, job=job_id(),
                      progress=dist.is_main and r.logging.progress_bar, on_chunk=faults.during_prepare,
                      plan_dir=out / RUN_PLAN_DIR)
@@ -159,7 +162,9 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     if reference_mode(r) == "stored":  # after restore: a resumed model is no longer the reference
         attach_stored_reference(r, data, engine, lambda b: engine.forward(**b.model_inputs(dist.device)), dist,
                                 state.step, dist.is_main and r.logging.progress_bar)
-    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload)
+    head = head_into_loss(engine.module) if r.model.head_in_loss else None
+    return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload,
+                    head)
 
 
 def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
@@ -173,7 +178,8 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     micro-batches of every rank (what transformers adds to its own loss for one batch). The logged `loss` stays the
     token loss, so it compares with dense models and evaluation; the load-balancing loss is logged as `aux_loss`."""
     dev, step = t.dist.device, t.state.step + 1
-    loss_tokens = all_reduce_sum(sum(b.num_loss_units() for b in batches), dev)
+    copies = t.run.execution.sequence_parallel  # ranks holding each batch (each computes its own columns)
+    loss_tokens = all_reduce_sum(sum(b.num_loss_units() for b in batches), dev) / copies
     aux_weight = router_aux_loss_coef(t.run.architecture) / (len(batches) * t.dist.world_size)
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
     local_aux = torch.zeros((), dtype=torch.float64, device=dev)
@@ -196,6 +202,7 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     local_tokens = sum(b.num_tokens() for b in batches)
     total, tokens, stop, aux_total = all_reduce_sums([local_sum.item(), local_tokens, float(t.preemption.requested),
                                                       local_aux.item()], dev)
+    tokens /= copies
     loss = total / max(loss_tokens, 1.0)
     t.nonfinite.check_loss(step, loss, t.checkpointer.last_good)  # raises unless steps may be skipped
     result = t.engine.step()
@@ -213,7 +220,8 @@ def _losses(t: Training, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None, d
         out, aux = preference_loss(t.run.recipe, t.engine, lambda batch: _forward(t, batch), b, t.dist.device)
         return out.loss_sum, aux, out.stats
     forward = _forward(t, b)
-    return token_loss_sum(forward.logits, b.labels.to(t.dist.device)), forward.aux_loss, {}
+    loss = token_loss_sum(forward.logits, b.labels.to(t.dist.device), forward.columns, t.head)
+    return loss, forward.aux_loss, {}
 
 
 def add_stats(total: dict[str, tuple[float, float]],
@@ -257,10 +265,12 @@ def evaluate(t: Training) -> dict[str, float]:
             local_loss += out.loss_sum.item()
             stats = add_stats(stats, out.stats)
         else:
-            local_loss += token_loss_sum(t.engine.forward(**b.model_inputs(dev)).logits, b.labels.to(dev)).item()
+            forward = t.engine.forward(**b.model_inputs(dev))
+            local_loss += token_loss_sum(forward.logits, b.labels.to(dev), forward.columns, t.head).item()
         local_count += b.num_loss_units()
     t.engine.train(True)
     loss, count = all_reduce_sums([local_loss, local_count], dev)
+    count /= t.run.execution.sequence_parallel  # each batch was counted by every rank of its group
     mean = loss / max(count, 1.0)
     if t.run.recipe.objective.preference:
         return {"loss": mean, **means(reduce_stats(stats, dev))} if stats else {"loss": mean}
@@ -335,7 +345,7 @@ def check_resume_base(run: ResolvedRun, point: SavedRun, dist: DistInfo) -> None
 def check_resume_batch(run: ResolvedRun, point: SavedRun) -> None:
     """Before anything is built: a resume on another number of ranks keeps the global batch, or is refused with
     the numbers and the overrides that would keep it."""
-    why = batch_change_problem(point, run.micro_batch_size, run.world_size,
+    why = batch_change_problem(point, run.micro_batch_size, run.data_parallel_size,
                                run.global_batch_size, explicit_batch(run))
     if why:
         raise CheckpointError(f"cannot resume from {point.path}: {why}", on_every_rank=True, exit_code=EXIT_RECIPE)

@@ -1,0 +1,245 @@
+"""Test helper: start the trainer's processes (a single `python -m trainer ...`, and the ranks torchrun starts) as
+children forked from a server that has already imported the trainer and its libraries (torch, transformers,
+DeepSpeed), so that each skips the imports that otherwise take most of a short run (3-5 s of a 4-7 s call on 2
+cores; the suite makes a few hundred such processes).
+
+A forked child is a real process: its own pid, signal handlers and exit status, the standard streams of the
+process it stands in for (tests/forked_client.py passes them), that process's environment and working directory;
+it runs `python -m MODULE` as the interpreter does (runpy), then the exit handlers. What differs from a fresh
+interpreter is only what happens at import: libraries were imported under the server's environment, and their
+import-time notices went to the server's log. So a call forks only when its environment differs from the server's
+in variables read at run time (ALLOWED_ENV) and the test does not ask for a fresh process; TRAINER_FORKED_CLI=0
+turns forking off for a whole session.
+
+The server (one per test session, started on first use) listens on a Unix socket. Per connection: a JSON request
+{"module", "argv", "env", "cwd"} with the client's file descriptors 0-2; it forks, answers {"pid"}, and when the
+child ends, {"status"} (exit code, or minus the signal). A client that goes away first (killed by a timeout or by
+torchrun) has its child killed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import runpy
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_ENV = "TRAINER_FORK_SERVER"
+# Variables the trainer and its libraries read when a run needs them, not at import: a call may change these.
+ALLOWED_ENV = ("TRAINER_", "OMP_NUM_THREADS", "WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+               "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_", "CUDA_MODULE_LOADING",
+               "PYTHONFAULTHANDLER", "PYTHONUNBUFFERED")
+# Not peft: trainer/adapters/lora.py skips work while nothing has imported it. Not datasets: pyarrow starts a
+# thread at import (jemalloc), and the trainer imports it only for the formats that need it.
+WARM_MODULES = ("trainer.__main__", "trainer.run.loop", "trainer.use.export", "trainer.engine.deepspeed",
+                "deepspeed", "tests.deepspeed_probe")
+
+
+class Server:
+    """The pre-imported parent of the forked processes, run as a subprocess of the test session."""
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        self.folder = tempfile.TemporaryDirectory(prefix="forked_cli-")
+        self.socket = str(Path(self.folder.name, "server.sock"))
+        self.log = open(Path(self.folder.name, "server.log"), "w")  # noqa: SIM115  the server's own stderr
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.forked_cli", self.socket], cwd=ROOT, env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Until the server accepts (its imports done: 5-10 s on 2 cores, more under load)."""
+        deadline = time.monotonic() + 600
+        while not self.ready:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the forked-CLI server did not start:\n{self.log_tail()}")
+            self.ready = Path(self.socket).exists()
+            time.sleep(0 if self.ready else 0.05)
+
+    def log_tail(self) -> str:
+        return Path(self.folder.name, "server.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.close()
+        self.folder.cleanup()
+
+
+_server: Server | None = None
+
+
+def start_server() -> Server:
+    """The session's server, started now if it is not (it imports in the background)."""
+    global _server
+    if _server is None:
+        _server = Server()
+        atexit.register(_server.stop)
+    return _server
+
+
+def server() -> Server:
+    """The session's server, ready to fork."""
+    started = start_server()
+    started.wait_ready()
+    return started
+
+
+def enabled() -> bool:
+    return os.environ.get("TRAINER_FORKED_CLI", "1") != "0" and hasattr(os, "fork")
+
+
+def can_fork(env: dict[str, str]) -> bool:
+    """Whether a process with this environment behaves the same forked from the server as started fresh."""
+    if not enabled():
+        return False
+    base = _server.env if _server is not None else dict(os.environ)
+    changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)}
+    return all(k.startswith(ALLOWED_ENV) for k in changed)
+
+
+def client_command() -> list[str]:
+    """What stands in for `python -m` (MODULE and its arguments follow): the client of a started server."""
+    return [sys.executable, "-m", "tests.forked_client"]
+
+
+def client_env(env: dict[str, str]) -> dict[str, str]:
+    return {**env, SERVER_ENV: server().socket}
+
+
+# ------------------------------------------------------------------------------------------ the server side
+
+def child(request: dict[str, Any], streams: list[int]) -> None:
+    """In the forked child: become `python -m MODULE ARGV` with the client's streams, directory and environment."""
+    for fd, target in zip(streams, (0, 1, 2)):
+        os.dup2(fd, target)
+    for fd in streams:
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.environ.pop(SERVER_ENV, None)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    module = request["module"]
+    sys.argv = [module, *request["argv"]]
+    for name in (module, module + ".__main__"):  # run afresh as __main__, as `python -m` does (runpy warns else)
+        sys.modules.pop(name, None)
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001  uncaught: printed, exit 1, as the interpreter does
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+class Serving:
+    """The server's loop: accept requests, fork, report each child's end to its client."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path + ".tmp")
+        self.listener.listen(64)
+        os.rename(path + ".tmp", path)  # the path appears once it accepts
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.children: dict[int, socket.socket] = {}  # pid -> its client's connection
+        self.clients: dict[socket.socket, int] = {}
+
+    def run(self) -> None:
+        while True:
+            for key, _ in self.selector.select(timeout=0.02):
+                if key.fileobj is self.listener:
+                    self.start(self.listener.accept()[0])
+                else:
+                    self.client_went_away(key.fileobj)  # type: ignore[arg-type]
+            self.reap()
+
+    def start(self, conn: socket.socket) -> None:
+        data, streams, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        while not data.endswith(b"\n"):
+            data += conn.recv(1 << 20)
+        request = json.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.listener.close()
+                for other in self.clients:
+                    other.close()
+                conn.close()
+                child(request, streams)
+            finally:
+                os._exit(70)
+        for fd in streams:
+            os.close(fd)
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        self.children[pid] = conn
+        self.clients[conn] = pid
+        self.selector.register(conn, selectors.EVENT_READ)
+
+    def client_went_away(self, conn: socket.socket) -> None:
+        """A client sends nothing after its request: readable means closed. Its child must not outlive it."""
+        pid = self.clients.get(conn)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.selector.unregister(conn)
+
+    def reap(self) -> None:
+        while self.children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            conn = self.children.pop(pid)
+            self.clients.pop(conn, None)
+            try:
+                conn.sendall(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+            except OSError:  # the client is gone
+                pass
+            try:
+                self.selector.unregister(conn)
+            except (KeyError, ValueError):
+                pass
+            conn.close()
+
+
+def serve(path: str) -> None:
+    """Import the trainer and its libraries once, then serve until terminated."""
+    for name in WARM_MODULES:
+        __import__(name)
+    Serving(path).run()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
