@@ -18,6 +18,7 @@ the resume and export tests reuse their runs as references. Tolerances (why each
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import shutil
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -81,17 +83,25 @@ def max_loss_diff(a: Path, b: Path) -> float:
 
 FP32 = ["precision.dtype=fp32", "train.micro_batch_size=2", "train.grad_accum_steps=2", "checkpoint.save_final=false"]
 FP16_FAULT = "inf_grad@3"
+
+
+def dpo(base: Path, name: str) -> list[str]:
+    """Full-training DPO: the reference log-probs computed before the first step, on 2 ranks, and stored in a cache
+    of the run's own (so each engine computes them)."""
+    return ["data.format=preference", f"data.source={TEST_DATA / 'preference_pairs.json'}", "data.chat_template=chatml",
+            "data.seq_len=128", "objective.name=dpo", f"data.cache_dir={base / (name + '-cache')}"]
 BIG_SCALE_POWER = 20  # a starting loss scale that overflows fp16 gradients for the first few steps
 
 
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[str, Any]:
-    """One launch: fp32 DDP and ZeRO 1-3 (accumulation 2), fp16 at stage 0 and on the native engine with an
-    injected overflow, fp16 ZeRO 1-3 with an injected or a real overflow."""
+    """One launch: fp32 DDP and ZeRO 1-3 (accumulation 2), full-training DPO on DDP and ZeRO-3, fp16 at stage 0
+    and on the native engine with an injected overflow, fp16 ZeRO 1-3 with an injected or a real overflow."""
     base = tmp_path_factory.mktemp("fp32")
     big_scale = [f"precision.initial_loss_scale={2 ** BIG_SCALE_POWER}"]
     runs = [
-        ("ddp", FP32, None), ("z1", [*FP32, *zero(1)], None), ("z2", [*FP32, *zero(2)], None),
+        ("ddp", FP32, None), ("ddp_dpo", [*FP32, *dpo(base, "ddp_dpo")], None),
+        ("z1", [*FP32, *zero(1)], None), ("z2", [*FP32, *zero(2)], None),
         ("z2_offload", [*FP32, *zero(2, "distributed.offload_optimizer=cpu")], None),
         ("native_fp16", ["precision.dtype=fp16"], FP16_FAULT),
         ("z0_fp16", ["precision.dtype=fp16", *zero(0)], FP16_FAULT),
@@ -99,6 +109,7 @@ def fp32(tmp_path_factory: pytest.TempPathFactory, saved_model: Path) -> dict[st
         ("z2_fp16_big_scale", ["precision.dtype=fp16", *zero(2), *big_scale], None),
         ("z3", [*FP32, *zero(3), "checkpoint.save_final=true"], None),  # ZeRO-3 last (see the probe)
         ("z3_fp16_big_scale", ["precision.dtype=fp16", *zero(3), *big_scale], None),
+        ("z3_dpo", [*FP32, *zero(3), *dpo(base, "z3_dpo")], None),
     ]
     spec = [{"name": n, "overrides": recipe(base / n, saved_model, *o, steps=10), "fault": f,
              "logits": IDS if n == "z3" else None} for n, o, f in runs]
@@ -158,6 +169,25 @@ def test_fp32_zero_stages_match_ddp(fp32: dict[str, Any]) -> None:
             assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)  # our schedule drives DeepSpeed's optimizer
     rows = read_metrics(base / "ddp")
     assert len(rows) == 10 and rows[-1]["loss"] < rows[0]["loss"] - 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_full_training_dpo_on_zero3_matches_ddp(fp32: dict[str, Any]) -> None:
+    """Full-training DPO in fp32: the reference pass under ZeRO-3 (weights gathered inside each no_grad forward,
+    micro-batches shared between the ranks) stores the log-probs DDP stores, and the runs' losses and rewards agree
+    up to the order of float sums."""
+    base = fp32["base"]
+    stored = {name: np.fromfile(next((base / f"{name}-cache").glob("*.reference/*")) / "train.bin")
+              for name in ("ddp_dpo", "z3_dpo")}
+    assert len(stored["ddp_dpo"]) == 160 and np.allclose(stored["z3_dpo"], stored["ddp_dpo"], rtol=1e-6, atol=1e-5)
+    ddp, z3 = read_metrics(base / "ddp_dpo"), read_metrics(base / "z3_dpo")
+    assert len(ddp) == len(z3) == 10 and ddp[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for a, b in zip(ddp, z3):
+        for name in ("loss", "rewards_chosen", "rewards_rejected", "logps_chosen"):
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-5), (a["step"], name)
+    assert all(abs(r["rewards_chosen"]) > 1e-4 for r in ddp[1:])  # the policy moved away from its reference
 
 
 @pytest.mark.slow

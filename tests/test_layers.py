@@ -79,6 +79,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
                              "trainer.recipe.reference")),
     ("libraries: data, tokenizer, loss, precision, optimizers, adapters, the engine contract",
      ("trainer.data", "trainer.optim", "trainer.adapters", "trainer.model.tokenizer", "trainer.model.loss",
+      "trainer.preference",
       "trainer.model.precision", "trainer.model.int8_weights", "trainer.model.activation_offload",
       "trainer.model.inference", "trainer.engine.base", "trainer.engine.nonfinite", "trainer.engine.op_builds",
       "trainer.engine.ds_files")),

@@ -118,7 +118,9 @@ def test_the_plan_figures_in_the_text_are_the_plans() -> None:
     qlora_70b = "24gb/llama3-70b-qlora-2gpu.yaml"
     zero3 = planned(qlora_70b, "distributed.offload_params=none", world_size=2)
     partitions_on_cpu = planned(qlora_70b, world_size=2)
+    dpo = planned("24gb/llama3-8b-qlora-dpo.yaml", world_size=1)
     claims = {
+        r"llama3-8b-qlora-dpo.yaml`, [^)]*\) is \*\*planned\*\* at ([\d.]+) GiB": dpo.peak_bytes,
         r"it plans ([\d.]+) GiB per checkpoint": on_8.total,
         r"checkpoint \(([\d.]+) GiB per rank on 8 ranks\)": on_8.rank0,
         r"and ([\d.]+) GiB with `checkpoint.full_weights: true`": full.total,

@@ -200,11 +200,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for source in uncounted:
         print(f"# note: {source} was not counted (read only when its token store is built): train checks that it "
               "gives one global batch, and one eval micro-batch per rank", file=sys.stderr)
+    unit = {"sft": "sequences", "kto": "completions"}.get(run.recipe.objective.name, "pairs")
     sp = run.execution.sequence_parallel
     groups = f"{run.data_parallel_size} group(s) of {sp} ranks sharing each sequence" if sp > 1 else \
         f"{run.world_size} ranks"
     print(f"# ok: {args.recipe} is valid; world size {run.world_size}: micro-batch {run.micro_batch_size} x "
-          f"{run.grad_accum_steps} accumulation x {groups} = {run.global_batch_size} sequences per step",
+          f"{run.grad_accum_steps} accumulation x {groups} = {run.global_batch_size} {unit} per step",
           file=sys.stderr)
     return 0
 

@@ -1,7 +1,8 @@
 """Writes the small datasets the tests use, so the suite needs nothing beside the repository.
 
-    python tests/data/generate.py       # rewrites alpaca_tasks.json, sharegpt_tools.json, docs.jsonl, and
-                                        # recipes/examples/data/chat_facts.json (the chat example's data)
+    python tests/data/generate.py       # rewrites alpaca_tasks.json, sharegpt_tools.json, docs.jsonl,
+                                        # preference_pairs.json, and recipes/examples/data/chat_facts.json and
+                                        # preference_facts.json (the chat and DPO examples' data)
 
 Everything is generated here from fixed seeds (no third-party text, no license to inherit), in the formats users
 train on: Alpaca rows (instruction / input / output, some with an empty input), ShareGPT conversations with
@@ -120,6 +121,21 @@ def chat_facts(rng: random.Random, copies: int = 10) -> list[dict[str, str]]:
     return rows
 
 
+def preference_facts(rng: random.Random, copies: int = 4) -> list[dict[str, str]]:
+    """Preference pairs on the same facts: the prompt, the right answer (chosen) and a wrong one of the same kind
+    (rejected: another country's capital, another word's opposite), `copies` pairs per fact, shuffled."""
+    kinds = [[(f"What is the capital of {country}?", f"{city}.") for country, city in CAPITALS.items()],
+             [(f"What is the opposite of {word}?", f"{other.capitalize()}.") for word, other in OPPOSITES.items()]]
+    rows = []
+    for facts in kinds:
+        answers = [answer for _, answer in facts]
+        for question, answer in facts:
+            wrong = rng.sample([a for a in answers if a != answer], copies)
+            rows += [{"prompt": question, "chosen": answer, "rejected": w} for w in wrong]
+    rng.shuffle(rows)
+    return rows
+
+
 def main() -> None:
     rng = random.Random(20261130)
     alpaca = [alpaca_row(rng) for _ in range(240)]
@@ -130,6 +146,10 @@ def main() -> None:
     (HERE / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     facts = chat_facts(random.Random(20261205))
     (EXAMPLE_DATA / "chat_facts.json").write_text(json.dumps(facts, indent=1) + "\n", encoding="utf-8")
+    pairs = preference_facts(random.Random(20261205))
+    (EXAMPLE_DATA / "preference_facts.json").write_text(json.dumps(pairs, indent=1) + "\n", encoding="utf-8")
+    (HERE / "preference_pairs.json").write_text(json.dumps(preference_facts(random.Random(1), copies=2), indent=1)
+                                                + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

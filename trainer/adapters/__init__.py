@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from trainer.adapters.experts import describe_experts
-from trainer.adapters.lora import attach, is_adapted, load_adapter, parameter_counts, prepare_frozen, save_adapter
+from trainer.adapters.lora import (adapters_disabled, attach, is_adapted, load_adapter, parameter_counts,
+                                   prepare_frozen, save_adapter)
 from trainer.adapters.quant import bits_per_param, bnb_config, quantized_weight_bytes
 from trainer.dtypes import torch_dtype
 from trainer.recipe.schema import AdapterConfig
@@ -76,5 +77,5 @@ def describe(model: nn.Module, adapter: AdapterConfig) -> str:
     return f"{text}; {experts}" if experts else text
 
 
-__all__ = ["ADAPTER_DIR", "load_kwargs", "apply", "describe", "is_adapted", "save_adapter", "load_adapter",
-           "parameter_counts", "quantized_weight_bytes", "bnb_config"]
+__all__ = ["ADAPTER_DIR", "adapters_disabled", "load_kwargs", "apply", "describe", "is_adapted", "save_adapter",
+           "load_adapter", "parameter_counts", "quantized_weight_bytes", "bnb_config"]

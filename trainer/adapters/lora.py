@@ -15,7 +15,7 @@ import copy
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -97,6 +97,14 @@ def is_adapted(module: nn.Module) -> bool:
     from peft import PeftModel
 
     return isinstance(module, PeftModel)
+
+
+def adapters_disabled(module: nn.Module) -> ContextManager[Any]:
+    """The base model as it was loaded, inside the same module: every LoRA layer skips its adapter for the forwards
+    inside this context (peft's disable_adapter). A preference run's reference costs no copy of the base."""
+    if not is_adapted(module):
+        raise ValueError("adapters_disabled needs a model with LoRA adapters")
+    return module.disable_adapter()  # type: ignore[operator]
 
 
 def parameter_counts(model: CausalLM) -> tuple[int, int]:

@@ -34,10 +34,27 @@ from trainer.data.store import (StoreRequest, TokenStore, default_cache_dir, des
                                 no_usable_rows, open_or_build)
 from trainer.errors import DataError
 from trainer.model.loss import IGNORE
-from trainer.recipe.schema import DataConfig
+from trainer.recipe.schema import PREFERENCE_FORMATS, DataConfig
 from trainer.model.tokenizer import resolve_chat_template
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferenceRows:
+    """What a preference micro-batch carries beside its sequences. Pairs: rows [0, n) are the chosen responses of n
+    pairs and rows [n, 2n) their rejected ones, in the same order; kto: one row per completion."""
+
+    pairs: bool
+    sources: torch.Tensor  # (rows,) int64: the source of each row (data.sources' order)
+    documents: torch.Tensor  # (rows,) int64: its document in that source's split (the key of its reference)
+    desirable: torch.Tensor | None = None  # kto: (rows,) bool
+    reference: torch.Tensor | None = None  # (rows,) float64: the stored reference log-probs, where the run has them
+
+    @property
+    def examples(self) -> int:
+        rows = len(self.documents)
+        return rows // 2 if self.pairs else rows
 
 
 @dataclass
@@ -48,10 +65,16 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None = None  # set when attention is confined to pieces of each row (packing)
+    preference: PreferenceRows | None = None  # preference objectives
 
     def num_loss_tokens(self) -> int:
         """Positions that contribute to the shifted next-token loss (for exact loss averaging)."""
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def num_loss_units(self) -> int:
+        """What the objective averages over: loss tokens, or the examples of a preference batch (pairs or
+        completions)."""
+        return self.preference.examples if self.preference is not None else self.num_loss_tokens()
 
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
@@ -155,6 +178,33 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
     return Batch(ids, mask, labels, positions)
 
 
+Located = tuple[int, int]  # (source, sample index in that source's split)
+Reference = list[dict[str, np.ndarray]]  # per source, per split: the reference log-prob of each document
+
+
+def collate_preference(samples: list[Samples], located: list[Located], pad_id: int, split: str,
+                       reference: Reference | None) -> Batch:
+    """A preference micro-batch: the pairs' chosen sequences, then their rejected ones (or kto's completions), with
+    each row's document (and its stored reference log-prob when the run keeps them)."""
+    examples = [(source, samples[source].example(j)) for source, j in located]
+    pairs = samples[located[0][0]].mode == "pairs" if located else True
+    width = 2 if pairs else 1
+    rows = [(source, *examples_of[k]) for k in range(width) for source, examples_of in examples]
+    batch = collate([(ids, labels, None) for _, _, ids, labels in rows], pad_id)
+    sources = torch.tensor([source for source, *_ in rows], dtype=torch.long)
+    documents = torch.tensor([document for _, document, _, _ in rows], dtype=torch.long)
+    desirable = None
+    if not pairs:
+        desirable = torch.tensor([bool(samples[source].part.labels[document])  # type: ignore[index]
+                                  for source, document, _, _ in rows])
+    stored = None
+    if reference is not None:
+        stored = torch.tensor([float(reference[source][split][document]) for source, document, _, _ in rows],
+                              dtype=torch.float64)
+    batch.preference = PreferenceRows(pairs, sources, documents, desirable, stored)
+    return batch
+
+
 def apportion(total: int, weights: list[float]) -> list[int]:
     """`total` positions split by weight, summing exactly to total (largest remainder)."""
     exact = [total * w / sum(weights) for w in weights]
@@ -192,6 +242,8 @@ class TrainData:
         self.num_train_samples = int(self._bounds[-1])
         self.num_eval_samples = sum(len(s) for s in self.eval_sets)
         self.steps_per_epoch = self.num_train_samples // self.global_batch_size
+        self.preference = any(spec.format in PREFERENCE_FORMATS for spec in self.specs)
+        self.reference: Reference | None = None  # stored reference log-probs, attached by the run that uses them
         self.summary = self._summary()
         self.identity = data_identity(opened, self.num_train_samples, self.summary["tokens"])
         self._check_sizes()
@@ -210,10 +262,11 @@ class TrainData:
                         "; ..." if m["dropped"] > 5 else "")
         long = m["too_long"]
         if long["rows"] and long["choice"] == "truncate":
-            log.warning("data: %d examples of %s were longer than data.seq_len=%d and were truncated to it, keeping "
-                        "their end-of-turn marker (data.too_long: truncate): %d tokens cut; %s%s", long["rows"],
-                        spec.source, self.cfg.seq_len, long["tokens_cut"], describe_too_long(m),
-                        "; ..." if long["rows"] > 5 else "")
+            how = "their prompt cut first, alike in both sequences of a pair" if spec.format in PREFERENCE_FORMATS \
+                else "keeping their end-of-turn marker"
+            log.warning("data: %d examples of %s were longer than data.seq_len=%d and were truncated to it, %s "
+                        "(data.too_long: truncate): %d tokens cut; %s%s", long["rows"], spec.source, self.cfg.seq_len,
+                        how, long["tokens_cut"], describe_too_long(m), "; ..." if long["rows"] > 5 else "")
 
     @property
     def dropped(self) -> list[tuple[str, int, str]]:
@@ -261,8 +314,8 @@ class TrainData:
 
     # ---------------------------------------------------------------------------------------------- order
 
-    def train_sample(self, position: np.ndarray, epoch: int) -> list[Sample]:
-        """The samples at these positions of epoch `epoch`'s order."""
+    def locate(self, position: np.ndarray, epoch: int) -> list[Located]:
+        """(source, sample index) of the samples at these positions of epoch `epoch`'s order."""
         slots = Permutation(self.num_train_samples, seed_int("order", self.seed, epoch))(position)
         out = []
         for slot in slots.tolist():
@@ -273,8 +326,18 @@ class TrainData:
                 turn, within = divmod(j, len(samples))
                 order = Permutation(len(samples), seed_int("source", self.seed, epoch, source, turn))
                 j = int(order([within])[0])
-            out.append(samples.get(j))
+            out.append((source, j))
         return out
+
+    def train_sample(self, position: np.ndarray, epoch: int) -> list[Sample]:
+        """The samples at these positions of epoch `epoch`'s order."""
+        return [self.train_sets[source].get(j) for source, j in self.locate(position, epoch)]
+
+    def _train_batch(self, position: np.ndarray, epoch: int) -> Batch:
+        if self.preference:
+            return collate_preference(self.train_sets, self.locate(position, epoch), self.pad_id, "train",
+                                      self.reference)
+        return collate(self.train_sample(position, epoch), self.pad_id)
 
     def step_batches(self, pos: DataPosition) -> tuple[list[Batch], DataPosition]:
         """This rank's grad_accum_steps micro-batches for one optimizer step, and the position after it."""
@@ -286,13 +349,17 @@ class TrainData:
         mb, batches = self.micro_batch_size, []
         for k in range(self.grad_accum_steps):
             start = cursor + k * mb * self.world_size + self.rank * mb
-            batches.append(collate(self.train_sample(np.arange(start, start + mb), epoch), self.pad_id))
+            batches.append(self._train_batch(np.arange(start, start + mb), epoch))
         return batches, DataPosition(epoch, cursor + self.global_batch_size)
 
     def eval_samples(self) -> Iterator[Sample]:
-        for samples in self.eval_sets:
+        for source, i in self._eval_located():
+            yield self.eval_sets[source].get(i)
+
+    def _eval_located(self) -> Iterator[Located]:
+        for source, samples in enumerate(self.eval_sets):
             for i in range(len(samples)):
-                yield samples.get(i)
+                yield source, i
 
     def eval_batches(self, max_batches: int) -> Iterator[Batch]:
         """The eval split in source order; every rank yields the same number of micro-batches (whole rounds of
@@ -300,13 +367,17 @@ class TrainData:
         mb, per_round = self.micro_batch_size, self.micro_batch_size * self.world_size
         rounds = min(max_batches, self.num_eval_samples // per_round)
         wanted = {k * per_round + self.rank * mb + i for k in range(rounds) for i in range(mb)}
-        chunk: list[Sample] = []
-        for index, sample in enumerate(self.eval_samples()):
+        chunk: list[Located] = []
+        for index, located in enumerate(self._eval_located()):
             if index >= rounds * per_round:
                 break
             if index in wanted:
-                chunk.append(sample)
+                chunk.append(located)
                 if len(chunk) == mb:
-                    yield collate(chunk, self.pad_id)
+                    yield self._eval_batch(chunk)
                     chunk = []
 
+    def _eval_batch(self, located: list[Located]) -> Batch:
+        if self.preference:
+            return collate_preference(self.eval_sets, located, self.pad_id, "eval", self.reference)
+        return collate([self.eval_sets[source].get(i) for source, i in located], self.pad_id)

@@ -133,6 +133,8 @@ class Encoded:
     too_long: list[tuple[str, int, int]] = field(default_factory=list)  # (file or dataset, number, tokens): rows
     # longer than seq_len, whatever data.too_long did with them
     tokens_cut: int = 0  # tokens that data.too_long: truncate cut off
+    labels: list[bool] | None = None  # kto: per example, whether its completion is desirable
+    group: int = 1  # examples that belong together (a preference pair: 2) and go to the same split
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

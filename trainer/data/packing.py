@@ -7,6 +7,8 @@
   tokens by best-fit-decreasing (nearly full blocks, deterministic from the seed), positions restarting at 0 for
   each example and attention confined to it: the same loss as the examples run one by one, without the padding.
 - `none`: one example per sample, padded per micro-batch.
+- `pairs` (data.format: preference): a sample is a pair, its chosen and rejected sequences (documents 2i and 2i+1);
+  `single` (data.format: kto): a sample is one labelled completion. Neither is packed.
 
 The isolated packing plan (plans.py) is computed while the store is built, for the builder's seed, and kept in it;
 for another seed it is computed at start and kept in the run's output_dir: a store is never written by a run.
@@ -38,6 +40,10 @@ def sample_mode(format: str, packing: str, document_mask: bool) -> tuple[str, bo
     packed, and `isolated` for it means concat with its documents kept apart."""
     if format == "text":
         return "concat", document_mask or packing == "isolated"
+    if format == "preference":
+        return "pairs", False
+    if format == "kto":
+        return "single", False
     return ("isolated" if packing == "auto" else packing), False
 
 
@@ -81,6 +87,8 @@ class Samples:
             self.bin_offsets, self.items = packing_plan(part, seq_len, seed, plan_dir) if part.documents else \
                 (np.zeros(1, np.int64), np.zeros(0, np.int64))
             self.count = len(self.bin_offsets) - 1
+        elif mode == "pairs":
+            self.count = part.documents // 2
         else:
             self.count = part.documents
 
@@ -94,7 +102,8 @@ class Samples:
             return 1.0
         tokens = min(self.part.num_tokens, self.count * self.seq_len) if self.mode == "isolated" else \
             self.part.num_tokens
-        return tokens / (self.count * self.seq_len)
+        sequences = 2 * self.count if self.mode == "pairs" else self.count
+        return tokens / (sequences * self.seq_len)
 
     def get(self, index: int) -> Sample:
         """(input ids, labels, position ids) of sample `index`, int64; position ids only where attention is confined
@@ -106,6 +115,16 @@ class Samples:
             return _joined([self._document(d) for d in docs])
         ids, labels = self._document(index)
         return ids, labels, None
+
+    def example(self, index: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """A preference sample: (document index, input ids, labels) of each of its sequences (a pair: the chosen,
+        then the rejected; kto: the completion)."""
+        documents = [2 * index, 2 * index + 1] if self.mode == "pairs" else [index]
+        return [(d, *self.document(d)) for d in documents]
+
+    def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document `index` of the split as (input ids, labels), cut to seq_len."""
+        return self._document(index)
 
     def _document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         raw, mask = self.part.document(index)

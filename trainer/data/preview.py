@@ -7,13 +7,26 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
-from trainer.data.batches import DataPosition, TrainData
+from trainer.data.batches import Batch, DataPosition, TrainData
 from trainer.model.loss import IGNORE
 from trainer.recipe.resolved import ResolvedRun
 from trainer.model.tokenizer import build_tokenizer, settle_chat_template
 
 OPEN, CLOSE = "\x1b[42m\x1b[30m", "\x1b[0m"  # loss tokens on a green background, in a terminal
 PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"  # elsewhere
+
+
+def _rows(batch: Batch) -> list[tuple[int, str]]:
+    """The rows of a batch in the order shown, with what each is: a pair's chosen sequence then its rejected one
+    (a preference batch holds every chosen row first), a KTO completion with its label."""
+    rows = batch.preference
+    if rows is None:
+        return [(i, "") for i in range(len(batch.input_ids))]
+    if rows.pairs:
+        n = rows.examples
+        return [(i + k * n, f", pair {i + 1} {'rejected' if k else 'chosen'}") for i in range(n) for k in (0, 1)]
+    assert rows.desirable is not None
+    return [(i, f", {'desirable' if bool(rows.desirable[i]) else 'undesirable'}") for i in range(len(rows.documents))]
 
 
 def _marked(tokenizer: object, ids: list[int], labels: list[int], colour: bool) -> str:
@@ -56,13 +69,14 @@ def show(run: ResolvedRun, count: int, out: TextIO, colour: bool) -> None:
     position, shown = DataPosition(), 0
     while shown < count and shown < data.num_train_samples:
         (batch,), position = data.step_batches(position)
-        for ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels):
+        for row, what in _rows(batch):
             if shown == count:
                 break
+            ids, mask, labels = batch.input_ids[row], batch.attention_mask[row], batch.labels[row]
             real = int(mask.sum())
             # the loss of token t is predicted at t-1: mark the tokens whose own label is learned
-            out.write(f"\n--- sample {shown + 1} ({real} tokens, {int((labels[1:real] != IGNORE).sum())} carry the "
-                      f"loss) ---\n{_marked(tokenizer, ids[:real].tolist(), labels[:real].tolist(), colour)}\n")
+            out.write(f"\n--- sample {shown + 1}{what} ({real} tokens, {int((labels[1:real] != IGNORE).sum())} carry "
+                      f"the loss) ---\n{_marked(tokenizer, ids[:real].tolist(), labels[:real].tolist(), colour)}\n")
             shown += 1
     s = data.summary
     out.write(f"\n{s['documents']} rows, {s['dropped']} dropped{_too_long(s, r.data.too_long, r.data.seq_len)}; "

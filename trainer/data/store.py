@@ -5,7 +5,8 @@ Layout of a store, `CACHE/<key>/` (key: a hash of the fingerprint): `manifest.js
 first dropped rows, every file with its size and SHA-256, and the content identity), and for each split, `train/`
 and `eval/`: `tokens.bin` (token ids in the smallest unsigned type that holds the vocabulary: uint16 up to 65,536
 ids, else uint32), `offsets.bin` (uint64, where each document starts, one more than documents), for chats
-`mask.bin` (uint8, 1 where the token carries the loss), and for isolated packing the plan of the builder's seed
+`mask.bin` (uint8, 1 where the token carries the loss), for KTO rows `labels.bin` (uint8 per document, 1:
+desirable), and for isolated packing the plan of the builder's seed
 (`bins-<seq_len>-<seed>.npz`, plans.py).
 
 Integrity: opening a store checks every file's size against the manifest and the last offset against the token
@@ -46,9 +47,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from trainer.data.examples import Encoded, Encoder, token_dtype
+from trainer.data.pairs import PreferenceEncoder
 from trainer.data.plans import compute_plan, plan_name, save_plan
 from trainer.data.sources import Row, SourceSpec, fingerprint, rows, size_in_bytes, unit_of
 from trainer.errors import DataError
+from trainer.recipe.schema import PREFERENCE_FORMATS
 from trainer.run_lock import FileLock
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ PARALLEL_FROM_BYTES = 32 * 2**20  # smaller sources are tokenized in this proces
 WAIT_REPORT_S = 30.0
 FIRST_DROPPED = 20  # dropped rows kept in the manifest, for the report
 SPLITS = ("train", "eval")
-DATA_FILES = ("tokens.bin", "offsets.bin", "mask.bin")  # the content; a packing plan is derived from it
+DATA_FILES = ("tokens.bin", "offsets.bin", "mask.bin", "labels.bin")  # the content; a packing plan is derived from it
 HASH_BLOCK = 1 << 22
 MISSING = "missing"  # _problem(): no store there yet
 
@@ -127,6 +130,9 @@ class Part:
         mask = folder / "mask.bin"
         self.mask = (np.memmap(mask, dtype=np.uint8, mode="r") if int(offsets[-1]) else np.zeros(0, np.uint8)) \
             if mask.is_file() else None
+        labels = folder / "labels.bin"
+        self.labels = (np.memmap(labels, dtype=np.uint8, mode="r") if self.documents else np.zeros(0, np.uint8)) \
+            if labels.is_file() else None  # kto: 1 where the document's completion is desirable
 
     @property
     def num_tokens(self) -> int:
@@ -237,10 +243,11 @@ class _PartWriter:
     """Appends documents to one split's files, hashing every byte as it is written (the store's content identity
     costs no pass of its own)."""
 
-    def __init__(self, folder: Path, dtype: np.dtype, with_mask: bool) -> None:
+    def __init__(self, folder: Path, dtype: np.dtype, with_mask: bool, with_labels: bool = False) -> None:
         folder.mkdir(parents=True)
         self.folder, self.dtype = folder, dtype
-        names = ("tokens.bin", "offsets.bin", "mask.bin") if with_mask else ("tokens.bin", "offsets.bin")
+        names = ("tokens.bin", "offsets.bin") + (("mask.bin",) if with_mask else ()) + \
+            (("labels.bin",) if with_labels else ())
         self.files = {name: open(folder / name, "wb") for name in names}
         self.digests = {name: hashlib.sha256() for name in names}
         self.count = 0
@@ -251,10 +258,12 @@ class _PartWriter:
         self.files[name].write(data)
         self.digests[name].update(data)
 
-    def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray | None, label: bool | None = None) -> None:
         self._write("tokens.bin", ids.astype(self.dtype, copy=False).tobytes())
         if "mask.bin" in self.files:
             self._write("mask.bin", mask.astype(np.uint8).tobytes())  # type: ignore[union-attr]
+        if "labels.bin" in self.files:
+            self._write("labels.bin", np.array([bool(label)], dtype=np.uint8).tobytes())
         self.count += len(ids)
         self.documents += 1
         self._write("offsets.bin", np.array([self.count], dtype=np.uint64).tobytes())
@@ -294,10 +303,11 @@ def _chunks(stream: Iterator[Row]) -> Iterator[list[Row]]:
         yield chunk
 
 
-_worker_encoder: Encoder | None = None
+RowEncoder = Callable[[list[Row]], Encoded]  # an Encoder, or a PreferenceEncoder around one
+_worker_encoder: RowEncoder | None = None
 
 
-def _start_worker(encoder: Encoder) -> None:
+def _start_worker(encoder: RowEncoder) -> None:
     global _worker_encoder
     _worker_encoder = encoder
 
@@ -307,7 +317,7 @@ def _encode_in_worker(chunk: list[Row]) -> Encoded:
     return _worker_encoder(chunk)
 
 
-def _encoded(encoder: Encoder, chunks: Iterator[list[Row]], num_proc: int) -> Iterator[Encoded]:
+def _encoded(encoder: RowEncoder, chunks: Iterator[list[Row]], num_proc: int) -> Iterator[Encoded]:
     """The chunks tokenized in order: here, or by num_proc worker processes with a bounded number in flight."""
     if num_proc <= 1:
         yield from map(encoder, chunks)
@@ -337,9 +347,11 @@ def build(request: StoreRequest, folder: Path, num_proc: int, progress: bool,
     spec = request.spec
     dtype = token_dtype(len(request.tokenizer))
     chat = spec.format != "text"
-    writers = {split: _PartWriter(folder / split, dtype, with_mask=chat) for split in SPLITS}
-    encoder = Encoder(request.tokenizer, spec.format, spec.text_field, request.seq_len, request.template,
-                      request.too_long)
+    writers = {split: _PartWriter(folder / split, dtype, with_mask=chat, with_labels=spec.format == "kto")
+               for split in SPLITS}
+    rows_to_tokens = Encoder(request.tokenizer, spec.format, spec.text_field, request.seq_len, request.template,
+                             request.too_long)
+    encoder: RowEncoder = PreferenceEncoder(rows_to_tokens) if spec.format in PREFERENCE_FORMATS else rows_to_tokens
     size = size_in_bytes(spec)
     workers = num_proc if size is None or size >= PARALLEL_FROM_BYTES else 1
     documents = rows_read = dropped = 0
@@ -349,8 +361,10 @@ def build(request: StoreRequest, folder: Path, num_proc: int, progress: bool,
     bar = _progress(size, progress)
     for done, encoded in enumerate(_encoded(encoder, _chunks(rows(spec)), workers), 1):
         masks: list[np.ndarray | None] = list(encoded.masks) if encoded.masks else [None] * len(encoded.ids)
-        for ids, mask in zip(encoded.ids, masks):
-            writers["eval" if held_out(documents, request.eval_fraction) else "train"].add(ids, mask)
+        for i, (ids, mask) in enumerate(zip(encoded.ids, masks)):
+            unit = documents // encoded.group  # a pair's two examples go to the same split
+            label = encoded.labels[i] if encoded.labels is not None else None
+            writers["eval" if held_out(unit, request.eval_fraction) else "train"].add(ids, mask, label)
             documents += 1
         rows_read += encoded.rows
         dropped += len(encoded.dropped)

@@ -38,12 +38,12 @@ def head_chunk_rows(vocab: int) -> int:
 
 
 def _chunk(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
-    """Summed loss of these rows; writes d(loss)/d(logits) into grad when given."""
+    """Loss of each of these rows (0 where the target is IGNORE); writes d(loss)/d(logits) into grad when given."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
     valid = targets != IGNORE
     safe = targets.clamp(min=0).unsqueeze(1)
-    loss = ((lse - x.gather(1, safe).squeeze(1)) * valid).sum()
+    loss = (lse - x.gather(1, safe).squeeze(1)) * valid
     if grad is not None:
         g = (x - lse.unsqueeze(1)).exp_()  # softmax
         g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))
@@ -52,16 +52,22 @@ def _chunk(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
     return loss
 
 
-def _chunked_sum(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
-    """Summed loss over all positions, chunk by chunk; fills grad (shaped like logits) when given."""
+def _chunked(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
+    """The loss at every position (fp32, flat), chunk by chunk; fills grad (shaped like logits) when given."""
     vocab = logits.size(-1)
     flat = logits.reshape(-1, vocab)
     flat_grad = None if grad is None else grad.view(-1, vocab)
     rows = chunk_rows(vocab)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
     for s in range(0, flat.size(0), rows):
-        total += _chunk(flat[s:s + rows], targets[s:s + rows], None if flat_grad is None else flat_grad[s:s + rows])
-    return total
+        out[s:s + rows] = _chunk(flat[s:s + rows], targets[s:s + rows],
+                                 None if flat_grad is None else flat_grad[s:s + rows])
+    return out
+
+
+def _chunked_sum(logits: Tensor, targets: Tensor, grad: Tensor | None) -> Tensor:
+    """Summed loss over all positions, chunk by chunk; fills grad (shaped like logits) when given."""
+    return _chunked(logits, targets, grad).sum()
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
@@ -80,6 +86,28 @@ class _TokenCrossEntropy(torch.autograd.Function):
         ctx.done = True
         (grad,) = ctx.saved_tensors
         return grad.mul_(float(upstream)), None  # the stored gradient becomes the result, scaled in place
+
+
+class _RowCrossEntropy(torch.autograd.Function):
+    """Like _TokenCrossEntropy, per row of the batch: the upstream gradient is a vector (one weight per sequence,
+    as a preference loss gives), applied to each row's stored gradient in place."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        per_row = _chunked(logits, targets, grad).view(logits.size(0), -1).sum(dim=1)
+        ctx.save_for_backward(grad)
+        ctx.done = False
+        return per_row
+
+    @staticmethod
+    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor, None]:
+        if ctx.done:
+            raise RuntimeError("row_loss_sums's backward ran twice (retain_graph): its gradient was consumed")
+        ctx.done = True
+        (grad,) = ctx.saved_tensors
+        weights = upstream.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+        return grad.mul_(weights), None
 
 
 def shifted_targets(labels: Tensor, columns: slice | None = None) -> Tensor:
@@ -114,7 +142,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 x = flat[s:s + rows].to(compute)
                 logits = x @ w.t()
                 grad = torch.empty_like(logits) if grad_hidden is not None or grad_weight is not None else None
-                total += _chunk(logits, targets[s:s + rows], grad)
+                total += _chunk(logits, targets[s:s + rows], grad).sum()
                 if grad is not None and grad_hidden is not None:
                     grad_hidden[s:s + rows] = grad @ w
                 if grad is not None and grad_weight is not None:
@@ -143,6 +171,15 @@ def token_loss_sum(logits: Tensor, labels: Tensor, columns: slice | None = None,
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TokenCrossEntropy.apply(logits, targets)
     return _chunked_sum(logits, targets, None)
+
+
+def row_loss_sums(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per row, the sum of next-token cross-entropy (fp32) over positions whose label is not -100: minus the
+    sequence's log-probability of its loss tokens (what preference losses compare). Memory as token_loss_sum."""
+    targets = shifted_targets(labels)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _RowCrossEntropy.apply(logits, targets)
+    return _chunked(logits, targets, None).view(logits.size(0), -1).sum(dim=1)
 
 
 def _identity(hidden_states: Tensor) -> Tensor:

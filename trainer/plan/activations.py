@@ -22,13 +22,35 @@ from trainer.plan.items import Shapes
 from trainer.plan.optimizer_state import int8_targets, lora_targets
 from trainer.recipe.architecture import default_attention
 from trainer.recipe.resolved import ResolvedRun
+from trainer.recipe.schema import PAIRED_OBJECTIVES, REFERENCE_OBJECTIVES
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"}
 
 
+def sequences_per_micro_batch(run: ResolvedRun) -> int:
+    """Rows of one forward: micro_batch_size, or twice it for pair objectives (a pair's chosen and rejected
+    sequences; micro_batch_size counts pairs)."""
+    paired = run.recipe.objective.name in PAIRED_OBJECTIVES
+    return run.recipe.train.micro_batch_size * (2 if paired else 1)
+
+
 def micro_batch_tokens(run: ResolvedRun) -> int:
-    """Tokens of one micro-batch that this rank computes: under sequence parallelism seq_len / N of each row."""
-    return run.recipe.train.micro_batch_size * run.recipe.data.seq_len // run.execution.sequence_parallel
+    """Tokens of one micro-batch that this rank computes: each row's (a pair's two), under sequence
+    parallelism seq_len / N of each row."""
+    return sequences_per_micro_batch(run) * run.recipe.data.seq_len // run.execution.sequence_parallel
+
+
+def reference_forward_bytes(run: ResolvedRun, sh: Shapes) -> int:
+    """A preference run's reference forward, under no_grad before the policy's (adapters disabled each micro-batch;
+    full training: once, before the first step): no activation is saved, so its peak is its logits in the compute
+    dtype with one fp32 chunk of the log-prob work, and one layer's activations in flight. 0 without a reference."""
+    objective = run.recipe.objective
+    if objective.name not in REFERENCE_OBJECTIVES:
+        return 0
+    tokens = micro_batch_tokens(run)
+    compute = 4 if run.recipe.precision.dtype == "fp32" else 2
+    chunk = min(tokens, chunk_rows(sh.vocab)) * sh.vocab
+    return compute * tokens * sh.vocab + (4 if compute == 4 else 8) * chunk + tokens * layer_bytes_per_token(run, sh)
 
 
 def layer_bytes_per_token(run: ResolvedRun, sh: Shapes) -> int:
@@ -158,7 +180,7 @@ def packing_label(run: ResolvedRun) -> str:
     """How the plan's micro-batch of seq_len tokens is filled."""
     d = run.recipe.data
     modes = {sample_mode(f, d.packing, d.document_mask)[0] for f in _formats(run)}
-    if modes == {"none"}:
+    if modes <= {"none", "pairs", "single"}:
         return "padded rows: at most"
     return "packed: no padding" if "isolated" in modes else "packed"
 

@@ -82,6 +82,7 @@ class Kind(Enum):
     OFFLOADED_ACTIVATIONS = "offloaded activations"  # model.activation_offload: in pinned CPU memory
     ATTENTION_MASKS = "attention masks"
     LOGITS = "logits"
+    REFERENCE = "reference"  # a preference run's reference forward (no_grad): its logits, before the policy's
     MLP_TILE = "MLP tile"  # model.tiled_mlp: the one tile of an MLP computed at a time
     EXCHANGE = "all-to-all buffers"  # sequence parallelism: one attention layer's exchange
     CAST_COPIES = "cast copies"  # autocast's bf16/fp16 copies of fp32 weights

@@ -29,10 +29,11 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
     checkpointing = "with" if m.gradient_checkpointing else "without"
     saved = act.activation_bytes(run, sh, m.gradient_checkpointing)
     moved = act.offloaded_bytes(run, sh)
+    mb, rows = run.recipe.train.micro_batch_size, act.sequences_per_micro_batch(run)
+    pairs = f"{mb} pair{'s' if mb > 1 else ''} = " if rows != mb else ""
     sp = run.execution.sequence_parallel
     per_rank = f" ({run.seq_len // sp} per rank, sequence parallel over {sp})" if sp > 1 else ""
-    tokens = f"{run.recipe.train.micro_batch_size} x {run.recipe.data.seq_len} tokens{per_rank}, " \
-             f"{act.packing_label(run)}"
+    tokens = f"{pairs}{rows} x {run.recipe.data.seq_len} tokens{per_rank}, {act.packing_label(run)}"
     if moved:
         items = [Item(Kind.ACTIVATIONS, f"activations on the GPU ({tokens}, {checkpointing} checkpointing, "
                       "offloaded)", saved - moved + act.offload_window_bytes(run, sh),
@@ -50,6 +51,14 @@ def activation_items(run: ResolvedRun, sh: Shapes) -> list[Item]:
     else:
         items.append(Item(Kind.LOGITS, "logits and loss (logits, their gradient, one fp32 chunk)",
                           act.logits_bytes(run, sh)))
+    reference = act.reference_forward_bytes(run, sh)
+    if reference:
+        stored = run.recipe.objective.reference == "stored" or (run.recipe.objective.reference == "auto"
+                                                                and run.recipe.adapter.type == "none")
+        how = ("once before the first step; then 8 B per sequence on disk, memory-mapped, and no reference model"
+               if stored else "every micro-batch, the base with its adapters disabled: no copy of the model")
+        items.append(Item(Kind.REFERENCE, "reference forward (no_grad; its logits, one layer in flight)", reference,
+                          note=f"{how}; a phase of its own, before the policy's forward"))
     tile = act.mlp_tile_bytes(run, sh)
     if tile:
         items.append(Item(Kind.MLP_TILE, f"one MLP tile's intermediates ({run.mlp_tiles} tiles)", tile,
@@ -88,12 +97,14 @@ def plan(run: ResolvedRun, gpu_bytes: int = 24 * GiB, sh: Shapes | None = None) 
     transients = sum(i.bytes for i in items if i.kind in (Kind.CAST_COPIES, Kind.DEQUANTIZED))
     forward = on_gpu + act.forward_backward_bytes(run, sh) + transients + (temporaries if inside else 0)
     step = on_gpu + temporaries
-    base = max(forward, step)
+    reference = on_gpu + transients + act.reference_forward_bytes(run, sh)
+    base = max(forward, step, reference)
     allowance = CUDA_CONTEXT + int(FRAGMENTATION * base)
     items.append(Item(Kind.ALLOWANCE, "CUDA context and allocator fragmentation", allowance,
                       note=f"{CUDA_CONTEXT / GiB:.2f} GiB context + {FRAGMENTATION:.0%} of the rest"))
     return Plan(run.world_size, gpu_bytes, items, base + allowance,
-                "forward/backward" if forward >= step else "optimizer step",
+                "forward/backward" if forward >= max(step, reference) else
+                "optimizer step" if step >= reference else "reference forward",
                 act.activation_bytes(run, sh, False), act.activation_bytes(run, sh, True), sh.total,
                 states.trainable, act.offloaded_bytes(run, sh), checkpoint=checkpoint_size(run, sh),
                 active_parameters=sh.active, experts=sh.experts)

@@ -11,6 +11,7 @@ from typing import Callable
 from trainer.engine.specs import engine_problems
 from trainer.errors import Problem
 from trainer.engine import nonfinite
+from trainer.preference import rules as preference_rules
 from trainer.recipe.execution import execution_of
 from trainer.recipe.schema import LOW_RANK, QuantConfig, Recipe
 
@@ -200,7 +201,7 @@ def _full_weights(r: Recipe, src: Source) -> list[Problem]:
 
 
 RULES = (_model, _data, _packing, _optimizer, nonfinite.problems, _precision, _int8_weights, _adapter, _full_weights,
-         engine_problems)
+         engine_problems, preference_rules.problems)
 
 
 def cross_check(recipe: Recipe, src: Source) -> list[Problem]:

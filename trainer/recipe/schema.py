@@ -65,6 +65,8 @@ def _packing(value: Any) -> Any:
     return {True: "auto", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
+DataFormat = Literal["text", "alpaca", "chat", "preference", "kto"]
+PREFERENCE_FORMATS = ("preference", "kto")  # one sample is a pair of sequences, or one completion with its label
 Packing = Annotated[Literal["auto", "isolated", "concat", "none"], BeforeValidator(_packing)]
 Dtype = Literal["fp32", "bf16", "fp16"]
 TileCount = Annotated[int, Field(ge=1, le=MAX_INT)] | Literal["auto"]
@@ -120,7 +122,7 @@ class SourceEntry(Section):
 
     source: str = setting("local file/dir, hub dataset name, or builtin:shakespeare / builtin:python_stdlib")
     weight: Number = setting("share of the training samples drawn from this source", 1.0, gt=0)
-    format: Literal["text", "alpaca", "chat"] | None = setting("this source's format (null: data.format)")
+    format: DataFormat | None = setting("this source's format (null: data.format)")
     text_field: str | None = setting("field holding the text (null: data.text_field)")
     split: str | None = setting("split (null: data.split)")
     max_documents: Integer | None = setting("use at most this many rows of it", None, ge=1)
@@ -133,9 +135,10 @@ class DataConfig(Section):
                                  "source)", resume="must_match")
     sources: list[SourceEntry] | None = setting("a mixture instead of data.source: [{source, weight, format, ...}], "
                                                 "sampled by weight within each epoch", resume="must_match")
-    format: Literal["text", "alpaca", "chat"] = setting(
+    format: DataFormat = setting(
         "text: pretraining on plain text / JSON-lines 'text'; alpaca: instruction/input/output; "
-        "chat: 'messages' or ShareGPT 'conversations'", "text", resume="must_match")
+        "chat: 'messages' or ShareGPT 'conversations'; preference: pairs (prompt/chosen/rejected as text or messages, "
+        "or conversations + chosen/rejected); kto: prompt/completion/label rows", "text", resume="must_match")
     text_field: str = setting("field holding the text in JSON rows (format: text)", "text", resume="must_match")
     split: str = setting("dataset split to read (hub datasets, save_to_disk folders)", "train", resume="must_match")
     revision: str | None = setting("hub dataset revision (a branch, tag or commit; pin a commit for a store that "
@@ -177,6 +180,39 @@ class TrainConfig(Section):
     max_nonfinite_steps: Integer = setting("steps with a NaN/inf loss or gradient norm to skip before the run stops "
                                            "(0: stop at the first, before its update; fp16 overflows follow "
                                            "precision.max_consecutive_skips instead)", 0, ge=0)
+
+
+ObjectiveName = Literal["sft", "dpo", "simpo", "orpo", "kto"]
+PAIRED_OBJECTIVES = ("dpo", "simpo", "orpo")  # trained on data.format: preference
+REFERENCE_OBJECTIVES = ("dpo", "kto")  # compare the policy with a reference model
+
+
+class ObjectiveConfig(Section):
+    name: ObjectiveName = setting("sft: next-token loss on the data; dpo | simpo | orpo: preference pairs "
+                                  "(data.format: preference); kto: labelled completions (data.format: kto)", "sft")
+    beta: Number | None = setting("strength of the preference (null: 0.1 for dpo and kto, 2.0 for simpo); orpo has "
+                                  "none", None, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = setting("dpo: sigmoid (the paper's), ipo (squared, towards a "
+                                                            "margin of 1/(2 beta)) or hinge (SLiC)", "sigmoid")
+    label_smoothing: Number = setting("dpo sigmoid and simpo: the assumed share of flipped labels (conservative "
+                                      "DPO)", 0.0, ge=0, lt=0.5)
+    simpo_gamma: Number = setting("simpo: the target reward margin gamma", 0.5, ge=0)
+    orpo_lambda: Number = setting("orpo: weight of the odds-ratio loss beside the chosen response's NLL", 0.1, gt=0)
+    kto_desirable_weight: Number = setting("kto: weight of the desirable completions' loss", 1.0, gt=0)
+    kto_undesirable_weight: Number = setting("kto: weight of the undesirable completions' loss", 1.0, gt=0)
+    reference: Literal["auto", "adapters_disabled", "stored"] = setting(
+        "dpo, kto: where the reference log-probs come from: auto is adapters_disabled for LoRA/QLoRA (the base, "
+        "adapters off, in the same model: no copy) and stored for full training (computed once before the first "
+        "step and kept beside the token store, memory-mapped, keyed by the reference model)", "auto")
+
+    @property
+    def preference(self) -> bool:
+        return self.name != "sft"
+
+    @property
+    def beta_value(self) -> float:
+        """beta, or the objective's own default."""
+        return self.beta if self.beta is not None else (2.0 if self.name == "simpo" else 0.1)
 
 
 class PrecisionConfig(Section):
@@ -341,6 +377,8 @@ class Recipe(Section):
     model: ModelConfig = section(ModelConfig, "the model")
     data: DataConfig = section(DataConfig, "the training data")
     train: TrainConfig = section(TrainConfig, "steps, batch sizes, seed, evaluation")
+    objective: ObjectiveConfig = section(ObjectiveConfig, "what is trained: next-token loss or a preference loss",
+                                         resume="must_match")
     precision: PrecisionConfig = section(PrecisionConfig, "numeric precision")
     optimizer: OptimizerConfig = section(OptimizerConfig, "optimizer and LR schedule")
     adapter: AdapterConfig = section(AdapterConfig, "LoRA / QLoRA adapters", resume="must_match")

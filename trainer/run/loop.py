@@ -35,6 +35,8 @@ from trainer.run.metrics import Metrics, peak_memory_bytes, start_wandb, truncat
 from trainer.model.build import build_model, save_model_files
 from trainer.engine.nonfinite import NonFinitePolicy
 from trainer.run.preemption import PreemptionFlag
+from trainer.run.preference import attach_stored_reference, preference_loss, reference_mode
+from trainer.preference.objective import means
 from trainer.plan.preflight import check_disk, check_memory
 from trainer.recipe.architecture import router_aux_loss_coef
 from trainer.recipe.read import COMMAND_LINE, to_yaml
@@ -73,6 +75,7 @@ class StepOutcome:
     stop_requested: bool  # some rank received a preemption signal
     result: StepResult
     aux_loss: float | None = None  # MoE load-balancing loss, mean over the micro-batches of every rank
+    preference: dict[str, float] | None = None  # preference objectives: rewards, margins, accuracy, log-probs
 
 
 @dataclass(frozen=True)
@@ -144,15 +147,21 @@ def setup(run: ResolvedRun, dist: DistInfo, start_over: bool = False) -> Trainin
     if dist.is_main:
         (out / "config.yaml").write_text(to_yaml(r), encoding="utf-8")
         truncate_rows(out / "metrics.jsonl", state.step)  # rows a crashed attempt logged after its checkpoint
-    log.info("world size %d, micro-batch %d x %d accumulation = global batch %d sequences of %d tokens; "
-             "%s, %s, %d steps", dist.world_size, r.train.micro_batch_size, run.grad_accum_steps,
-             run.global_batch_size, r.data.seq_len, r.precision.dtype, r.optimizer.name, r.train.max_steps)
+    unit = "sequences" if r.objective.name == "sft" else "pairs" if data.train_sets[0].mode == "pairs" else \
+        "completions"
+    log.info("world size %d, micro-batch %d x %d accumulation = global batch %d %s of %d tokens; "
+             "%s, %s, %d steps%s", dist.world_size, r.train.micro_batch_size, run.grad_accum_steps,
+             run.global_batch_size, unit, r.data.seq_len, r.precision.dtype, r.optimizer.name, r.train.max_steps,
+             f", objective {r.objective.name}" if r.objective.preference else "")
     for warning in run.warnings:
         log.warning("%s", warning)
     metrics = Metrics(r.logging, out, enabled=dist.is_main, max_steps=r.train.max_steps, start_step=state.step,
                       wandb_run=wandb_run)
     nonfinite = NonFinitePolicy(r, state.nonfinite)  # counts into the state the checkpoint saves
     offload = ActivationOffload(engine.module, dist.device) if r.model.activation_offload else None
+    if reference_mode(r) == "stored":  # after restore: a resumed model is no longer the reference
+        attach_stored_reference(r, data, engine, lambda b: engine.forward(**b.model_inputs(dist.device)), dist,
+                                state.step, dist.is_main and r.logging.progress_bar)
     head = head_into_loss(engine.module) if r.model.head_in_loss else None
     return Training(run, dist, engine, data, metrics, ckpt, state, PreemptionFlag(), faults, nonfinite, offload,
                     head)
@@ -163,20 +172,23 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     whether any rank was asked to stop come back in one collective, before the update: a NaN/inf loss (outside
     fp16's loss scaling) stops the run, or skips the step, before anything is applied.
 
-    What is differentiated: the mean token loss over the global batch, plus, for a mixture-of-experts model whose
+    What is differentiated: the mean token loss over the global batch (a preference objective: the mean loss of its
+    pairs or completions, trainer/run/preference.py), plus, for a mixture-of-experts model whose
     config sets output_router_logits, router_aux_loss_coef times its load-balancing loss averaged over the
     micro-batches of every rank (what transformers adds to its own loss for one batch). The logged `loss` stays the
     token loss, so it compares with dense models and evaluation; the load-balancing loss is logged as `aux_loss`."""
     dev, step = t.dist.device, t.state.step + 1
     copies = t.run.execution.sequence_parallel  # ranks holding each batch (each computes its own columns)
-    loss_tokens = all_reduce_sum(sum(b.num_loss_tokens() for b in batches), dev) / copies
+    loss_tokens = all_reduce_sum(sum(b.num_loss_units() for b in batches), dev) / copies
     aux_weight = router_aux_loss_coef(t.run.architecture) / (len(batches) * t.dist.world_size)
     local_sum = torch.zeros((), dtype=torch.float64, device=dev)
     local_aux = torch.zeros((), dtype=torch.float64, device=dev)
     has_aux = False
+    stats: dict[str, tuple[float, float]] = {}
     for i, b in enumerate(batches):
         with t.engine.accumulate(is_last=i == len(batches) - 1):
-            loss_sum, aux = _losses(t, b)
+            loss_sum, aux, micro_stats = _losses(t, b)
+            stats = add_stats(stats, micro_stats)
             if t.engine.updates_in_backward:  # weights change inside backward: check before it, on every rank
                 _check_before_backward(t, step, loss_sum)
             objective = loss_sum / max(loss_tokens, 1.0)
@@ -196,14 +208,33 @@ def train_step(t: Training, batches: list[Batch]) -> StepOutcome:
     result = t.engine.step()
     t.nonfinite.judge(step, loss, result, t.checkpointer.last_good)
     aux_mean = aux_total / (len(batches) * t.dist.world_size) if has_aux else None
-    return StepOutcome(loss, int(tokens), stop > 0, result, aux_mean)
+    preference = means(reduce_stats(stats, dev)) if stats else None
+    return StepOutcome(loss, int(tokens), stop > 0, result, aux_mean, preference)
 
 
-def _losses(t: Training, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch's summed token loss and its load-balancing loss (None without one). The logits die here,
-    inside the loss, which keeps only their gradient (trainer/model/loss.py)."""
-    out = _forward(t, b)
-    return token_loss_sum(out.logits, b.labels.to(t.dist.device), out.columns, t.head), out.aux_loss
+def _losses(t: Training, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, tuple[float, float]]]:
+    """One micro-batch's summed loss (tokens, or a preference objective's examples), its load-balancing loss (None
+    without one) and its preference statistics (empty for sft). The logits die here, inside the loss, which keeps
+    only their gradient (trainer/model/loss.py)."""
+    if t.run.recipe.objective.preference:
+        out, aux = preference_loss(t.run.recipe, t.engine, lambda batch: _forward(t, batch), b, t.dist.device)
+        return out.loss_sum, aux, out.stats
+    forward = _forward(t, b)
+    loss = token_loss_sum(forward.logits, b.labels.to(t.dist.device), forward.columns, t.head)
+    return loss, forward.aux_loss, {}
+
+
+def add_stats(total: dict[str, tuple[float, float]],
+              more: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """{name: (sum, count)} added key by key."""
+    return {k: (total.get(k, (0.0, 0.0))[0] + v[0], total.get(k, (0.0, 0.0))[1] + v[1]) for k, v in more.items()}
+
+
+def reduce_stats(stats: dict[str, tuple[float, float]], device: torch.device) -> dict[str, tuple[float, float]]:
+    """The statistics summed over ranks (every rank has the same names: the objective's)."""
+    names = sorted(stats)
+    flat = all_reduce_sums([x for name in names for x in stats[name]], device)
+    return {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(names)}
 
 
 def _forward(t: Training, b: Batch) -> Forward:
@@ -222,17 +253,27 @@ def _check_before_backward(t: Training, step: int, loss_sum: torch.Tensor) -> No
 
 @torch.no_grad()
 def evaluate(t: Training) -> dict[str, float]:
-    """Mean token loss and perplexity over the eval split (all ranks)."""
+    """Mean token loss and perplexity over the eval split (all ranks); a preference objective's mean loss and
+    statistics instead."""
     t.engine.train(False)
     dev, local_loss, local_count = t.dist.device, 0.0, 0
+    stats: dict[str, tuple[float, float]] = {}
     for b in t.data.eval_batches(t.run.recipe.train.eval_batches):
-        out = t.engine.forward(**b.model_inputs(dev))
-        local_loss += token_loss_sum(out.logits, b.labels.to(dev), out.columns, t.head).item()
-        local_count += b.num_loss_tokens()
+        if t.run.recipe.objective.preference:
+            out, _ = preference_loss(t.run.recipe, t.engine, lambda batch: t.engine.forward(**batch.model_inputs(dev)),
+                                     b, dev)
+            local_loss += out.loss_sum.item()
+            stats = add_stats(stats, out.stats)
+        else:
+            forward = t.engine.forward(**b.model_inputs(dev))
+            local_loss += token_loss_sum(forward.logits, b.labels.to(dev), forward.columns, t.head).item()
+        local_count += b.num_loss_units()
     t.engine.train(True)
     loss, count = all_reduce_sums([local_loss, local_count], dev)
     count /= t.run.execution.sequence_parallel  # each batch was counted by every rank of its group
     mean = loss / max(count, 1.0)
+    if t.run.recipe.objective.preference:
+        return {"loss": mean, **means(reduce_stats(stats, dev))} if stats else {"loss": mean}
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
@@ -261,7 +302,9 @@ def run_loop(t: Training, until_step: int | None = None) -> Summary:
                    "tokens": s.tokens, "tokens_per_s": round(tok_s, 1), "epoch": s.position.epoch,
                    "peak_mem_bytes": peak_memory_bytes(t.dist.device), "loss_scale": result.loss_scale,
                    "skipped_steps": t.nonfinite.counts.overflows if result.loss_scale is not None else None}
-            m.log(row if outcome.aux_loss is None else {**row, "aux_loss": outcome.aux_loss})
+            if outcome.aux_loss is not None:
+                row["aux_loss"] = outcome.aux_loss
+            m.log({**row, **(outcome.preference or {})})
             window_t, window_tokens = now, 0
         m.advance(s.step, loss, result.lr, tok_s)
         if r.train.eval_every_steps and s.step % r.train.eval_every_steps == 0:

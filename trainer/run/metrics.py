@@ -126,7 +126,11 @@ class Metrics:
             self.wandb.log({f"{split}/{k}": v for k, v in row.items() if k not in ("step", "split")},
                            step=row["step"])
         if row.get("split") == "eval":
-            msg = f"step {row['step']}: eval loss {row['loss']:.4f}, perplexity {row['perplexity']:.2f}"
+            msg = f"step {row['step']}: eval loss {row['loss']:.4f}"
+            if "perplexity" in row:
+                msg += f", perplexity {row['perplexity']:.2f}"
+            if "reward_accuracy" in row:  # a preference objective
+                msg += f", reward margin {row['reward_margin']:.4f}, accuracy {row['reward_accuracy']:.3f}"
             self.write(msg)
 
     def advance(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
