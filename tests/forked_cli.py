@@ -8,8 +8,8 @@ process it stands in for (tests/forked_client.py passes them), that process's en
 it runs `python -m MODULE` as the interpreter does (runpy), then the exit handlers. What differs from a fresh
 interpreter is only what happens at import: libraries were imported under the server's environment, and their
 import-time notices went to the server's log. So a call forks only when its environment differs from the server's
-in variables read at run time (ALLOWED_ENV) and the test does not ask for a fresh process; TRAINER_FORKED_CLI=0
-turns forking off for a whole session.
+in variables read at run time only (none of IMPORT_TIME_ENV) and the test does not ask for a fresh process;
+TRAINER_FORKED_CLI=0 turns forking off for a whole session.
 
 The server (one per test session, started on first use) listens on a Unix socket. Per connection: a JSON request
 {"module", "argv", "env", "cwd"} with the client's file descriptors 0-2; it forks, answers {"pid"}, and when the
@@ -20,6 +20,7 @@ torchrun) has its child killed.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import json
 import os
 import runpy
@@ -35,11 +36,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_ENV = "TRAINER_FORK_SERVER"
-# Variables the trainer and its libraries read when a run needs them, not at import: a call may change these.
-ALLOWED_ENV = ("TRAINER_", "OMP_NUM_THREADS", "WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-               "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
-               "MASTER_PORT", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_", "CUDA_MODULE_LOADING",
-               "PYTHONFAULTHANDLER", "PYTHONUNBUFFERED", "PYTEST_CURRENT_TEST")
+# Variables read at import or at interpreter start (by Python, torch, transformers, huggingface_hub, DeepSpeed,
+# bitsandbytes, tokenizers, the C libraries): a call that changes one gets a fresh interpreter. Any other variable
+# (TRAINER_*, WANDB_*, torchrun's RANK/MASTER_*/TORCHELASTIC_*, pytest's, what libraries set while running) is read
+# when the run needs it, so a forked child with the call's environment behaves as a fresh process.
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CUDA", "DS_", "DEEPSPEED", "BNB_",
+                   "BITSANDBYTES", "PYTHON", "TOKENIZERS", "XDG_", "HOME", "PATH", "LD_", "MKL", "KMP_", "TMPDIR",
+                   "MALLOC_", "TZ", "LANG", "LC_")
+RUN_TIME_EXCEPTIONS = ("PYTHONFAULTHANDLER", "PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 # Not peft: trainer/adapters/lora.py skips work while nothing has imported it. Not datasets: pyarrow starts a
 # thread at import (jemalloc), and the trainer imports it only for the formats that need it.
 WARM_MODULES = ("trainer.__main__", "trainer.run.loop", "trainer.use.export", "trainer.engine.deepspeed",
@@ -106,7 +110,7 @@ def can_fork(env: dict[str, str]) -> bool:
         return False
     base = _server.env if _server is not None else dict(os.environ)
     changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)}
-    return all(k.startswith(ALLOWED_ENV) for k in changed)
+    return not any(k.startswith(IMPORT_TIME_ENV) and not k.startswith(RUN_TIME_EXCEPTIONS) for k in changed)
 
 
 def client_command() -> list[str]:
@@ -132,6 +136,10 @@ def child(request: dict[str, Any], streams: list[int]) -> None:
     os.environ.pop(SERVER_ENV, None)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    if os.environ.get("PYTHONFAULTHANDLER"):  # what the interpreter does at start with it
+        faulthandler.enable()
+    if request.get("unbuffered"):  # python -u (torchrun starts its workers so)
+        sys.stdout.reconfigure(line_buffering=True, write_through=True)
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))

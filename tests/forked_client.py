@@ -24,7 +24,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 def main(module: str, argv: list[str]) -> None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(os.environ["TRAINER_FORK_SERVER"])
-    request = {"module": module, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
+    request = {"module": module, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd(),
+               "unbuffered": sys.stdout.write_through}  # python -u, or PYTHONUNBUFFERED
     socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
     answers = conn.makefile("r")
     pid = json.loads(answers.readline())["pid"]
