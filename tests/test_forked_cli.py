@@ -15,10 +15,11 @@ from tests.helpers import QUICKSTART, read_metrics, run_cli, tiny
 def test_a_call_inside_a_test_is_forked() -> None:
     if not forked_cli.enabled():
         pytest.skip("TRAINER_FORKED_CLI=0: every call starts a fresh interpreter")
-    assert os.environ.get("PYTEST_CURRENT_TEST")
-    assert forked_cli.can_fork({**os.environ, "OMP_NUM_THREADS": "2", "TRAINER_FAULT": "crash@3"})
-    assert forked_cli.can_fork({**os.environ, "CROSS_RANK": "0", "MASTER_PORT": "29500"})  # set while running
-    assert not forked_cli.can_fork({**os.environ, "HF_HUB_OFFLINE": "0"})  # read at import: a fresh process
+    started = forked_cli.server().env  # the session's environment when the server started
+    during = {**started, "PYTEST_CURRENT_TEST": os.environ["PYTEST_CURRENT_TEST"]}
+    assert forked_cli.can_fork({**during, "OMP_NUM_THREADS": "2", "TRAINER_FAULT": "crash@3"})
+    assert forked_cli.can_fork({**during, "CROSS_RANK": "0", "MASTER_PORT": "29500"})  # set while running
+    assert not forked_cli.can_fork({**during, "HF_HUB_OFFLINE": "0"})  # read at import: a fresh process
 
 
 @pytest.mark.slow
