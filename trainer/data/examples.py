@@ -30,6 +30,16 @@ class BadRow(ValueError):
     """A row that cannot become a training example; the message is the reason shown to the user."""
 
 
+def row_object(row: Row) -> dict[str, Any]:
+    """The row's JSON object, or BadRow with why it is not one (a row the reader could not parse, or not an
+    object)."""
+    if row.bad is not None:
+        raise BadRow(row.bad)
+    if not isinstance(row.value, dict):
+        raise BadRow(f"a {type(row.value).__name__}, not an object")
+    return row.value
+
+
 def _text(value: Any, name: str) -> str:
     if value is None:
         raise BadRow(f"missing or null {name!r}")
@@ -186,11 +196,8 @@ class Encoder:
         texts, spans, where = [], [], []
         for row in rows:
             try:
-                if row.bad is not None:
-                    raise BadRow(row.bad)
-                if not isinstance(row.value, dict):
-                    raise BadRow(f"a {type(row.value).__name__}, not an object")
-                text, found = self.renderer.spans(to_messages(row.value), tools_of(row.value))  # type: ignore[union-attr]
+                value = row_object(row)
+                text, found = self.renderer.spans(to_messages(value), tools_of(value))  # type: ignore[union-attr]
             except ValueError as e:  # BadRow, or the renderer's reason
                 out.dropped.append((row.where, row.number, str(e)))
                 continue

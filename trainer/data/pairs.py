@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data.examples import ROLES, BadRow, Encoded, Encoder, _reply_mask, encode_batch, tools_of
+from trainer.data.examples import (ROLES, BadRow, Encoded, Encoder, _reply_mask, encode_batch, row_object,
+                                   tools_of)
 from trainer.data.sources import Row, unit_of
 from trainer.errors import DataError
 
@@ -118,11 +119,7 @@ class PreferenceEncoder:
         parsed: list[tuple[Row, list[_Rendered], bool]] = []
         for row in rows:
             try:
-                if row.bad is not None:
-                    raise BadRow(row.bad)
-                if not isinstance(row.value, dict):
-                    raise BadRow(f"a {type(row.value).__name__}, not an object")
-                rendered, desirable = self._render(row.value)
+                rendered, desirable = self._render(row_object(row))
             except ValueError as e:  # BadRow, or the renderer's reason
                 out.dropped.append((row.where, row.number, str(e)))
                 continue
