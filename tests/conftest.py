@@ -62,3 +62,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         group = "multiprocess" if item.get_closest_marker("multiprocess") else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many trainer processes were forked and which variables made the others start fresh
+    (tests/forked_cli.py): a variable listed here that is not read at import costs every later call its imports."""
+    if forked_cli.calls:
+        terminalreporter.write_sep("-", "trainer processes forked from pre-imported libraries (tests/forked_cli.py)")
+        for how, count in forked_cli.calls.most_common():
+            terminalreporter.write_line(f"{count:5d}  {how}")

@@ -7,9 +7,10 @@ A forked child is a real process: its own pid, signal handlers and exit status, 
 process it stands in for (tests/forked_client.py passes them), that process's environment and working directory;
 it runs `python -m MODULE` as the interpreter does (runpy), then the exit handlers. What differs from a fresh
 interpreter is only what happens at import: libraries were imported under the server's environment, and their
-import-time notices went to the server's log. So a call forks only when its environment differs from the server's
-in variables read at run time only (none of IMPORT_TIME_ENV) and the test does not ask for a fresh process;
-TRAINER_FORKED_CLI=0 turns forking off for a whole session.
+import-time notices went to the server's log. So a call forks only when its environment differs from the one the
+server's imports ran under in variables read at run time only (none of IMPORT_TIME_ENV) and the test does not ask
+for a fresh process; TRAINER_FORKED_CLI=0 turns forking off for a whole session. The session's summary counts the
+forked calls and names the variables that made the others fresh.
 
 The server (one per test session, started on first use) listens on a Unix socket. Per connection: a JSON request
 {"module", "argv", "env", "cwd"} with the client's file descriptors 0-2; it forks, answers {"pid"}, and when the
@@ -20,6 +21,7 @@ torchrun) has its child killed.
 from __future__ import annotations
 
 import atexit
+from collections import Counter
 import faulthandler
 import json
 import os
@@ -61,6 +63,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.forked_cli", self.socket], cwd=ROOT, env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
         self.ready = False
+        self._imported_env: dict[str, str] | None = None
 
     def wait_ready(self) -> None:
         """Until the server accepts (its imports done: 5-10 s on 2 cores, more under load)."""
@@ -70,6 +73,12 @@ class Server:
                 raise RuntimeError(f"the forked-CLI server did not start:\n{self.log_tail()}")
             self.ready = Path(self.socket).exists()
             time.sleep(0 if self.ready else 0.05)
+
+    def imported_env(self) -> dict[str, str]:
+        """The server's environment after its imports (written before it accepts)."""
+        if self._imported_env is None:
+            self._imported_env = json.loads(Path(self.socket + ".env.json").read_text())
+        return self._imported_env
 
     def log_tail(self) -> str:
         return Path(self.folder.name, "server.log").read_text(errors="replace")[-3000:]
@@ -82,6 +91,7 @@ class Server:
 
 
 _server: Server | None = None
+calls: Counter[str] = Counter()  # "forked", or "fresh: " and the variables that asked for it; the session's summary
 
 
 def start_server() -> Server:
@@ -108,9 +118,21 @@ def can_fork(env: dict[str, str]) -> bool:
     """Whether a process with this environment behaves the same forked from the server as started fresh."""
     if not enabled():
         return False
-    base = _server.env if _server is not None else dict(os.environ)
-    changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)}
-    return not any(k.startswith(IMPORT_TIME_ENV) and not k.startswith(RUN_TIME_EXCEPTIONS) for k in changed)
+    changes = import_time_changes(env)
+    calls["fresh: " + ", ".join(sorted(changes)) if changes else "forked"] += 1
+    return not changes
+
+
+def import_time_changes(env: dict[str, str]) -> set[str]:
+    """The variables read at import or interpreter start in which `env` differs from the environment the server's
+    imports ran under. What those imports set themselves (torch sets PYTORCH_NVML_BASED_CUDA_CHECK, for one) counts
+    only where `env` gives it another value: a fresh process's imports would set it the same way."""
+    started = server()
+    imported = started.imported_env()
+    set_by_imports = set(imported) - set(started.env)
+    changed = {k for k in set(env) | set(imported)
+               if env.get(k) != imported.get(k) and not (k in set_by_imports and k not in env)}
+    return {k for k in changed if k.startswith(IMPORT_TIME_ENV) and not k.startswith(RUN_TIME_EXCEPTIONS)}
 
 
 def client_command() -> list[str]:
@@ -246,6 +268,7 @@ def serve(path: str) -> None:
     """Import the trainer and its libraries once, then serve until terminated."""
     for name in WARM_MODULES:
         __import__(name)
+    Path(path + ".env.json").write_text(json.dumps(dict(os.environ)))
     Serving(path).run()
 
 

@@ -17,9 +17,12 @@ def test_a_call_inside_a_test_is_forked() -> None:
         pytest.skip("TRAINER_FORKED_CLI=0: every call starts a fresh interpreter")
     started = forked_cli.server().env  # the session's environment when the server started
     during = {**started, "PYTEST_CURRENT_TEST": os.environ["PYTEST_CURRENT_TEST"]}
-    assert forked_cli.can_fork({**during, "OMP_NUM_THREADS": "2", "TRAINER_FAULT": "crash@3"})
-    assert forked_cli.can_fork({**during, "CROSS_RANK": "0", "MASTER_PORT": "29500"})  # set while running
-    assert not forked_cli.can_fork({**during, "HF_HUB_OFFLINE": "0"})  # read at import: a fresh process
+    changes = forked_cli.import_time_changes
+    assert changes({**during, "OMP_NUM_THREADS": "2", "TRAINER_FAULT": "crash@3"}) == set()
+    assert changes({**during, "CROSS_RANK": "0", "MASTER_PORT": "29500"}) == set()  # set while running
+    assert changes({**during, "HF_HUB_OFFLINE": "0"}) == {"HF_HUB_OFFLINE"}  # read at import: a fresh process
+    set_by_imports = set(forked_cli.server().imported_env()) - set(started)
+    assert changes({k: v for k, v in during.items() if k not in set_by_imports}) == set()
 
 
 @pytest.mark.slow
