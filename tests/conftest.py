@@ -48,8 +48,13 @@ def qwen_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """The server the trainer's processes are forked from (tests/forked_cli.py) imports beside the collection."""
-    if forked_cli.enabled():
+    if forked_cli.enabled() and not runs_no_tests(session.config):
         forked_cli.start_server()
+
+
+def runs_no_tests(config: pytest.Config) -> bool:
+    """The pytest-xdist controller (`-n 2`): its workers run the tests, each with its own server."""
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

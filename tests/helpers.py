@@ -305,10 +305,14 @@ def same_shape_other_base(base: Path, other: Path) -> Path:
     return other
 
 
-def planned_and_measured_activations(overrides: list[str]) -> tuple[int, int]:
-    """For the quickstart with these overrides: the plan's forward and backward bytes (autocast copies included),
-    and the peak RSS delta of one forward and backward as tests/memory_probe.py measures it."""
-    (measured,) = measure(str(QUICKSTART), [overrides])
-    run = resolve(QUICKSTART, overrides)
-    sh = shapes(run)
-    return forward_backward_bytes(run, sh) + autocast_copies(run, sh), measured
+def planned_and_measured_activations(cases: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
+    """For the quickstart with each case's overrides: the plan's forward and backward bytes (autocast copies
+    included), and the peak RSS delta of one forward and backward as tests/memory_probe.py measures it. One probe
+    process measures every case, one after another, each from its own base."""
+    measured = measure(str(QUICKSTART), list(cases.values()))
+    result = {}
+    for (name, overrides), got in zip(cases.items(), measured, strict=True):
+        run = resolve(QUICKSTART, overrides)
+        sh = shapes(run)
+        result[name] = (forward_backward_bytes(run, sh) + autocast_copies(run, sh), got)
+    return result

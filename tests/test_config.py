@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import types
 import typing
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import prerequisite_overrides
+from tests.helpers import prerequisite_overrides, run_cli
 from trainer.__main__ import main
 from trainer.errors import ConfigError
 from trainer.recipe.read import load_recipe
@@ -167,16 +165,14 @@ def test_batch_resolution() -> None:
 
 
 def test_cli_error_has_no_traceback_and_exits_2() -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(QUICKSTART), "optimizer.lrr=1",
-                           "train.max_steps=0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = run_cli(["train", str(QUICKSTART), "optimizer.lrr=1", "train.max_steps=0"], timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "optimizer.lrr" in proc.stderr and "train.max_steps" in proc.stderr
 
 
 def test_help_lists_verbs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--help"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = run_cli(["--help"], timeout=120)
     assert proc.returncode == 0
     assert "train" in proc.stdout and "validate" in proc.stdout
 

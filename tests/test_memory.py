@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import QUICKSTART, ROOT, planned_and_measured_activations
+from tests.helpers import QUICKSTART, ROOT, planned_and_measured_activations, run_cli
 from tests.memory_probe import tied_gradient_held
 from trainer.plan.items import GiB, Param, Shapes
 from trainer.plan.peak import plan
@@ -89,17 +87,14 @@ def test_qlora_weight_bytes_follow_nf4_with_double_quant() -> None:
 
 
 def test_plan_cli_text_and_json() -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer", "plan", str(QUICKSTART), "--json"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+    proc = run_cli(["plan", str(QUICKSTART), "--json"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["fits"] is True and data["peak_bytes"] < 2 * GiB
     assert {i["name"].split(" ")[0] for i in data["items"]} >= {"weights", "gradients", "optimizer", "activations"}
-    big = subprocess.run([sys.executable, "-m", "trainer", "plan", str(QUICKSTART), "model.config.hidden_size=4096",
-                          "model.config.intermediate_size=11008", "model.config.num_hidden_layers=32",
-                          "model.config.num_attention_heads=32", "data.seq_len=2048",
-                          "model.config.max_position_embeddings=2048", "--gpu-memory", "24GiB"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    big = run_cli(["plan", str(QUICKSTART), "model.config.hidden_size=4096", "model.config.intermediate_size=11008",
+                   "model.config.num_hidden_layers=32", "model.config.num_attention_heads=32", "data.seq_len=2048",
+                   "model.config.max_position_embeddings=2048", "--gpu-memory", "24GiB"], timeout=120)
     assert big.returncode == 0, big.stderr
     assert "does NOT fit in 24 GiB" in big.stdout
     assert "1. gradient checkpointing (about 30% more compute)" in big.stdout
@@ -120,15 +115,28 @@ SIZES = {
 ACTIVATION_CASES = [(size, ckpt, dtype) for size in SIZES for ckpt in (False, True) for dtype in ("fp32", "bf16")]
 
 
+def activation_case(size: str, checkpointing: bool, dtype: str) -> str:
+    return f"{size}-{'ckpt' if checkpointing else 'full'}-{dtype}"
+
+
+@pytest.fixture(scope="module")
+def activations() -> dict[str, tuple[int, int]]:
+    """Planned and measured bytes of every case; one probe process measures them all (one start of torch, not 12)."""
+    return planned_and_measured_activations({
+        activation_case(size, checkpointing, dtype): [
+            *SIZES[size], f"model.gradient_checkpointing={str(checkpointing).lower()}", "data.seq_len=512",
+            "model.config.max_position_embeddings=512", "train.micro_batch_size=4", f"precision.dtype={dtype}"]
+        for size, checkpointing, dtype in ACTIVATION_CASES})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size,checkpointing,dtype", ACTIVATION_CASES,
-                         ids=[f"{s}-{'ckpt' if c else 'full'}-{d}" for s, c, d in ACTIVATION_CASES])
-def test_activation_prediction_within_15_percent(size: str, checkpointing: bool, dtype: str) -> None:
+                         ids=[activation_case(*case) for case in ACTIVATION_CASES])
+def test_activation_prediction_within_15_percent(activations: dict[str, tuple[int, int]], size: str,
+                                                 checkpointing: bool, dtype: str) -> None:
     """Peak RSS delta of one forward+backward (tests/memory_probe.py states the method) vs the plan, for 3 sizes,
-    with and without gradient checkpointing, in fp32 and bf16 autocast; one probe process per case."""
-    overrides = [*SIZES[size], f"model.gradient_checkpointing={str(checkpointing).lower()}", "data.seq_len=512",
-                 "model.config.max_position_embeddings=512", "train.micro_batch_size=4", f"precision.dtype={dtype}"]
-    predicted, got = planned_and_measured_activations(overrides)
+    with and without gradient checkpointing, in fp32 and bf16 autocast."""
+    predicted, got = activations[activation_case(size, checkpointing, dtype)]
     error = abs(got - predicted) / got
     print(f"{size} {dtype} checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, measured "
           f"{got / 2**20:.1f} MiB (error {error:.1%})")

@@ -353,18 +353,34 @@ ACTIVATION_CASES = [(family, dtype, ckpt) for family in FAMILIES for dtype in ("
                                                                                                               True)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family,dtype,checkpointing", ACTIVATION_CASES,
-                         ids=[f"{f}-{d}-{'ckpt' if c else 'full'}" for f, d, c in ACTIVATION_CASES])
-def test_moe_activations_within_15_percent(family: str, dtype: str, checkpointing: bool) -> None:
-    """The per-token activations of the active experts, k (10h + 16fe) bytes (bf16 15fe), against the peak RSS
-    of one forward and backward (tests/memory_probe.py), at 8 experts, 2 active, hidden 256."""
+def activation_case(family: str, dtype: str, checkpointing: bool) -> str:
+    return f"{family}-{dtype}-{'ckpt' if checkpointing else 'full'}"
+
+
+def activation_overrides(family: str, dtype: str, checkpointing: bool) -> list[str]:
+    """8 experts, 2 active, hidden 256, 4 layers, 4 sequences of 512 tokens."""
     arch = {**MOE[family], "hidden_size": 256, "head_dim": 64, "num_hidden_layers": 4,
             ("num_experts" if family == "qwen3_moe" else "num_local_experts"): 8, "max_position_embeddings": 512}
     arch["moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"] = 128
-    overrides = [f"model.config={json.dumps(arch)}", "data.seq_len=512", "train.micro_batch_size=4",
-                 f"precision.dtype={dtype}", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
-    predicted, got = planned_and_measured_activations(overrides)
+    return [f"model.config={json.dumps(arch)}", "data.seq_len=512", "train.micro_batch_size=4",
+            f"precision.dtype={dtype}", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
+
+
+@pytest.fixture(scope="module")
+def moe_activations() -> dict[str, tuple[int, int]]:
+    """Planned and measured bytes of every case; one probe process measures them all."""
+    return planned_and_measured_activations({activation_case(*case): activation_overrides(*case)
+                                             for case in ACTIVATION_CASES})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,dtype,checkpointing", ACTIVATION_CASES,
+                         ids=[activation_case(*case) for case in ACTIVATION_CASES])
+def test_moe_activations_within_15_percent(moe_activations: dict[str, tuple[int, int]], family: str, dtype: str,
+                                           checkpointing: bool) -> None:
+    """The per-token activations of the active experts, k (10h + 16fe) bytes (bf16 15fe), against the peak RSS
+    of one forward and backward (tests/memory_probe.py), at 8 experts, 2 active, hidden 256."""
+    predicted, got = moe_activations[activation_case(family, dtype, checkpointing)]
     error = abs(got - predicted) / got
     print(f"{family} {dtype} checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, measured "
           f"{got / 2**20:.1f} MiB (error {error:.1%})")

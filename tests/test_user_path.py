@@ -166,14 +166,17 @@ def test_a_finished_run_is_left_alone(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_under_torchrun_a_recipe_error_is_shown_once_and_every_worker_exits_2(tmp_path: Path) -> None:
+def test_under_torchrun_a_recipe_error_is_shown_once_and_every_worker_stops(tmp_path: Path) -> None:
+    """Every rank refuses the recipe before any collective (exit 2); a rank slower to get there may be stopped by
+    torchrun first, once another has failed (SIGTERM: seen under load 3). The error is shown once."""
     proc = run_cli(["train", str(QUICKSTART), *tiny(tmp_path, "optimizer.lrr=1", steps=2)], nproc=2)
     assert proc.returncode != 0
     assert proc.stderr.count("error: recipe") == 1 and proc.stderr.count("optimizer.lrr") >= 1
     summary = proc.stderr[proc.stderr.index("Failures:"):]  # torchrun's own summary, after its own traceback
-    assert summary.count("exitcode  : 2") == 2, summary  # both workers
+    exits = re.findall(r"exitcode  : (-?\d+)", summary)
+    assert len(exits) == 2 and "2" in exits and set(exits) <= {"2", "-15"}, summary  # both workers
     root = summary[summary.index("Root Cause"):]
-    assert "rank      : 0" in root and "traceback : recipe" in root and 'File "' not in root
+    assert "exitcode  : 2" in root and "traceback : recipe" in root and 'File "' not in root
 
 
 def test_shipped_recipes_are_listed_and_copied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,8 +229,7 @@ def test_data_show_marks_the_tokens_that_carry_the_loss(capsys: pytest.CaptureFi
 
 
 def test_small_things(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"], capture_output=True, text=True,
-                               timeout=120, cwd=ROOT).stdout
+    help_text = run_cli(["train", "--help"], timeout=120).stdout
     assert help_text.startswith("usage: python -m trainer train [-h] [--force] recipe [key=value ...]")
     flat = " ".join(help_text.split())
     for meaning in ("memory plan predicts more than the GPU's free memory", "move unusable checkpoints",
