@@ -407,6 +407,7 @@ def test_safe_load_accepts_deepspeed_types_and_refuses_code(tmp_path: Path) -> N
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter (what it imports, or its memory limit, is checked)
 def test_validate_prints_the_generated_deepspeed_config_without_torch_distributed() -> None:
     """`validate` prints the recipe, then `---` and the DeepSpeed config as JSON; it neither imports DeepSpeed
     nor starts torch.distributed."""

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import QUICKSTART, ROOT
 
 PACKAGE = ROOT / "trainer"
@@ -139,6 +141,7 @@ def test_package_inits_import_nothing_heavy() -> None:
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))], init
 
 
+@pytest.mark.slow  # a fresh interpreter (what it imports, or its memory limit, is checked)
 def test_validate_loads_only_what_it_needs() -> None:
     """`validate` on the quickstart (native engine, no adapters) leaves the engines, DeepSpeed, bitsandbytes and
     peft unloaded: it is meant to be quick on a login node (the engines' specs, which import no engine, are read)."""

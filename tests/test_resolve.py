@@ -194,6 +194,7 @@ def validate_limited(args: list[str]) -> subprocess.CompletedProcess[str]:
                           timeout=120, cwd=ROOT, preexec_fn=limit)
 
 
+@pytest.mark.slow  # a fresh interpreter (what it imports, or its memory limit, is checked)
 def test_an_alias_bomb_with_few_aliases_nested_in_a_valid_key_is_refused(tmp_path: Path) -> None:
     """72 aliases (under MAX_ALIASES) under model.config, which takes any mapping: 9**9 values once expanded.
     It validated, then dumping the recipe ran past 60 s and 3.6 GB; the same in an override."""
