@@ -24,10 +24,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
+
+from tests.memory_probe import peak_rss_above_start
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -43,26 +43,9 @@ def overrides_for(seq_len: int, sp: int, tiled: bool, gpu: bool) -> list[str]:
             f"precision.dtype={'bf16' if gpu else 'fp32'}"]
 
 
-def peak_rss_above_start(work: Callable[[], None]) -> int:
-    import psutil
-
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        work()
-    finally:
-        done.set()
-        thread.join()
-    return peak[0] - base
+def measure_rss(work: Callable[[], None]) -> int:
+    """The tests' RSS method (tests/memory_probe.py), sampled every 0.5 ms."""
+    return peak_rss_above_start(work, 0.0005)
 
 
 def peak_cuda_above_start(work: Callable[[], None]) -> int:
@@ -93,7 +76,7 @@ def worker(cases: list[list[str]], gpu: bool) -> None:
     if gpu:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if gpu else "gloo")
-    measure = peak_cuda_above_start if gpu else peak_rss_above_start
+    measure = peak_cuda_above_start if gpu else measure_rss
     out = []
     for overrides in cases:
         run = resolve(str(QUICKSTART), overrides, world_size=dist.get_world_size())
