@@ -272,10 +272,10 @@ def launch(base: Path, runs: list[dict[str, Any]], recipe: Path, timeout: int = 
     spec.write_text(json.dumps({"recipe": str(recipe), "runs": runs}))
     # -m from the repository root: the trainer package next to these tests is the one imported
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    python_m = ["-m"]
-    if forked_cli.can_fork(env):  # the ranks forked from pre-imported libraries
-        python_m, env = forked_cli.client_command()[1:], forked_cli.client_env(env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *python_m,
+    python_m = [sys.executable, "-m"]
+    if forked_cli.can_fork(env):  # torchrun's agent and the ranks forked from pre-imported libraries
+        python_m, env = forked_cli.client_command(), forked_cli.client_env(env)
+    cmd = [*python_m, "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *python_m[1:],
            "tests.deepspeed_probe", str(spec), str(base)]
     for attempt in (1, 2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1],

@@ -5,7 +5,9 @@ cores; the suite makes a few hundred such processes).
 
 A forked child is a real process: its own pid, signal handlers and exit status, the standard streams of the
 process it stands in for (tests/forked_client.py passes them), that process's environment and working directory;
-it runs `python -m MODULE` as the interpreter does (runpy), then the exit handlers. What differs from a fresh
+it runs `python -m MODULE` as the interpreter does (runpy), then the exit handlers. torchrun's agent is forked
+the same way (it skips importing torch: about 2 s a launch on 2 cores) and keeps the server's address, so that the
+ranks it starts are forked too. What differs from a fresh
 interpreter is only what happens at import: libraries were imported under the server's environment, and their
 import-time notices went to the server's log. So a call forks only when its environment differs from the one the
 server's imports ran under in variables read at run time only (none of IMPORT_TIME_ENV) and the test does not ask
@@ -48,8 +50,10 @@ IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CU
 RUN_TIME_EXCEPTIONS = ("PYTHONFAULTHANDLER", "PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 # Not peft: trainer/adapters/lora.py skips work while nothing has imported it. Not datasets: pyarrow starts a
 # thread at import (jemalloc), and the trainer imports it only for the formats that need it.
+# Forked like the trainer, and keeping the server's address: the processes they start are clients themselves.
+LAUNCHERS = ("torch.distributed.run",)
 WARM_MODULES = ("trainer.__main__", "trainer.run.loop", "trainer.use.export", "trainer.engine.deepspeed",
-                "deepspeed", "tests.deepspeed_probe")
+                "deepspeed", "tests.deepspeed_probe", "torch.distributed.run")
 
 
 class Server:
@@ -155,7 +159,8 @@ def child(request: dict[str, Any], streams: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ.pop(SERVER_ENV, None)
+    if request["module"] not in LAUNCHERS:
+        os.environ.pop(SERVER_ENV, None)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     if os.environ.get("PYTHONFAULTHANDLER"):  # what the interpreter does at start with it
