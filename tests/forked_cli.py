@@ -48,12 +48,18 @@ IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CU
                    "BITSANDBYTES", "PYTHON", "TOKENIZERS", "XDG_", "HOME", "PATH", "LD_", "MKL", "KMP_", "TMPDIR",
                    "MALLOC_", "TZ", "LANG", "LC_")
 RUN_TIME_EXCEPTIONS = ("PYTHONFAULTHANDLER", "PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
-# Not peft: trainer/adapters/lora.py skips work while nothing has imported it. Not datasets: pyarrow starts a
-# thread at import (jemalloc), and the trainer imports it only for the formats that need it.
 # Forked like the trainer, and keeping the server's address: the processes they start are clients themselves.
 LAUNCHERS = ("torch.distributed.run",)
+# Also what the commands import when they need it: transformers' model code of the architectures most tests train
+# (a model class, its config and what they pull in: torch's compiler, sympy; about 2 s a process), the plan's
+# report (torchao through transformers' quantizers), chat and the loss plot. Not peft: trainer/adapters/lora.py
+# skips work while nothing has imported it. Not bitsandbytes: its import-time notices are part of what a run
+# prints. Not datasets: pyarrow starts a thread at import (jemalloc), and the trainer imports it only for the
+# formats that need it.
 WARM_MODULES = ("trainer.__main__", "trainer.run.loop", "trainer.use.export", "trainer.engine.deepspeed",
-                "deepspeed", "tests.deepspeed_probe", "torch.distributed.run")
+                "deepspeed", "tests.deepspeed_probe", "torch.distributed.run",
+                "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
+                "trainer.plan.suggest", "trainer.use.chat", "matplotlib.pyplot")
 
 
 class Server:
