@@ -29,6 +29,7 @@ import json
 import os
 import runpy
 import selectors
+import shlex
 import signal
 import socket
 import subprocess
@@ -65,12 +66,14 @@ WARM_MODULES = ("trainer.__main__", "trainer.run.loop", "trainer.use.export", "t
 class Server:
     """The pre-imported parent of the forked processes, run as a subprocess of the test session."""
 
-    def __init__(self) -> None:
-        self.env = dict(os.environ)
+    def __init__(self, root: Path = ROOT, env: dict[str, str] | None = None) -> None:
+        """A server importing the trainer of the checkout at `root` (this one unless told), in `env` (this
+        process's environment unless told)."""
+        self.env = dict(os.environ) if env is None else env
         self.folder = tempfile.TemporaryDirectory(prefix="forked_cli-")
         self.socket = str(Path(self.folder.name, "server.sock"))
         self.log = open(Path(self.folder.name, "server.log"), "w")  # noqa: SIM115  the server's own stderr
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.forked_cli", self.socket], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.forked_cli", self.socket], cwd=root, env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
         self.ready = False
         self._imported_env: dict[str, str] | None = None
@@ -152,6 +155,44 @@ def client_command() -> list[str]:
 
 def client_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, SERVER_ENV: server().socket}
+
+
+PYTHON_SHIM = """#!/usr/bin/env bash
+# `python -m trainer ...`, and `python -m torch.distributed.run ... -m MODULE ...` (torchrun's agent and its ranks),
+# as clients of the server at $TRAINER_FORK_SERVER (tests/forked_cli.py); any other use is the interpreter itself.
+real={python}
+if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = trainer ]; then
+  exec "$real" -m tests.forked_client "${{@:2}}"
+fi
+if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = torch.distributed.run ]; then
+  launcher=()
+  previous=""
+  module_named=0
+  for arg in "${{@:3}}"; do
+    if [ "$module_named" = 0 ] && [ "$previous" = -m ]; then  # torchrun's -m MODULE: each rank a client too
+      launcher+=(tests.forked_client)
+      module_named=1
+    fi
+    launcher+=("$arg")
+    previous=$arg
+  done
+  exec "$real" -m tests.forked_client torch.distributed.run "${{launcher[@]}}"
+fi
+exec "$real" "$@"
+"""
+TORCHRUN_SHIM = """#!/usr/bin/env bash
+exec "$(dirname "$0")/python" -m torch.distributed.run "$@"
+"""
+
+
+def write_shims(folder: Path) -> Path:
+    """`python` and `torchrun` for commands written for a shell (the README's), to put first on PATH: they start
+    the trainer, and torchrun with its ranks, as clients of the server in TRAINER_FORK_SERVER."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("python", PYTHON_SHIM.format(python=shlex.quote(sys.executable))), ("torchrun", TORCHRUN_SHIM)):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
 
 
 # ------------------------------------------------------------------------------------------ the server side

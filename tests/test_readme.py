@@ -3,7 +3,10 @@
 Only two things are changed, as the README says: `pip install` is not run again (this environment is the one it
 made; the test command itself is what is running), and training commands get `train.max_steps` lowered (an override
 added at the end, which wins) so the suite stays short. A command that fails, or takes longer than COMMAND_TIMEOUT_S,
-fails the test with its output."""
+fails the test with its output. As in the rest of the suite, `python -m trainer` and torchrun's processes are forked
+from a server that imported the copy's trainer once, in the commands' environment (tests/forked_cli.py; `python` and
+`torchrun` on PATH are its shims, and `python -c ...` is the interpreter itself); TRAINER_FORKED_CLI=0 runs each
+command in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forked_cli
 from tests.helpers import ROOT, read_metrics, run_cli
 from trainer.plan.items import GiB, Plan
 from trainer.plan.peak import plan
@@ -71,16 +75,33 @@ def test_every_readme_command_runs_in_a_fresh_copy(tmp_path: Path) -> None:
     shutil.copytree(ROOT, fresh, symlinks=True, ignore=lambda folder, names: [n for n in names if n in SKIP_COPYING])
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    server = None
+    if forked_cli.enabled():  # the copy's trainer, imported once by a server of its own
+        shims = forked_cli.write_shims(tmp_path / "bin")
+        env.update(PATH=f"{shims}{os.pathsep}{env['PATH']}", PYTHON=str(shims / "python"))
+        server = forked_cli.Server(root=fresh, env=env)
+        server.wait_ready()
+        env[forked_cli.SERVER_ENV] = server.socket
+    try:
+        ran = run_every_command(fresh, env)
+    finally:
+        if server:
+            server.stop()
+    assert ran >= 15
+    assert (fresh / "runs" / "chat-merged" / "config.json").is_file()
+
+
+def run_every_command(folder: Path, env: dict[str, str]) -> int:
+    """Each README command in `folder`, in order, as the test runs it; how many ran (all succeeded)."""
     ran = 0
     for command in map(as_tested, readme_commands()):
         if command is None:
             continue
-        proc = subprocess.run(["bash", "-c", command], cwd=fresh, env=env, capture_output=True, text=True,
+        proc = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT_S)
         assert proc.returncode == 0, f"{command}\n--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-4000:]}"
         ran += 1
-    assert ran >= 15
-    assert (fresh / "runs" / "chat-merged" / "config.json").is_file()
+    return ran
 
 
 def tolerance_of(text: str) -> float:
