@@ -154,7 +154,7 @@ def test_low_precision_tracks_fp32(tmp_path: Path, dtype: str, fp32_last_loss: f
 def test_gradient_checkpointing_same_losses_less_memory(tmp_path: Path) -> None:
     """Same trajectory (1e-5) with recomputation, and a lower peak RSS on a model big enough to show it."""
     shape = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=6",
-             "model.config.max_position_embeddings=1024", "data.seq_len=1024", "train.micro_batch_size=8"]
+             "model.config.max_position_embeddings=1024", "data.seq_len=1024", "train.micro_batch_size=4"]
     # Large blocks straight from mmap, so freed memory leaves the RSS and the peak reflects live memory.
     malloc = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     rows = {}
@@ -162,7 +162,7 @@ def test_gradient_checkpointing_same_losses_less_memory(tmp_path: Path) -> None:
         out = tmp_path / f"gc-{gc}"
         proc = run_cli(["train", str(QUICKSTART), *tiny(out, *shape, f"model.gradient_checkpointing={gc}",
                                                         "data.max_bytes=400000", "checkpoint.save_final=false",
-                                                        steps=3)], env=malloc)
+                                                        steps=2)], env=malloc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows[gc] = read_metrics(out)
     for a, b in zip(rows["false"], rows["true"]):
