@@ -4,9 +4,9 @@ beside the token store).
 
 A Llama-shaped model of about 57M parameters (hidden 768, 8 layers, the byte tokenizer) is saved once; each run
 trains it for a few steps through the real CLI, in its own process, and reports the peak RSS the loop logs
-(`peak_mem_bytes`, the process's ru_maxrss). SFT takes micro-batches of 8 prompt + chosen-response rows; DPO
-micro-batches of 4 pairs, the same 8 sequences per forward. A reference copy of the model would add its weights
-(`copy` column) to DPO's peak.
+(`peak_mem_bytes`, the process's own high-water mark, VmHWM). SFT takes micro-batches of 8 prompt +
+chosen-response rows; DPO micro-batches of 4 pairs, the same 8 sequences per forward. A reference copy of the
+model would add its weights (`copy` column) to DPO's peak.
 
     python benchmarks/preference_memory.py [--steps 4]
 """

@@ -25,11 +25,29 @@ log = logging.getLogger(__name__)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: CUDA max allocated, or peak resident set size on CPU."""
+    """Peak memory of this process: CUDA max allocated, or peak resident set size on CPU. On Linux that is the
+    high-water mark of this process's own memory (VmHWM): getrusage's ru_maxrss also keeps the size of the process
+    this one was started from (fork and exec carry it over), so a run started by a large process (torchrun's agent,
+    a test or benchmark script) reported that process's size instead of its own."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    high_water_mark = _rss_high_water_mark()
+    if high_water_mark is not None:
+        return high_water_mark
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
+
+
+def _rss_high_water_mark() -> int | None:
+    """VmHWM of /proc/self/status in bytes; None where the kernel has no such file (not Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        return None
+    return None
 
 
 def start_wandb(cfg: LoggingConfig, output_dir: Path, run_config: dict[str, Any]) -> Any:
