@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,8 +53,11 @@ def overrides(dataset: str, mode: str, seq_len: int, steps: int, out: Path, memo
 
 def measure(dataset: str, mode: str, seq_len: int, steps: int, memory: str) -> dict[str, float]:
     """One configuration, in this process: fill, real tokens/s over the timed steps, peak RSS."""
+    import torch
+
     from trainer.distributed import distributed_context
     from trainer.run.loop import setup, train_step
+    from trainer.run.metrics import peak_memory_bytes
     from trainer.recipe.resolve import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +78,7 @@ def measure(dataset: str, mode: str, seq_len: int, steps: int, memory: str) -> d
             t.metrics.close()
             steps_per_epoch = t.data.steps_per_epoch
     return {"padding": 1 - real / padded, "tokens_per_s": real / seconds,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": peak_memory_bytes(torch.device("cpu")) / 2**20,  # the process's RSS, also beside a GPU
             "steps_per_epoch": steps_per_epoch}
 
 

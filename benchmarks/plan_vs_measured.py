@@ -90,6 +90,7 @@ def measure_one(name: str, overrides: list[str], cap_gib: float) -> dict[str, fl
     from trainer.logs import setup_console
     from trainer.distributed import distributed_context
     from trainer.run.loop import run_loop, setup
+    from trainer.run.metrics import peak_memory_bytes
     from trainer.plan.peak import CUDA_CONTEXT, plan
     from trainer.recipe.resolve import resolve
 
@@ -113,9 +114,7 @@ def measure_one(name: str, overrides: list[str], cap_gib: float) -> dict[str, fl
         result.update(allocated=torch.cuda.max_memory_allocated() / GIB,
                       reserved=torch.cuda.max_memory_reserved() / GIB)
     else:
-        import resource
-
-        result.update(allocated=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, reserved=float("nan"))
+        result.update(allocated=peak_memory_bytes(torch.device("cpu")) / GIB, reserved=float("nan"))
     return result
 
 
