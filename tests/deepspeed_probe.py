@@ -275,8 +275,7 @@ def launch(base: Path, runs: list[dict[str, Any]], recipe: Path, timeout: int = 
     python_m = [sys.executable, "-m"]
     if forked_cli.can_fork(env):  # torchrun's agent and the ranks forked from pre-imported libraries
         python_m, env = forked_cli.client_command(), forked_cli.client_env(env)
-    cmd = [*python_m, "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *python_m[1:],
-           "tests.deepspeed_probe", str(spec), str(base)]
+    cmd = [*forked_cli.torchrun_command(python_m, nproc), "tests.deepspeed_probe", str(spec), str(base)]
     for attempt in (1, 2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1],
                               env=env)

@@ -157,6 +157,13 @@ def client_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, SERVER_ENV: server().socket}
 
 
+def torchrun_command(python_m: list[str], nproc: int) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N -m`, MODULE and its arguments to follow,
+    where `python_m` stands for `python -m`: the interpreter's, or client_command(), and then torchrun's agent and
+    every rank it starts are forked. --standalone picks a free port itself: no race between tests."""
+    return [*python_m, "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *python_m[1:]]
+
+
 PYTHON_SHIM = """#!/usr/bin/env bash
 # `python -m trainer ...`, and `python -m torch.distributed.run ... -m MODULE ...` (torchrun's agent and its ranks),
 # as clients of the server at $TRAINER_FORK_SERVER (tests/forked_cli.py); any other use is the interpreter itself.

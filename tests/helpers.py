@@ -71,10 +71,7 @@ def run_cli(args: list[str], *, nproc: int = 1, env: dict[str, str] | None = Non
     if not fresh and forked_cli.can_fork(full_env):
         python_m, full_env = forked_cli.client_command(), forked_cli.client_env(full_env)
     if nproc > 1 or torchrun:
-        # --standalone picks a free port itself: no race with other tests choosing ports at the same time. Forked,
-        # torchrun's agent is a forked child too (it skips importing torch) and starts its ranks as clients.
-        cmd = [*python_m, "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *python_m[1:],
-               "trainer", *args]
+        cmd = [*forked_cli.torchrun_command(python_m, nproc), "trainer", *args]
     else:
         cmd = [*python_m, "trainer", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
